@@ -1,0 +1,253 @@
+//! The single definition of every type that crosses the kernel/user boundary:
+//! map names (with their layout version), map keys and values, the audit event,
+//! counter indices and reserved identities.
+//!
+//! Architecture invariant: this crate depends on nothing but `core` (and `aya`
+//! behind the `user` feature). Every type is `#[repr(C)]` with explicit padding
+//! fields, and its size is asserted at compile time. A layout change must bump
+//! the version suffix of the map names that carry it, so that a pinned map of an
+//! older layout is recognised and never misread.
+#![no_std]
+
+use core::mem::size_of;
+
+/// Map names. The `_v1` suffix is the layout version of the key/value types.
+pub mod maps {
+    pub const CGROUP_IDENTITY: &str = "PAL_CGROUP_V1";
+    pub const IPCACHE: &str = "PAL_IPCACHE_V1";
+    pub const POLICY: &str = "PAL_POLICY_V1";
+    pub const ENFORCED: &str = "PAL_ENFORCED_V1";
+    pub const FLOWS: &str = "PAL_FLOWS_V1";
+    pub const STATE: &str = "PAL_STATE_V1";
+    pub const COUNTERS: &str = "PAL_COUNTERS_V1";
+    pub const AUDIT: &str = "PAL_AUDIT_V1";
+}
+
+/// Program names (the Rust function names in the eBPF crate).
+pub mod programs {
+    pub const CONNECT4: &str = "palisade_connect4";
+    pub const CONNECT6: &str = "palisade_connect6";
+    pub const SENDMSG4: &str = "palisade_sendmsg4";
+    pub const SENDMSG6: &str = "palisade_sendmsg6";
+    pub const INGRESS: &str = "palisade_ingress";
+}
+
+/// Default capacities; every one can be overridden in the agent's config.
+pub mod capacity {
+    pub const CGROUP_IDENTITY: u32 = 16_384;
+    pub const IPCACHE: u32 = 65_536;
+    pub const POLICY: u32 = 262_144;
+    pub const ENFORCED: u32 = 32_768;
+    pub const FLOWS: u32 = 65_536;
+    /// Bytes; must be a power of two and a multiple of the page size.
+    pub const AUDIT_RING_BYTES: u32 = 1 << 20;
+}
+
+/// Numeric identities. 0 is the wildcard in policy keys and never a real identity.
+pub mod identity {
+    /// Wildcard peer in a policy key ("any peer").
+    pub const ANY: u32 = 0;
+    /// The node itself (host network namespace).
+    pub const HOST: u32 = 1;
+    /// Anything not otherwise known: remote addresses outside every configured CIDR.
+    pub const WORLD: u32 = 2;
+    /// A local cgroup below the root that no workload rule matched.
+    pub const UNMANAGED: u32 = 3;
+    /// Identities at or above this value are allocated for label sets.
+    pub const FIRST_DYNAMIC: u32 = 256;
+}
+
+pub const DIR_EGRESS: u8 = 0;
+pub const DIR_INGRESS: u8 = 1;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_SCTP: u8 = 132;
+
+/// `PolicyValue::flags` bits.
+pub mod flags {
+    /// The traffic is allowed by a rule.
+    pub const ALLOW: u32 = 1;
+    /// The traffic is denied by an explicit deny rule of an enforcing policy;
+    /// beats `ALLOW`.
+    pub const DENY: u32 = 2;
+    /// A deny rule of a policy in audit mode matched: the traffic is not
+    /// dropped for it, but a `would-deny` event is written. In
+    /// `EnforcedValue::flags` it means every selecting policy is in audit mode,
+    /// so the default deny is a `would-deny` too.
+    pub const AUDIT_DENY: u32 = 4;
+}
+
+/// Verdicts in audit events and counters.
+pub mod verdict {
+    pub const ALLOW: u8 = 0;
+    pub const DENY: u8 = 1;
+    pub const WOULD_DENY: u8 = 2;
+}
+
+/// Indices into the per-CPU counters array.
+pub mod counter {
+    pub const EGRESS_ALLOW: u32 = 0;
+    pub const EGRESS_DENY: u32 = 1;
+    pub const INGRESS_ALLOW: u32 = 2;
+    pub const INGRESS_DENY: u32 = 3;
+    pub const EGRESS_WOULD_DENY: u32 = 4;
+    pub const INGRESS_WOULD_DENY: u32 = 5;
+    /// Audit events written into the ring.
+    pub const EVENTS_EMITTED: u32 = 6;
+    /// Audit events that did not fit into the ring.
+    pub const EVENTS_LOST: u32 = 7;
+    /// Flow-cache inserts that failed.
+    pub const FLOW_INSERT_FAILED: u32 = 8;
+    pub const COUNT: u32 = 9;
+}
+
+/// Indices into the `STATE` array (u32 values written by user space).
+pub mod state {
+    /// Which of the two policy table slots (0 or 1) the programs read.
+    pub const ACTIVE_SLOT: u32 = 0;
+    /// Generation of the policy set in the active slot; cached flow verdicts
+    /// from an older generation are judged again.
+    pub const GENERATION: u32 = 1;
+    /// Ring fill (bytes) above which the kernel wakes the audit reader at once.
+    pub const WAKEUP_BYTES: u32 = 2;
+    pub const COUNT: u32 = 4;
+}
+
+/// The ipcache LPM trie's key data is a `[u8; 16]` IPv6 address; IPv4 is stored
+/// as `::ffff:a.b.c.d` with prefix length 96 + n, so one trie serves both families.
+pub const IPV4_MAPPED_PREFIX: u32 = 96;
+
+/// Key data of the policy LPM trie, in matching order. The trie's prefix length
+/// covers everything before the port (`POLICY_PREFIX_ANY_PORT` bits) plus 0..=16
+/// bits of the port: a port range is stored as a handful of prefixes, never one
+/// entry per port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKeyData {
+    /// Table slot (0 or 1); see `state::ACTIVE_SLOT`.
+    pub slot: u8,
+    pub direction: u8,
+    pub protocol: u8,
+    pub _pad0: u8,
+    pub local_identity: u32,
+    /// `identity::ANY` for rules that allow any peer.
+    pub peer_identity: u32,
+    /// Destination port, big-endian, so port ranges are bit prefixes.
+    pub port_be: [u8; 2],
+    pub _pad1: [u8; 2],
+}
+
+/// Bits of `PolicyKeyData` before the port.
+pub const POLICY_PREFIX_ANY_PORT: u32 = 12 * 8;
+/// Bits of `PolicyKeyData` up to and including the port.
+pub const POLICY_PREFIX_FULL: u32 = POLICY_PREFIX_ANY_PORT + 16;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PolicyValue {
+    /// `flags::*` bits, already merged with every less specific entry of the
+    /// same (slot, direction, protocol, local, peer) by the compiler.
+    pub flags: u32,
+    /// Rule that decided (index into the agent's rule table, 0 = none).
+    pub rule_id: u32,
+}
+
+/// Key of the enforcement map: "is this identity selected in this direction?"
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EnforcedKey {
+    pub slot: u8,
+    pub direction: u8,
+    pub _pad: [u8; 2],
+    pub identity: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct EnforcedValue {
+    /// Rule-table id of the first policy that selects the identity; names the
+    /// policy in `default-deny` audit events.
+    pub policy_rule_id: u32,
+    /// `flags::AUDIT_DENY` when every selecting policy is in audit mode.
+    pub flags: u32,
+}
+
+/// Key of the flow cache: a verdict remembered per socket and peer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub socket_cookie: u64,
+    pub peer_addr: [u8; 16],
+    pub peer_port: u16,
+    pub protocol: u8,
+    pub _pad: [u8; 5],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowValue {
+    /// Policy generation the verdict was reached under.
+    pub generation: u32,
+    pub _pad: u32,
+}
+
+/// One audit event, written by the kernel into the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AuditEvent {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC).
+    pub timestamp_ns: u64,
+    pub cgroup_id: u64,
+    pub local_identity: u32,
+    pub peer_identity: u32,
+    /// Peer address (IPv4 as `::ffff:a.b.c.d`).
+    pub peer_addr: [u8; 16],
+    /// Process id (egress only; 0 on ingress).
+    pub pid: u32,
+    /// Rule that decided, or 0 for the default deny of `policy_rule_id`'s policy.
+    pub rule_id: u32,
+    /// Rule-table id of the policy that selected the local identity.
+    pub policy_rule_id: u32,
+    /// Destination port (host byte order).
+    pub port: u16,
+    /// Peer's port (host byte order): the source port on ingress.
+    pub peer_port: u16,
+    pub protocol: u8,
+    pub direction: u8,
+    pub verdict: u8,
+    /// 4 or 6.
+    pub family: u8,
+    pub _pad: [u8; 4],
+    /// Command name (egress only).
+    pub comm: [u8; 16],
+}
+
+const _: () = assert!(size_of::<PolicyKeyData>() == 16);
+const _: () = assert!(size_of::<PolicyValue>() == 8);
+const _: () = assert!(size_of::<EnforcedKey>() == 8);
+const _: () = assert!(size_of::<EnforcedValue>() == 8);
+const _: () = assert!(size_of::<FlowKey>() == 32);
+const _: () = assert!(size_of::<FlowValue>() == 8);
+const _: () = assert!(size_of::<AuditEvent>() == 80);
+const _: () = assert!(core::mem::offset_of!(PolicyKeyData, port_be) == 12);
+
+/// Maps an IPv4 address (network order octets) into the ipcache's IPv6 space.
+pub const fn v4_mapped(octets: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3],
+    ]
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: every type is #[repr(C)], made of integers and byte arrays with
+    // explicit padding fields, so any bit pattern is valid and none is implicit.
+    unsafe impl aya::Pod for super::PolicyKeyData {}
+    unsafe impl aya::Pod for super::PolicyValue {}
+    unsafe impl aya::Pod for super::EnforcedKey {}
+    unsafe impl aya::Pod for super::EnforcedValue {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowValue {}
+    unsafe impl aya::Pod for super::AuditEvent {}
+}

@@ -1,0 +1,99 @@
+//! Egress at the socket: `cgroup/connect4|6` (TCP and connected UDP) and
+//! `cgroup/sendmsg4|6` (unconnected UDP). A denied connect() or sendto() fails
+//! at once with EPERM, so the event can name the process.
+use aya_ebpf::{
+    EbpfContext as _,
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid,
+        generated::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
+    },
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+};
+use palisade_common::{DIR_EGRESS, PROTO_TCP, PROTO_UDP, v4_mapped};
+
+use crate::{
+    CGROUP_IDENTITY,
+    verdict::{Flow, PASS, conclude, decide, flow_known, remember_flow},
+};
+
+#[cgroup_sock_addr(connect4)]
+pub fn palisade_connect4(ctx: SockAddrContext) -> i32 {
+    judge(&ctx, 4, false)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn palisade_connect6(ctx: SockAddrContext) -> i32 {
+    judge(&ctx, 6, false)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn palisade_sendmsg4(ctx: SockAddrContext) -> i32 {
+    judge(&ctx, 4, true)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn palisade_sendmsg6(ctx: SockAddrContext) -> i32 {
+    judge(&ctx, 6, true)
+}
+
+#[inline(always)]
+fn judge(ctx: &SockAddrContext, family: u8, sendmsg: bool) -> i32 {
+    // SAFETY: the kernel hands every sock_addr program a valid context.
+    let sa = unsafe { &*ctx.sock_addr };
+    let protocol = sa.protocol as u8;
+    if protocol != PROTO_TCP && protocol != PROTO_UDP {
+        return PASS;
+    }
+    // SAFETY: helper without arguments; process context.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: the value is copied out at once.
+    let Some(local) = (unsafe { CGROUP_IDENTITY.get(&cgroup_id) }).copied() else {
+        return PASS; // not a workload Palisade manages
+    };
+    let peer_addr = if family == 4 {
+        v4_mapped(sa.user_ip4.to_ne_bytes())
+    } else {
+        let w = sa.user_ip6;
+        let (a, b, c, d) = (
+            w[0].to_ne_bytes(),
+            w[1].to_ne_bytes(),
+            w[2].to_ne_bytes(),
+            w[3].to_ne_bytes(),
+        );
+        [
+            a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1],
+            d[2], d[3],
+        ]
+    };
+    let port = u16::from_be(sa.user_port as u16);
+    let flow = Flow {
+        direction: DIR_EGRESS,
+        protocol,
+        local_identity: local,
+        cgroup_id,
+        peer_addr,
+        family,
+        port,
+        peer_port: port,
+        // SAFETY: a sock_addr context is a valid argument for this helper.
+        socket_cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+    };
+    let udp = protocol == PROTO_UDP;
+    if udp && sendmsg && flow_known(&flow) {
+        return PASS; // a reply to, or a repeat of, an already judged datagram flow
+    }
+    let verdict = match decide(&flow) {
+        None => PASS,
+        Some(decision) => {
+            let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+            let comm = bpf_get_current_comm().unwrap_or([0; 16]);
+            conclude(&flow, &decision, pid, comm)
+        }
+    };
+    if udp && verdict == PASS {
+        // Remember the peer so that its replies pass our ingress.
+        remember_flow(&flow);
+    }
+    verdict
+}

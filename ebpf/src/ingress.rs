@@ -1,0 +1,155 @@
+//! Ingress at the packet: `cgroup_skb/ingress` on the receiving workload's
+//! cgroup. The local identity is the receiving socket's cgroup; the peer's
+//! comes from its source address through the ipcache (a packet that crossed a
+//! wire or a veth carries no sender cgroup).
+//!
+//! Only new flows are judged: a TCP SYN without ACK, and a UDP datagram from a
+//! peer this socket has not yet exchanged traffic with under the current
+//! policy generation. Everything else belongs to a flow already judged.
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::__sk_buff,
+    helpers::generated::{bpf_get_socket_cookie, bpf_skb_cgroup_id},
+    macros::cgroup_skb,
+    programs::SkBuffContext,
+};
+use palisade_common::{DIR_INGRESS, PROTO_TCP, PROTO_UDP, state, v4_mapped};
+
+use crate::{
+    CGROUP_IDENTITY,
+    verdict::{DROP, Flow, PASS, conclude, decide, enforced, flow_known, read_state, remember_flow},
+};
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_ICMPV6: u8 = 58;
+/// IPv6 extension headers walked to find the transport header.
+const IPV6_HOPOPTS: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_DSTOPTS: u8 = 60;
+/// At most this many IPv6 extension headers are walked; a packet with more is
+/// dropped when ingress is enforced (it cannot be judged).
+const MAX_IPV6_EXT_HEADERS: usize = 4;
+const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_ACK: u8 = 0x10;
+
+#[cgroup_skb(ingress)]
+pub fn palisade_ingress(ctx: SkBuffContext) -> i32 {
+    match try_ingress(&ctx) {
+        Ok(verdict) | Err(verdict) => verdict,
+    }
+}
+
+/// Transport facts of a packet.
+struct Packet {
+    family: u8,
+    src: [u8; 16],
+    protocol: u8,
+    l4_offset: usize,
+}
+
+#[inline(always)]
+fn try_ingress(ctx: &SkBuffContext) -> Result<i32, i32> {
+    // SAFETY: the context pointer is valid for the program's run.
+    let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.as_ptr().cast()) };
+    // SAFETY: the value is copied out at once.
+    let Some(local) = (unsafe { CGROUP_IDENTITY.get(&cgroup_id) }).copied() else {
+        return Ok(PASS); // not a workload Palisade manages
+    };
+    let slot = (read_state(state::ACTIVE_SLOT) & 1) as u8;
+    if enforced(slot, DIR_INGRESS, local).is_none() {
+        return Ok(PASS); // early exit: ingress is open for this identity
+    }
+    // Any packet we cannot parse on an enforced workload is dropped: it cannot
+    // be judged, and passing it would be a bypass.
+    let packet = parse(ctx).map_err(|()| DROP)?;
+    let (src_port, dst_port) = match packet.protocol {
+        PROTO_TCP | PROTO_UDP => {
+            let ports: [u8; 4] = ctx.load(packet.l4_offset).map_err(|_| DROP)?;
+            (
+                u16::from_be_bytes([ports[0], ports[1]]),
+                u16::from_be_bytes([ports[2], ports[3]]),
+            )
+        }
+        // Control messages (errors, path MTU) belong to flows judged already.
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => return Ok(PASS),
+        // Other transports are not judged yet (see docs): keep default-deny.
+        _ => return Ok(DROP),
+    };
+    if packet.protocol == PROTO_TCP {
+        let tcp_flags: u8 = ctx.load(packet.l4_offset + 13).map_err(|_| DROP)?;
+        if tcp_flags & TCP_FLAG_SYN == 0 || tcp_flags & TCP_FLAG_ACK != 0 {
+            return Ok(PASS); // not the start of a connection to us
+        }
+    }
+    let flow = Flow {
+        direction: DIR_INGRESS,
+        protocol: packet.protocol,
+        local_identity: local,
+        cgroup_id,
+        peer_addr: packet.src,
+        family: packet.family,
+        port: dst_port,
+        peer_port: src_port,
+        // SAFETY: a cgroup_skb context is a valid argument for this helper.
+        socket_cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+    };
+    let udp = packet.protocol == PROTO_UDP;
+    if udp && flow_known(&flow) {
+        return Ok(PASS);
+    }
+    let verdict = match decide(&flow) {
+        None => PASS,
+        Some(decision) => conclude(&flow, &decision, 0, [0; 16]),
+    };
+    if udp && verdict == PASS {
+        remember_flow(&flow);
+    }
+    Ok(verdict)
+}
+
+#[inline(always)]
+fn parse(ctx: &SkBuffContext) -> Result<Packet, ()> {
+    // SAFETY: the context pointer is valid for the program's run.
+    let skb: *const __sk_buff = ctx.as_ptr().cast();
+    // SAFETY: as above; `protocol` is readable by cgroup_skb programs.
+    let proto = u16::from_be(unsafe { (*skb).protocol } as u16);
+    if proto == ETH_P_IP {
+        let head: [u8; 20] = ctx.load(0).map_err(|_| ())?;
+        let ihl = usize::from(head[0] & 0x0f) * 4;
+        if ihl < 20 {
+            return Err(());
+        }
+        Ok(Packet {
+            family: 4,
+            src: v4_mapped([head[12], head[13], head[14], head[15]]),
+            protocol: head[9],
+            l4_offset: ihl,
+        })
+    } else if proto == ETH_P_IPV6 {
+        let head: [u8; 8] = ctx.load(0).map_err(|_| ())?;
+        let src: [u8; 16] = ctx.load(8).map_err(|_| ())?;
+        let mut next = head[6];
+        let mut offset = 40usize;
+        for _ in 0..MAX_IPV6_EXT_HEADERS {
+            if next != IPV6_HOPOPTS && next != IPV6_ROUTING && next != IPV6_DSTOPTS {
+                break;
+            }
+            let ext: [u8; 2] = ctx.load(offset).map_err(|_| ())?;
+            next = ext[0];
+            offset += (usize::from(ext[1]) + 1) * 8;
+        }
+        if next == IPV6_HOPOPTS || next == IPV6_ROUTING || next == IPV6_DSTOPTS {
+            return Err(());
+        }
+        Ok(Packet {
+            family: 6,
+            src,
+            protocol: next,
+            l4_offset: offset,
+        })
+    } else {
+        Err(())
+    }
+}
