@@ -1,0 +1,9 @@
+//! Palisade's node agent as a library: the binary (`main.rs`) is a thin CLI
+//! over these modules. See ARCHITECTURE.md for the code map.
+pub mod agent;
+pub mod audit;
+pub mod config;
+pub mod datapath;
+pub mod discovery;
+pub mod identity;
+pub mod policy;

@@ -1,1 +1,80 @@
-fn main() {}
+//! The `palisade` command line. Errors end here as `anyhow` with context.
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "palisade",
+    version,
+    about = "Identity-based workload network policy, enforced in the kernel with eBPF.",
+    long_about = "Palisade tags every connection with the identity of the workload (cgroup) that owns the socket, \
+drops traffic between workloads that policy does not allow, and writes an audit event for every denied connection.\n\n\
+Policy is YAML: Kubernetes networking.k8s.io/v1 NetworkPolicy, unchanged, or Palisade's own palisade.dev/v1alpha1 PalisadePolicy."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node agent (needs root: loads and attaches eBPF programs).
+    Agent {
+        /// Agent configuration (YAML): cgroup root, workload rules, peers, policy directory, audit output.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Log filter, e.g. `info`, `palisade=debug`. Also read from RUST_LOG.
+        #[arg(long, default_value = "info", env = "RUST_LOG")]
+        log: String,
+    },
+    /// Work with policy files offline.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate policy files or directories; print every problem as file:line:column: field: message.
+    Check {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Agent { config, log } => {
+            tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::try_new(&log).context("--log")?)
+                .with_writer(std::io::stderr)
+                .init();
+            let config = palisade::config::Config::load(&config)?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            runtime.block_on(palisade::agent::run(config))
+        }
+        Command::Policy {
+            command: PolicyCommand::Check { paths },
+        } => match palisade::policy::load_paths(&paths) {
+            Ok(set) => {
+                println!(
+                    "ok: {} policies in {} files",
+                    set.policies.len(),
+                    set.files.len()
+                );
+                Ok(())
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                std::process::exit(1);
+            }
+        },
+    }
+}

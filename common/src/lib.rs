@@ -76,6 +76,10 @@ pub mod flags {
     /// `EnforcedValue::flags` it means every selecting policy is in audit mode,
     /// so the default deny is a `would-deny` too.
     pub const AUDIT_DENY: u32 = 4;
+    /// An allow rule of a policy in audit mode matched. It lets traffic
+    /// through only where every selecting policy is in audit mode: an audit
+    /// policy never loosens an enforcing one.
+    pub const AUDIT_ALLOW: u32 = 8;
 }
 
 /// Verdicts in audit events and counters.

@@ -17,7 +17,9 @@ use palisade_common::{DIR_INGRESS, PROTO_TCP, PROTO_UDP, state, v4_mapped};
 
 use crate::{
     CGROUP_IDENTITY,
-    verdict::{DROP, Flow, PASS, conclude, decide, enforced, flow_known, read_state, remember_flow},
+    verdict::{
+        DROP, Flow, PASS, conclude, decide, enforced, flow_known, read_state, remember_flow,
+    },
 };
 
 const ETH_P_IP: u16 = 0x0800;

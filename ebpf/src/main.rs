@@ -22,8 +22,7 @@ use palisade_common::{
 
 /// cgroup id → identity of the workload that owns the cgroup.
 #[map(name = "PAL_CGROUP_V1")]
-static CGROUP_IDENTITY: HashMap<u64, u32> =
-    HashMap::with_max_entries(capacity::CGROUP_IDENTITY, 0);
+static CGROUP_IDENTITY: HashMap<u64, u32> = HashMap::with_max_entries(capacity::CGROUP_IDENTITY, 0);
 
 /// IP prefix (IPv6, IPv4 mapped) → identity of the peer at that address.
 #[map(name = "PAL_IPCACHE_V1")]
@@ -31,8 +30,7 @@ static IPCACHE: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(capacity::IPC
 
 /// (slot, direction, protocol, local, peer, port prefix) → rule flags.
 #[map(name = "PAL_POLICY_V1")]
-static POLICY: LpmTrie<PolicyKeyData, PolicyValue> =
-    LpmTrie::with_max_entries(capacity::POLICY, 0);
+static POLICY: LpmTrie<PolicyKeyData, PolicyValue> = LpmTrie::with_max_entries(capacity::POLICY, 0);
 
 /// (slot, direction, identity) present ⇔ the identity is selected by a policy
 /// in that direction (and so is default-deny there).

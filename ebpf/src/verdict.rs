@@ -7,18 +7,20 @@
 //! 3. `POLICY` longest-prefix match with the exact peer identity, and again
 //!    with `ANY` as the peer; each match already carries the flags of every
 //!    less specific port prefix (the compiler merges them);
-//! 4. `DENY` in either ⇒ deny; else `ALLOW` in either ⇒ allow (with a
-//!    `would-deny` event if an audit-mode deny also matched);
-//! 5. nothing matched ⇒ default deny of the selecting policy, which is a
-//!    `would-deny` when every selecting policy is in audit mode.
+//! 4. `DENY` (an enforcing deny rule) in either ⇒ deny;
+//! 5. an audit-mode deny rule and some allow ⇒ `would-deny` (passes);
+//! 6. `ALLOW` (an enforcing allow rule) in either ⇒ allow;
+//! 7. every selecting policy in audit mode (`EnforcedValue::flags`): an audit
+//!    allow ⇒ allow, otherwise ⇒ `would-deny` (passes);
+//! 8. otherwise the default deny of the selecting policy (rule 0).
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::generated::bpf_ktime_get_ns,
     maps::lpm_trie::Key,
 };
 use palisade_common::{
-    AuditEvent, EnforcedKey, FlowKey, FlowValue, POLICY_PREFIX_FULL, PolicyKeyData, counter,
-    flags, identity, state, verdict as v,
+    AuditEvent, EnforcedKey, FlowKey, FlowValue, POLICY_PREFIX_FULL, PolicyKeyData, counter, flags,
+    identity, state, verdict as v,
 };
 
 use crate::{AUDIT, COUNTERS, ENFORCED, FLOWS, IPCACHE, POLICY, STATE};
@@ -115,17 +117,24 @@ pub fn decide(flow: &Flow) -> Option<Decision> {
     let (exact_flags, exact_rule) = lookup(slot, flow, peer);
     let (any_flags, any_rule) = lookup(slot, flow, identity::ANY);
     let all = exact_flags | any_flags;
-    let pick = |bit: u32| if exact_flags & bit != 0 { exact_rule } else { any_rule };
+    let pick = |bit: u32| {
+        if exact_flags & bit != 0 {
+            exact_rule
+        } else {
+            any_rule
+        }
+    };
+    let audit_only = enforcement.flags & flags::AUDIT_DENY != 0;
     let (verdict, rule_id) = if all & flags::DENY != 0 {
         (v::DENY, pick(flags::DENY))
+    } else if all & flags::AUDIT_DENY != 0 && all & (flags::ALLOW | flags::AUDIT_ALLOW) != 0 {
+        (v::WOULD_DENY, pick(flags::AUDIT_DENY))
     } else if all & flags::ALLOW != 0 {
-        if all & flags::AUDIT_DENY != 0 {
-            (v::WOULD_DENY, pick(flags::AUDIT_DENY))
-        } else {
-            (v::ALLOW, pick(flags::ALLOW))
-        }
-    } else if enforcement.flags & flags::AUDIT_DENY != 0 {
-        (v::WOULD_DENY, 0)
+        (v::ALLOW, pick(flags::ALLOW))
+    } else if audit_only && all & flags::AUDIT_ALLOW != 0 {
+        (v::ALLOW, pick(flags::AUDIT_ALLOW))
+    } else if audit_only {
+        (v::WOULD_DENY, pick(flags::AUDIT_DENY))
     } else {
         (v::DENY, 0)
     };

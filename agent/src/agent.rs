@@ -1,0 +1,345 @@
+//! The agent's control loop (standalone mode): observe the host (cgroups,
+//! addresses, policy files), compute the desired kernel state as plain data,
+//! and hand it to the datapath when it differs from what was applied. Start,
+//! reload and change are the same path.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::PathBuf,
+    sync::{Arc, RwLock},
+    time::{Duration, SystemTime},
+};
+
+use anyhow::Context as _;
+use ipnet::IpNet;
+use tracing::{info, warn};
+
+use crate::{
+    audit::{self, AuditStats, SharedSnapshot, Snapshot},
+    config::Config,
+    datapath::{Datapath, Desired, kernel::KernelDatapath},
+    discovery::{self, Classifier, Workload},
+    identity::{Allocator, LabelKey, display_name},
+    policy::{
+        self, PolicySet,
+        compile::{IdentityInfo, IdentityKind},
+    },
+};
+
+/// What one observation of the host produced.
+#[derive(Debug)]
+pub struct Observation {
+    pub workloads: Vec<Workload>,
+    pub identities: BTreeMap<u32, IdentityInfo>,
+    pub desired: Desired,
+}
+
+/// The pure part of the agent: from observed facts to the desired state.
+pub struct Planner {
+    config: Config,
+    allocator: Allocator,
+    /// Identities in the last plan, kept one more round after their last
+    /// workload left so that no cgroup is ever looked up under an identity
+    /// missing from the live policy table.
+    previous: BTreeMap<u32, IdentityInfo>,
+    previous_cgroups: BTreeMap<u64, u32>,
+}
+
+impl Planner {
+    pub fn new(config: Config) -> Planner {
+        Planner {
+            config,
+            allocator: Allocator::default(),
+            previous: BTreeMap::new(),
+            previous_cgroups: BTreeMap::new(),
+        }
+    }
+
+    /// Computes the desired state from the workloads found and the policies.
+    pub fn plan(&mut self, mut workloads: Vec<Workload>, policies: &PolicySet) -> Observation {
+        workloads.sort_by(|a, b| a.cgroup_path.cmp(&b.cgroup_path));
+        let td = self.config.trust_domain.clone();
+        let mut identities: BTreeMap<u32, IdentityInfo> = BTreeMap::new();
+        let mut cgroups = BTreeMap::new();
+        let mut addresses: Vec<(IpNet, u32)> = Vec::new();
+        for w in &workloads {
+            let key = LabelKey {
+                namespace: Some(w.namespace.clone()),
+                labels: w.labels.clone(),
+            };
+            let id = self.allocator.get_or_allocate(&key);
+            identities.entry(id).or_insert_with(|| IdentityInfo {
+                id,
+                name: display_name(&td, &key, &w.name),
+                namespace: key.namespace.clone(),
+                labels: key.labels.clone(),
+                kind: IdentityKind::Workload,
+            });
+            cgroups.insert(w.cgroup_id, id);
+            addresses.extend(w.ips.iter().map(|ip| (IpNet::from(*ip), id)));
+        }
+        for p in &self.config.peers {
+            let key = LabelKey {
+                namespace: p.namespace.clone(),
+                labels: p.labels.clone(),
+            };
+            let id = self.allocator.get_or_allocate(&key);
+            identities.entry(id).or_insert_with(|| IdentityInfo {
+                id,
+                name: match &p.namespace {
+                    Some(_) => display_name(&td, &key, &p.name),
+                    None => p.name.clone(),
+                },
+                namespace: key.namespace.clone(),
+                labels: key.labels.clone(),
+                // A namespaced peer is a remote workload; policies can select it as a peer.
+                kind: if p.namespace.is_some() {
+                    IdentityKind::Workload
+                } else {
+                    IdentityKind::Peer
+                },
+            });
+            addresses.extend(p.cidrs.iter().map(|c| (c.trunc(), id)));
+        }
+        // Identities the kernel may still resolve for a cgroup this round.
+        for id in self.previous_cgroups.values() {
+            if !identities.contains_key(id)
+                && let Some(info) = self.previous.get(id)
+            {
+                identities.insert(*id, info.clone());
+            }
+        }
+        let mut namespaces = self.config.namespace_labels();
+        for w in &workloads {
+            namespaces.entry(w.namespace.clone()).or_insert_with(|| {
+                [(
+                    "kubernetes.io/metadata.name".to_owned(),
+                    w.namespace.clone(),
+                )]
+                .into()
+            });
+        }
+        let world = policy::World {
+            identities: identities.values().cloned().collect(),
+            namespaces,
+            addresses: addresses.clone(),
+        };
+        let compiled = policy::compile(&policies.policies, &world);
+        let mut ipcache = BTreeMap::new();
+        ipcache.extend(compiled.cidr_identities.iter().copied());
+        ipcache.extend(addresses);
+        let in_use: BTreeSet<u32> = identities.keys().copied().collect();
+        self.allocator.release_unused(&in_use);
+        self.previous = identities.clone();
+        self.previous_cgroups = cgroups.clone();
+        Observation {
+            workloads,
+            identities,
+            desired: Desired {
+                cgroups,
+                ipcache,
+                policy: Arc::new(compiled),
+            },
+        }
+    }
+}
+
+/// Size and modification time of every policy file: a cheap "did it change?".
+fn policy_fingerprint(dir: &Option<PathBuf>) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
+    let Some(dir) = dir else { return Vec::new() };
+    let mut out = Vec::new();
+    let paths: Vec<PathBuf> = if dir.is_dir() {
+        std::fs::read_dir(dir)
+            .map(|rd| rd.filter_map(Result::ok).map(|e| e.path()).collect())
+            .unwrap_or_default()
+    } else {
+        vec![dir.clone()]
+    };
+    for p in paths {
+        if let Ok(m) = std::fs::metadata(&p) {
+            out.push((p, m.modified().ok(), m.len()));
+        }
+    }
+    out.sort();
+    out
+}
+
+fn load_policies(config: &Config) -> Result<PolicySet, policy::LoadError> {
+    match &config.policy_dir {
+        Some(dir) => policy::load_paths(std::slice::from_ref(dir)),
+        None => Ok(PolicySet::default()),
+    }
+}
+
+/// Finds the workloads below `root` and their addresses.
+fn observe_workloads(
+    root: &std::path::Path,
+    classifier: &Classifier,
+) -> anyhow::Result<Vec<Workload>> {
+    let cgroups = discovery::scan(root)?;
+    Ok(cgroups
+        .iter()
+        .filter_map(|cg| classifier.classify(cg))
+        .map(|mut w| {
+            w.ips = discovery::workload_ips(&root.join(&w.cgroup_path));
+            w
+        })
+        .collect())
+}
+
+fn describe_ips(ips: &[IpAddr]) -> String {
+    if ips.is_empty() {
+        "no address yet".into()
+    } else {
+        ips.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// Runs the agent until SIGINT or SIGTERM.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let mount = discovery::cgroup2_mount()?;
+    let root = discovery::resolve_root(&mount, &config.cgroup_root)?;
+    if !root.is_dir() {
+        anyhow::bail!(
+            "cgroup root {} does not exist: create it (mkdir) or fix cgroupRoot in the config",
+            root.display()
+        );
+    }
+    if root == mount {
+        warn!(root = %root.display(), "cgroupRoot is the machine's root cgroup: every process on the host is subject to policy");
+    }
+    let mut policies = load_policies(&config)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .context("policy is invalid; nothing was loaded")?;
+    let mut fingerprint = policy_fingerprint(&config.policy_dir);
+    info!(
+        files = policies.files.len(),
+        policies = policies.policies.len(),
+        "policy loaded"
+    );
+
+    let ring_bytes = config.maps.audit_ring_bytes;
+    let mut datapath = KernelDatapath::load(&root, &config.maps, ring_bytes / 8)
+        .context("starting the datapath")?;
+    for point in datapath.attach_points() {
+        info!(attach = %point, "attached");
+    }
+    let sink = audit::Sink::open(&config.audit.output)
+        .with_context(|| format!("opening audit output {}", config.audit.output))?;
+    let snapshot: SharedSnapshot = Arc::new(RwLock::new(Arc::new(Snapshot::default())));
+    let stats = Arc::new(AuditStats::default());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let ring = datapath.take_audit_ring()?;
+    let reader = tokio::spawn(audit::run_reader(
+        ring,
+        snapshot.clone(),
+        sink,
+        stats.clone(),
+        stop_rx,
+    ));
+
+    let interval = Duration::from_millis(config.rescan_interval_ms);
+    let classifier = Classifier::new(&config.workloads).map_err(|m| anyhow::anyhow!(m))?;
+    let mut planner = Planner::new(config.clone());
+    let mut applied: Option<Desired> = None;
+    let mut known: BTreeMap<u64, Workload> = BTreeMap::new();
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => { info!("SIGINT: stopping"); break; }
+            _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
+            _ = ticker.tick() => {}
+        }
+        let now = policy_fingerprint(&config.policy_dir);
+        if now != fingerprint {
+            fingerprint = now;
+            match load_policies(&config) {
+                Ok(p) => {
+                    info!(policies = p.policies.len(), "policy reloaded");
+                    policies = p;
+                }
+                Err(e) => warn!("policy change rejected, the previous policy stays in force:\n{e}"),
+            }
+        }
+        let workloads = match observe_workloads(&root, &classifier) {
+            Ok(w) => w,
+            Err(e) => {
+                warn!("scanning {}: {e:#}", root.display());
+                continue;
+            }
+        };
+        let obs = planner.plan(workloads, &policies);
+        if applied.as_ref() == Some(&obs.desired) {
+            continue;
+        }
+        let now_known: BTreeMap<u64, Workload> = obs
+            .workloads
+            .iter()
+            .map(|w| (w.cgroup_id, w.clone()))
+            .collect();
+        match datapath.apply(&obs.desired) {
+            Ok(report) => {
+                for (id, w) in &now_known {
+                    if known.get(id) != Some(w) {
+                        info!(workload = %format!("{}/{}", w.namespace, w.name), cgroup = %w.cgroup_path,
+                              identity = obs.desired.cgroups.get(id).copied().unwrap_or_default(),
+                              addresses = %describe_ips(&w.ips), "workload enforced");
+                    }
+                }
+                for (id, w) in &known {
+                    if !now_known.contains_key(id) {
+                        info!(workload = %format!("{}/{}", w.namespace, w.name), "workload gone");
+                    }
+                }
+                if applied.is_none() {
+                    info!(
+                        workloads = now_known.len(),
+                        identities = obs.identities.len(),
+                        policies = policies.policies.len(),
+                        entries = report.policy_entries,
+                        "palisade is enforcing"
+                    );
+                }
+                let snap = Snapshot {
+                    identities: obs.identities.clone(),
+                    workloads: now_known.clone(),
+                    policy: obs.desired.policy.clone(),
+                };
+                if let Ok(mut guard) = snapshot.write() {
+                    *guard = Arc::new(snap);
+                }
+                known = now_known;
+                applied = Some(obs.desired);
+            }
+            Err(e) => {
+                warn!("applying the new state failed, the previous state stays in force: {e}")
+            }
+        }
+    }
+    let _ = stop_tx.send(true);
+    match reader.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!("audit reader: {e:#}"),
+        Err(e) => warn!("audit reader task: {e}"),
+    }
+    if let Ok(c) = datapath.counters() {
+        info!(
+            egress_allow = c.egress_allow,
+            egress_deny = c.egress_deny,
+            ingress_allow = c.ingress_allow,
+            ingress_deny = c.ingress_deny,
+            events_emitted = c.events_emitted,
+            events_lost = c.events_lost,
+            events_delivered = stats.delivered.load(std::sync::atomic::Ordering::Relaxed),
+            "final counters"
+        );
+    }
+    drop(datapath);
+    info!("programs detached; stopped");
+    Ok(())
+}

@@ -1,0 +1,278 @@
+//! The agent's configuration file (YAML): where workloads live, how they are
+//! labelled, which remote peers exist, where policy and audit events go.
+//! Parsing and validation only; nothing here touches the system.
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::policy::labels::Labels;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        path: PathBuf,
+        line: u64,
+        column: u64,
+        message: String,
+    },
+    #[error("{path}: {field}: {message}")]
+    Invalid {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Config {
+    /// cgroup v2 directory under which workloads live and programs attach.
+    /// Absolute, or relative to the cgroup2 mount point.
+    pub cgroup_root: PathBuf,
+    /// Directory (or file) of policy YAML. Relative to the config file.
+    pub policy_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub audit: AuditConfig,
+    /// Trust domain of SPIFFE-style identity names.
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+    #[serde(default)]
+    pub namespaces: Vec<NamespaceConfig>,
+    /// cgroup path patterns → workload name, namespace and labels; first match wins.
+    #[serde(default)]
+    pub workloads: Vec<WorkloadRule>,
+    /// Remote peers by address.
+    #[serde(default)]
+    pub peers: Vec<PeerConfig>,
+    /// How often the cgroup tree and the policy directory are re-read.
+    #[serde(default = "default_rescan_ms")]
+    pub rescan_interval_ms: u64,
+    #[serde(default)]
+    pub maps: MapCapacities,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AuditConfig {
+    /// `stdout`, or a file path (appended to).
+    #[serde(default = "default_audit_output")]
+    pub output: String,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            output: default_audit_output(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NamespaceConfig {
+    pub name: String,
+    #[serde(default)]
+    pub labels: Labels,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WorkloadRule {
+    /// Pattern over the cgroup path relative to `cgroupRoot`: `{var}` captures
+    /// one path segment (or part of one), `*` matches within a segment, `**`
+    /// matches any number of segments.
+    pub path: String,
+    /// Namespace; may use captures, e.g. `"{ns}"`.
+    pub namespace: String,
+    /// Workload name; may use captures. Default: the last path segment.
+    pub name: Option<String>,
+    /// Labels; values may use captures.
+    #[serde(default)]
+    pub labels: Labels,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PeerConfig {
+    pub name: String,
+    pub cidrs: Vec<IpNet>,
+    /// A namespace makes the peer selectable like a workload of that namespace.
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub labels: Labels,
+}
+
+/// Map capacities (entries; bytes for the audit ring).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MapCapacities {
+    #[serde(default = "cap::cgroups")]
+    pub cgroups: u32,
+    #[serde(default = "cap::ipcache")]
+    pub ipcache: u32,
+    #[serde(default = "cap::policy")]
+    pub policy: u32,
+    #[serde(default = "cap::enforced")]
+    pub enforced: u32,
+    #[serde(default = "cap::flows")]
+    pub flows: u32,
+    #[serde(default = "cap::audit_ring_bytes")]
+    pub audit_ring_bytes: u32,
+}
+
+mod cap {
+    use palisade_common::capacity as c;
+    pub fn cgroups() -> u32 {
+        c::CGROUP_IDENTITY
+    }
+    pub fn ipcache() -> u32 {
+        c::IPCACHE
+    }
+    pub fn policy() -> u32 {
+        c::POLICY
+    }
+    pub fn enforced() -> u32 {
+        c::ENFORCED
+    }
+    pub fn flows() -> u32 {
+        c::FLOWS
+    }
+    pub fn audit_ring_bytes() -> u32 {
+        c::AUDIT_RING_BYTES
+    }
+}
+
+impl Default for MapCapacities {
+    fn default() -> Self {
+        MapCapacities {
+            cgroups: cap::cgroups(),
+            ipcache: cap::ipcache(),
+            policy: cap::policy(),
+            enforced: cap::enforced(),
+            flows: cap::flows(),
+            audit_ring_bytes: cap::audit_ring_bytes(),
+        }
+    }
+}
+
+fn default_trust_domain() -> String {
+    "cluster.local".into()
+}
+fn default_rescan_ms() -> u64 {
+    200
+}
+fn default_audit_output() -> String {
+    "stdout".into()
+}
+
+impl Config {
+    /// Reads, parses and validates `path`; relative paths inside are resolved
+    /// against the file's directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config = Config::parse(path, &text)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        if let Some(dir) = &config.policy_dir
+            && dir.is_relative()
+        {
+            config.policy_dir = Some(base.join(dir));
+        }
+        if config.audit.output != "stdout" && Path::new(&config.audit.output).is_relative() {
+            config.audit.output = base.join(&config.audit.output).display().to_string();
+        }
+        Ok(config)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let mut options = serde_saphyr::Options::default();
+        options.with_snippet = false;
+        let config: Config = serde_saphyr::from_str_with_options(text, options).map_err(|e| {
+            let (line, column) = e
+                .location()
+                .map(|l| (l.line(), l.column()))
+                .unwrap_or((1, 1));
+            let message = e.to_string();
+            let message = match message.rfind(" at line ") {
+                Some(i) => message[..i].to_owned(),
+                None => message,
+            };
+            ConfigError::Parse {
+                path: path.to_owned(),
+                line,
+                column,
+                message,
+            }
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |field: String, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            field,
+            message,
+        };
+        let mut seen = BTreeMap::new();
+        for (i, ns) in self.namespaces.iter().enumerate() {
+            if seen.insert(ns.name.clone(), i).is_some() {
+                return Err(invalid(
+                    format!("namespaces[{i}].name"),
+                    format!("namespace {:?} is listed twice", ns.name),
+                ));
+            }
+        }
+        for (i, rule) in self.workloads.iter().enumerate() {
+            crate::discovery::PathPattern::new(&rule.path)
+                .map_err(|m| invalid(format!("workloads[{i}].path"), m))?;
+            if rule.namespace.is_empty() {
+                return Err(invalid(
+                    format!("workloads[{i}].namespace"),
+                    "must not be empty".into(),
+                ));
+            }
+        }
+        let ring = self.maps.audit_ring_bytes;
+        if !ring.is_power_of_two() || ring < 4096 {
+            return Err(invalid(
+                "maps.auditRingBytes".into(),
+                format!("{ring} must be a power of two of at least 4096"),
+            ));
+        }
+        if self.rescan_interval_ms == 0 {
+            return Err(invalid(
+                "rescanIntervalMs".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Namespace labels as the compiler sees them: the configured labels plus
+    /// `kubernetes.io/metadata.name`, which the Kubernetes API server sets on
+    /// every namespace.
+    pub fn namespace_labels(&self) -> BTreeMap<String, Labels> {
+        self.namespaces
+            .iter()
+            .map(|ns| {
+                let mut labels = ns.labels.clone();
+                labels.insert("kubernetes.io/metadata.name".into(), ns.name.clone());
+                (ns.name.clone(), labels)
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,409 @@
+//! The real datapath: loads the embedded eBPF object with aya, attaches the
+//! programs under the configured cgroup root (multi-attach, through BPF
+//! links, so other programs on the node keep working), and syncs the maps.
+use std::{collections::BTreeMap, fs::File, net::IpAddr, path::Path};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr},
+};
+use ipnet::IpNet;
+use palisade_common::{
+    EnforcedKey, EnforcedValue, PolicyKeyData, PolicyValue, counter, maps, programs, state,
+};
+
+use super::{ApplyReport, Counters, Datapath, DatapathError, Desired, diff};
+use crate::{config::MapCapacities, policy::compile::EntryKey};
+
+/// Programs attach through BPF links (kernel ≥ 5.7), which always coexist with
+/// other programs on the same cgroup — multi-attach without the
+/// `BPF_F_ALLOW_MULTI` flag, which the link API rejects with EINVAL.
+const ATTACH_MODE: CgroupAttachMode = CgroupAttachMode::Single;
+
+/// The eBPF object built by `build.rs`.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/palisade"));
+
+/// Per-slot contents as last written.
+#[derive(Default)]
+struct SlotContents {
+    entries: BTreeMap<EntryKey, PolicyValue>,
+    enforced: BTreeMap<(u8, u32), EnforcedValue>,
+}
+
+pub struct KernelDatapath {
+    ebpf: Ebpf,
+    capacities: MapCapacities,
+    active_slot: u8,
+    generation: u32,
+    slots: [SlotContents; 2],
+    cgroups: BTreeMap<u64, u32>,
+    ipcache: BTreeMap<IpNet, u32>,
+    attach_points: Vec<String>,
+}
+
+fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
+    move |source| DatapathError::Map { map, source }
+}
+
+/// An address block as an ipcache key (IPv4 mapped into IPv6).
+pub fn ip_key(net: &IpNet) -> Key<[u8; 16]> {
+    match net {
+        IpNet::V4(n) => Key::new(
+            palisade_common::IPV4_MAPPED_PREFIX + u32::from(n.prefix_len()),
+            palisade_common::v4_mapped(n.addr().octets()),
+        ),
+        IpNet::V6(n) => Key::new(u32::from(n.prefix_len()), n.addr().octets()),
+    }
+}
+
+/// A host address as a /32 or /128 block.
+pub fn host_net(ip: IpAddr) -> IpNet {
+    IpNet::from(ip)
+}
+
+impl KernelDatapath {
+    /// Loads the programs and attaches them to `cgroup_root`.
+    pub fn load(
+        cgroup_root: &Path,
+        capacities: &MapCapacities,
+        wakeup_bytes: u32,
+    ) -> Result<KernelDatapath, DatapathError> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(maps::CGROUP_IDENTITY, capacities.cgroups)
+            .map_max_entries(maps::IPCACHE, capacities.ipcache)
+            .map_max_entries(maps::POLICY, capacities.policy)
+            .map_max_entries(maps::ENFORCED, capacities.enforced)
+            .map_max_entries(maps::FLOWS, capacities.flows)
+            .map_max_entries(maps::AUDIT, capacities.audit_ring_bytes)
+            .load(EBPF_OBJECT)
+            .map_err(|e| DatapathError::Load(Box::new(e)))?;
+        {
+            let mut st: Array<&mut MapData, u32> = Array::try_from(
+                ebpf.map_mut(maps::STATE)
+                    .ok_or(DatapathError::MissingMap(maps::STATE))?,
+            )
+            .map_err(map_err(maps::STATE))?;
+            st.set(state::ACTIVE_SLOT, &0, 0)
+                .map_err(map_err(maps::STATE))?;
+            st.set(state::GENERATION, &1, 0)
+                .map_err(map_err(maps::STATE))?;
+            st.set(state::WAKEUP_BYTES, &wakeup_bytes, 0)
+                .map_err(map_err(maps::STATE))?;
+        }
+        let root = File::open(cgroup_root).map_err(|source| DatapathError::Io {
+            what: "opening cgroup root",
+            path: cgroup_root.display().to_string(),
+            source,
+        })?;
+        let prog_err = |name: &'static str| {
+            move |e: aya::programs::ProgramError| DatapathError::Program {
+                name,
+                source: Box::new(e),
+            }
+        };
+        let mut attach_points = Vec::new();
+        for name in [
+            programs::CONNECT4,
+            programs::CONNECT6,
+            programs::SENDMSG4,
+            programs::SENDMSG6,
+        ] {
+            let prog: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or_else(|| DatapathError::Program {
+                    name,
+                    source: Box::new(aya::programs::ProgramError::NotLoaded),
+                })?
+                .try_into()
+                .map_err(prog_err(name))?;
+            prog.load().map_err(prog_err(name))?;
+            prog.attach(&root, ATTACH_MODE).map_err(prog_err(name))?;
+            attach_points.push(format!("{name} on {}", cgroup_root.display()));
+        }
+        let ingress: &mut CgroupSkb = ebpf
+            .program_mut(programs::INGRESS)
+            .ok_or_else(|| DatapathError::Program {
+                name: programs::INGRESS,
+                source: Box::new(aya::programs::ProgramError::NotLoaded),
+            })?
+            .try_into()
+            .map_err(prog_err(programs::INGRESS))?;
+        ingress.load().map_err(prog_err(programs::INGRESS))?;
+        ingress
+            .attach(&root, CgroupSkbAttachType::Ingress, ATTACH_MODE)
+            .map_err(prog_err(programs::INGRESS))?;
+        attach_points.push(format!(
+            "{} on {}",
+            programs::INGRESS,
+            cgroup_root.display()
+        ));
+        Ok(KernelDatapath {
+            ebpf,
+            capacities: capacities.clone(),
+            active_slot: 0,
+            generation: 1,
+            slots: Default::default(),
+            cgroups: BTreeMap::new(),
+            ipcache: BTreeMap::new(),
+            attach_points,
+        })
+    }
+
+    pub fn attach_points(&self) -> &[String] {
+        &self.attach_points
+    }
+
+    /// Hands the audit ring buffer to its reader.
+    pub fn take_audit_ring(&mut self) -> Result<RingBuf<aya::maps::MapData>, DatapathError> {
+        let map = self
+            .ebpf
+            .take_map(maps::AUDIT)
+            .ok_or(DatapathError::MissingMap(maps::AUDIT))?;
+        RingBuf::try_from(map).map_err(map_err(maps::AUDIT))
+    }
+
+    fn write_slot(&mut self, slot: u8, desired: &Desired) -> Result<(), DatapathError> {
+        let contents = &mut self.slots[usize::from(slot)];
+        let mut policy = policy_map(&mut self.ebpf)?;
+        for (key, value) in &desired.policy.entries {
+            let (prefix, data) = key.to_kernel(slot);
+            policy
+                .insert(&Key::new(prefix, data), value, 0)
+                .map_err(map_err(maps::POLICY))?;
+            contents.entries.insert(*key, *value);
+        }
+        let mut enforced = enforced_map(&mut self.ebpf)?;
+        for (&(direction, identity), value) in &desired.policy.enforced {
+            let key = EnforcedKey {
+                slot,
+                direction,
+                _pad: [0; 2],
+                identity,
+            };
+            enforced
+                .insert(&key, value, 0)
+                .map_err(map_err(maps::ENFORCED))?;
+            contents.enforced.insert((direction, identity), *value);
+        }
+        Ok(())
+    }
+
+    fn clear_slot(&mut self, slot: u8) -> Result<(), DatapathError> {
+        let contents = std::mem::take(&mut self.slots[usize::from(slot)]);
+        let mut policy = policy_map(&mut self.ebpf)?;
+        for key in contents.entries.keys() {
+            let (prefix, data) = key.to_kernel(slot);
+            policy
+                .remove(&Key::new(prefix, data))
+                .map_err(map_err(maps::POLICY))?;
+        }
+        let mut enforced = enforced_map(&mut self.ebpf)?;
+        for &(direction, identity) in contents.enforced.keys() {
+            let key = EnforcedKey {
+                slot,
+                direction,
+                _pad: [0; 2],
+                identity,
+            };
+            enforced.remove(&key).map_err(map_err(maps::ENFORCED))?;
+        }
+        Ok(())
+    }
+
+    fn set_state(&mut self, index: u32, value: u32) -> Result<(), DatapathError> {
+        let mut st: Array<&mut MapData, u32> = Array::try_from(
+            self.ebpf
+                .map_mut(maps::STATE)
+                .ok_or(DatapathError::MissingMap(maps::STATE))?,
+        )
+        .map_err(map_err(maps::STATE))?;
+        st.set(index, &value, 0).map_err(map_err(maps::STATE))
+    }
+
+    fn check_capacity(&self, desired: &Desired) -> Result<(), DatapathError> {
+        let active = &self.slots[usize::from(self.active_slot)];
+        // Both slots share one map: the live table stays while the new one is written.
+        let checks = [
+            (
+                maps::POLICY,
+                "policy",
+                active.entries.len() + desired.policy.entries.len(),
+                self.capacities.policy,
+            ),
+            (
+                maps::ENFORCED,
+                "enforced",
+                active.enforced.len() + desired.policy.enforced.len(),
+                self.capacities.enforced,
+            ),
+            (
+                maps::CGROUP_IDENTITY,
+                "cgroups",
+                self.cgroups.len().max(desired.cgroups.len()),
+                self.capacities.cgroups,
+            ),
+            (
+                maps::IPCACHE,
+                "ipcache",
+                desired.ipcache.len(),
+                self.capacities.ipcache,
+            ),
+        ];
+        for (map, config_key, needed, capacity) in checks {
+            if needed > capacity as usize {
+                return Err(DatapathError::MapFull {
+                    map,
+                    config_key,
+                    needed,
+                    capacity,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Fill of each map as (name, entries, capacity).
+    pub fn fill(&self) -> Vec<(&'static str, usize, u32)> {
+        let active = &self.slots[usize::from(self.active_slot)];
+        vec![
+            (
+                maps::CGROUP_IDENTITY,
+                self.cgroups.len(),
+                self.capacities.cgroups,
+            ),
+            (maps::IPCACHE, self.ipcache.len(), self.capacities.ipcache),
+            (maps::POLICY, active.entries.len(), self.capacities.policy),
+            (
+                maps::ENFORCED,
+                active.enforced.len(),
+                self.capacities.enforced,
+            ),
+        ]
+    }
+}
+
+fn policy_map(
+    ebpf: &mut Ebpf,
+) -> Result<LpmTrie<&mut MapData, PolicyKeyData, PolicyValue>, DatapathError> {
+    LpmTrie::try_from(
+        ebpf.map_mut(maps::POLICY)
+            .ok_or(DatapathError::MissingMap(maps::POLICY))?,
+    )
+    .map_err(map_err(maps::POLICY))
+}
+
+fn enforced_map(
+    ebpf: &mut Ebpf,
+) -> Result<HashMap<&mut MapData, EnforcedKey, EnforcedValue>, DatapathError> {
+    HashMap::try_from(
+        ebpf.map_mut(maps::ENFORCED)
+            .ok_or(DatapathError::MissingMap(maps::ENFORCED))?,
+    )
+    .map_err(map_err(maps::ENFORCED))
+}
+
+impl Datapath for KernelDatapath {
+    fn apply(&mut self, desired: &Desired) -> Result<ApplyReport, DatapathError> {
+        self.check_capacity(desired)?;
+        let mut report = ApplyReport::default();
+        let active = &self.slots[usize::from(self.active_slot)];
+        if active.entries != desired.policy.entries
+            || active.enforced != desired.policy.enforced
+            || self.generation == 1
+        {
+            let next = 1 - self.active_slot;
+            if let Err(e) = self.write_slot(next, desired) {
+                // Nothing in force changed; drop the partial table.
+                let _ = self.clear_slot(next);
+                return Err(e);
+            }
+            self.set_state(state::ACTIVE_SLOT, u32::from(next))?;
+            let old = self.active_slot;
+            self.active_slot = next;
+            self.generation = self.generation.wrapping_add(1).max(2);
+            self.set_state(state::GENERATION, self.generation)?;
+            self.clear_slot(old)?;
+            report.policy_swapped = true;
+            report.policy_entries = desired.policy.entries.len();
+        }
+
+        let (ip_up, ip_del) = diff(&self.ipcache, &desired.ipcache);
+        let (cg_up, cg_del) = diff(&self.cgroups, &desired.cgroups);
+        report.ipcache_updates = ip_up.len() + ip_del.len();
+        report.cgroup_updates = cg_up.len() + cg_del.len();
+        {
+            let mut ipcache: LpmTrie<&mut MapData, [u8; 16], u32> = LpmTrie::try_from(
+                self.ebpf
+                    .map_mut(maps::IPCACHE)
+                    .ok_or(DatapathError::MissingMap(maps::IPCACHE))?,
+            )
+            .map_err(map_err(maps::IPCACHE))?;
+            for (net, id) in &ip_up {
+                ipcache
+                    .insert(&ip_key(net), id, 0)
+                    .map_err(map_err(maps::IPCACHE))?;
+                self.ipcache.insert(*net, *id);
+            }
+        }
+        {
+            let mut cgroups: HashMap<&mut MapData, u64, u32> = HashMap::try_from(
+                self.ebpf
+                    .map_mut(maps::CGROUP_IDENTITY)
+                    .ok_or(DatapathError::MissingMap(maps::CGROUP_IDENTITY))?,
+            )
+            .map_err(map_err(maps::CGROUP_IDENTITY))?;
+            for (cg, id) in &cg_up {
+                cgroups
+                    .insert(cg, id, 0)
+                    .map_err(map_err(maps::CGROUP_IDENTITY))?;
+                self.cgroups.insert(*cg, *id);
+            }
+            for cg in &cg_del {
+                // Already gone from the kernel when the cgroup was removed is fine.
+                let _ = cgroups.remove(cg);
+                self.cgroups.remove(cg);
+            }
+        }
+        {
+            let mut ipcache: LpmTrie<&mut MapData, [u8; 16], u32> = LpmTrie::try_from(
+                self.ebpf
+                    .map_mut(maps::IPCACHE)
+                    .ok_or(DatapathError::MissingMap(maps::IPCACHE))?,
+            )
+            .map_err(map_err(maps::IPCACHE))?;
+            for net in &ip_del {
+                let _ = ipcache.remove(&ip_key(net));
+                self.ipcache.remove(net);
+            }
+        }
+        Ok(report)
+    }
+
+    fn counters(&self) -> Result<Counters, DatapathError> {
+        let arr: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(
+            self.ebpf
+                .map(maps::COUNTERS)
+                .ok_or(DatapathError::MissingMap(maps::COUNTERS))?,
+        )
+        .map_err(map_err(maps::COUNTERS))?;
+        let sum = |i: u32| -> Result<u64, DatapathError> {
+            Ok(arr
+                .get(&i, 0)
+                .map_err(map_err(maps::COUNTERS))?
+                .iter()
+                .sum())
+        };
+        Ok(Counters {
+            egress_allow: sum(counter::EGRESS_ALLOW)?,
+            egress_deny: sum(counter::EGRESS_DENY)?,
+            ingress_allow: sum(counter::INGRESS_ALLOW)?,
+            ingress_deny: sum(counter::INGRESS_DENY)?,
+            egress_would_deny: sum(counter::EGRESS_WOULD_DENY)?,
+            ingress_would_deny: sum(counter::INGRESS_WOULD_DENY)?,
+            events_emitted: sum(counter::EVENTS_EMITTED)?,
+            events_lost: sum(counter::EVENTS_LOST)?,
+            flow_insert_failed: sum(counter::FLOW_INSERT_FAILED)?,
+        })
+    }
+}

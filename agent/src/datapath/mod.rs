@@ -1,0 +1,116 @@
+//! The datapath: the only module that touches the kernel. `Desired` is the
+//! complete kernel state the agent wants, as plain data; a `Datapath` makes the
+//! kernel match it. `kernel::KernelDatapath` is the real one (aya);
+//! `fake::FakeDatapath` records applies for unit tests.
+//!
+//! Update order, so that no connection is judged against a mix:
+//! 1. the whole new policy table is written into the inactive slot, then the
+//!    active-slot index flips (one 4-byte array write), then the generation is
+//!    bumped and the old slot is emptied;
+//! 2. only then do ipcache and cgroup entries move to new identities (the
+//!    agent keeps an identity in the compiled tables for one more round after
+//!    its last workload moved away, so both old and new are present in the
+//!    table that is live while the single-entry updates land);
+//! 3. stale ipcache and cgroup entries are deleted last.
+pub mod fake;
+pub mod kernel;
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use ipnet::IpNet;
+
+use crate::policy::CompiledPolicy;
+
+/// Everything the kernel maps should contain.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Desired {
+    /// cgroup id → identity.
+    pub cgroups: BTreeMap<u64, u32>,
+    /// Address block → identity (workload IPs, configured peers, policy CIDRs).
+    pub ipcache: BTreeMap<IpNet, u32>,
+    pub policy: Arc<CompiledPolicy>,
+}
+
+/// Kernel counters, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counters {
+    pub egress_allow: u64,
+    pub egress_deny: u64,
+    pub ingress_allow: u64,
+    pub ingress_deny: u64,
+    pub egress_would_deny: u64,
+    pub ingress_would_deny: u64,
+    pub events_emitted: u64,
+    pub events_lost: u64,
+    pub flow_insert_failed: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error(
+        "map {map} is full: the change needs {needed} entries and the capacity is {capacity}; raise maps.{config_key} in the config"
+    )]
+    MapFull {
+        map: &'static str,
+        config_key: &'static str,
+        needed: usize,
+        capacity: u32,
+    },
+    #[error("updating map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("loading the eBPF object: {0}")]
+    Load(#[source] Box<aya::EbpfError>),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("map {0} is missing from the eBPF object")]
+    MissingMap(&'static str),
+}
+
+/// What an apply changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub policy_swapped: bool,
+    pub policy_entries: usize,
+    pub cgroup_updates: usize,
+    pub ipcache_updates: usize,
+}
+
+pub trait Datapath {
+    /// Makes the kernel maps equal `desired`. On error, the policy tables in
+    /// force are unchanged.
+    fn apply(&mut self, desired: &Desired) -> Result<ApplyReport, DatapathError>;
+    fn counters(&self) -> Result<Counters, DatapathError>;
+}
+
+/// Entries to write and delete to go from `current` to `desired`.
+pub fn diff<K: Ord + Copy, V: PartialEq + Copy>(
+    current: &BTreeMap<K, V>,
+    desired: &BTreeMap<K, V>,
+) -> (Vec<(K, V)>, Vec<K>) {
+    let upserts = desired
+        .iter()
+        .filter(|(k, v)| current.get(k) != Some(v))
+        .map(|(k, v)| (*k, *v))
+        .collect();
+    let deletes = current
+        .keys()
+        .filter(|k| !desired.contains_key(k))
+        .copied()
+        .collect();
+    (upserts, deletes)
+}

@@ -1,0 +1,356 @@
+//! Finding workloads on a plain host: the cgroup2 mount, the cgroups below the
+//! configured root, the rules that name and label them, and the addresses of
+//! their network namespaces. Reads /proc and the cgroup tree; writes nothing.
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+use regex::Regex;
+
+use crate::{config::WorkloadRule, policy::labels::Labels};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    #[error(
+        "no cgroup2 filesystem is mounted (looked in /proc/self/mountinfo); mount one with `mount -t cgroup2 none /sys/fs/cgroup`"
+    )]
+    NoCgroup2,
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cgroup root {0} is not inside the cgroup2 mount {1}")]
+    OutsideMount(PathBuf, PathBuf),
+}
+
+/// The cgroup2 mount point (pure v2 at /sys/fs/cgroup, or hybrid at
+/// /sys/fs/cgroup/unified), from /proc/self/mountinfo.
+pub fn cgroup2_mount() -> Result<PathBuf, DiscoveryError> {
+    let text =
+        std::fs::read_to_string("/proc/self/mountinfo").map_err(|source| DiscoveryError::Io {
+            path: "/proc/self/mountinfo".into(),
+            source,
+        })?;
+    parse_cgroup2_mount(&text).ok_or(DiscoveryError::NoCgroup2)
+}
+
+fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let fstype = right.split_whitespace().next()?;
+        if fstype != "cgroup2" {
+            return None;
+        }
+        left.split_whitespace().nth(4).map(PathBuf::from)
+    })
+}
+
+/// Resolves the configured root against the mount; it must lie inside it.
+pub fn resolve_root(mount: &Path, configured: &Path) -> Result<PathBuf, DiscoveryError> {
+    let root = if configured.is_absolute() {
+        configured.to_owned()
+    } else {
+        mount.join(configured)
+    };
+    if !root.starts_with(mount) {
+        return Err(DiscoveryError::OutsideMount(root, mount.to_owned()));
+    }
+    Ok(root)
+}
+
+/// A cgroup found below the root.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cgroup {
+    /// Path relative to the root, `/`-separated.
+    pub rel_path: String,
+    /// The kernel's cgroup id (the directory's inode on cgroup2).
+    pub id: u64,
+}
+
+/// Every cgroup strictly below `root`, depth-first, bounded in depth.
+pub fn scan(root: &Path) -> Result<Vec<Cgroup>, DiscoveryError> {
+    const MAX_DEPTH: usize = 16;
+    let mut out = Vec::new();
+    let mut stack = vec![(root.to_owned(), String::new(), 0usize)];
+    while let Some((dir, rel, depth)) = stack.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            // A cgroup removed while we walk is not an error.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && depth > 0 => continue,
+            Err(source) => return Err(DiscoveryError::Io { path: dir, source }),
+        };
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
+            if !meta.is_dir() {
+                continue;
+            }
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let child_rel = if rel.is_empty() {
+                name
+            } else {
+                format!("{rel}/{name}")
+            };
+            out.push(Cgroup {
+                rel_path: child_rel.clone(),
+                id: meta.ino(),
+            });
+            if depth + 1 < MAX_DEPTH {
+                stack.push((entry.path(), child_rel, depth + 1));
+            }
+        }
+    }
+    out.sort_by(|a, b| a.rel_path.cmp(&b.rel_path));
+    Ok(out)
+}
+
+/// A compiled `workloads[].path` pattern.
+#[derive(Clone, Debug)]
+pub struct PathPattern {
+    regex: Regex,
+}
+
+impl PathPattern {
+    pub fn new(pattern: &str) -> Result<PathPattern, String> {
+        if pattern.is_empty() || pattern.starts_with('/') {
+            return Err(format!(
+                "{pattern:?} must be a non-empty path relative to cgroupRoot"
+            ));
+        }
+        let mut re = String::from("^");
+        let mut rest = pattern;
+        while !rest.is_empty() {
+            if let Some(r) = rest.strip_prefix("**") {
+                re.push_str(".*");
+                rest = r;
+            } else if let Some(r) = rest.strip_prefix('*') {
+                re.push_str("[^/]*");
+                rest = r;
+            } else if let Some(r) = rest.strip_prefix('{') {
+                let end = r
+                    .find('}')
+                    .ok_or_else(|| format!("{pattern:?}: '{{' without a closing '}}'"))?;
+                let name = &r[..end];
+                if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    return Err(format!(
+                        "{pattern:?}: capture name {name:?} must be letters, digits or '_'"
+                    ));
+                }
+                re.push_str(&format!("(?P<{name}>[^/]+)"));
+                rest = &r[end + 1..];
+            } else {
+                let c = rest.chars().next().unwrap_or_default();
+                re.push_str(&regex::escape(&c.to_string()));
+                rest = &rest[c.len_utf8()..];
+            }
+        }
+        re.push('$');
+        Regex::new(&re)
+            .map(|regex| PathPattern { regex })
+            .map_err(|e| format!("{pattern:?}: {e}"))
+    }
+
+    /// Captures of a matching path.
+    pub fn captures(&self, path: &str) -> Option<BTreeMap<String, String>> {
+        let caps = self.regex.captures(path)?;
+        Some(
+            self.regex
+                .capture_names()
+                .flatten()
+                .filter_map(|n| Some((n.to_owned(), caps.name(n)?.as_str().to_owned())))
+                .collect(),
+        )
+    }
+}
+
+/// Substitutes `{var}` in `template` with captures.
+pub fn expand(template: &str, captures: &BTreeMap<String, String>) -> String {
+    let mut out = template.to_owned();
+    for (k, v) in captures {
+        out = out.replace(&format!("{{{k}}}"), v);
+    }
+    out
+}
+
+/// A workload: a cgroup a rule matched.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Workload {
+    pub cgroup_id: u64,
+    pub cgroup_path: String,
+    pub namespace: String,
+    pub name: String,
+    pub labels: Labels,
+    pub ips: Vec<IpAddr>,
+}
+
+/// Compiled workload rules.
+pub struct Classifier {
+    rules: Vec<(PathPattern, WorkloadRule)>,
+}
+
+impl Classifier {
+    pub fn new(rules: &[WorkloadRule]) -> Result<Classifier, String> {
+        rules
+            .iter()
+            .map(|r| Ok((PathPattern::new(&r.path)?, r.clone())))
+            .collect::<Result<_, String>>()
+            .map(|rules| Classifier { rules })
+    }
+
+    /// Names and labels a cgroup by the first matching rule.
+    pub fn classify(&self, cgroup: &Cgroup) -> Option<Workload> {
+        self.rules.iter().find_map(|(pattern, rule)| {
+            let caps = pattern.captures(&cgroup.rel_path)?;
+            let last = cgroup.rel_path.rsplit('/').next().unwrap_or_default();
+            Some(Workload {
+                cgroup_id: cgroup.id,
+                cgroup_path: cgroup.rel_path.clone(),
+                namespace: expand(&rule.namespace, &caps),
+                name: rule
+                    .name
+                    .as_ref()
+                    .map_or_else(|| last.to_owned(), |n| expand(n, &caps)),
+                labels: rule
+                    .labels
+                    .iter()
+                    .map(|(k, v)| (k.clone(), expand(v, &caps)))
+                    .collect(),
+                ips: Vec::new(),
+            })
+        })
+    }
+}
+
+/// Addresses of the network namespace the cgroup's processes live in, unless
+/// that is the host's own namespace (those addresses are the host's). Empty
+/// while the cgroup has no process.
+pub fn workload_ips(cgroup_dir: &Path) -> Vec<IpAddr> {
+    let Ok(procs) = std::fs::read_to_string(cgroup_dir.join("cgroup.procs")) else {
+        return Vec::new();
+    };
+    let Some(pid) = procs
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse::<u32>().ok())
+    else {
+        return Vec::new();
+    };
+    let netns = |p: &str| std::fs::metadata(p).map(|m| (m.dev(), m.ino())).ok();
+    let theirs = netns(&format!("/proc/{pid}/ns/net"));
+    if theirs.is_none() || theirs == netns("/proc/self/ns/net") {
+        return Vec::new();
+    }
+    let mut ips = Vec::new();
+    if let Ok(fib) = std::fs::read_to_string(format!("/proc/{pid}/net/fib_trie")) {
+        ips.extend(parse_fib_trie_locals(&fib).into_iter().map(IpAddr::V4));
+    }
+    if let Ok(if6) = std::fs::read_to_string(format!("/proc/{pid}/net/if_inet6")) {
+        ips.extend(parse_if_inet6_globals(&if6).into_iter().map(IpAddr::V6));
+    }
+    ips.sort();
+    ips.dedup();
+    ips
+}
+
+/// Local (`/32 host LOCAL`) IPv4 addresses from /proc/net/fib_trie, without loopback.
+fn parse_fib_trie_locals(text: &str) -> Vec<Ipv4Addr> {
+    let mut out = Vec::new();
+    let mut last: Option<Ipv4Addr> = None;
+    for line in text.lines() {
+        let t = line.trim_start_matches([' ', '|', '+', '-', '`']).trim();
+        if let Ok(ip) = t.parse::<Ipv4Addr>() {
+            last = Some(ip);
+        } else if t.starts_with("/32 host LOCAL")
+            && let Some(ip) = last
+            && !ip.is_loopback()
+        {
+            out.push(ip);
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Global-scope IPv6 addresses from /proc/net/if_inet6.
+fn parse_if_inet6_globals(text: &str) -> Vec<Ipv6Addr> {
+    text.lines()
+        .filter_map(|line| {
+            let mut f = line.split_whitespace();
+            let hex = f.next()?;
+            let scope = f.nth(2)?;
+            if scope != "00" || hex.len() != 32 {
+                return None;
+            }
+            let v = u128::from_str_radix(hex, 16).ok()?;
+            Some(Ipv6Addr::from(v))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_cgroup2_in_hybrid_and_pure_layouts() {
+        let hybrid = "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n\
+                      41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            parse_cgroup2_mount(hybrid),
+            Some("/sys/fs/cgroup/unified".into())
+        );
+        let pure =
+            "30 23 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(parse_cgroup2_mount(pure), Some("/sys/fs/cgroup".into()));
+        assert_eq!(
+            parse_cgroup2_mount("1 1 0:1 / / rw - ext4 /dev/vda rw\n"),
+            None
+        );
+    }
+
+    #[test]
+    fn patterns_capture_segments() {
+        let p = PathPattern::new("{ns}/{app}").unwrap();
+        let caps = p.captures("production/payment-service").unwrap();
+        assert_eq!(caps["ns"], "production");
+        assert_eq!(caps["app"], "payment-service");
+        assert!(p.captures("production").is_none());
+        assert!(p.captures("a/b/c").is_none());
+        let unit = PathPattern::new("system.slice/{unit}.service").unwrap();
+        assert_eq!(
+            unit.captures("system.slice/nginx.service").unwrap()["unit"],
+            "nginx"
+        );
+        assert!(
+            unit.captures("systemXslice/nginx.service").is_none(),
+            "'.' is literal"
+        );
+        let deep = PathPattern::new("kubepods/**/{pod}").unwrap();
+        assert_eq!(deep.captures("kubepods/a/b/pod1").unwrap()["pod"], "pod1");
+        assert!(PathPattern::new("{ns").is_err());
+        assert!(PathPattern::new("/abs").is_err());
+    }
+
+    #[test]
+    fn reads_local_addresses_from_proc() {
+        let fib = "Main:\n  +-- 0.0.0.0/0 3 0 5\n     |-- 10.77.0.2\n        /32 link UNICAST\n     \
+                   +-- 10.77.0.0/24 2 0 2\n        |-- 10.77.0.12\n           /32 host LOCAL\n\
+                   Local:\n  +-- 127.0.0.0/8\n     |-- 127.0.0.1\n        /32 host LOCAL\n";
+        assert_eq!(
+            parse_fib_trie_locals(fib),
+            vec![Ipv4Addr::new(10, 77, 0, 12)]
+        );
+        let if6 = "fd770000000000000000000000000012 02 40 00 80     eth0\n\
+                   fe80000000000000a8c1abfffe000001 02 40 20 80     eth0\n\
+                   00000000000000000000000000000001 01 80 10 80       lo\n";
+        assert_eq!(
+            parse_if_inet6_globals(if6),
+            vec!["fd77::12".parse::<Ipv6Addr>().unwrap()]
+        );
+    }
+}

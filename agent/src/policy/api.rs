@@ -1,0 +1,160 @@
+//! The user-facing policy documents, exactly as written in YAML: Kubernetes
+//! `networking.k8s.io/v1` NetworkPolicy and Palisade's own
+//! `palisade.dev/v1alpha1` PalisadePolicy. This is the only place that derives
+//! `Deserialize` for policy; `load` validates these and converts them into
+//! `model` types. Unknown fields are rejected.
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use super::labels::LabelSelector;
+
+pub const NETWORK_POLICY_API: &str = "networking.k8s.io/v1";
+pub const NETWORK_POLICY_KIND: &str = "NetworkPolicy";
+pub const PALISADE_API: &str = "palisade.dev/v1alpha1";
+pub const PALISADE_KIND: &str = "PalisadePolicy";
+
+/// Just enough of any document to route it to the right type.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TypeMeta {
+    pub api_version: Option<String>,
+    pub kind: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ObjectMeta {
+    pub name: Option<String>,
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+    // Fields a `kubectl get -o yaml` export carries; accepted and ignored.
+    pub uid: Option<String>,
+    pub resource_version: Option<String>,
+    pub generation: Option<i64>,
+    pub creation_timestamp: Option<String>,
+    pub managed_fields: Option<serde::de::IgnoredAny>,
+}
+
+// ---------------------------------------------------------------- Kubernetes
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NetworkPolicy {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    pub spec: NetworkPolicySpec,
+    pub status: Option<serde::de::IgnoredAny>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NetworkPolicySpec {
+    pub pod_selector: Option<LabelSelector>,
+    pub policy_types: Option<Vec<String>>,
+    pub ingress: Option<Vec<NetworkPolicyIngressRule>>,
+    pub egress: Option<Vec<NetworkPolicyEgressRule>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NetworkPolicyIngressRule {
+    pub from: Option<Vec<NetworkPolicyPeer>>,
+    pub ports: Option<Vec<NetworkPolicyPort>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NetworkPolicyEgressRule {
+    pub to: Option<Vec<NetworkPolicyPeer>>,
+    pub ports: Option<Vec<NetworkPolicyPort>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NetworkPolicyPeer {
+    pub pod_selector: Option<LabelSelector>,
+    pub namespace_selector: Option<LabelSelector>,
+    pub ip_block: Option<IpBlock>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct IpBlock {
+    pub cidr: String,
+    #[serde(default)]
+    pub except: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NetworkPolicyPort {
+    pub protocol: Option<String>,
+    pub port: Option<IntOrString>,
+    pub end_port: Option<i64>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum IntOrString {
+    Int(i64),
+    String(String),
+}
+
+// ------------------------------------------------------------------ Palisade
+
+/// Palisade's own policy kind: the same model as NetworkPolicy, plus named
+/// rules, explicit deny rules, identities by name and an audit mode.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PalisadePolicy {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    pub spec: PalisadePolicySpec,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PalisadePolicySpec {
+    /// `enforce` (default) or `audit`.
+    pub mode: Option<String>,
+    /// Workloads this policy applies to, in the policy's namespace.
+    pub selector: LabelSelector,
+    /// Present (even empty) ⇒ selected workloads are default-deny for ingress.
+    pub ingress: Option<Vec<PalisadeRule>>,
+    /// Present (even empty) ⇒ selected workloads are default-deny for egress.
+    pub egress: Option<Vec<PalisadeRule>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PalisadeRule {
+    pub name: Option<String>,
+    /// `allow` (default) or `deny`; a deny beats every allow.
+    pub action: Option<String>,
+    /// Ingress peers. Absent ⇒ any peer.
+    pub from: Option<Vec<PalisadePeer>>,
+    /// Egress peers. Absent ⇒ any peer.
+    pub to: Option<Vec<PalisadePeer>>,
+    /// Absent ⇒ every port of every protocol.
+    pub ports: Option<Vec<NetworkPolicyPort>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PalisadePeer {
+    /// Workloads by labels (in `namespaces`, or the policy's own namespace).
+    pub selector: Option<LabelSelector>,
+    /// Namespaces by labels; `{}` is every namespace.
+    pub namespaces: Option<LabelSelector>,
+    /// An identity by name: `spiffe://<trust-domain>/ns/<ns>/sa/<sa>` or `<ns>/<name>`.
+    pub identity: Option<String>,
+    pub cidr: Option<String>,
+    #[serde(default)]
+    pub except: Vec<String>,
+}

@@ -1,0 +1,442 @@
+//! The compiler: policies + the world (identities, namespaces, addresses) →
+//! the desired contents of the kernel's policy, enforcement and (CIDR part of
+//! the) ipcache maps. Pure and deterministic: the same inputs give the same
+//! tables, so "did anything change?" is an equality test.
+//!
+//! Sizes: a rule costs (peer identities) × (port prefixes) entries. "Any peer"
+//! is one wildcard entry, never one per identity; a port range is at most 30
+//! prefixes (1–65535 is 16), never one entry per port.
+use std::collections::{BTreeMap, BTreeSet};
+
+use ipnet::IpNet;
+use palisade_common::{EnforcedValue, PolicyKeyData, PolicyValue, flags, identity};
+
+use super::{
+    labels::Labels,
+    model::{Action, Direction, Mode, NamespaceScope, Peer, Policy, PortRange, Protocol, Rule},
+};
+
+/// Identities for CIDR blocks named in policies are numbered from here.
+pub const FIRST_CIDR_IDENTITY: u32 = 1 << 24;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdentityKind {
+    /// Local or remote workloads: the only kind a policy can select.
+    Workload,
+    /// Addresses from the config's `peers`: can be a peer, never selected.
+    Peer,
+    /// Reserved identities (host, world, …).
+    Reserved,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct IdentityInfo {
+    pub id: u32,
+    pub name: String,
+    pub namespace: Option<String>,
+    pub labels: Labels,
+    pub kind: IdentityKind,
+}
+
+/// What the compiler needs to know about the world.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct World {
+    pub identities: Vec<IdentityInfo>,
+    /// Namespace name → labels (with `kubernetes.io/metadata.name` set).
+    pub namespaces: BTreeMap<String, Labels>,
+    /// Known address blocks (workload IPs, configured peers) → identity.
+    pub addresses: Vec<(IpNet, u32)>,
+}
+
+/// What decided: one entry of the rule table carried by map values and events.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleRef {
+    pub policy: String,
+    pub kind: &'static str,
+    /// The rule's name, or `default-deny` for the policy's implicit deny.
+    pub rule: String,
+}
+
+/// A policy map entry before the slot is chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EntryKey {
+    pub direction: u8,
+    pub protocol: u8,
+    pub local: u32,
+    pub peer: u32,
+    pub port: u16,
+    /// Bits of the port that must match (0 = any port, 16 = exactly `port`).
+    pub port_bits: u8,
+}
+
+impl EntryKey {
+    pub fn to_kernel(self, slot: u8) -> (u32, PolicyKeyData) {
+        (
+            palisade_common::POLICY_PREFIX_ANY_PORT + u32::from(self.port_bits),
+            PolicyKeyData {
+                slot,
+                direction: self.direction,
+                protocol: self.protocol,
+                _pad0: 0,
+                local_identity: self.local,
+                peer_identity: self.peer,
+                port_be: self.port.to_be_bytes(),
+                _pad1: [0; 2],
+            },
+        )
+    }
+
+    pub fn covers_port(&self, port: u16) -> bool {
+        let mask = mask(self.port_bits);
+        port & mask == self.port & mask
+    }
+}
+
+fn mask(bits: u8) -> u16 {
+    if bits == 0 {
+        0
+    } else {
+        u16::MAX << (16 - u32::from(bits))
+    }
+}
+
+/// The compiled form of a policy set over a world.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CompiledPolicy {
+    pub entries: BTreeMap<EntryKey, PolicyValue>,
+    /// (direction, identity) → enforcement.
+    pub enforced: BTreeMap<(u8, u32), EnforcedValue>,
+    /// Index = rule id; index 0 is "no rule".
+    pub rules: Vec<RuleRef>,
+    /// Extra ipcache entries for CIDR blocks named by policies.
+    pub cidr_identities: Vec<(IpNet, u32)>,
+}
+
+impl CompiledPolicy {
+    pub fn rule(&self, id: u32) -> Option<&RuleRef> {
+        if id == 0 {
+            None
+        } else {
+            self.rules.get(id as usize)
+        }
+    }
+}
+
+/// Per-entry accumulation: the rule that set each flag.
+#[derive(Clone, Copy, Default)]
+struct Acc {
+    deny: u32,
+    audit_deny: u32,
+    allow: u32,
+    audit_allow: u32,
+}
+
+impl Acc {
+    fn set(&mut self, flag: u32, rule: u32) {
+        let slot = match flag {
+            flags::DENY => &mut self.deny,
+            flags::AUDIT_DENY => &mut self.audit_deny,
+            flags::ALLOW => &mut self.allow,
+            _ => &mut self.audit_allow,
+        };
+        if *slot == 0 {
+            *slot = rule;
+        }
+    }
+    fn merge(&mut self, other: &Acc) {
+        for (flag, rule) in [
+            (flags::DENY, other.deny),
+            (flags::AUDIT_DENY, other.audit_deny),
+            (flags::ALLOW, other.allow),
+            (flags::AUDIT_ALLOW, other.audit_allow),
+        ] {
+            if rule != 0 {
+                self.set(flag, rule);
+            }
+        }
+    }
+    fn value(&self) -> PolicyValue {
+        let mut f = 0;
+        for (flag, rule) in [
+            (flags::DENY, self.deny),
+            (flags::AUDIT_DENY, self.audit_deny),
+            (flags::ALLOW, self.allow),
+            (flags::AUDIT_ALLOW, self.audit_allow),
+        ] {
+            if rule != 0 {
+                f |= flag;
+            }
+        }
+        let rule_id = [self.deny, self.audit_deny, self.allow, self.audit_allow]
+            .into_iter()
+            .find(|r| *r != 0)
+            .unwrap_or(0);
+        PolicyValue { flags: f, rule_id }
+    }
+}
+
+/// Compiles `policies` over `world`.
+pub fn compile(policies: &[Policy], world: &World) -> CompiledPolicy {
+    let mut out = CompiledPolicy {
+        rules: vec![RuleRef {
+            policy: String::new(),
+            kind: "",
+            rule: String::new(),
+        }],
+        ..Default::default()
+    };
+    out.cidr_identities = cidr_identities(policies);
+    let mut acc: BTreeMap<EntryKey, Acc> = BTreeMap::new();
+    // (direction, identity) → (policy rule id, all selecting policies audit?)
+    let mut enforcement: BTreeMap<(u8, u32), (u32, bool)> = BTreeMap::new();
+
+    for policy in policies {
+        let selected: Vec<u32> = world
+            .identities
+            .iter()
+            .filter(|i| i.kind == IdentityKind::Workload && selects(policy, i))
+            .map(|i| i.id)
+            .collect();
+        for direction in [Direction::Ingress, Direction::Egress] {
+            let Some(rules) = policy.rules(direction) else {
+                continue;
+            };
+            let dir = direction.to_kernel();
+            let default_rule = push_rule(&mut out, policy, "default-deny".to_owned());
+            let audit = policy.mode == Mode::Audit;
+            for &local in &selected {
+                let e = enforcement
+                    .entry((dir, local))
+                    .or_insert((default_rule, true));
+                e.1 &= audit;
+            }
+            for rule in rules {
+                let rule_id = push_rule(&mut out, policy, rule.name.clone());
+                let flag = match (rule.action, policy.mode) {
+                    (Action::Allow, Mode::Enforce) => flags::ALLOW,
+                    (Action::Allow, Mode::Audit) => flags::AUDIT_ALLOW,
+                    (Action::Deny, Mode::Enforce) => flags::DENY,
+                    (Action::Deny, Mode::Audit) => flags::AUDIT_DENY,
+                };
+                let peers = resolve_peers(policy, rule, world, &out.cidr_identities);
+                let ports = port_prefixes(rule);
+                for &local in &selected {
+                    for &peer in &peers {
+                        for &(protocol, port, port_bits) in &ports {
+                            let key = EntryKey {
+                                direction: dir,
+                                protocol,
+                                local,
+                                peer,
+                                port,
+                                port_bits,
+                            };
+                            acc.entry(key).or_default().set(flag, rule_id);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    merge_covering(&mut acc);
+    out.entries = acc.into_iter().map(|(k, a)| (k, a.value())).collect();
+    out.enforced = enforcement
+        .into_iter()
+        .map(|(k, (rule, audit_only))| {
+            (
+                k,
+                EnforcedValue {
+                    policy_rule_id: rule,
+                    flags: if audit_only { flags::AUDIT_DENY } else { 0 },
+                },
+            )
+        })
+        .collect();
+    out
+}
+
+fn push_rule(out: &mut CompiledPolicy, policy: &Policy, rule: String) -> u32 {
+    out.rules.push(RuleRef {
+        policy: policy.qualified_name(),
+        kind: policy.origin.kind,
+        rule,
+    });
+    (out.rules.len() - 1) as u32
+}
+
+fn selects(policy: &Policy, id: &IdentityInfo) -> bool {
+    let in_scope = match &policy.namespace {
+        Some(ns) => id.namespace.as_deref() == Some(ns.as_str()),
+        None => true,
+    };
+    in_scope && policy.selector.matches(&id.labels)
+}
+
+/// Every CIDR a policy names (blocks and exceptions) gets an identity, so that
+/// the longest-prefix ipcache can tell "inside the block" from "inside an
+/// exception". Numbered deterministically in address order.
+fn cidr_identities(policies: &[Policy]) -> Vec<(IpNet, u32)> {
+    let mut cidrs = BTreeSet::new();
+    for policy in policies {
+        for dir in [Direction::Ingress, Direction::Egress] {
+            for rule in policy.rules(dir).unwrap_or_default() {
+                for peer in rule.peers.iter().flatten() {
+                    if let Peer::Cidr { cidr, except } = peer {
+                        cidrs.insert(*cidr);
+                        cidrs.extend(except.iter().copied());
+                    }
+                }
+            }
+        }
+    }
+    cidrs.into_iter().zip(FIRST_CIDR_IDENTITY..).collect()
+}
+
+/// The peer identities a rule allows, or `[ANY]`.
+fn resolve_peers(
+    policy: &Policy,
+    rule: &Rule,
+    world: &World,
+    cidr_ids: &[(IpNet, u32)],
+) -> Vec<u32> {
+    let Some(peers) = &rule.peers else {
+        return vec![identity::ANY];
+    };
+    let mut out = BTreeSet::new();
+    for peer in peers {
+        match peer {
+            Peer::Workloads { pods, namespaces } => {
+                for id in &world.identities {
+                    if id.kind != IdentityKind::Workload {
+                        continue;
+                    }
+                    let Some(ns) = &id.namespace else { continue };
+                    let ns_ok = match namespaces {
+                        NamespaceScope::Same => policy.namespace.as_deref() == Some(ns.as_str()),
+                        NamespaceScope::Matching(sel) => world
+                            .namespaces
+                            .get(ns)
+                            .is_some_and(|labels| sel.matches(labels)),
+                    };
+                    if ns_ok && pods.as_ref().is_none_or(|sel| sel.matches(&id.labels)) {
+                        out.insert(id.id);
+                    }
+                }
+            }
+            Peer::Identity(name) => {
+                out.extend(
+                    world
+                        .identities
+                        .iter()
+                        .filter(|i| &i.name == name)
+                        .map(|i| i.id),
+                );
+            }
+            Peer::Cidr { cidr, except } => {
+                let inside =
+                    |net: &IpNet| cidr.contains(net) && !except.iter().any(|e| e.contains(net));
+                out.extend(
+                    cidr_ids
+                        .iter()
+                        .filter(|(n, _)| inside(n))
+                        .map(|(_, id)| *id),
+                );
+                out.extend(
+                    world
+                        .addresses
+                        .iter()
+                        .filter(|(n, _)| inside(n))
+                        .map(|(_, id)| *id),
+                );
+            }
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// (protocol, port, port bits) prefixes covering the rule's ports.
+fn port_prefixes(rule: &Rule) -> Vec<(u8, u16, u8)> {
+    let ranges: Vec<PortRange> = match &rule.ports {
+        None => Protocol::ALL.iter().map(|p| PortRange::all(*p)).collect(),
+        Some(r) => r.clone(),
+    };
+    let mut out = BTreeSet::new();
+    for r in ranges {
+        for (port, bits) in range_to_prefixes(r.first, r.last) {
+            out.insert((r.protocol.number(), port, bits));
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// Splits `first..=last` into the fewest aligned bit prefixes.
+pub fn range_to_prefixes(first: u16, last: u16) -> Vec<(u16, u8)> {
+    let mut out = Vec::new();
+    let (mut lo, hi) = (u32::from(first), u32::from(last));
+    while lo <= hi {
+        // Largest block aligned at `lo` that stays within `hi`.
+        let mut size = if lo == 0 {
+            1 << 16
+        } else {
+            1 << lo.trailing_zeros().min(16)
+        };
+        while lo + size - 1 > hi {
+            size >>= 1;
+        }
+        out.push((lo as u16, (16 - size.trailing_zeros()) as u8));
+        lo += size;
+    }
+    out
+}
+
+/// Makes every entry carry the flags of each less specific entry with the same
+/// (direction, protocol, local, peer) whose port prefix covers it, so one
+/// longest-prefix match in the kernel sees everything that applies.
+fn merge_covering(acc: &mut BTreeMap<EntryKey, Acc>) {
+    let mut groups: BTreeMap<(u8, u8, u32, u32), Vec<EntryKey>> = BTreeMap::new();
+    for k in acc.keys() {
+        groups
+            .entry((k.direction, k.protocol, k.local, k.peer))
+            .or_default()
+            .push(*k);
+    }
+    for keys in groups.values() {
+        if keys.len() < 2 {
+            continue;
+        }
+        let snapshot: Vec<(EntryKey, Acc)> = keys.iter().map(|k| (*k, acc[k])).collect();
+        for (k, a) in acc.iter_mut().filter(|(k, _)| keys.contains(k)) {
+            for (other, other_acc) in &snapshot {
+                if other.port_bits < k.port_bits && other.covers_port(k.port) {
+                    a.merge(other_acc);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_become_few_prefixes() {
+        assert_eq!(range_to_prefixes(443, 443), vec![(443, 16)]);
+        assert_eq!(range_to_prefixes(0, 65535), vec![(0, 0)]);
+        assert_eq!(range_to_prefixes(1, 65535).len(), 16);
+        assert_eq!(range_to_prefixes(8000, 8003), vec![(8000, 14)]);
+        // Every port of an odd range is covered exactly once, nothing more.
+        let prefixes = range_to_prefixes(1000, 2999);
+        for port in 0..=u16::MAX {
+            let hits = prefixes
+                .iter()
+                .filter(|(p, bits)| port & mask(*bits) == *p & mask(*bits))
+                .count();
+            assert_eq!(
+                hits,
+                usize::from((1000..=2999).contains(&port)),
+                "port {port}"
+            );
+        }
+    }
+}

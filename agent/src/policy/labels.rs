@@ -1,0 +1,121 @@
+//! Label sets and label selectors (Kubernetes `LabelSelector` semantics:
+//! `matchLabels` and `matchExpressions` are ANDed; an empty selector matches
+//! everything).
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+pub type Labels = BTreeMap<String, String>;
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LabelSelector {
+    #[serde(default)]
+    pub match_labels: Labels,
+    #[serde(default)]
+    pub match_expressions: Vec<Requirement>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Requirement {
+    pub key: String,
+    pub operator: Operator,
+    #[serde(default)]
+    pub values: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+pub enum Operator {
+    In,
+    NotIn,
+    Exists,
+    DoesNotExist,
+}
+
+impl LabelSelector {
+    pub fn matches(&self, labels: &Labels) -> bool {
+        self.match_labels
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
+            && self.match_expressions.iter().all(|r| r.matches(labels))
+    }
+
+    /// Problems an API server would reject, as (field, message).
+    pub fn validate(&self) -> Vec<(String, String)> {
+        let mut problems = Vec::new();
+        for (i, r) in self.match_expressions.iter().enumerate() {
+            let field = format!("matchExpressions[{i}].values");
+            match r.operator {
+                Operator::In | Operator::NotIn if r.values.is_empty() => problems.push((
+                    field,
+                    format!("must be non-empty when operator is {:?}", r.operator),
+                )),
+                Operator::Exists | Operator::DoesNotExist if !r.values.is_empty() => {
+                    problems.push((
+                        field,
+                        format!("must be empty when operator is {:?}", r.operator),
+                    ))
+                }
+                _ => {}
+            }
+        }
+        problems
+    }
+}
+
+impl Requirement {
+    fn matches(&self, labels: &Labels) -> bool {
+        let value = labels.get(&self.key);
+        match self.operator {
+            Operator::In => value.is_some_and(|v| self.values.contains(v)),
+            Operator::NotIn => value.is_none_or(|v| !self.values.contains(v)),
+            Operator::Exists => value.is_some(),
+            Operator::DoesNotExist => value.is_none(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> Labels {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn empty_selector_matches_everything() {
+        assert!(LabelSelector::default().matches(&labels(&[])));
+        assert!(LabelSelector::default().matches(&labels(&[("app", "x")])));
+    }
+
+    #[test]
+    fn expressions_follow_kubernetes_semantics() {
+        let sel = |op, values: &[&str]| LabelSelector {
+            match_labels: Labels::new(),
+            match_expressions: vec![Requirement {
+                key: "tier".into(),
+                operator: op,
+                values: values.iter().map(|v| (*v).to_owned()).collect(),
+            }],
+        };
+        let web = labels(&[("tier", "web")]);
+        let none = labels(&[]);
+        assert!(sel(Operator::In, &["web", "db"]).matches(&web));
+        assert!(!sel(Operator::In, &["db"]).matches(&web));
+        assert!(!sel(Operator::In, &["web"]).matches(&none));
+        assert!(sel(Operator::NotIn, &["db"]).matches(&web));
+        assert!(
+            sel(Operator::NotIn, &["db"]).matches(&none),
+            "NotIn matches a missing key"
+        );
+        assert!(sel(Operator::Exists, &[]).matches(&web));
+        assert!(!sel(Operator::Exists, &[]).matches(&none));
+        assert!(sel(Operator::DoesNotExist, &[]).matches(&none));
+        assert!(!sel(Operator::DoesNotExist, &[]).matches(&web));
+    }
+}
