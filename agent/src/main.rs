@@ -52,6 +52,7 @@ fn main() -> anyhow::Result<()> {
             tracing_subscriber::fmt()
                 .with_env_filter(tracing_subscriber::EnvFilter::try_new(&log).context("--log")?)
                 .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .init();
             let config = palisade::config::Config::load(&config)?;
             let runtime = tokio::runtime::Builder::new_multi_thread()

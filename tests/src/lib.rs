@@ -1,1 +1,39 @@
+//! Palisade's test world and scenario, shared by the kernel tests
+//! (`tests/kernel/`) and `cargo xtask demo`.
+//!
+//! Rules the world keeps (see DESIGN.md, "Testing for real"): programs attach
+//! only under a cgroup subtree it creates; addresses exist only inside network
+//! namespaces it creates, joined by a bridge with no route out; everything it
+//! makes is removed on drop, also when a test fails.
+pub mod agent;
+pub mod scenario;
+pub mod world;
 
+use std::path::PathBuf;
+
+/// Where the built binaries are: `PALISADE_BIN_DIR`, or the workspace's
+/// `target/release` (what `cargo xtask build` produces).
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("PALISADE_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release")
+}
+
+/// Whether this process may build worlds (root, cgroup2, `ip`).
+pub fn can_run_kernel_tests() -> Result<(), String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("kernel tests need root (they create network namespaces, cgroups and load eBPF programs)".into());
+    }
+    for bin in ["palisade", "palisade-testbed"] {
+        let path = bin_dir().join(bin);
+        if !path.exists() {
+            return Err(format!("{} is missing: run `cargo xtask build` first", path.display()));
+        }
+    }
+    if std::process::Command::new("ip").arg("-V").output().is_err() {
+        return Err("`ip` (iproute2) is missing: run `cargo xtask setup`".into());
+    }
+    Ok(())
+}

@@ -1,0 +1,172 @@
+//! Runs the real `palisade agent` for a world: writes its config, starts it,
+//! waits until it enforces every pod, reads its audit log, stops it.
+use std::{
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::world::World;
+
+pub struct Agent {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub audit_path: PathBuf,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+/// The agent config for `world`: pods are `<root>/<namespace>/<name>`, labelled
+/// `app=<name>`; `extra` is appended verbatim (namespaces, peers).
+pub fn config_for(world: &World, policy_dir: &Path, audit_path: &Path, extra: &str) -> String {
+    config_with_rules(world, policy_dir, audit_path, "", extra)
+}
+
+/// Like `config_for`, with workload `rules` (YAML list items) tried before the default one.
+pub fn config_with_rules(world: &World, policy_dir: &Path, audit_path: &Path, rules: &str, extra: &str) -> String {
+    format!(
+        "cgroupRoot: {root}\npolicyDir: {policy}\naudit:\n  output: {audit}\nrescanIntervalMs: 100\n\
+         workloads:\n{rules}  - path: \"{{ns}}/{{app}}\"\n    namespace: \"{{ns}}\"\n    labels:\n      app: \"{{app}}\"\n{extra}",
+        root = world.cgroup_root.display(),
+        policy = policy_dir.display(),
+        audit = audit_path.display(),
+    )
+}
+
+impl Agent {
+    /// Starts the agent with `config` in a fresh directory under `dir`.
+    pub fn start(dir: &Path, config: &str) -> anyhow::Result<Agent> {
+        std::fs::create_dir_all(dir)?;
+        let config_path = dir.join("agent.yaml");
+        std::fs::write(&config_path, config)?;
+        let mut child = Command::new(crate::bin_dir().join("palisade"))
+            .args(["agent", "--config"])
+            .arg(&config_path)
+            .env("RUST_LOG", "info")
+            .env("RUST_BACKTRACE", "0")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting palisade agent")?;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().context("agent stderr")?;
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if std::env::var_os("PALISADE_TEST_VERBOSE").is_some() {
+                    eprintln!("agent: {line}");
+                }
+                if let Ok(mut l) = sink.lock() {
+                    l.push(line);
+                }
+            }
+        });
+        let audit_path = config
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("output: "))
+            .map(PathBuf::from)
+            .context("config has no audit output")?;
+        Ok(Agent {
+            child: Some(child),
+            dir: dir.to_owned(),
+            audit_path,
+            log,
+        })
+    }
+
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Waits until the log has a line containing every one of `needles`.
+    pub fn wait_for_log(&mut self, needles: &[&str], timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.log().iter().any(|l| needles.iter().all(|n| l.contains(n))) {
+                return Ok(());
+            }
+            if let Some(child) = &mut self.child
+                && let Some(status) = child.try_wait()?
+            {
+                bail!("agent exited ({status}) before logging {needles:?}:\n{}", self.log().join("\n"));
+            }
+            if Instant::now() > deadline {
+                bail!("agent did not log {needles:?} within {timeout:?}:\n{}", self.log().join("\n"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until the agent enforces every pod of `world` with its addresses.
+    pub fn wait_enforcing(&mut self, world: &World) -> anyhow::Result<()> {
+        self.wait_for_log(&["palisade is enforcing"], Duration::from_secs(20))?;
+        for pod in &world.pods {
+            if pod.spec.namespace == "-" {
+                continue;
+            }
+            let name = format!("workload={}", pod.spec.key());
+            let v4 = pod.ipv4.to_string();
+            self.wait_for_log(&["workload enforced", &name, &v4], Duration::from_secs(10))?;
+        }
+        Ok(())
+    }
+
+    /// Audit events written so far, parsed.
+    pub fn audit_events(&self) -> anyhow::Result<Vec<serde_json::Value>> {
+        let text = match std::fs::read_to_string(&self.audit_path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e.into()),
+        };
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).with_context(|| format!("audit line is not JSON: {l}")))
+            .collect()
+    }
+
+    /// Waits until an audit event satisfies `pred`.
+    pub fn wait_for_event(&self, pred: impl Fn(&serde_json::Value) -> bool, timeout: Duration) -> anyhow::Result<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(ev) = self.audit_events()?.into_iter().find(|e| pred(e)) {
+                return Ok(ev);
+            }
+            if Instant::now() > deadline {
+                bail!("no matching audit event within {timeout:?}; events:\n{}",
+                      self.audit_events()?.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"));
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// SIGTERM, then wait; returns whether it exited with status 0.
+    pub fn stop(&mut self) -> anyhow::Result<bool> {
+        let Some(mut child) = self.child.take() else { return Ok(true) };
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status.success());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("agent did not stop within 10 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

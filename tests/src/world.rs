@@ -1,0 +1,310 @@
+//! A world of pods: one network namespace and one cgroup per pod, the pods'
+//! `eth0` joined by a bridge in a hub namespace. IPv4 and IPv6 addresses on
+//! one link, no default route, no way out.
+use std::{
+    ffi::CString,
+    fs::File,
+    net::{Ipv4Addr, Ipv6Addr},
+    os::{fd::AsRawFd, unix::process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+static NEXT_WORLD: AtomicU32 = AtomicU32::new(0);
+
+/// What a pod is.
+#[derive(Clone, Debug)]
+pub struct PodSpec {
+    pub namespace: String,
+    pub name: String,
+    pub tcp: Vec<u16>,
+    pub udp: Vec<u16>,
+}
+
+impl PodSpec {
+    pub fn new(namespace: &str, name: &str, tcp: &[u16], udp: &[u16]) -> PodSpec {
+        PodSpec {
+            namespace: namespace.into(),
+            name: name.into(),
+            tcp: tcp.to_vec(),
+            udp: udp.to_vec(),
+        }
+    }
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A pod that exists.
+#[derive(Debug)]
+pub struct Pod {
+    pub spec: PodSpec,
+    pub index: u8,
+    pub netns: String,
+    pub cgroup: PathBuf,
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
+    server: Option<Child>,
+}
+
+/// Runs `ip` with `args`, failing with its stderr.
+pub fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("ip").args(args).output().context("running ip")?;
+    if !out.status.success() {
+        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// The cgroup2 mount point, from /proc/self/mountinfo.
+pub fn cgroup2_mount() -> anyhow::Result<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo")?;
+    text.lines()
+        .find_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            (right.split_whitespace().next()? == "cgroup2").then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
+        })
+        .context("no cgroup2 mount")
+}
+
+pub struct World {
+    pub tag: String,
+    pub hub: String,
+    /// The cgroup subtree this world owns; agents attach here.
+    pub cgroup_root: PathBuf,
+    /// A sibling subtree for processes that must stay outside the agent's root.
+    pub outside_root: PathBuf,
+    pub pods: Vec<Pod>,
+    children: Vec<Child>,
+    subnet: u8,
+}
+
+impl World {
+    /// An empty world: the hub namespace with its bridge, and the cgroup roots.
+    pub fn new() -> anyhow::Result<World> {
+        let n = NEXT_WORLD.fetch_add(1, Ordering::Relaxed);
+        let tag = format!("pal{}x{n}", std::process::id());
+        let mount = cgroup2_mount()?;
+        let world = World {
+            hub: format!("{tag}-hub"),
+            cgroup_root: mount.join(format!("palisade-test-{tag}")),
+            outside_root: mount.join(format!("palisade-test-{tag}-outside")),
+            tag,
+            pods: Vec::new(),
+            children: Vec::new(),
+            // A distinct /24 (and /64) per world, so parallel worlds never meet.
+            subnet: (100 + (std::process::id() as u8).wrapping_mul(7).wrapping_add(n as u8) % 100),
+        };
+        ip(&["netns", "add", &world.hub])?;
+        ip(&["-n", &world.hub, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &world.hub, "link", "set", "br0", "up"])?;
+        std::fs::create_dir_all(&world.cgroup_root).with_context(|| format!("mkdir {}", world.cgroup_root.display()))?;
+        std::fs::create_dir_all(&world.outside_root)?;
+        // On any error above, `world` is dropped and cleans up what exists.
+        Ok(world)
+    }
+
+    pub fn ipv4(&self, index: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, 77, self.subnet, index)
+    }
+
+    pub fn ipv6(&self, index: u8) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd77, 0, 0, u16::from(self.subnet), 0, 0, 0, u16::from(index))
+    }
+
+    /// Adds a pod: namespace, veth into the bridge, addresses, cgroup, and
+    /// its server process (which also makes its addresses discoverable).
+    pub fn add_pod(&mut self, spec: PodSpec) -> anyhow::Result<&Pod> {
+        let index = u8::try_from(self.pods.len() + 10).context("too many pods")?;
+        let netns = format!("{}-{index}", self.tag);
+        let cgroup = self.cgroup_root.join(&spec.namespace).join(&spec.name);
+        let (v4, v6) = (self.ipv4(index), self.ipv6(index));
+        self.pods.push(Pod {
+            spec,
+            index,
+            netns: netns.clone(),
+            cgroup: cgroup.clone(),
+            ipv4: v4,
+            ipv6: v6,
+            server: None,
+        });
+        let veth = format!("v{index}");
+        ip(&["netns", "add", &netns])?;
+        ip(&["link", "add", &veth, "netns", &self.hub, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
+        ip(&["-n", &self.hub, "link", "set", &veth, "master", "br0", "up"])?;
+        ip(&["-n", &netns, "link", "set", "lo", "up"])?;
+        ip(&["-n", &netns, "addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
+        ip(&["-n", &netns, "addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"])?;
+        ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
+        std::fs::create_dir_all(&cgroup).with_context(|| format!("mkdir {}", cgroup.display()))?;
+        let pod = self.pods.last_mut().context("pod just added")?;
+        let mut args = vec!["serve".to_owned()];
+        if !pod.spec.tcp.is_empty() {
+            args.push("--tcp".into());
+            args.push(join(&pod.spec.tcp));
+        }
+        if !pod.spec.udp.is_empty() {
+            args.push("--udp".into());
+            args.push(join(&pod.spec.udp));
+        }
+        let mut cmd = Command::new(crate::bin_dir().join("palisade-testbed"));
+        cmd.args(&args).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        enter(&mut cmd, &pod.cgroup, &pod.netns)?;
+        let mut child = cmd.spawn().context("starting palisade-testbed serve")?;
+        // Wait for "ready": the listeners are bound.
+        let mut stdout = child.stdout.take().context("server stdout")?;
+        let mut buf = [0u8; 6];
+        std::io::Read::read_exact(&mut stdout, &mut buf).context("server did not start")?;
+        pod.server = Some(child);
+        Ok(self.pods.last().context("pod just added")?)
+    }
+
+    pub fn pod(&self, key: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.spec.key() == key)
+            .unwrap_or_else(|| panic!("no pod {key} in the world"))
+    }
+
+    /// Runs a probe from `from`'s cgroup and namespace; returns its word
+    /// (`ok`, `eperm`, `refused`, `timeout`, `error …`).
+    pub fn probe(&self, from: &Pod, proto: &str, to: std::net::IpAddr, port: u16, timeout: Duration) -> anyhow::Result<String> {
+        self.probe_in(&from.cgroup, &from.netns, proto, to, port, timeout)
+    }
+
+    /// A probe from any cgroup, in a pod's network namespace.
+    pub fn probe_in(&self, cgroup: &Path, netns: &str, proto: &str, to: std::net::IpAddr, port: u16, timeout: Duration) -> anyhow::Result<String> {
+        let mut cmd = Command::new(crate::bin_dir().join("palisade-testbed"));
+        cmd.args(["probe", proto, &to.to_string(), &port.to_string(), "--timeout-ms", &timeout.as_millis().to_string()]);
+        enter(&mut cmd, cgroup, netns)?;
+        let Output { stdout, .. } = cmd.output().context("running palisade-testbed probe")?;
+        Ok(String::from_utf8_lossy(&stdout).trim().to_owned())
+    }
+
+    /// Starts a long-running process in a cgroup and namespace, killed on drop.
+    pub fn spawn_in(&mut self, cgroup: &Path, netns: &str, mut cmd: Command) -> anyhow::Result<u32> {
+        enter(&mut cmd, cgroup, netns)?;
+        let child = cmd.spawn()?;
+        let pid = child.id();
+        self.children.push(child);
+        Ok(pid)
+    }
+
+    /// Adds a network namespace on the bridge without a pod cgroup (for
+    /// senders the agent must not know by cgroup). Returns (netns, index).
+    pub fn add_bare_netns(&mut self, name: &str) -> anyhow::Result<(String, u8)> {
+        let index = u8::try_from(self.pods.len() + 200).context("too many")?;
+        let netns = format!("{}-{name}", self.tag);
+        self.pods.push(Pod {
+            spec: PodSpec::new("-", name, &[], &[]),
+            index,
+            netns: netns.clone(),
+            cgroup: self.outside_root.clone(),
+            ipv4: self.ipv4(index),
+            ipv6: self.ipv6(index),
+            server: None,
+        });
+        let veth = format!("v{index}");
+        ip(&["netns", "add", &netns])?;
+        ip(&["link", "add", &veth, "netns", &self.hub, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
+        ip(&["-n", &self.hub, "link", "set", &veth, "master", "br0", "up"])?;
+        ip(&["-n", &netns, "link", "set", "lo", "up"])?;
+        ip(&["-n", &netns, "addr", "add", &format!("{}/24", self.ipv4(index)), "dev", "eth0"])?;
+        ip(&["-n", &netns, "addr", "add", &format!("{}/64", self.ipv6(index)), "dev", "eth0", "nodad"])?;
+        ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
+        Ok((netns, index))
+    }
+}
+
+fn join(ports: &[u16]) -> String {
+    ports.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+}
+
+/// Makes `cmd` start inside `cgroup` and network namespace `netns`: the child
+/// moves itself into the cgroup first, then enters the namespace with setns
+/// (not `ip netns exec`, which remounts /sys and hides the cgroup tree).
+fn enter(cmd: &mut Command, cgroup: &Path, netns: &str) -> anyhow::Result<()> {
+    let procs = CString::new(cgroup.join("cgroup.procs").as_os_str().as_encoded_bytes())?;
+    let ns = File::open(format!("/run/netns/{netns}")).with_context(|| format!("opening netns {netns}"))?;
+    // SAFETY: only async-signal-safe calls (open, write, close, setns) run
+    // between fork and exec; the namespace file stays open in the parent
+    // (moved into the closure) until the command is dropped.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let ok = libc::write(fd, b"0".as_ptr().cast(), 1);
+            libc::close(fd);
+            if ok != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
+fn kill(child: &mut Child) {
+    // By pid, our own child only.
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Removes a cgroup directory tree bottom-up, waiting briefly for killed
+/// processes to leave.
+fn remove_cgroup_tree(dir: &Path) {
+    if !dir.exists() {
+        return;
+    }
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::fs::remove_dir(dir).is_err() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            kill(child);
+        }
+        for pod in &mut self.pods {
+            if let Some(child) = &mut pod.server {
+                kill(child);
+            }
+        }
+        for pod in &self.pods {
+            let _ = ip(&["netns", "del", &pod.netns]);
+        }
+        let _ = ip(&["netns", "del", &self.hub]);
+        remove_cgroup_tree(&self.cgroup_root);
+        remove_cgroup_tree(&self.outside_root);
+    }
+}
+
+/// Names of network namespaces that belong to any Palisade test world.
+pub fn leftover_netns() -> Vec<String> {
+    std::fs::read_dir("/run/netns")
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("pal") && n.contains('x'))
+                .collect()
+        })
+        .unwrap_or_default()
+}
