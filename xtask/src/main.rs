@@ -1,1 +1,189 @@
-fn main() {}
+//! `cargo xtask`: the developer's entry point. Set up the machine, build the
+//! eBPF object and the agent, run the agent, run every test, run the demo.
+//!
+//! Only std and clap: xtask must build before anything else is installed.
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+/// The toolchain pinned in rust-toolchain.toml; bpf-linker is built with it.
+const TOOLCHAIN: &str = "1.98.0";
+/// Debian packages: LLVM 22 for bpf-linker (same major version as rustc's LLVM),
+/// and iproute2 for the test world.
+const DEBIAN_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev", "iproute2"];
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Build, run and test Palisade.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing need: Debian packages (llvm-22-dev, iproute2, …),
+    /// the pinned Rust toolchain with rust-src, and bpf-linker. Idempotent; quick when done.
+    Setup,
+    /// Build the eBPF object and the agent (release), and the test workloads.
+    Build,
+    /// Build, then run the agent in the foreground with CONFIG (needs root).
+    Run {
+        /// Agent configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Set up, build, and run every test: unit tests and the kernel tests
+    /// (real programs, real traffic; root). Under CI=true a kernel test that
+    /// cannot run fails.
+    Test {
+        /// Extra arguments for the test harness (after `--`), e.g. a test name filter.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build, and run the payment-service scenario on real workloads (root).
+    Demo,
+}
+
+fn root_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_owned).unwrap_or_default()
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed: {status}");
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+fn step(msg: &str) {
+    eprintln!("\x1b[1m==>\x1b[0m {msg}");
+}
+
+fn setup() -> anyhow::Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        step("Debian packages: present");
+    } else {
+        if !is_root() {
+            bail!("missing Debian packages {missing:?}: run `cargo xtask setup` as root, or `sudo apt-get install {}`", missing.join(" "));
+        }
+        step(&format!("installing Debian packages: {}", missing.join(" ")));
+        run(Command::new("apt-get").arg("update").arg("-q"))?;
+        run(Command::new("apt-get").args(["install", "-y", "-q", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+
+    let installed = Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", TOOLCHAIN])
+        .output()
+        .context("rustup is required: https://rustup.rs")?;
+    let list = String::from_utf8_lossy(&installed.stdout);
+    if installed.status.success() && list.contains("rust-src") && list.contains("clippy") && list.contains("rustfmt") {
+        step(&format!("Rust {TOOLCHAIN} with rust-src, clippy, rustfmt: present"));
+    } else {
+        step(&format!("installing Rust {TOOLCHAIN} with rust-src, clippy, rustfmt"));
+        run(Command::new("rustup").args(["toolchain", "install", TOOLCHAIN, "--profile", "minimal", "--component", "rust-src,clippy,rustfmt"]))
+            .context("installing the pinned toolchain failed; see ARCHITECTURE.md (Toolchain) for the Debian-only fallback")?;
+    }
+
+    let linker_ok = Command::new("bpf-linker").arg("--version").output().is_ok_and(|o| o.status.success());
+    if linker_ok {
+        step("bpf-linker: present");
+    } else {
+        step("building bpf-linker against LLVM 22 (about a minute)");
+        let path = format!("{LLVM_PREFIX}/bin:{}", std::env::var("PATH").unwrap_or_default());
+        run(Command::new("cargo")
+            .args([&format!("+{TOOLCHAIN}"), "install", "bpf-linker", "--no-default-features", "--features", "llvm-22", "--locked"])
+            .env("LLVM_PREFIX", LLVM_PREFIX)
+            .env("PATH", path))?;
+    }
+    Ok(())
+}
+
+fn build() -> anyhow::Result<()> {
+    step("building the eBPF object, the agent and the test workloads (release)");
+    run(Command::new("cargo")
+        .current_dir(root_dir())
+        .args(["build", "--release", "-p", "palisade", "-p", "palisade-tests", "--bins"]))
+}
+
+fn release_bin(name: &str) -> PathBuf {
+    root_dir().join("target/release").join(name)
+}
+
+fn test(args: &[String]) -> anyhow::Result<()> {
+    setup()?;
+    build()?;
+    step("running unit and kernel tests");
+    run(Command::new("cargo")
+        .current_dir(root_dir())
+        .args(["test", "--release", "--workspace", "--"])
+        .args(args)
+        .env("PALISADE_BIN_DIR", root_dir().join("target/release")))?;
+    leftover_check()
+}
+
+/// Fails when a test world left a network namespace or cgroup behind.
+fn leftover_check() -> anyhow::Result<()> {
+    let netns: Vec<String> = std::fs::read_dir("/run/netns")
+        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("pal") && n.contains('x')).collect())
+        .unwrap_or_default();
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let cgroup2 = mountinfo.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        (right.split_whitespace().next()? == "cgroup2").then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
+    });
+    let cgroups: Vec<String> = cgroup2
+        .and_then(|m| std::fs::read_dir(m).ok())
+        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("palisade-")).collect())
+        .unwrap_or_default();
+    if !netns.is_empty() || !cgroups.is_empty() {
+        bail!("tests left things behind: network namespaces {netns:?}, cgroups {cgroups:?}");
+    }
+    step("nothing left behind (network namespaces, cgroups)");
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Setup => setup(),
+        Cmd::Build => setup().and_then(|()| build()),
+        Cmd::Run { config } => setup().and_then(|()| build()).and_then(|()| {
+            run(Command::new(release_bin("palisade")).arg("agent").arg("--config").arg(config))
+        }),
+        Cmd::Test { args } => test(&args),
+        Cmd::Demo => setup().and_then(|()| build()).and_then(|()| {
+            if !is_root() {
+                bail!("the demo creates network namespaces and cgroups and loads eBPF programs: run it as root");
+            }
+            run(Command::new(release_bin("palisade-demo")).env("PALISADE_BIN_DIR", root_dir().join("target/release")))
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
