@@ -28,7 +28,9 @@ fn kernel_tests_enabled() -> bool {
 }
 
 fn policy_dir(kind: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../policies").join(kind)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../policies")
+        .join(kind)
 }
 
 struct Setup {
@@ -46,13 +48,22 @@ fn setup(pods: Vec<PodSpec>, policies: &std::path::Path, extra: &str) -> Setup {
     }
     let config = config_for(&world, policies, &dir.path().join("audit.jsonl"), extra);
     let mut agent = Agent::start(dir.path(), &config).expect("agent starts");
-    agent.wait_enforcing(&world).expect("agent enforces every pod");
-    Setup { agent, world, _dir: dir }
+    agent
+        .wait_enforcing(&world)
+        .expect("agent enforces every pod");
+    Setup {
+        agent,
+        world,
+        _dir: dir,
+    }
 }
 
 fn assert_all_hold(obs: &[scenario::Observation]) {
     let table = scenario::table(obs);
-    assert!(obs.iter().all(scenario::Observation::holds), "verdicts differ from the policy:\n{table}");
+    assert!(
+        obs.iter().all(scenario::Observation::holds),
+        "verdicts differ from the policy:\n{table}"
+    );
     assert!(!obs.is_empty());
 }
 
@@ -65,8 +76,16 @@ fn payment_service_networkpolicy_is_enforced_ipv4_and_ipv6_with_audit() {
     if !kernel_tests_enabled() {
         return;
     }
-    let mut s = setup(scenario::pods(), &policy_dir("kubernetes"), scenario::NAMESPACES);
-    let obs = scenario::run_probes(&s.world, &scenario::expectations(), &[Family::V4, Family::V6]);
+    let mut s = setup(
+        scenario::pods(),
+        &policy_dir("kubernetes"),
+        scenario::NAMESPACES,
+    );
+    let obs = scenario::run_probes(
+        &s.world,
+        &scenario::expectations(),
+        &[Family::V4, Family::V6],
+    );
     assert_all_hold(&obs);
 
     let logging = s.world.pod("production/logging");
@@ -75,7 +94,11 @@ fn payment_service_networkpolicy_is_enforced_ipv4_and_ipv6_with_audit() {
         let ev = s
             .agent
             .wait_for_event(
-                |e| e["direction"] == "ingress" && e["port"] == 443 && e["peer"]["ip"] == ip.as_str(),
+                |e| {
+                    e["direction"] == "ingress"
+                        && e["port"] == 443
+                        && e["peer"]["ip"] == ip.as_str()
+                },
                 Duration::from_secs(3),
             )
             .expect("audit event for logging → payment-service:443");
@@ -86,18 +109,30 @@ fn payment_service_networkpolicy_is_enforced_ipv4_and_ipv6_with_audit() {
         assert_eq!(ev["policy"], "production/payment-service-policy");
         assert_eq!(ev["policyKind"], "NetworkPolicy");
         assert_eq!(ev["rule"], "default-deny");
-        assert_eq!(field(&ev, &["local", "workload"]), "production/payment-service");
+        assert_eq!(
+            field(&ev, &["local", "workload"]),
+            "production/payment-service"
+        );
         assert_eq!(field(&ev, &["local", "labels", "app"]), "payment-service");
         assert_eq!(field(&ev, &["peer", "labels", "app"]), "logging");
         assert_eq!(field(&ev, &["peer", "namespace"]), "production");
         assert!(ev["local"]["identity"].as_u64().unwrap_or(0) >= 256);
-        assert!(ev["time"].as_str().is_some_and(|t| t.starts_with("20") && t.ends_with('Z')), "{ev}");
+        assert!(
+            ev["time"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("20") && t.ends_with('Z')),
+            "{ev}"
+        );
     }
     // Egress deny at connect(): carries pid and command.
     let ev = s
         .agent
         .wait_for_event(
-            |e| e["direction"] == "egress" && e["port"] == 9000 && e["peer"]["ip"] == logging.ipv4.to_string().as_str(),
+            |e| {
+                e["direction"] == "egress"
+                    && e["port"] == 9000
+                    && e["peer"]["ip"] == logging.ipv4.to_string().as_str()
+            },
             Duration::from_secs(3),
         )
         .expect("audit event for payment-service → logging:9000");
@@ -106,13 +141,29 @@ fn payment_service_networkpolicy_is_enforced_ipv4_and_ipv6_with_audit() {
     assert_eq!(ev["to"], "production/logging");
     assert_eq!(ev["policy"], "production/payment-service-policy");
     assert!(ev["local"]["pid"].as_u64().unwrap_or(0) > 1, "{ev}");
-    assert_eq!(ev["local"]["command"], "palisade-testbe", "comm is the 15-byte task name");
-    assert_eq!(field(&ev, &["local", "workload"]), "production/payment-service");
+    assert_eq!(
+        ev["local"]["command"], "palisade-testbe",
+        "comm is the 15-byte task name"
+    );
+    assert_eq!(
+        field(&ev, &["local", "workload"]),
+        "production/payment-service"
+    );
     // Allowed traffic leaves no audit event.
     let events = s.agent.audit_events().expect("audit log");
-    assert!(events.iter().all(|e| e["verdict"] == "deny"), "only denials are audited");
-    assert!(!events.iter().any(|e| e["from"] == "production/order-service" && e["port"] == 443));
-    assert!(s.agent.stop().expect("agent stops"), "agent exits 0 on SIGTERM");
+    assert!(
+        events.iter().all(|e| e["verdict"] == "deny"),
+        "only denials are audited"
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|e| e["from"] == "production/order-service" && e["port"] == 443)
+    );
+    assert!(
+        s.agent.stop().expect("agent stops"),
+        "agent exits 0 on SIGTERM"
+    );
 }
 
 #[test]
@@ -120,12 +171,23 @@ fn palisade_policy_kind_gives_the_same_verdicts_and_names_its_rules() {
     if !kernel_tests_enabled() {
         return;
     }
-    let mut s = setup(scenario::pods(), &policy_dir("palisade"), scenario::NAMESPACES);
-    let obs = scenario::run_probes(&s.world, &scenario::expectations(), &[Family::V4, Family::V6]);
+    let mut s = setup(
+        scenario::pods(),
+        &policy_dir("palisade"),
+        scenario::NAMESPACES,
+    );
+    let obs = scenario::run_probes(
+        &s.world,
+        &scenario::expectations(),
+        &[Family::V4, Family::V6],
+    );
     assert_all_hold(&obs);
     let ev = s
         .agent
-        .wait_for_event(|e| e["direction"] == "ingress" && e["from"] == "production/logging", Duration::from_secs(3))
+        .wait_for_event(
+            |e| e["direction"] == "ingress" && e["from"] == "production/logging",
+            Duration::from_secs(3),
+        )
         .expect("ingress deny event");
     assert_eq!(ev["policy"], "production/payment-service");
     assert_eq!(ev["policyKind"], "PalisadePolicy");
@@ -154,20 +216,51 @@ fn ingress_judges_a_sender_of_unknown_cgroup_by_its_address() {
         world.ipv6(orders_ix),
         world.ipv4(logs_ix),
     );
-    let config = config_for(&world, &policy_dir("kubernetes"), &dir.path().join("audit.jsonl"), &extra);
+    let config = config_for(
+        &world,
+        &policy_dir("kubernetes"),
+        &dir.path().join("audit.jsonl"),
+        &extra,
+    );
     let mut agent = Agent::start(dir.path(), &config).expect("agent");
     agent.wait_enforcing(&world).expect("enforcing");
     let payment = world.pod("production/payment-service");
     let outside = world.outside_root.clone();
     let t = Duration::from_millis(1000);
-    assert_eq!(world.probe_in(&outside, &orders_ns, "tcp", payment.ipv4.into(), 443, t).unwrap(), "ok");
-    assert_eq!(world.probe_in(&outside, &orders_ns, "tcp", payment.ipv6.into(), 443, t).unwrap(), "ok");
-    assert_eq!(world.probe_in(&outside, &orders_ns, "tcp", payment.ipv4.into(), 8080, t).unwrap(), "timeout");
-    assert_eq!(world.probe_in(&outside, &logs_ns, "tcp", payment.ipv4.into(), 443, t).unwrap(), "timeout");
+    assert_eq!(
+        world
+            .probe_in(&outside, &orders_ns, "tcp", payment.ipv4.into(), 443, t)
+            .unwrap(),
+        "ok"
+    );
+    assert_eq!(
+        world
+            .probe_in(&outside, &orders_ns, "tcp", payment.ipv6.into(), 443, t)
+            .unwrap(),
+        "ok"
+    );
+    assert_eq!(
+        world
+            .probe_in(&outside, &orders_ns, "tcp", payment.ipv4.into(), 8080, t)
+            .unwrap(),
+        "timeout"
+    );
+    assert_eq!(
+        world
+            .probe_in(&outside, &logs_ns, "tcp", payment.ipv4.into(), 443, t)
+            .unwrap(),
+        "timeout"
+    );
     let ev = agent
-        .wait_for_event(|e| e["peer"]["ip"] == world.ipv4(logs_ix).to_string().as_str(), Duration::from_secs(3))
+        .wait_for_event(
+            |e| e["peer"]["ip"] == world.ipv4(logs_ix).to_string().as_str(),
+            Duration::from_secs(3),
+        )
         .expect("deny event for the remote sender");
-    assert_eq!(ev["from"], "production/logging", "the peer is named from its address");
+    assert_eq!(
+        ev["from"], "production/logging",
+        "the peer is named from its address"
+    );
     assert_eq!(field(&ev, &["peer", "labels", "app"]), "logging");
     assert!(agent.stop().expect("stop"));
 }
@@ -184,19 +277,50 @@ fn a_workload_created_after_start_is_enforced_within_a_second() {
     }
     // Replicas live under production-replicas/ and are labelled app=payment-service.
     let rule = "  - path: \"production-replicas/{name}\"\n    namespace: production\n    labels:\n      app: payment-service\n";
-    let config = config_with_rules(&world, &policy_dir("kubernetes"), &dir.path().join("audit.jsonl"), rule, scenario::NAMESPACES);
+    let config = config_with_rules(
+        &world,
+        &policy_dir("kubernetes"),
+        &dir.path().join("audit.jsonl"),
+        rule,
+        scenario::NAMESPACES,
+    );
     let mut agent = Agent::start(dir.path(), &config).expect("agent");
     agent.wait_enforcing(&world).expect("enforcing");
-    world.add_pod(PodSpec::new("production-replicas", "payment-2", &[443, 8080], &[])).expect("replica");
+    world
+        .add_pod(PodSpec::new(
+            "production-replicas",
+            "payment-2",
+            &[443, 8080],
+            &[],
+        ))
+        .expect("replica");
     // The acceptance bound: one second after the workload exists, it is enforced.
     std::thread::sleep(Duration::from_secs(1));
     let replica = world.pod("production-replicas/payment-2");
     let logging = world.pod("production/logging");
     let order = world.pod("production/order-service");
     let t = Duration::from_millis(1000);
-    assert_eq!(world.probe(logging, "tcp", replica.ipv4.into(), 443, t).unwrap(), "timeout", "new replica is default-deny");
-    assert_eq!(world.probe(order, "tcp", replica.ipv4.into(), 443, t).unwrap(), "ok", "and allows order-service");
-    assert_eq!(world.probe(replica, "tcp", logging.ipv4.into(), 9000, t).unwrap(), "eperm", "its egress is enforced");
+    assert_eq!(
+        world
+            .probe(logging, "tcp", replica.ipv4.into(), 443, t)
+            .unwrap(),
+        "timeout",
+        "new replica is default-deny"
+    );
+    assert_eq!(
+        world
+            .probe(order, "tcp", replica.ipv4.into(), 443, t)
+            .unwrap(),
+        "ok",
+        "and allows order-service"
+    );
+    assert_eq!(
+        world
+            .probe(replica, "tcp", logging.ipv4.into(), 9000, t)
+            .unwrap(),
+        "eperm",
+        "its egress is enforced"
+    );
     assert!(agent.stop().expect("stop"));
 }
 
@@ -205,7 +329,11 @@ fn processes_outside_the_root_and_unselected_workloads_are_unaffected() {
     if !kernel_tests_enabled() {
         return;
     }
-    let mut s = setup(scenario::pods(), &policy_dir("kubernetes"), scenario::NAMESPACES);
+    let mut s = setup(
+        scenario::pods(),
+        &policy_dir("kubernetes"),
+        scenario::NAMESPACES,
+    );
     let payment = s.world.pod("production/payment-service");
     let logging = s.world.pod("production/logging");
     let postgres = s.world.pod("production/postgres");
@@ -214,16 +342,53 @@ fn processes_outside_the_root_and_unselected_workloads_are_unaffected() {
     // Same network namespace and address as payment-service, but a process in
     // a cgroup outside the agent's root: its egress is not judged.
     let outside = s.world.outside_root.clone();
-    assert_eq!(s.world.probe_in(&outside, &payment.netns, "tcp", logging.ipv4.into(), 9000, t).unwrap(), "ok");
-    assert_eq!(s.world.probe(payment, "tcp", logging.ipv4.into(), 9000, t).unwrap(), "eperm");
+    assert_eq!(
+        s.world
+            .probe_in(
+                &outside,
+                &payment.netns,
+                "tcp",
+                logging.ipv4.into(),
+                9000,
+                t
+            )
+            .unwrap(),
+        "ok"
+    );
+    assert_eq!(
+        s.world
+            .probe(payment, "tcp", logging.ipv4.into(), 9000, t)
+            .unwrap(),
+        "eperm"
+    );
     // Workloads no policy selects talk freely, in both directions.
-    assert_eq!(s.world.probe(logging, "tcp", postgres.ipv4.into(), 5432, t).unwrap(), "ok");
-    assert_eq!(s.world.probe(postgres, "tcp", order.ipv6.into(), 8000, t).unwrap(), "ok");
-    assert_eq!(s.world.probe(order, "tcp", logging.ipv4.into(), 9000, t).unwrap(), "ok");
+    assert_eq!(
+        s.world
+            .probe(logging, "tcp", postgres.ipv4.into(), 5432, t)
+            .unwrap(),
+        "ok"
+    );
+    assert_eq!(
+        s.world
+            .probe(postgres, "tcp", order.ipv6.into(), 8000, t)
+            .unwrap(),
+        "ok"
+    );
+    assert_eq!(
+        s.world
+            .probe(order, "tcp", logging.ipv4.into(), 9000, t)
+            .unwrap(),
+        "ok"
+    );
     // No event for any of that.
     std::thread::sleep(Duration::from_millis(200));
     let events = s.agent.audit_events().unwrap();
-    assert!(events.iter().all(|e| e["from"] == "production/payment-service"), "{events:?}");
+    assert!(
+        events
+            .iter()
+            .all(|e| e["from"] == "production/payment-service"),
+        "{events:?}"
+    );
     assert!(s.agent.stop().unwrap());
 }
 
@@ -232,7 +397,11 @@ fn everything_the_world_and_agent_made_is_removed() {
     if !kernel_tests_enabled() {
         return;
     }
-    let s = setup(scenario::pods(), &policy_dir("kubernetes"), scenario::NAMESPACES);
+    let s = setup(
+        scenario::pods(),
+        &policy_dir("kubernetes"),
+        scenario::NAMESPACES,
+    );
     let tag = s.world.tag.clone();
     let root = s.world.cgroup_root.clone();
     let outside = s.world.outside_root.clone();
@@ -240,6 +409,9 @@ fn everything_the_world_and_agent_made_is_removed() {
     drop(s);
     assert!(!root.exists(), "cgroup root removed");
     assert!(!outside.exists(), "outside cgroup removed");
-    let left: Vec<String> = palisade_tests::world::leftover_netns().into_iter().filter(|n| n.starts_with(&tag)).collect();
+    let left: Vec<String> = palisade_tests::world::leftover_netns()
+        .into_iter()
+        .filter(|n| n.starts_with(&tag))
+        .collect();
     assert!(left.is_empty(), "network namespaces left: {left:?}");
 }

@@ -26,7 +26,13 @@ pub fn config_for(world: &World, policy_dir: &Path, audit_path: &Path, extra: &s
 }
 
 /// Like `config_for`, with workload `rules` (YAML list items) tried before the default one.
-pub fn config_with_rules(world: &World, policy_dir: &Path, audit_path: &Path, rules: &str, extra: &str) -> String {
+pub fn config_with_rules(
+    world: &World,
+    policy_dir: &Path,
+    audit_path: &Path,
+    rules: &str,
+    extra: &str,
+) -> String {
     format!(
         "cgroupRoot: {root}\npolicyDir: {policy}\naudit:\n  output: {audit}\nrescanIntervalMs: 100\n\
          workloads:\n{rules}  - path: \"{{ns}}/{{app}}\"\n    namespace: \"{{ns}}\"\n    labels:\n      app: \"{{app}}\"\n{extra}",
@@ -85,16 +91,26 @@ impl Agent {
     pub fn wait_for_log(&mut self, needles: &[&str], timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            if self.log().iter().any(|l| needles.iter().all(|n| l.contains(n))) {
+            if self
+                .log()
+                .iter()
+                .any(|l| needles.iter().all(|n| l.contains(n)))
+            {
                 return Ok(());
             }
             if let Some(child) = &mut self.child
                 && let Some(status) = child.try_wait()?
             {
-                bail!("agent exited ({status}) before logging {needles:?}:\n{}", self.log().join("\n"));
+                bail!(
+                    "agent exited ({status}) before logging {needles:?}:\n{}",
+                    self.log().join("\n")
+                );
             }
             if Instant::now() > deadline {
-                bail!("agent did not log {needles:?} within {timeout:?}:\n{}", self.log().join("\n"));
+                bail!(
+                    "agent did not log {needles:?} within {timeout:?}:\n{}",
+                    self.log().join("\n")
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -123,20 +139,32 @@ impl Agent {
         };
         text.lines()
             .filter(|l| !l.trim().is_empty())
-            .map(|l| serde_json::from_str(l).with_context(|| format!("audit line is not JSON: {l}")))
+            .map(|l| {
+                serde_json::from_str(l).with_context(|| format!("audit line is not JSON: {l}"))
+            })
             .collect()
     }
 
     /// Waits until an audit event satisfies `pred`.
-    pub fn wait_for_event(&self, pred: impl Fn(&serde_json::Value) -> bool, timeout: Duration) -> anyhow::Result<serde_json::Value> {
+    pub fn wait_for_event(
+        &self,
+        pred: impl Fn(&serde_json::Value) -> bool,
+        timeout: Duration,
+    ) -> anyhow::Result<serde_json::Value> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(ev) = self.audit_events()?.into_iter().find(|e| pred(e)) {
                 return Ok(ev);
             }
             if Instant::now() > deadline {
-                bail!("no matching audit event within {timeout:?}; events:\n{}",
-                      self.audit_events()?.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"));
+                bail!(
+                    "no matching audit event within {timeout:?}; events:\n{}",
+                    self.audit_events()?
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                );
             }
             std::thread::sleep(Duration::from_millis(25));
         }
@@ -144,7 +172,9 @@ impl Agent {
 
     /// SIGTERM, then wait; returns whether it exited with status 0.
     pub fn stop(&mut self) -> anyhow::Result<bool> {
-        let Some(mut child) = self.child.take() else { return Ok(true) };
+        let Some(mut child) = self.child.take() else {
+            return Ok(true);
+        };
         // SAFETY: signalling our own child by pid.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(10);

@@ -29,7 +29,10 @@ pub fn can_run_kernel_tests() -> Result<(), String> {
     for bin in ["palisade", "palisade-testbed"] {
         let path = bin_dir().join(bin);
         if !path.exists() {
-            return Err(format!("{} is missing: run `cargo xtask build` first", path.display()));
+            return Err(format!(
+                "{} is missing: run `cargo xtask build` first",
+                path.display()
+            ));
         }
     }
     if std::process::Command::new("ip").arg("-V").output().is_err() {

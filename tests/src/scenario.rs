@@ -56,24 +56,96 @@ impl Expectation {
     }
 }
 
-const fn exp(from: &'static str, to: &'static str, proto: &'static str, port: u16, allow: bool) -> Expectation {
-    Expectation { from, to, proto, port, allow }
+const fn exp(
+    from: &'static str,
+    to: &'static str,
+    proto: &'static str,
+    port: u16,
+    allow: bool,
+) -> Expectation {
+    Expectation {
+        from,
+        to,
+        proto,
+        port,
+        allow,
+    }
 }
 
 /// Every attempt of the scenario, in the order the issue states them, plus
 /// two that show ports and peers are both checked.
 pub fn expectations() -> Vec<Expectation> {
     vec![
-        exp("production/order-service", "production/payment-service", "tcp", 443, true),
-        exp("production/logging", "production/payment-service", "tcp", 443, false),
-        exp("monitoring/prometheus", "production/payment-service", "tcp", 8080, true),
-        exp("production/logging", "production/payment-service", "tcp", 8080, false),
-        exp("production/payment-service", "production/postgres", "tcp", 5432, true),
-        exp("production/payment-service", "production/logging", "tcp", 9000, false),
-        exp("production/payment-service", "kube-system/dns", "udp", 53, true),
-        exp("production/logging", "production/postgres", "tcp", 5432, true),
-        exp("production/order-service", "production/payment-service", "tcp", 8080, false),
-        exp("monitoring/prometheus", "production/payment-service", "tcp", 443, false),
+        exp(
+            "production/order-service",
+            "production/payment-service",
+            "tcp",
+            443,
+            true,
+        ),
+        exp(
+            "production/logging",
+            "production/payment-service",
+            "tcp",
+            443,
+            false,
+        ),
+        exp(
+            "monitoring/prometheus",
+            "production/payment-service",
+            "tcp",
+            8080,
+            true,
+        ),
+        exp(
+            "production/logging",
+            "production/payment-service",
+            "tcp",
+            8080,
+            false,
+        ),
+        exp(
+            "production/payment-service",
+            "production/postgres",
+            "tcp",
+            5432,
+            true,
+        ),
+        exp(
+            "production/payment-service",
+            "production/logging",
+            "tcp",
+            9000,
+            false,
+        ),
+        exp(
+            "production/payment-service",
+            "kube-system/dns",
+            "udp",
+            53,
+            true,
+        ),
+        exp(
+            "production/logging",
+            "production/postgres",
+            "tcp",
+            5432,
+            true,
+        ),
+        exp(
+            "production/order-service",
+            "production/payment-service",
+            "tcp",
+            8080,
+            false,
+        ),
+        exp(
+            "monitoring/prometheus",
+            "production/payment-service",
+            "tcp",
+            443,
+            false,
+        ),
     ]
 }
 
@@ -163,17 +235,33 @@ pub fn table(obs: &[Observation]) -> String {
             format!("{}/{}", e.proto.to_uppercase(), e.port),
             word_meaning(o.expected),
             word_meaning(&o.observed),
-            if o.holds() { "✓".into() } else { "✗ MISMATCH".into() },
+            if o.holds() {
+                "✓".into()
+            } else {
+                "✗ MISMATCH".into()
+            },
         ]);
     }
-    let widths: Vec<usize> = (0..7).map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..7)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
     let mut out = String::new();
     for (n, r) in rows.iter().enumerate() {
-        let line: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
         if n == 0 {
-            out.push_str(&widths.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>().join("  "));
+            out.push_str(
+                &widths
+                    .iter()
+                    .map(|w| "-".repeat(*w))
+                    .collect::<Vec<_>>()
+                    .join("  "),
+            );
             out.push('\n');
         }
     }

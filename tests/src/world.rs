@@ -53,9 +53,16 @@ pub struct Pod {
 
 /// Runs `ip` with `args`, failing with its stderr.
 pub fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new("ip").args(args).output().context("running ip")?;
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip")?;
     if !out.status.success() {
-        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -66,7 +73,8 @@ pub fn cgroup2_mount() -> anyhow::Result<PathBuf> {
     text.lines()
         .find_map(|l| {
             let (left, right) = l.split_once(" - ")?;
-            (right.split_whitespace().next()? == "cgroup2").then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
+            (right.split_whitespace().next()? == "cgroup2")
+                .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
         })
         .context("no cgroup2 mount")
 }
@@ -97,12 +105,17 @@ impl World {
             pods: Vec::new(),
             children: Vec::new(),
             // A distinct /24 (and /64) per world, so parallel worlds never meet.
-            subnet: (100 + (std::process::id() as u8).wrapping_mul(7).wrapping_add(n as u8) % 100),
+            subnet: (100
+                + (std::process::id() as u8)
+                    .wrapping_mul(7)
+                    .wrapping_add(n as u8)
+                    % 100),
         };
         ip(&["netns", "add", &world.hub])?;
         ip(&["-n", &world.hub, "link", "add", "br0", "type", "bridge"])?;
         ip(&["-n", &world.hub, "link", "set", "br0", "up"])?;
-        std::fs::create_dir_all(&world.cgroup_root).with_context(|| format!("mkdir {}", world.cgroup_root.display()))?;
+        std::fs::create_dir_all(&world.cgroup_root)
+            .with_context(|| format!("mkdir {}", world.cgroup_root.display()))?;
         std::fs::create_dir_all(&world.outside_root)?;
         // On any error above, `world` is dropped and cleans up what exists.
         Ok(world)
@@ -113,7 +126,16 @@ impl World {
     }
 
     pub fn ipv6(&self, index: u8) -> Ipv6Addr {
-        Ipv6Addr::new(0xfd77, 0, 0, u16::from(self.subnet), 0, 0, 0, u16::from(index))
+        Ipv6Addr::new(
+            0xfd77,
+            0,
+            0,
+            u16::from(self.subnet),
+            0,
+            0,
+            0,
+            u16::from(index),
+        )
     }
 
     /// Adds a pod: namespace, veth into the bridge, addresses, cgroup, and
@@ -134,11 +156,31 @@ impl World {
         });
         let veth = format!("v{index}");
         ip(&["netns", "add", &netns])?;
-        ip(&["link", "add", &veth, "netns", &self.hub, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
+        ip(&[
+            "link", "add", &veth, "netns", &self.hub, "type", "veth", "peer", "name", "eth0",
+            "netns", &netns,
+        ])?;
         ip(&["-n", &self.hub, "link", "set", &veth, "master", "br0", "up"])?;
         ip(&["-n", &netns, "link", "set", "lo", "up"])?;
-        ip(&["-n", &netns, "addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
-        ip(&["-n", &netns, "addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"])?;
+        ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{v4}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{v6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
         ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
         std::fs::create_dir_all(&cgroup).with_context(|| format!("mkdir {}", cgroup.display()))?;
         let pod = self.pods.last_mut().context("pod just added")?;
@@ -152,7 +194,9 @@ impl World {
             args.push(join(&pod.spec.udp));
         }
         let mut cmd = Command::new(crate::bin_dir().join("palisade-testbed"));
-        cmd.args(&args).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        cmd.args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
         enter(&mut cmd, &pod.cgroup, &pod.netns)?;
         let mut child = cmd.spawn().context("starting palisade-testbed serve")?;
         // Wait for "ready": the listeners are bound.
@@ -160,7 +204,7 @@ impl World {
         let mut buf = [0u8; 6];
         std::io::Read::read_exact(&mut stdout, &mut buf).context("server did not start")?;
         pod.server = Some(child);
-        Ok(self.pods.last().context("pod just added")?)
+        self.pods.last().context("pod just added")
     }
 
     pub fn pod(&self, key: &str) -> &Pod {
@@ -172,21 +216,48 @@ impl World {
 
     /// Runs a probe from `from`'s cgroup and namespace; returns its word
     /// (`ok`, `eperm`, `refused`, `timeout`, `error …`).
-    pub fn probe(&self, from: &Pod, proto: &str, to: std::net::IpAddr, port: u16, timeout: Duration) -> anyhow::Result<String> {
+    pub fn probe(
+        &self,
+        from: &Pod,
+        proto: &str,
+        to: std::net::IpAddr,
+        port: u16,
+        timeout: Duration,
+    ) -> anyhow::Result<String> {
         self.probe_in(&from.cgroup, &from.netns, proto, to, port, timeout)
     }
 
     /// A probe from any cgroup, in a pod's network namespace.
-    pub fn probe_in(&self, cgroup: &Path, netns: &str, proto: &str, to: std::net::IpAddr, port: u16, timeout: Duration) -> anyhow::Result<String> {
+    pub fn probe_in(
+        &self,
+        cgroup: &Path,
+        netns: &str,
+        proto: &str,
+        to: std::net::IpAddr,
+        port: u16,
+        timeout: Duration,
+    ) -> anyhow::Result<String> {
         let mut cmd = Command::new(crate::bin_dir().join("palisade-testbed"));
-        cmd.args(["probe", proto, &to.to_string(), &port.to_string(), "--timeout-ms", &timeout.as_millis().to_string()]);
+        cmd.args([
+            "probe",
+            proto,
+            &to.to_string(),
+            &port.to_string(),
+            "--timeout-ms",
+            &timeout.as_millis().to_string(),
+        ]);
         enter(&mut cmd, cgroup, netns)?;
         let Output { stdout, .. } = cmd.output().context("running palisade-testbed probe")?;
         Ok(String::from_utf8_lossy(&stdout).trim().to_owned())
     }
 
     /// Starts a long-running process in a cgroup and namespace, killed on drop.
-    pub fn spawn_in(&mut self, cgroup: &Path, netns: &str, mut cmd: Command) -> anyhow::Result<u32> {
+    pub fn spawn_in(
+        &mut self,
+        cgroup: &Path,
+        netns: &str,
+        mut cmd: Command,
+    ) -> anyhow::Result<u32> {
         enter(&mut cmd, cgroup, netns)?;
         let child = cmd.spawn()?;
         let pid = child.id();
@@ -210,18 +281,42 @@ impl World {
         });
         let veth = format!("v{index}");
         ip(&["netns", "add", &netns])?;
-        ip(&["link", "add", &veth, "netns", &self.hub, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
+        ip(&[
+            "link", "add", &veth, "netns", &self.hub, "type", "veth", "peer", "name", "eth0",
+            "netns", &netns,
+        ])?;
         ip(&["-n", &self.hub, "link", "set", &veth, "master", "br0", "up"])?;
         ip(&["-n", &netns, "link", "set", "lo", "up"])?;
-        ip(&["-n", &netns, "addr", "add", &format!("{}/24", self.ipv4(index)), "dev", "eth0"])?;
-        ip(&["-n", &netns, "addr", "add", &format!("{}/64", self.ipv6(index)), "dev", "eth0", "nodad"])?;
+        ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{}/24", self.ipv4(index)),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{}/64", self.ipv6(index)),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
         ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
         Ok((netns, index))
     }
 }
 
 fn join(ports: &[u16]) -> String {
-    ports.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+    ports
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Makes `cmd` start inside `cgroup` and network namespace `netns`: the child
@@ -229,7 +324,8 @@ fn join(ports: &[u16]) -> String {
 /// (not `ip netns exec`, which remounts /sys and hides the cgroup tree).
 fn enter(cmd: &mut Command, cgroup: &Path, netns: &str) -> anyhow::Result<()> {
     let procs = CString::new(cgroup.join("cgroup.procs").as_os_str().as_encoded_bytes())?;
-    let ns = File::open(format!("/run/netns/{netns}")).with_context(|| format!("opening netns {netns}"))?;
+    let ns = File::open(format!("/run/netns/{netns}"))
+        .with_context(|| format!("opening netns {netns}"))?;
     // SAFETY: only async-signal-safe calls (open, write, close, setns) run
     // between fork and exec; the namespace file stays open in the parent
     // (moved into the closure) until the command is dropped.

@@ -14,7 +14,13 @@ use clap::{Parser, Subcommand};
 const TOOLCHAIN: &str = "1.98.0";
 /// Debian packages: LLVM 22 for bpf-linker (same major version as rustc's LLVM),
 /// and iproute2 for the test world.
-const DEBIAN_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev", "iproute2"];
+const DEBIAN_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "iproute2",
+];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 #[derive(Parser)]
@@ -50,7 +56,10 @@ enum Cmd {
 }
 
 fn root_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_owned).unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_owned)
+        .unwrap_or_default()
 }
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
@@ -63,7 +72,10 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
 }
 
 fn is_root() -> bool {
-    Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
 fn step(msg: &str) {
@@ -85,11 +97,20 @@ fn setup() -> anyhow::Result<()> {
         step("Debian packages: present");
     } else {
         if !is_root() {
-            bail!("missing Debian packages {missing:?}: run `cargo xtask setup` as root, or `sudo apt-get install {}`", missing.join(" "));
+            bail!(
+                "missing Debian packages {missing:?}: run `cargo xtask setup` as root, or `sudo apt-get install {}`",
+                missing.join(" ")
+            );
         }
-        step(&format!("installing Debian packages: {}", missing.join(" ")));
+        step(&format!(
+            "installing Debian packages: {}",
+            missing.join(" ")
+        ));
         run(Command::new("apt-get").arg("update").arg("-q"))?;
-        run(Command::new("apt-get").args(["install", "-y", "-q", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
 
     let installed = Command::new("rustup")
@@ -97,22 +118,44 @@ fn setup() -> anyhow::Result<()> {
         .output()
         .context("rustup is required: https://rustup.rs")?;
     let list = String::from_utf8_lossy(&installed.stdout);
-    if installed.status.success() && list.contains("rust-src") && list.contains("clippy") && list.contains("rustfmt") {
-        step(&format!("Rust {TOOLCHAIN} with rust-src, clippy, rustfmt: present"));
+    if installed.status.success()
+        && list.contains("rust-src")
+        && list.contains("clippy")
+        && list.contains("rustfmt")
+    {
+        step(&format!(
+            "Rust {TOOLCHAIN} with rust-src, clippy, rustfmt: present"
+        ));
     } else {
-        step(&format!("installing Rust {TOOLCHAIN} with rust-src, clippy, rustfmt"));
+        step(&format!(
+            "installing Rust {TOOLCHAIN} with rust-src, clippy, rustfmt"
+        ));
         run(Command::new("rustup").args(["toolchain", "install", TOOLCHAIN, "--profile", "minimal", "--component", "rust-src,clippy,rustfmt"]))
             .context("installing the pinned toolchain failed; see ARCHITECTURE.md (Toolchain) for the Debian-only fallback")?;
     }
 
-    let linker_ok = Command::new("bpf-linker").arg("--version").output().is_ok_and(|o| o.status.success());
+    let linker_ok = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
     if linker_ok {
         step("bpf-linker: present");
     } else {
         step("building bpf-linker against LLVM 22 (about a minute)");
-        let path = format!("{LLVM_PREFIX}/bin:{}", std::env::var("PATH").unwrap_or_default());
+        let path = format!(
+            "{LLVM_PREFIX}/bin:{}",
+            std::env::var("PATH").unwrap_or_default()
+        );
         run(Command::new("cargo")
-            .args([&format!("+{TOOLCHAIN}"), "install", "bpf-linker", "--no-default-features", "--features", "llvm-22", "--locked"])
+            .args([
+                &format!("+{TOOLCHAIN}"),
+                "install",
+                "bpf-linker",
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+                "--locked",
+            ])
             .env("LLVM_PREFIX", LLVM_PREFIX)
             .env("PATH", path))?;
     }
@@ -121,9 +164,15 @@ fn setup() -> anyhow::Result<()> {
 
 fn build() -> anyhow::Result<()> {
     step("building the eBPF object, the agent and the test workloads (release)");
-    run(Command::new("cargo")
-        .current_dir(root_dir())
-        .args(["build", "--release", "-p", "palisade", "-p", "palisade-tests", "--bins"]))
+    run(Command::new("cargo").current_dir(root_dir()).args([
+        "build",
+        "--release",
+        "-p",
+        "palisade",
+        "-p",
+        "palisade-tests",
+        "--bins",
+    ]))
 }
 
 fn release_bin(name: &str) -> PathBuf {
@@ -145,16 +194,27 @@ fn test(args: &[String]) -> anyhow::Result<()> {
 /// Fails when a test world left a network namespace or cgroup behind.
 fn leftover_check() -> anyhow::Result<()> {
     let netns: Vec<String> = std::fs::read_dir("/run/netns")
-        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("pal") && n.contains('x')).collect())
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("pal") && n.contains('x'))
+                .collect()
+        })
         .unwrap_or_default();
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let cgroup2 = mountinfo.lines().find_map(|l| {
         let (left, right) = l.split_once(" - ")?;
-        (right.split_whitespace().next()? == "cgroup2").then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
+        (right.split_whitespace().next()? == "cgroup2")
+            .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
     });
     let cgroups: Vec<String> = cgroup2
         .and_then(|m| std::fs::read_dir(m).ok())
-        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("palisade-")).collect())
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("palisade-"))
+                .collect()
+        })
         .unwrap_or_default();
     if !netns.is_empty() || !cgroups.is_empty() {
         bail!("tests left things behind: network namespaces {netns:?}, cgroups {cgroups:?}");

@@ -216,6 +216,8 @@ fn parse_doc<T: DeserializeOwned>(file: &str, doc: &Document<'_>) -> Result<T, P
             Some(i) => message[..i].to_owned(),
             None => message,
         };
+        // Library advice that does not apply to a policy author.
+        let message = message.replace(", set DuplicateKeyPolicy in Options if acceptable", "");
         Problem {
             file: file.to_owned(),
             line: doc.first_line + line.saturating_sub(1),

@@ -15,3 +15,6 @@ pub mod model;
 
 pub use compile::{CompiledPolicy, World, compile};
 pub use load::{LoadError, PolicySet, load_paths};
+
+#[cfg(test)]
+mod tests;

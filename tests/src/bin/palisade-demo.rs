@@ -26,19 +26,35 @@ fn demo() -> anyhow::Result<bool> {
     palisade_tests::can_run_kernel_tests().map_err(|m| anyhow::anyhow!(m))?;
     let policy = std::env::var_os("PALISADE_DEMO_POLICY")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../policies/kubernetes"));
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../policies/kubernetes")
+        });
     let dir = tempfile::tempdir()?;
     println!("Palisade demo: the payment-service scenario\n");
     let mut world = World::new()?;
     for pod in scenario::pods() {
         let p = world.add_pod(pod)?;
-        println!("  pod {:<28} {:<15} {:<22} cgroup {}", p.spec.key(), p.ipv4, p.ipv6, p.cgroup.display());
+        println!(
+            "  pod {:<28} {:<15} {:<22} cgroup {}",
+            p.spec.key(),
+            p.ipv4,
+            p.ipv6,
+            p.cgroup.display()
+        );
     }
     println!("\nPolicy: {}", policy.display());
-    let config = config_for(&world, &policy, &dir.path().join("audit.jsonl"), scenario::NAMESPACES);
+    let config = config_for(
+        &world,
+        &policy,
+        &dir.path().join("audit.jsonl"),
+        scenario::NAMESPACES,
+    );
     let mut agent = Agent::start(dir.path(), &config)?;
     agent.wait_enforcing(&world)?;
-    println!("Agent enforcing (programs attached under {})\n", world.cgroup_root.display());
+    println!(
+        "Agent enforcing (programs attached under {})\n",
+        world.cgroup_root.display()
+    );
 
     let obs = scenario::run_probes(&world, &scenario::expectations(), &[Family::V4, Family::V6]);
     print!("{}", scenario::table(&obs));
@@ -52,7 +68,10 @@ fn demo() -> anyhow::Result<bool> {
     let tag = world.tag.clone();
     let root = world.cgroup_root.clone();
     drop(world);
-    let left = palisade_tests::world::leftover_netns().into_iter().filter(|n| n.starts_with(&tag)).count();
+    let left = palisade_tests::world::leftover_netns()
+        .into_iter()
+        .filter(|n| n.starts_with(&tag))
+        .count();
     let clean = left == 0 && !root.exists();
     let failures = obs.iter().filter(|o| !o.holds()).count();
     println!(
@@ -61,7 +80,11 @@ fn demo() -> anyhow::Result<bool> {
         obs.len(),
         events.len(),
         if stopped { "cleanly" } else { "with an error" },
-        if clean { "world removed" } else { "WORLD LEFT BEHIND" }
+        if clean {
+            "world removed"
+        } else {
+            "WORLD LEFT BEHIND"
+        }
     );
     Ok(failures == 0 && stopped && clean && !events.is_empty())
 }

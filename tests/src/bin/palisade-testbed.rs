@@ -13,7 +13,9 @@ use std::{
 };
 
 fn usage() -> ! {
-    eprintln!("usage: palisade-testbed serve [--tcp P,P..] [--udp P,P..] | probe tcp|udp ADDR PORT [--timeout-ms N]");
+    eprintln!(
+        "usage: palisade-testbed serve [--tcp P,P..] [--udp P,P..] | probe tcp|udp ADDR PORT [--timeout-ms N]"
+    );
     std::process::exit(64);
 }
 
@@ -129,12 +131,16 @@ fn probe_udp(addr: SocketAddr, timeout: Duration) -> Outcome {
 }
 
 fn probe(args: &[String]) {
-    let [proto, ip, port, rest @ ..] = args else { usage() };
+    let [proto, ip, port, rest @ ..] = args else {
+        usage()
+    };
     let ip: IpAddr = ip.parse().unwrap_or_else(|_| usage());
     let port: u16 = port.parse().unwrap_or_else(|_| usage());
     let timeout = match rest {
         [] => Duration::from_millis(1000),
-        [flag, ms] if flag == "--timeout-ms" => Duration::from_millis(ms.parse().unwrap_or_else(|_| usage())),
+        [flag, ms] if flag == "--timeout-ms" => {
+            Duration::from_millis(ms.parse().unwrap_or_else(|_| usage()))
+        }
         _ => usage(),
     };
     let addr = SocketAddr::new(ip, port);

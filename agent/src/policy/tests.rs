@@ -1,0 +1,392 @@
+//! Policy pipeline tests: YAML → model → compiled entries → the lookup model.
+use std::{collections::BTreeMap, path::PathBuf};
+
+use palisade_common::{DIR_EGRESS, DIR_INGRESS, PROTO_TCP, PROTO_UDP, identity, verdict};
+
+use super::{
+    compile::{IdentityInfo, IdentityKind, World, compile},
+    load::{load_paths, parse_str},
+    lookup::decide,
+};
+
+fn repo_policies(sub: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../policies")
+        .join(sub)
+}
+
+/// The scenario's world: six workloads in three namespaces.
+fn scenario_world() -> (World, BTreeMap<&'static str, u32>) {
+    let pods = [
+        ("production", "order-service"),
+        ("production", "payment-service"),
+        ("production", "postgres"),
+        ("production", "logging"),
+        ("monitoring", "prometheus"),
+        ("kube-system", "dns"),
+    ];
+    let mut ids = BTreeMap::new();
+    let mut world = World::default();
+    for (i, (ns, app)) in pods.iter().enumerate() {
+        let id = 300 + i as u32;
+        ids.insert(*app, id);
+        world.identities.push(IdentityInfo {
+            id,
+            name: format!("{ns}/{app}"),
+            namespace: Some((*ns).into()),
+            labels: [("app".to_owned(), (*app).to_owned())].into(),
+            kind: IdentityKind::Workload,
+        });
+        world
+            .addresses
+            .push((format!("10.0.0.{}/32", i + 1).parse().unwrap(), id));
+    }
+    for ns in ["production", "monitoring", "kube-system"] {
+        let mut labels: BTreeMap<String, String> =
+            [("kubernetes.io/metadata.name".to_owned(), ns.to_owned())].into();
+        if ns == "monitoring" {
+            labels.insert("name".into(), "monitoring".into());
+        }
+        world.namespaces.insert(ns.into(), labels);
+    }
+    (world, ids)
+}
+
+/// (egress verdict at the sender, ingress verdict at the receiver); `None` = not judged.
+fn both(
+    c: &super::CompiledPolicy,
+    from: u32,
+    to: u32,
+    proto: u8,
+    port: u16,
+) -> (Option<u8>, Option<u8>) {
+    (
+        decide(c, DIR_EGRESS, proto, from, to, port).map(|d| d.verdict),
+        decide(c, DIR_INGRESS, proto, to, from, port).map(|d| d.verdict),
+    )
+}
+
+fn allowed(v: (Option<u8>, Option<u8>)) -> bool {
+    v.0.is_none_or(|x| x != verdict::DENY) && v.1.is_none_or(|x| x != verdict::DENY)
+}
+
+#[test]
+fn scenario_verdicts_from_both_policy_kinds() {
+    let (world, id) = scenario_world();
+    for kind in ["kubernetes", "palisade"] {
+        let set = load_paths(&[repo_policies(kind)]).expect("example policies load");
+        let c = compile(&set.policies, &world);
+        let cases = [
+            ("order-service", "payment-service", PROTO_TCP, 443, true),
+            ("logging", "payment-service", PROTO_TCP, 443, false),
+            ("prometheus", "payment-service", PROTO_TCP, 8080, true),
+            ("logging", "payment-service", PROTO_TCP, 8080, false),
+            ("payment-service", "postgres", PROTO_TCP, 5432, true),
+            ("payment-service", "logging", PROTO_TCP, 9000, false),
+            ("payment-service", "dns", PROTO_UDP, 53, true),
+            ("logging", "postgres", PROTO_TCP, 5432, true),
+            ("order-service", "payment-service", PROTO_TCP, 8080, false),
+            ("prometheus", "payment-service", PROTO_TCP, 443, false),
+            // UDP 53 is allowed to every pod of every namespace, not only dns.
+            ("payment-service", "logging", PROTO_UDP, 53, true),
+            ("payment-service", "dns", PROTO_TCP, 53, false),
+        ];
+        for (from, to, proto, port, expect) in cases {
+            let v = both(&c, id[from], id[to], proto, port);
+            assert_eq!(
+                allowed(v),
+                expect,
+                "{kind}: {from} → {to}:{port}/{proto} gave {v:?}"
+            );
+        }
+        // Unselected workloads are not judged at all.
+        assert_eq!(
+            both(&c, id["logging"], id["postgres"], PROTO_TCP, 5432),
+            (None, None)
+        );
+        // The world (no identity) cannot reach payment-service.
+        let d = decide(
+            &c,
+            DIR_INGRESS,
+            PROTO_TCP,
+            id["payment-service"],
+            identity::WORLD,
+            443,
+        )
+        .unwrap();
+        assert_eq!(d.verdict, verdict::DENY);
+        assert_eq!(d.rule_id, 0, "default deny");
+        let policy = c.rule(d.policy_rule_id).expect("selecting policy is named");
+        assert!(
+            policy.policy.starts_with("production/payment-service"),
+            "{policy:?}"
+        );
+        assert_eq!(policy.rule, "default-deny");
+    }
+}
+
+#[test]
+fn every_example_policy_file_loads() {
+    let set = load_paths(&[repo_policies("kubernetes"), repo_policies("palisade")])
+        .expect("examples are valid");
+    assert!(set.files.len() >= 2, "{:?}", set.files);
+    assert!(
+        set.policies
+            .iter()
+            .any(|p| p.origin.kind == "NetworkPolicy")
+    );
+    assert!(
+        set.policies
+            .iter()
+            .any(|p| p.origin.kind == "PalisadePolicy")
+    );
+}
+
+#[test]
+fn a_full_port_range_costs_a_handful_of_entries() {
+    let (world, id) = scenario_world();
+    let yaml = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: wide, namespace: production}
+spec:
+  podSelector: {matchLabels: {app: payment-service}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: order-service}}}]
+    ports: [{protocol: TCP, port: 1, endPort: 65535}]
+  - ports: [{protocol: UDP, port: 5000, endPort: 5999}]
+"#;
+    let policies = parse_str("wide.yaml", yaml).unwrap();
+    let c = compile(&policies, &world);
+    let tcp = c.entries.keys().filter(|k| k.protocol == PROTO_TCP).count();
+    let udp = c.entries.keys().filter(|k| k.protocol == PROTO_UDP).count();
+    assert_eq!(tcp, 16, "1–65535 is 16 prefixes for one peer");
+    assert!(
+        udp <= 30,
+        "a 1000-port range is a few prefixes, not 1000 entries ({udp})"
+    );
+    assert!(
+        c.entries
+            .keys()
+            .filter(|k| k.protocol == PROTO_UDP)
+            .all(|k| k.peer == identity::ANY),
+        "no per-identity expansion of any-peer"
+    );
+    let d = |peer, proto, port| {
+        decide(&c, DIR_INGRESS, proto, id["payment-service"], peer, port)
+            .unwrap()
+            .verdict
+    };
+    assert_eq!(d(id["order-service"], PROTO_TCP, 1), verdict::ALLOW);
+    assert_eq!(d(id["order-service"], PROTO_TCP, 65535), verdict::ALLOW);
+    assert_eq!(d(id["logging"], PROTO_TCP, 443), verdict::DENY);
+    assert_eq!(d(identity::WORLD, PROTO_UDP, 5999), verdict::ALLOW);
+    assert_eq!(d(identity::WORLD, PROTO_UDP, 6000), verdict::DENY);
+    assert_eq!(d(identity::WORLD, PROTO_UDP, 4999), verdict::DENY);
+}
+
+#[test]
+fn policy_types_default_like_the_api_server() {
+    let (world, id) = scenario_world();
+    let only_ingress = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: a, namespace: production}
+spec:
+  podSelector: {matchLabels: {app: postgres}}
+"#;
+    let c = compile(&parse_str("a.yaml", only_ingress).unwrap(), &world);
+    assert!(
+        c.enforced.contains_key(&(DIR_INGRESS, id["postgres"])),
+        "Ingress is always defaulted"
+    );
+    assert!(
+        !c.enforced.contains_key(&(DIR_EGRESS, id["postgres"])),
+        "no egress rules ⇒ no Egress type"
+    );
+    let with_egress = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: b, namespace: production}
+spec:
+  podSelector: {}
+  egress:
+  - to: [{podSelector: {}}]
+"#;
+    let c = compile(&parse_str("b.yaml", with_egress).unwrap(), &world);
+    assert!(
+        c.enforced.contains_key(&(DIR_EGRESS, id["logging"])),
+        "egress rules ⇒ Egress type"
+    );
+    assert!(c.enforced.contains_key(&(DIR_INGRESS, id["logging"])));
+    assert!(
+        !c.enforced.contains_key(&(DIR_INGRESS, id["dns"])),
+        "a policy selects only its own namespace"
+    );
+    // podSelector {} in `to` means pods of the policy's namespace only.
+    let egress =
+        |to, proto, port| decide(&c, DIR_EGRESS, proto, id["logging"], to, port).map(|d| d.verdict);
+    assert_eq!(egress(id["postgres"], PROTO_TCP, 1), Some(verdict::ALLOW));
+    assert_eq!(egress(id["dns"], PROTO_UDP, 53), Some(verdict::DENY));
+    // Ingress was defaulted on with no rules: nothing may come in.
+    let d = decide(
+        &c,
+        DIR_INGRESS,
+        PROTO_TCP,
+        id["postgres"],
+        id["logging"],
+        5432,
+    )
+    .unwrap();
+    assert_eq!(d.verdict, verdict::DENY);
+}
+
+#[test]
+fn a_deny_rule_beats_an_allow_and_audit_mode_only_reports() {
+    let (world, id) = scenario_world();
+    let yaml = r#"
+apiVersion: palisade.dev/v1alpha1
+kind: PalisadePolicy
+metadata: {name: db, namespace: production}
+spec:
+  selector: {matchLabels: {app: postgres}}
+  ingress:
+    - name: no-logging
+      action: deny
+      from: [{selector: {matchLabels: {app: logging}}}]
+    - name: everyone
+      ports: [{protocol: TCP, port: 5432}]
+---
+apiVersion: palisade.dev/v1alpha1
+kind: PalisadePolicy
+metadata: {name: trial, namespace: production}
+spec:
+  mode: audit
+  selector: {matchLabels: {app: order-service}}
+  ingress: []
+"#;
+    let policies = parse_str("deny.yaml", yaml).unwrap();
+    let c = compile(&policies, &world);
+    let d = decide(
+        &c,
+        DIR_INGRESS,
+        PROTO_TCP,
+        id["postgres"],
+        id["logging"],
+        5432,
+    )
+    .unwrap();
+    assert_eq!(d.verdict, verdict::DENY);
+    assert_eq!(c.rule(d.rule_id).unwrap().rule, "no-logging");
+    let d = decide(
+        &c,
+        DIR_INGRESS,
+        PROTO_TCP,
+        id["postgres"],
+        id["payment-service"],
+        5432,
+    )
+    .unwrap();
+    assert_eq!(
+        (d.verdict, c.rule(d.rule_id).unwrap().rule.as_str()),
+        (verdict::ALLOW, "everyone")
+    );
+    let d = decide(
+        &c,
+        DIR_INGRESS,
+        PROTO_TCP,
+        id["order-service"],
+        id["logging"],
+        8000,
+    )
+    .unwrap();
+    assert_eq!(
+        d.verdict,
+        verdict::WOULD_DENY,
+        "audit mode lets it through and reports it"
+    );
+}
+
+fn problems(yaml: &str) -> Vec<String> {
+    match parse_str("bad.yaml", yaml) {
+        Ok(p) => panic!("accepted: {p:?}"),
+        Err(e) => e.problems.iter().map(ToString::to_string).collect(),
+    }
+}
+
+const HEAD: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: x, namespace: y}\nspec:\n  podSelector: {}\n";
+
+#[test]
+fn bad_input_is_reported_with_file_line_and_field() {
+    let p = problems(&format!("{HEAD}  ingress:\n  - ports: [{{port: 0}}]\n"));
+    assert_eq!(
+        p,
+        [
+            "bad.yaml:1:1: spec.ingress[0].ports[0].port: 0 is out of range: must be between 1 and 65535, inclusive"
+        ]
+    );
+    let p = problems(&format!("{HEAD}  ingress:\n  - ports: [{{port: 70000}}]\n"));
+    assert!(
+        p[0].contains("spec.ingress[0].ports[0].port: 70000 is out of range"),
+        "{p:?}"
+    );
+    let p = problems(&format!(
+        "{HEAD}  egress:\n  - ports: [{{port: 90, endPort: 80}}]\n"
+    ));
+    assert!(
+        p[0].contains(
+            "spec.egress[0].ports[0].endPort: 80 must be greater than or equal to port (90)"
+        ),
+        "{p:?}"
+    );
+    let p = problems(&format!(
+        "{HEAD}  ingress:\n  - from: [{{ipBlock: {{cidr: 10.0.0.300/8}}}}]\n"
+    ));
+    assert!(
+        p[0].contains("spec.ingress[0].from[0].ipBlock.cidr: \"10.0.0.300/8\" is not a valid CIDR"),
+        "{p:?}"
+    );
+    let p = problems(&format!(
+        "{HEAD}  ingress:\n  - from: [{{ipBlock: {{cidr: 10.0.0.1}}}}]\n"
+    ));
+    assert!(p[0].contains("is an address, not a CIDR"), "{p:?}");
+    // Unknown field: located at its line by the YAML parser.
+    let p = problems(&format!("{HEAD}  ingres:\n  - {{}}\n"));
+    assert!(p[0].starts_with("bad.yaml:6:"), "{p:?}");
+    assert!(p[0].contains("ingres"), "{p:?}");
+    // A second document's problem is located in the file, not the document.
+    let p = problems(&format!("{HEAD}---\n{HEAD}  policyTypes: [Sideways]\n"));
+    assert!(
+        p[0].starts_with("bad.yaml:7:1: spec.policyTypes[0]: unsupported value \"Sideways\""),
+        "{p:?}"
+    );
+    // Syntax error and duplicate key.
+    assert!(problems("apiVersion: [\n")[0].starts_with("bad.yaml:"));
+    let p = problems(&format!("{HEAD}  podSelector: {{}}\n"));
+    assert!(p[0].to_lowercase().contains("duplicate"), "{p:?}");
+    let p = problems("apiVersion: v1\nkind: Pod\n");
+    assert!(
+        p[0].contains("unsupported document apiVersion=v1 kind=Pod"),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn alias_expansion_is_bounded() {
+    let mut bomb =
+        String::from("a: &a [\"x\",\"x\",\"x\",\"x\",\"x\",\"x\",\"x\",\"x\",\"x\",\"x\"]\n");
+    let mut prev = 'a';
+    for c in 'b'..='k' {
+        bomb.push_str(&format!("{c}: &{c} [*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev}]\n"));
+        prev = c;
+    }
+    let start = std::time::Instant::now();
+    let p = problems(&bomb);
+    assert!(!p.is_empty());
+    // 10^11 nodes if expanded; refusing it is what makes this finish at all.
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+}
