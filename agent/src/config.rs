@@ -286,18 +286,43 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/host/agent.yaml");
         let config = Config::load(&path).expect("example config loads");
         assert_eq!(config.workloads.len(), 1);
-        assert!(config.policy_dir.as_ref().unwrap().ends_with("deploy/host/policies"), "relative to the file");
-        assert_eq!(config.namespace_labels()["shop"]["kubernetes.io/metadata.name"], "shop");
+        assert!(
+            config
+                .policy_dir
+                .as_ref()
+                .unwrap()
+                .ends_with("deploy/host/policies"),
+            "relative to the file"
+        );
+        assert_eq!(
+            config.namespace_labels()["shop"]["kubernetes.io/metadata.name"],
+            "shop"
+        );
     }
 
     #[test]
     fn mistakes_name_the_file_line_and_field() {
         let p = Path::new("agent.yaml");
-        let e = Config::parse(p, "cgroupRoot: x\nworkload: []\n").unwrap_err().to_string();
-        assert!(e.starts_with("agent.yaml:2:1: unknown field `workload`"), "{e}");
-        let e = Config::parse(p, "cgroupRoot: x\nworkloads:\n  - path: \"{ns\"\n    namespace: a\n").unwrap_err().to_string();
+        let e = Config::parse(p, "cgroupRoot: x\nworkload: []\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("agent.yaml:2:1: unknown field `workload`"),
+            "{e}"
+        );
+        let e = Config::parse(
+            p,
+            "cgroupRoot: x\nworkloads:\n  - path: \"{ns\"\n    namespace: a\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("workloads[0].path"), "{e}");
-        let e = Config::parse(p, "cgroupRoot: x\nmaps: {auditRingBytes: 1000}\n").unwrap_err().to_string();
-        assert!(e.contains("maps.auditRingBytes: 1000 must be a power of two"), "{e}");
+        let e = Config::parse(p, "cgroupRoot: x\nmaps: {auditRingBytes: 1000}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("maps.auditRingBytes: 1000 must be a power of two"),
+            "{e}"
+        );
     }
 }

@@ -415,3 +415,71 @@ fn everything_the_world_and_agent_made_is_removed() {
         .collect();
     assert!(left.is_empty(), "network namespaces left: {left:?}");
 }
+
+#[test]
+fn a_policy_file_change_applies_and_an_invalid_one_is_rejected() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let policies = tempfile::tempdir().expect("temp dir");
+    std::fs::copy(
+        policy_dir("kubernetes").join("payment-service-policy.yaml"),
+        policies.path().join("payment-service-policy.yaml"),
+    )
+    .expect("copy policy");
+    let mut s = setup(scenario::pods(), policies.path(), scenario::NAMESPACES);
+    let logging = s.world.pod("production/logging");
+    let payment = s.world.pod("production/payment-service");
+    let t = Duration::from_millis(1000);
+    assert_eq!(
+        s.world
+            .probe(logging, "tcp", payment.ipv4.into(), 443, t)
+            .unwrap(),
+        "timeout"
+    );
+
+    // An invalid file: rejected with its location; the previous policy stays in force.
+    std::fs::write(policies.path().join("broken.yaml"), "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: b, namespace: production}\nspec:\n  podSelector: {}\n  ingress:\n  - ports: [{port: 0}]\n").unwrap();
+    s.agent
+        .wait_for_log(&["policy change rejected"], Duration::from_secs(5))
+        .expect("rejection logged");
+    assert!(
+        s.agent.log().iter().any(
+            |l| l.contains("broken.yaml:1:1: spec.ingress[0].ports[0].port: 0 is out of range")
+        )
+    );
+    assert_eq!(
+        s.world
+            .probe(logging, "tcp", payment.ipv4.into(), 443, t)
+            .unwrap(),
+        "timeout"
+    );
+
+    // A valid change: logging may now reach payment-service on 443.
+    std::fs::remove_file(policies.path().join("broken.yaml")).unwrap();
+    std::fs::write(
+        policies.path().join("allow-logging.yaml"),
+        "apiVersion: palisade.dev/v1alpha1\nkind: PalisadePolicy\nmetadata: {name: allow-logging, namespace: production}\n\
+         spec:\n  selector: {matchLabels: {app: payment-service}}\n  ingress:\n    - name: logging-https\n      \
+         from: [{selector: {matchLabels: {app: logging}}}]\n      ports: [{protocol: TCP, port: 443}]\n",
+    )
+    .unwrap();
+    s.agent
+        .wait_for_log(&["policy reloaded", "policies=2"], Duration::from_secs(5))
+        .expect("reload logged");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        s.world
+            .probe(logging, "tcp", payment.ipv4.into(), 443, t)
+            .unwrap(),
+        "ok"
+    );
+    assert_eq!(
+        s.world
+            .probe(logging, "tcp", payment.ipv4.into(), 8080, t)
+            .unwrap(),
+        "timeout",
+        "only 443 was opened"
+    );
+    assert!(s.agent.stop().unwrap());
+}
