@@ -185,7 +185,8 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     step("running unit and kernel tests");
     run(Command::new("cargo")
         .current_dir(root_dir())
-        .args(["test", "--release", "--workspace", "--"])
+        // Default members: every crate but the eBPF one, which only builds for the bpf target.
+        .args(["test", "--release", "--"])
         .args(args)
         .env("PALISADE_BIN_DIR", root_dir().join("target/release")))?;
     leftover_check()
