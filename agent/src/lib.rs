@@ -6,4 +6,5 @@ pub mod config;
 pub mod datapath;
 pub mod discovery;
 pub mod identity;
+pub mod offline;
 pub mod policy;

@@ -34,6 +34,39 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Would FROM reach TO on PORT, and why? Answered offline from the compiled
+    /// tables (the entries the agent writes into the kernel), for each direction.
+    Explain {
+        /// World file: namespaces and pods (labels, ip, ports).
+        #[arg(long)]
+        world: PathBuf,
+        /// Policy file or directory (repeatable).
+        #[arg(long, required = true)]
+        policy: Vec<PathBuf>,
+        /// Source pod, `namespace/name`.
+        #[arg(long)]
+        from: String,
+        /// Destination pod, `namespace/name`.
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value = "TCP")]
+        protocol: String,
+    },
+    /// Answer every probe of a probes file offline; writes JSON results in probe order.
+    Simulate {
+        #[arg(long)]
+        world: PathBuf,
+        #[arg(long, required = true)]
+        policy: Vec<PathBuf>,
+        /// `{"probes": [{"from": "x/a", "to": "y/b", "port": 80, "protocol": "TCP"}]}`
+        #[arg(long)]
+        probes: PathBuf,
+        /// Write the results here instead of stdout.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -61,6 +94,47 @@ fn main() -> anyhow::Result<()> {
                 .build()?;
             runtime.block_on(palisade::agent::run(config))
         }
+        Command::Explain {
+            world,
+            policy,
+            from,
+            to,
+            port,
+            protocol,
+        } => {
+            let model = offline_model(&world, &policy)?;
+            let probe = palisade::offline::Probe {
+                from,
+                to,
+                port,
+                protocol,
+            };
+            let r = model.answer(&probe).map_err(|m| anyhow::anyhow!(m))?;
+            let verdict = if r.allowed { "ALLOWED" } else { "DENIED" };
+            println!("{} → {} {}/{}: {verdict}", r.from, r.to, r.protocol, r.port);
+            for part in r.reason.split("; ") {
+                println!("  {part}");
+            }
+            Ok(())
+        }
+        Command::Simulate {
+            world,
+            policy,
+            probes,
+            output,
+        } => {
+            let model = offline_model(&world, &policy)?;
+            let probes = palisade::offline::load_probes(&probes)?;
+            let results =
+                palisade::offline::simulate(&model, &probes).map_err(|m| anyhow::anyhow!(m))?;
+            let json = serde_json::to_string_pretty(&results)?;
+            match output {
+                Some(path) => std::fs::write(&path, json + "\n")
+                    .with_context(|| format!("writing {}", path.display()))?,
+                None => println!("{json}"),
+            }
+            Ok(())
+        }
         Command::Policy {
             command: PolicyCommand::Check { paths },
         } => match palisade::policy::load_paths(&paths) {
@@ -78,4 +152,13 @@ fn main() -> anyhow::Result<()> {
             }
         },
     }
+}
+
+fn offline_model(
+    world: &std::path::Path,
+    policy: &[PathBuf],
+) -> anyhow::Result<palisade::offline::Model> {
+    let world = palisade::offline::WorldFile::load(world)?;
+    let policies = palisade::policy::load_paths(policy).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(palisade::offline::Model::build(&world, &policies))
 }
