@@ -61,6 +61,7 @@ impl Planner {
         let td = self.config.trust_domain.clone();
         let mut identities: BTreeMap<u32, IdentityInfo> = BTreeMap::new();
         let mut cgroups = BTreeMap::new();
+        let mut own_addresses = BTreeSet::new();
         let mut addresses: Vec<(IpNet, u32)> = Vec::new();
         for w in &workloads {
             let key = LabelKey {
@@ -76,6 +77,7 @@ impl Planner {
                 kind: IdentityKind::Workload,
             });
             cgroups.insert(w.cgroup_id, id);
+            own_addresses.extend(w.ips.iter().map(|ip| (w.cgroup_id, *ip)));
             addresses.extend(w.ips.iter().map(|ip| (IpNet::from(*ip), id)));
         }
         for p in &self.config.peers {
@@ -138,6 +140,7 @@ impl Planner {
             desired: Desired {
                 cgroups,
                 ipcache,
+                own_addresses,
                 policy: Arc::new(compiled),
             },
         }

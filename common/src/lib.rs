@@ -18,6 +18,7 @@ pub mod maps {
     pub const POLICY: &str = "PAL_POLICY_V1";
     pub const ENFORCED: &str = "PAL_ENFORCED_V1";
     pub const FLOWS: &str = "PAL_FLOWS_V1";
+    pub const SELF_ADDRESSES: &str = "PAL_SELF_V1";
     pub const STATE: &str = "PAL_STATE_V1";
     pub const COUNTERS: &str = "PAL_COUNTERS_V1";
     pub const AUDIT: &str = "PAL_AUDIT_V1";
@@ -196,6 +197,16 @@ pub struct FlowValue {
     pub _pad: u32,
 }
 
+/// Key of the own-address map: "is `addr` one of this workload's addresses?"
+/// Traffic of a workload to itself always passes (upstream NetworkPolicy
+/// semantics: loopback follows no policy).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SelfKey {
+    pub cgroup_id: u64,
+    pub addr: [u8; 16],
+}
+
 /// One audit event, written by the kernel into the ring buffer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -233,6 +244,7 @@ const _: () = assert!(size_of::<EnforcedKey>() == 8);
 const _: () = assert!(size_of::<EnforcedValue>() == 8);
 const _: () = assert!(size_of::<FlowKey>() == 32);
 const _: () = assert!(size_of::<FlowValue>() == 8);
+const _: () = assert!(size_of::<SelfKey>() == 24);
 const _: () = assert!(size_of::<AuditEvent>() == 80);
 const _: () = assert!(core::mem::offset_of!(PolicyKeyData, port_be) == 12);
 
@@ -253,5 +265,6 @@ mod pod {
     unsafe impl aya::Pod for super::EnforcedValue {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowValue {}
+    unsafe impl aya::Pod for super::SelfKey {}
     unsafe impl aya::Pod for super::AuditEvent {}
 }

@@ -14,7 +14,7 @@ use palisade_common::{DIR_EGRESS, PROTO_TCP, PROTO_UDP, v4_mapped};
 
 use crate::{
     CGROUP_IDENTITY,
-    verdict::{Flow, PASS, conclude, decide, flow_known, remember_flow},
+    verdict::{Flow, PASS, conclude, decide, flow_known, own_address, remember_flow},
 };
 
 #[cgroup_sock_addr(connect4)]
@@ -79,6 +79,9 @@ fn judge(ctx: &SockAddrContext, family: u8, sendmsg: bool) -> i32 {
         // SAFETY: a sock_addr context is a valid argument for this helper.
         socket_cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
     };
+    if own_address(cgroup_id, &flow.peer_addr) {
+        return PASS; // a workload talking to itself
+    }
     let udp = protocol == PROTO_UDP;
     if udp && sendmsg && flow_known(&flow) {
         return PASS; // a reply to, or a repeat of, an already judged datagram flow

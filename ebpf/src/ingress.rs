@@ -18,7 +18,8 @@ use palisade_common::{DIR_INGRESS, PROTO_TCP, PROTO_UDP, state, v4_mapped};
 use crate::{
     CGROUP_IDENTITY,
     verdict::{
-        DROP, Flow, PASS, conclude, decide, enforced, flow_known, read_state, remember_flow,
+        DROP, Flow, PASS, conclude, decide, enforced, flow_known, own_address, read_state,
+        remember_flow,
     },
 };
 
@@ -33,6 +34,8 @@ const IPV6_DSTOPTS: u8 = 60;
 /// At most this many IPv6 extension headers are walked; a packet with more is
 /// dropped when ingress is enforced (it cannot be judged).
 const MAX_IPV6_EXT_HEADERS: usize = 4;
+/// `lo` has this index in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
 const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_FLAG_ACK: u8 = 0x10;
 
@@ -66,6 +69,9 @@ fn try_ingress(ctx: &SkBuffContext) -> Result<i32, i32> {
     // Any packet we cannot parse on an enforced workload is dropped: it cannot
     // be judged, and passing it would be a bypass.
     let packet = parse(ctx).map_err(|()| DROP)?;
+    if ingress_ifindex(ctx) == LOOPBACK_IFINDEX && own_address(cgroup_id, &packet.src) {
+        return Ok(PASS); // the workload talking to itself, over its own loopback
+    }
     let (src_port, dst_port) = match packet.protocol {
         PROTO_TCP | PROTO_UDP => {
             let ports: [u8; 4] = ctx.load(packet.l4_offset).map_err(|_| DROP)?;
@@ -109,6 +115,13 @@ fn try_ingress(ctx: &SkBuffContext) -> Result<i32, i32> {
         remember_flow(&flow);
     }
     Ok(verdict)
+}
+
+#[inline(always)]
+fn ingress_ifindex(ctx: &SkBuffContext) -> u32 {
+    let skb: *const __sk_buff = ctx.as_ptr().cast();
+    // SAFETY: the context pointer is valid; cgroup_skb programs may read this field.
+    unsafe { (*skb).ingress_ifindex }
 }
 
 #[inline(always)]

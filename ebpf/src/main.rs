@@ -16,8 +16,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use palisade_common::{
-    EnforcedKey, EnforcedValue, FlowKey, FlowValue, PolicyKeyData, PolicyValue, capacity, counter,
-    state,
+    EnforcedKey, EnforcedValue, FlowKey, FlowValue, PolicyKeyData, PolicyValue, SelfKey, capacity,
+    counter, state,
 };
 
 /// cgroup id → identity of the workload that owns the cgroup.
@@ -42,6 +42,11 @@ static ENFORCED: HashMap<EnforcedKey, EnforcedValue> =
 /// judged UDP flow pass without a second policy lookup.
 #[map(name = "PAL_FLOWS_V1")]
 static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(capacity::FLOWS, 0);
+
+/// (cgroup id, address) present ⇔ the address is the workload's own: its
+/// traffic to itself is not judged.
+#[map(name = "PAL_SELF_V1")]
+static SELF_ADDRESSES: HashMap<SelfKey, u8> = HashMap::with_max_entries(capacity::IPCACHE, 0);
 
 /// Values written by the agent; see `palisade_common::state`.
 #[map(name = "PAL_STATE_V1")]

@@ -19,11 +19,11 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
 };
 use palisade_common::{
-    AuditEvent, EnforcedKey, FlowKey, FlowValue, POLICY_PREFIX_FULL, PolicyKeyData, counter, flags,
-    identity, state, verdict as v,
+    AuditEvent, EnforcedKey, FlowKey, FlowValue, POLICY_PREFIX_FULL, PolicyKeyData, SelfKey,
+    counter, flags, identity, state, verdict as v,
 };
 
-use crate::{AUDIT, COUNTERS, ENFORCED, FLOWS, IPCACHE, POLICY, STATE};
+use crate::{AUDIT, COUNTERS, ENFORCED, FLOWS, IPCACHE, POLICY, SELF_ADDRESSES, STATE};
 
 /// What the programs tell the kernel.
 pub const PASS: i32 = 1;
@@ -73,6 +73,17 @@ pub fn peer_identity(addr: &[u8; 16]) -> u32 {
         Some(id) => *id,
         None => identity::WORLD,
     }
+}
+
+/// Is `addr` one of the workload's own addresses?
+#[inline(always)]
+pub fn own_address(cgroup_id: u64, addr: &[u8; 16]) -> bool {
+    let key = SelfKey {
+        cgroup_id,
+        addr: *addr,
+    };
+    // SAFETY: only presence is read.
+    unsafe { SELF_ADDRESSES.get(&key) }.is_some()
 }
 
 /// Is `local` selected by a policy in `direction` in the active slot?

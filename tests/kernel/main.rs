@@ -361,6 +361,20 @@ fn processes_outside_the_root_and_unselected_workloads_are_unaffected() {
             .unwrap(),
         "eperm"
     );
+    // A workload may always reach itself (upstream: loopback follows no policy),
+    // though its own egress and ingress policies allow neither of these.
+    assert_eq!(
+        s.world
+            .probe(payment, "tcp", payment.ipv4.into(), 8080, t)
+            .unwrap(),
+        "ok"
+    );
+    assert_eq!(
+        s.world
+            .probe(payment, "tcp", payment.ipv6.into(), 443, t)
+            .unwrap(),
+        "ok"
+    );
     // Workloads no policy selects talk freely, in both directions.
     assert_eq!(
         s.world

@@ -1,7 +1,12 @@
 //! The real datapath: loads the embedded eBPF object with aya, attaches the
 //! programs under the configured cgroup root (multi-attach, through BPF
 //! links, so other programs on the node keep working), and syncs the maps.
-use std::{collections::BTreeMap, fs::File, net::IpAddr, path::Path};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs::File,
+    net::IpAddr,
+    path::Path,
+};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -10,7 +15,7 @@ use aya::{
 };
 use ipnet::IpNet;
 use palisade_common::{
-    EnforcedKey, EnforcedValue, PolicyKeyData, PolicyValue, counter, maps, programs, state,
+    EnforcedKey, EnforcedValue, PolicyKeyData, PolicyValue, SelfKey, counter, maps, programs, state,
 };
 
 use super::{ApplyReport, Counters, Datapath, DatapathError, Desired, diff};
@@ -39,6 +44,7 @@ pub struct KernelDatapath {
     slots: [SlotContents; 2],
     cgroups: BTreeMap<u64, u32>,
     ipcache: BTreeMap<IpNet, u32>,
+    own_addresses: BTreeSet<(u64, IpAddr)>,
     attach_points: Vec<String>,
 }
 
@@ -57,9 +63,12 @@ pub fn ip_key(net: &IpNet) -> Key<[u8; 16]> {
     }
 }
 
-/// A host address as a /32 or /128 block.
-pub fn host_net(ip: IpAddr) -> IpNet {
-    IpNet::from(ip)
+/// An address as the kernel stores it (IPv4 mapped into IPv6).
+pub fn addr16(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => palisade_common::v4_mapped(v4.octets()),
+        IpAddr::V6(v6) => v6.octets(),
+    }
 }
 
 impl KernelDatapath {
@@ -75,6 +84,7 @@ impl KernelDatapath {
             .map_max_entries(maps::POLICY, capacities.policy)
             .map_max_entries(maps::ENFORCED, capacities.enforced)
             .map_max_entries(maps::FLOWS, capacities.flows)
+            .map_max_entries(maps::SELF_ADDRESSES, capacities.ipcache)
             .map_max_entries(maps::AUDIT, capacities.audit_ring_bytes)
             .load(EBPF_OBJECT)
             .map_err(|e| DatapathError::Load(Box::new(e)))?;
@@ -146,6 +156,7 @@ impl KernelDatapath {
             slots: Default::default(),
             cgroups: BTreeMap::new(),
             ipcache: BTreeMap::new(),
+            own_addresses: BTreeSet::new(),
             attach_points,
         })
     }
@@ -328,6 +339,26 @@ impl Datapath for KernelDatapath {
             report.policy_entries = desired.policy.entries.len();
         }
 
+        {
+            let mut own: HashMap<&mut MapData, SelfKey, u8> = HashMap::try_from(
+                self.ebpf
+                    .map_mut(maps::SELF_ADDRESSES)
+                    .ok_or(DatapathError::MissingMap(maps::SELF_ADDRESSES))?,
+            )
+            .map_err(map_err(maps::SELF_ADDRESSES))?;
+            let key = |(cgroup_id, ip): &(u64, IpAddr)| SelfKey {
+                cgroup_id: *cgroup_id,
+                addr: addr16(*ip),
+            };
+            for entry in desired.own_addresses.difference(&self.own_addresses) {
+                own.insert(&key(entry), &1, 0)
+                    .map_err(map_err(maps::SELF_ADDRESSES))?;
+            }
+            for entry in self.own_addresses.difference(&desired.own_addresses) {
+                let _ = own.remove(&key(entry));
+            }
+            self.own_addresses = desired.own_addresses.clone();
+        }
         let (ip_up, ip_del) = diff(&self.ipcache, &desired.ipcache);
         let (cg_up, cg_del) = diff(&self.cgroups, &desired.cgroups);
         report.ipcache_updates = ip_up.len() + ip_del.len();

@@ -15,7 +15,11 @@
 pub mod fake;
 pub mod kernel;
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    sync::Arc,
+};
 
 use ipnet::IpNet;
 
@@ -28,6 +32,8 @@ pub struct Desired {
     pub cgroups: BTreeMap<u64, u32>,
     /// Address block → identity (workload IPs, configured peers, policy CIDRs).
     pub ipcache: BTreeMap<IpNet, u32>,
+    /// (cgroup id, address) of each workload's own addresses.
+    pub own_addresses: BTreeSet<(u64, IpAddr)>,
     pub policy: Arc<CompiledPolicy>,
 }
 
