@@ -497,3 +497,35 @@ fn a_policy_file_change_applies_and_an_invalid_one_is_rejected() {
     );
     assert!(s.agent.stop().unwrap());
 }
+
+#[test]
+fn the_conformance_corpus_holds_in_the_kernel() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let world = palisade_tests::corpus::dir().join("world.yaml");
+    let mut failures = Vec::new();
+    for case in palisade_tests::corpus::cases() {
+        let name = case
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        let probes = palisade::offline::load_probes(&case.join("probes.json")).expect("probes");
+        let kernel = palisade_tests::conformance::run(&world, &[case.join("policies")], &probes)
+            .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        let expected = palisade_tests::corpus::expected(&case).expect("expected.json");
+        let offline = palisade_tests::corpus::simulate(&case).expect("simulate");
+        for d in palisade_tests::conformance::differences(&kernel, &expected) {
+            failures.push(format!("{name}: {}", d.replace("simulate", "expected")));
+        }
+        for d in palisade_tests::conformance::differences(&kernel, &offline) {
+            failures.push(format!("{name}: {d}"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "kernel differs:\n{}",
+        failures.join("\n")
+    );
+}

@@ -124,8 +124,15 @@ impl Agent {
                 continue;
             }
             let name = format!("workload={}", pod.spec.key());
-            let v4 = pod.ipv4.to_string();
-            self.wait_for_log(&["workload enforced", &name, &v4], Duration::from_secs(10))?;
+            let addr = if pod.ipv4.is_unspecified() {
+                pod.ipv6.to_string()
+            } else {
+                pod.ipv4.to_string()
+            };
+            self.wait_for_log(
+                &["workload enforced", &name, &addr],
+                Duration::from_secs(10),
+            )?;
         }
         Ok(())
     }

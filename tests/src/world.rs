@@ -141,10 +141,24 @@ impl World {
     /// Adds a pod: namespace, veth into the bridge, addresses, cgroup, and
     /// its server process (which also makes its addresses discoverable).
     pub fn add_pod(&mut self, spec: PodSpec) -> anyhow::Result<&Pod> {
+        self.add_pod_at(spec, None)
+    }
+
+    /// Like `add_pod`, with the pod's one address given (as a /32 or /128;
+    /// `route_all` then makes every pod reach every other on the link).
+    pub fn add_pod_at(
+        &mut self,
+        spec: PodSpec,
+        addr: Option<std::net::IpAddr>,
+    ) -> anyhow::Result<&Pod> {
         let index = u8::try_from(self.pods.len() + 10).context("too many pods")?;
         let netns = format!("{}-{index}", self.tag);
         let cgroup = self.cgroup_root.join(&spec.namespace).join(&spec.name);
-        let (v4, v6) = (self.ipv4(index), self.ipv6(index));
+        let (v4, v6) = match addr {
+            None => (self.ipv4(index), self.ipv6(index)),
+            Some(std::net::IpAddr::V4(a)) => (a, Ipv6Addr::UNSPECIFIED),
+            Some(std::net::IpAddr::V6(a)) => (Ipv4Addr::UNSPECIFIED, a),
+        };
         self.pods.push(Pod {
             spec,
             index,
@@ -154,34 +168,11 @@ impl World {
             ipv6: v6,
             server: None,
         });
-        let veth = format!("v{index}");
-        ip(&["netns", "add", &netns])?;
-        ip(&[
-            "link", "add", &veth, "netns", &self.hub, "type", "veth", "peer", "name", "eth0",
-            "netns", &netns,
-        ])?;
-        ip(&["-n", &self.hub, "link", "set", &veth, "master", "br0", "up"])?;
-        ip(&["-n", &netns, "link", "set", "lo", "up"])?;
-        ip(&[
-            "-n",
-            &netns,
-            "addr",
-            "add",
-            &format!("{v4}/24"),
-            "dev",
-            "eth0",
-        ])?;
-        ip(&[
-            "-n",
-            &netns,
-            "addr",
-            "add",
-            &format!("{v6}/64"),
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
-        ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
+        let addrs = match addr {
+            None => vec![format!("{v4}/24"), format!("{v6}/64")],
+            Some(a) => vec![format!("{a}/{}", if a.is_ipv4() { 32 } else { 128 })],
+        };
+        self.plug(&netns, index, &addrs)?;
         std::fs::create_dir_all(&cgroup).with_context(|| format!("mkdir {}", cgroup.display()))?;
         let pod = self.pods.last_mut().context("pod just added")?;
         let mut args = vec!["serve".to_owned()];
@@ -205,6 +196,26 @@ impl World {
         std::io::Read::read_exact(&mut stdout, &mut buf).context("server did not start")?;
         pod.server = Some(child);
         self.pods.last().context("pod just added")
+    }
+
+    /// On-link routes from every pod to every other pod's address (for pods
+    /// added with `add_pod_at`, whose addresses share no subnet). Routes only
+    /// name other pods' addresses: nothing leads out of the world.
+    pub fn route_all(&self) -> anyhow::Result<()> {
+        let addrs: Vec<String> = self
+            .pods
+            .iter()
+            .flat_map(|p| [p.ipv4.to_string(), p.ipv6.to_string()])
+            .filter(|a| a != "0.0.0.0" && a != "::")
+            .collect();
+        for pod in &self.pods {
+            for a in &addrs {
+                if *a != pod.ipv4.to_string() && *a != pod.ipv6.to_string() {
+                    ip(&["-n", &pod.netns, "route", "replace", a, "dev", "eth0"])?;
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn pod(&self, key: &str) -> &Pod {
@@ -279,35 +290,35 @@ impl World {
             ipv6: self.ipv6(index),
             server: None,
         });
+        let addrs = [
+            format!("{}/24", self.ipv4(index)),
+            format!("{}/64", self.ipv6(index)),
+        ];
+        self.plug(&netns, index, &addrs)?;
+        Ok((netns, index))
+    }
+}
+
+impl World {
+    /// Creates network namespace `netns`, plugs it into the bridge with a veth
+    /// pair and gives its `eth0` the addresses `addrs` (IPv6 without DAD).
+    fn plug(&self, netns: &str, index: u8, addrs: &[String]) -> anyhow::Result<()> {
         let veth = format!("v{index}");
-        ip(&["netns", "add", &netns])?;
+        ip(&["netns", "add", netns])?;
         ip(&[
             "link", "add", &veth, "netns", &self.hub, "type", "veth", "peer", "name", "eth0",
-            "netns", &netns,
+            "netns", netns,
         ])?;
         ip(&["-n", &self.hub, "link", "set", &veth, "master", "br0", "up"])?;
-        ip(&["-n", &netns, "link", "set", "lo", "up"])?;
-        ip(&[
-            "-n",
-            &netns,
-            "addr",
-            "add",
-            &format!("{}/24", self.ipv4(index)),
-            "dev",
-            "eth0",
-        ])?;
-        ip(&[
-            "-n",
-            &netns,
-            "addr",
-            "add",
-            &format!("{}/64", self.ipv6(index)),
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
-        ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
-        Ok((netns, index))
+        ip(&["-n", netns, "link", "set", "lo", "up"])?;
+        for a in addrs {
+            let mut args = vec!["-n", netns, "addr", "add", a.as_str(), "dev", "eth0"];
+            if a.contains(':') {
+                args.push("nodad");
+            }
+            ip(&args)?;
+        }
+        ip(&["-n", netns, "link", "set", "eth0", "up"])
     }
 }
 

@@ -53,6 +53,15 @@ enum Cmd {
     },
     /// Set up, build, and run the payment-service scenario on real workloads (root).
     Demo,
+    /// Real kernel against `palisade simulate`: build the world of a world file as
+    /// namespaces and cgroups, run the agent with the policies, try every probe with
+    /// real traffic and write the results JSON; `--check` exits non-zero on any
+    /// difference. `--corpus tests/conformance --check` runs the whole corpus (root).
+    Conformance {
+        /// Arguments for palisade-conformance: --world W --policy DIR --probes FILE [--output F] [--check] | --corpus DIR [--check]
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn root_dir() -> PathBuf {
@@ -233,6 +242,11 @@ fn main() -> ExitCode {
             run(Command::new(release_bin("palisade")).arg("agent").arg("--config").arg(config))
         }),
         Cmd::Test { args } => test(&args),
+        Cmd::Conformance { args } => setup().and_then(|()| build()).and_then(|()| {
+            run(Command::new(release_bin("palisade-conformance"))
+                .args(&args)
+                .env("PALISADE_BIN_DIR", root_dir().join("target/release")))
+        }),
         Cmd::Demo => setup().and_then(|()| build()).and_then(|()| {
             if !is_root() {
                 bail!("the demo creates network namespaces and cgroups and loads eBPF programs: run it as root");
