@@ -529,3 +529,54 @@ fn the_conformance_corpus_holds_in_the_kernel() {
         failures.join("\n")
     );
 }
+
+#[test]
+fn audit_mode_lets_traffic_through_and_reports_would_deny() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let policies = tempfile::tempdir().expect("temp dir");
+    std::fs::write(
+        policies.path().join("trial.yaml"),
+        "apiVersion: palisade.dev/v1alpha1\nkind: PalisadePolicy\nmetadata: {name: trial, namespace: production}\n\
+         spec:\n  mode: audit\n  selector: {matchLabels: {app: payment-service}}\n  ingress:\n    - name: orders\n      \
+         from: [{selector: {matchLabels: {app: order-service}}}]\n",
+    )
+    .unwrap();
+    let mut s = setup(scenario::pods(), policies.path(), scenario::NAMESPACES);
+    let logging = s.world.pod("production/logging");
+    let order = s.world.pod("production/order-service");
+    let payment = s.world.pod("production/payment-service");
+    let t = Duration::from_millis(1000);
+    assert_eq!(
+        s.world
+            .probe(logging, "tcp", payment.ipv4.into(), 443, t)
+            .unwrap(),
+        "ok"
+    );
+    assert_eq!(
+        s.world
+            .probe(order, "tcp", payment.ipv4.into(), 443, t)
+            .unwrap(),
+        "ok"
+    );
+    let ev = s
+        .agent
+        .wait_for_event(
+            |e| e["from"] == "production/logging",
+            Duration::from_secs(3),
+        )
+        .expect("would-deny event");
+    assert_eq!(ev["verdict"], "would-deny");
+    assert_eq!(ev["policy"], "production/trial");
+    assert_eq!(ev["policyKind"], "PalisadePolicy");
+    std::thread::sleep(Duration::from_millis(200));
+    let events = s.agent.audit_events().unwrap();
+    assert!(
+        !events
+            .iter()
+            .any(|e| e["from"] == "production/order-service"),
+        "allowed traffic is not reported: {events:?}"
+    );
+    assert!(s.agent.stop().unwrap());
+}
