@@ -458,9 +458,11 @@ fn a_policy_file_change_applies_and_an_invalid_one_is_rejected() {
         .wait_for_log(&["policy change rejected"], Duration::from_secs(5))
         .expect("rejection logged");
     assert!(
-        s.agent.log().iter().any(
-            |l| l.contains("broken.yaml:1:1: spec.ingress[0].ports[0].port: 0 is out of range")
-        )
+        s.agent
+            .log()
+            .iter()
+            .any(|l| l
+                .contains("broken.yaml:7:20: spec.ingress[0].ports[0].port: 0 is out of range"))
     );
     assert_eq!(
         s.world

@@ -9,6 +9,9 @@ use serde::Deserialize;
 
 use super::labels::LabelSelector;
 
+/// A value with the place it was written, for located validation messages.
+pub type S<T> = serde_saphyr::Spanned<T>;
+
 pub const NETWORK_POLICY_API: &str = "networking.k8s.io/v1";
 pub const NETWORK_POLICY_KIND: &str = "NetworkPolicy";
 pub const PALISADE_API: &str = "palisade.dev/v1alpha1";
@@ -25,7 +28,7 @@ pub struct TypeMeta {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ObjectMeta {
-    pub name: Option<String>,
+    pub name: Option<S<String>>,
     pub namespace: Option<String>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -54,8 +57,8 @@ pub struct NetworkPolicy {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct NetworkPolicySpec {
-    pub pod_selector: Option<LabelSelector>,
-    pub policy_types: Option<Vec<String>>,
+    pub pod_selector: Option<S<LabelSelector>>,
+    pub policy_types: Option<Vec<S<String>>>,
     pub ingress: Option<Vec<NetworkPolicyIngressRule>>,
     pub egress: Option<Vec<NetworkPolicyEgressRule>>,
 }
@@ -63,14 +66,14 @@ pub struct NetworkPolicySpec {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct NetworkPolicyIngressRule {
-    pub from: Option<Vec<NetworkPolicyPeer>>,
+    pub from: Option<Vec<S<NetworkPolicyPeer>>>,
     pub ports: Option<Vec<NetworkPolicyPort>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct NetworkPolicyEgressRule {
-    pub to: Option<Vec<NetworkPolicyPeer>>,
+    pub to: Option<Vec<S<NetworkPolicyPeer>>>,
     pub ports: Option<Vec<NetworkPolicyPort>>,
 }
 
@@ -85,24 +88,46 @@ pub struct NetworkPolicyPeer {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct IpBlock {
-    pub cidr: String,
+    pub cidr: S<String>,
     #[serde(default)]
-    pub except: Vec<String>,
+    pub except: Vec<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct NetworkPolicyPort {
-    pub protocol: Option<String>,
-    pub port: Option<IntOrString>,
-    pub end_port: Option<i64>,
+    pub protocol: Option<S<String>>,
+    pub port: Option<S<IntOrString>>,
+    pub end_port: Option<S<i64>>,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
-#[serde(untagged)]
+/// Kubernetes `IntOrString`: a port number or a port name.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum IntOrString {
     Int(i64),
     String(String),
+}
+
+impl<'de> Deserialize<'de> for IntOrString {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = IntOrString;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a port number or a port name")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<IntOrString, E> {
+                Ok(IntOrString::Int(v))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<IntOrString, E> {
+                Ok(IntOrString::Int(i64::try_from(v).unwrap_or(i64::MAX)))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<IntOrString, E> {
+                Ok(IntOrString::String(v.to_owned()))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 // ------------------------------------------------------------------ Palisade
@@ -122,9 +147,9 @@ pub struct PalisadePolicy {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PalisadePolicySpec {
     /// `enforce` (default) or `audit`.
-    pub mode: Option<String>,
+    pub mode: Option<S<String>>,
     /// Workloads this policy applies to, in the policy's namespace.
-    pub selector: LabelSelector,
+    pub selector: S<LabelSelector>,
     /// Present (even empty) ⇒ selected workloads are default-deny for ingress.
     pub ingress: Option<Vec<PalisadeRule>>,
     /// Present (even empty) ⇒ selected workloads are default-deny for egress.
@@ -134,13 +159,13 @@ pub struct PalisadePolicySpec {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PalisadeRule {
-    pub name: Option<String>,
+    pub name: Option<S<String>>,
     /// `allow` (default) or `deny`; a deny beats every allow.
-    pub action: Option<String>,
+    pub action: Option<S<String>>,
     /// Ingress peers. Absent ⇒ any peer.
-    pub from: Option<Vec<PalisadePeer>>,
+    pub from: Option<Vec<S<PalisadePeer>>>,
     /// Egress peers. Absent ⇒ any peer.
-    pub to: Option<Vec<PalisadePeer>>,
+    pub to: Option<Vec<S<PalisadePeer>>>,
     /// Absent ⇒ every port of every protocol.
     pub ports: Option<Vec<NetworkPolicyPort>>,
 }
@@ -153,8 +178,8 @@ pub struct PalisadePeer {
     /// Namespaces by labels; `{}` is every namespace.
     pub namespaces: Option<LabelSelector>,
     /// An identity by name: `spiffe://<trust-domain>/ns/<ns>/sa/<sa>` or `<ns>/<name>`.
-    pub identity: Option<String>,
-    pub cidr: Option<String>,
+    pub identity: Option<S<String>>,
+    pub cidr: Option<S<String>>,
     #[serde(default)]
-    pub except: Vec<String>,
+    pub except: Vec<S<String>>,
 }

@@ -198,9 +198,15 @@ fn split_documents(text: &str) -> Vec<Document<'_>> {
         .collect()
 }
 
+/// Limits for one document: a hostile file cannot exhaust memory or time.
 fn yaml_options() -> serde_saphyr::Options {
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_depth = 48;
+    budget.max_aliases = 1_000;
+    budget.max_nodes = 200_000;
     let mut options = serde_saphyr::Options::default();
     options.with_snippet = false;
+    options.budget = Some(budget);
     options
 }
 
@@ -218,6 +224,7 @@ fn parse_doc<T: DeserializeOwned>(file: &str, doc: &Document<'_>) -> Result<T, P
         };
         // Library advice that does not apply to a policy author.
         let message = message.replace(", set DuplicateKeyPolicy in Options if acceptable", "");
+        let message = suggest_field(&message);
         Problem {
             file: file.to_owned(),
             line: doc.first_line + line.saturating_sub(1),
@@ -289,16 +296,34 @@ pub fn parse_str(file: &str, text: &str) -> Result<Vec<Policy>, LoadError> {
 /// Collects semantic problems of one document and converts it to the model.
 struct Validator<'a> {
     file: &'a str,
+    /// The document's first line in the file.
     line: usize,
     problems: Vec<Problem>,
 }
 
+type Loc = serde_saphyr::Location;
+
 impl Validator<'_> {
+    /// A problem at the document's start (for facts with no single place).
     fn problem(&mut self, field: &str, message: impl Into<String>) {
         self.problems.push(Problem {
             file: self.file.to_owned(),
             line: self.line,
             column: 1,
+            field: field.to_owned(),
+            message: message.into(),
+        });
+    }
+
+    /// A problem where the offending value was written.
+    fn problem_at(&mut self, at: &Loc, field: &str, message: impl Into<String>) {
+        if at.line() == 0 {
+            return self.problem(field, message);
+        }
+        self.problems.push(Problem {
+            file: self.file.to_owned(),
+            line: self.line + at.line() as usize - 1,
+            column: at.column() as usize,
             field: field.to_owned(),
             message: message.into(),
         });
@@ -313,15 +338,24 @@ impl Validator<'_> {
     }
 
     fn metadata(&mut self, meta: &ObjectMeta, namespaced: bool) -> (String, Option<String>) {
-        let name = meta.name.clone().unwrap_or_default();
-        if name.is_empty() {
-            self.problem("metadata.name", "is required");
-        } else if !is_dns_subdomain(&name) {
-            self.problem(
-                "metadata.name",
-                format!("{name:?} must be a DNS subdomain: lower-case letters, digits, '-' and '.', at most 253 characters"),
-            );
-        }
+        let name = match &meta.name {
+            None => {
+                self.problem("metadata.name", "is required");
+                String::new()
+            }
+            Some(n) => {
+                if n.value.is_empty() {
+                    self.problem_at(&n.referenced, "metadata.name", "is required");
+                } else if !is_dns_subdomain(&n.value) {
+                    self.problem_at(
+                        &n.referenced,
+                        "metadata.name",
+                        format!("{:?} must be a DNS subdomain: lower-case letters, digits, '-' and '.', at most 253 characters", n.value),
+                    );
+                }
+                n.value.clone()
+            }
+        };
         let namespace = if namespaced {
             Some(
                 meta.namespace
@@ -334,40 +368,41 @@ impl Validator<'_> {
         (name, namespace)
     }
 
-    fn selector(&mut self, field: &str, sel: &LabelSelector) {
+    fn selector(&mut self, at: &Loc, field: &str, sel: &LabelSelector) {
         for (f, m) in sel.validate() {
-            self.problem(&format!("{field}.{f}"), m);
+            self.problem_at(at, &format!("{field}.{f}"), m);
         }
     }
 
     fn network_policy(&mut self, np: api::NetworkPolicy) -> Option<Policy> {
         let (name, namespace) = self.metadata(&np.metadata, true);
         let spec = np.spec;
-        let pod_selector = spec.pod_selector.unwrap_or_default();
-        self.selector("spec.podSelector", &pod_selector);
-        // API server defaulting: Ingress always, Egress when egress rules exist.
-        let types: Vec<String> = match spec.policy_types {
-            Some(t) => t,
-            None => {
-                let mut t = vec!["Ingress".to_owned()];
-                if spec.egress.as_ref().is_some_and(|e| !e.is_empty()) {
-                    t.push("Egress".to_owned());
-                }
-                t
+        let pod_selector = match spec.pod_selector {
+            Some(s) => {
+                self.selector(&s.referenced, "spec.podSelector", &s.value);
+                s.value
             }
+            None => LabelSelector::default(),
         };
-        let mut ingress_on = false;
-        let mut egress_on = false;
-        for (i, t) in types.iter().enumerate() {
-            match t.as_str() {
-                "Ingress" => ingress_on = true,
-                "Egress" => egress_on = true,
-                other => self.problem(
-                    &format!("spec.policyTypes[{i}]"),
-                    format!(
-                        "unsupported value {other:?}: supported values: \"Ingress\", \"Egress\""
-                    ),
-                ),
+        // API server defaulting: Ingress always, Egress when egress rules exist.
+        let (mut ingress_on, mut egress_on) = (false, false);
+        match spec.policy_types {
+            Some(types) => {
+                for (i, t) in types.iter().enumerate() {
+                    match t.value.as_str() {
+                        "Ingress" => ingress_on = true,
+                        "Egress" => egress_on = true,
+                        other => self.problem_at(
+                            &t.referenced,
+                            &format!("spec.policyTypes[{i}]"),
+                            format!("unsupported value {other:?}: supported values: \"Ingress\", \"Egress\""),
+                        ),
+                    }
+                }
+            }
+            None => {
+                ingress_on = true;
+                egress_on = spec.egress.as_ref().is_some_and(|e| !e.is_empty());
             }
         }
         let mut ingress = Vec::new();
@@ -395,7 +430,7 @@ impl Validator<'_> {
         &mut self,
         field: &str,
         peers_field: &str,
-        peers: Option<Vec<NetworkPolicyPeer>>,
+        peers: Option<Vec<api::S<NetworkPolicyPeer>>>,
         ports: Option<Vec<NetworkPolicyPort>>,
         name: String,
     ) -> Rule {
@@ -415,17 +450,21 @@ impl Validator<'_> {
         }
     }
 
-    fn k8s_peer(&mut self, field: &str, peer: NetworkPolicyPeer) -> Option<Peer> {
+    fn k8s_peer(&mut self, field: &str, peer: api::S<NetworkPolicyPeer>) -> Option<Peer> {
+        let at = peer.referenced;
+        let peer = peer.value;
         match (peer.pod_selector, peer.namespace_selector, peer.ip_block) {
             (None, None, None) => {
-                self.problem(
+                self.problem_at(
+                    &at,
                     field,
                     "must specify a peer: podSelector, namespaceSelector or ipBlock",
                 );
                 None
             }
             (Some(_), _, Some(_)) | (_, Some(_), Some(_)) => {
-                self.problem(
+                self.problem_at(
+                    &at,
                     field,
                     "may not specify both ipBlock and another peer (podSelector/namespaceSelector)",
                 );
@@ -436,10 +475,10 @@ impl Validator<'_> {
             }
             (pods, namespaces, None) => {
                 if let Some(p) = &pods {
-                    self.selector(&format!("{field}.podSelector"), p);
+                    self.selector(&at, &format!("{field}.podSelector"), p);
                 }
                 if let Some(n) = &namespaces {
-                    self.selector(&format!("{field}.namespaceSelector"), n);
+                    self.selector(&at, &format!("{field}.namespaceSelector"), n);
                 }
                 Some(Peer::Workloads {
                     pods,
@@ -452,7 +491,12 @@ impl Validator<'_> {
         }
     }
 
-    fn cidr(&mut self, field: &str, cidr: &str, except: &[String]) -> Option<Peer> {
+    fn cidr(
+        &mut self,
+        field: &str,
+        cidr: &api::S<String>,
+        except: &[api::S<String>],
+    ) -> Option<Peer> {
         let parse = |s: &str| -> Result<IpNet, String> {
             s.parse::<IpNet>().map_err(|_| {
                 if s.parse::<IpAddr>().is_ok() {
@@ -464,23 +508,27 @@ impl Validator<'_> {
                 }
             })
         };
-        let block = match parse(cidr) {
+        let block = match parse(&cidr.value) {
             Ok(b) => b,
             Err(m) => {
-                self.problem(&format!("{field}.cidr"), m);
+                self.problem_at(&cidr.referenced, &format!("{field}.cidr"), m);
                 return None;
             }
         };
         let mut excepts = Vec::new();
         for (i, e) in except.iter().enumerate() {
             let f = format!("{field}.except[{i}]");
-            match parse(e) {
+            match parse(&e.value) {
                 Ok(net) if block.contains(&net) && net != block => excepts.push(net),
-                Ok(_) => self.problem(
+                Ok(_) => self.problem_at(
+                    &e.referenced,
                     &f,
-                    format!("{e:?} must be a strict subset of cidr {cidr:?}"),
+                    format!(
+                        "{:?} must be a strict subset of cidr {:?}",
+                        e.value, cidr.value
+                    ),
                 ),
-                Err(m) => self.problem(&f, m),
+                Err(m) => self.problem_at(&e.referenced, &f, m),
             }
         }
         Some(Peer::Cidr {
@@ -498,22 +546,27 @@ impl Validator<'_> {
         let mut out = Vec::new();
         for (i, p) in ports.into_iter().enumerate() {
             let f = format!("{field}.ports[{i}]");
-            let protocol = match p.protocol.as_deref() {
-                None | Some("TCP") => Protocol::Tcp,
-                Some("UDP") => Protocol::Udp,
-                Some("SCTP") => Protocol::Sctp,
-                Some(other) => {
-                    self.problem(
-                        &format!("{f}.protocol"),
-                        format!("unsupported value {other:?}: supported values: \"TCP\", \"UDP\", \"SCTP\""),
-                    );
-                    continue;
-                }
+            let protocol = match &p.protocol {
+                None => Protocol::Tcp,
+                Some(s) => match s.value.as_str() {
+                    "TCP" => Protocol::Tcp,
+                    "UDP" => Protocol::Udp,
+                    "SCTP" => Protocol::Sctp,
+                    other => {
+                        self.problem_at(
+                            &s.referenced,
+                            &format!("{f}.protocol"),
+                            format!("unsupported value {other:?}: supported values: \"TCP\", \"UDP\", \"SCTP\""),
+                        );
+                        continue;
+                    }
+                },
             };
-            let first = match p.port {
+            let first = match &p.port {
                 None => {
-                    if p.end_port.is_some() {
-                        self.problem(
+                    if let Some(e) = &p.end_port {
+                        self.problem_at(
+                            &e.referenced,
                             &format!("{f}.endPort"),
                             "may not be specified when port is not specified",
                         );
@@ -521,39 +574,53 @@ impl Validator<'_> {
                     out.push(PortRange::all(protocol));
                     continue;
                 }
-                Some(IntOrString::Int(n)) if (1..=65535).contains(&n) => n as u16,
-                Some(IntOrString::Int(n)) => {
-                    self.problem(
-                        &format!("{f}.port"),
-                        format!("{n} is out of range: must be between 1 and 65535, inclusive"),
-                    );
-                    continue;
-                }
-                Some(IntOrString::String(name)) => {
-                    self.problem(
-                        &format!("{f}.port"),
-                        format!("named port {name:?} is not supported yet: use the port number"),
-                    );
-                    continue;
-                }
+                Some(s) => match &s.value {
+                    IntOrString::Int(n) if (1..=65535).contains(n) => *n as u16,
+                    IntOrString::Int(n) => {
+                        self.problem_at(
+                            &s.referenced,
+                            &format!("{f}.port"),
+                            format!("{n} is out of range: must be between 1 and 65535, inclusive"),
+                        );
+                        continue;
+                    }
+                    IntOrString::String(name) => {
+                        self.problem_at(
+                            &s.referenced,
+                            &format!("{f}.port"),
+                            format!(
+                                "named port {name:?} is not supported yet: use the port number"
+                            ),
+                        );
+                        continue;
+                    }
+                },
             };
-            let last = match p.end_port {
+            let last = match &p.end_port {
                 None => first,
-                Some(e) if !(1..=65535).contains(&e) => {
-                    self.problem(
+                Some(e) if !(1..=65535).contains(&e.value) => {
+                    self.problem_at(
+                        &e.referenced,
                         &format!("{f}.endPort"),
-                        format!("{e} is out of range: must be between 1 and 65535, inclusive"),
+                        format!(
+                            "{} is out of range: must be between 1 and 65535, inclusive",
+                            e.value
+                        ),
                     );
                     continue;
                 }
-                Some(e) if e < i64::from(first) => {
-                    self.problem(
+                Some(e) if e.value < i64::from(first) => {
+                    self.problem_at(
+                        &e.referenced,
                         &format!("{f}.endPort"),
-                        format!("{e} must be greater than or equal to port ({first})"),
+                        format!(
+                            "{} must be greater than or equal to port ({first})",
+                            e.value
+                        ),
                     );
                     continue;
                 }
-                Some(e) => e as u16,
+                Some(e) => e.value as u16,
             };
             out.push(PortRange {
                 protocol,
@@ -567,20 +634,24 @@ impl Validator<'_> {
     fn palisade_policy(&mut self, pp: api::PalisadePolicy) -> Option<Policy> {
         let (name, namespace) = self.metadata(&pp.metadata, true);
         let spec = pp.spec;
-        let mode = match spec.mode.as_deref() {
-            None | Some("enforce") => Mode::Enforce,
-            Some("audit") => Mode::Audit,
-            Some(other) => {
-                self.problem(
-                    "spec.mode",
-                    format!(
-                        "unsupported value {other:?}: supported values: \"enforce\", \"audit\""
-                    ),
-                );
-                Mode::Enforce
+        let mode = match &spec.mode {
+            None => Mode::Enforce,
+            Some(m) => {
+                match m.value.as_str() {
+                    "enforce" => Mode::Enforce,
+                    "audit" => Mode::Audit,
+                    other => {
+                        self.problem_at(&m.referenced, "spec.mode", format!("unsupported value {other:?}: supported values: \"enforce\", \"audit\""));
+                        Mode::Enforce
+                    }
+                }
             }
         };
-        self.selector("spec.selector", &spec.selector);
+        self.selector(
+            &spec.selector.referenced,
+            "spec.selector",
+            &spec.selector.value,
+        );
         let mut convert = |dir: Direction, rules: Option<Vec<api::PalisadeRule>>| {
             rules.map(|rules| {
                 rules
@@ -608,7 +679,7 @@ impl Validator<'_> {
             namespace,
             origin: self.origin(api::PALISADE_KIND),
             mode,
-            selector: spec.selector,
+            selector: spec.selector.value,
             ingress,
             egress,
         })
@@ -617,29 +688,36 @@ impl Validator<'_> {
     fn palisade_rule(&mut self, dir: Direction, index: usize, r: api::PalisadeRule) -> Rule {
         let field = format!("spec.{}[{index}]", dir.as_str());
         let (peers_field, peers, wrong) = match dir {
-            Direction::Ingress => ("from", r.from, r.to.is_some().then_some("to")),
-            Direction::Egress => ("to", r.to, r.from.is_some().then_some("from")),
+            Direction::Ingress => ("from", r.from, r.to.map(|p| ("to", p))),
+            Direction::Egress => ("to", r.to, r.from.map(|p| ("from", p))),
         };
-        if let Some(w) = wrong {
-            self.problem(
-                &format!("{field}.{w}"),
-                format!("{} rules name their peers in {peers_field:?}", dir.as_str()),
-            );
-        }
-        let action = match r.action.as_deref() {
-            None | Some("allow") => Action::Allow,
-            Some("deny") => Action::Deny,
-            Some(other) => {
-                self.problem(
-                    &format!("{field}.action"),
-                    format!("unsupported value {other:?}: supported values: \"allow\", \"deny\""),
-                );
-                Action::Allow
+        if let Some((w, list)) = wrong {
+            let message = format!("{} rules name their peers in {peers_field:?}", dir.as_str());
+            match list.first() {
+                Some(p) => self.problem_at(&p.referenced, &format!("{field}.{w}"), message),
+                None => self.problem(&format!("{field}.{w}"), message),
             }
+        }
+        let action = match &r.action {
+            None => Action::Allow,
+            Some(a) => match a.value.as_str() {
+                "allow" => Action::Allow,
+                "deny" => Action::Deny,
+                other => {
+                    self.problem_at(
+                        &a.referenced,
+                        &format!("{field}.action"),
+                        format!(
+                            "unsupported value {other:?}: supported values: \"allow\", \"deny\""
+                        ),
+                    );
+                    Action::Allow
+                }
+            },
         };
         let name = r
             .name
-            .unwrap_or_else(|| format!("{}[{index}]", dir.as_str()));
+            .map_or_else(|| format!("{}[{index}]", dir.as_str()), |n| n.value);
         let peers = peers.filter(|p| !p.is_empty()).map(|peers| {
             peers
                 .into_iter()
@@ -655,37 +733,44 @@ impl Validator<'_> {
         }
     }
 
-    fn palisade_peer(&mut self, field: &str, p: api::PalisadePeer) -> Option<Peer> {
+    fn palisade_peer(&mut self, field: &str, p: api::S<api::PalisadePeer>) -> Option<Peer> {
+        let at = p.referenced;
+        let p = p.value;
         let workloads = p.selector.is_some() || p.namespaces.is_some();
         let kinds = [workloads, p.identity.is_some(), p.cidr.is_some()]
             .iter()
             .filter(|b| **b)
             .count();
         if kinds != 1 {
-            self.problem(
+            self.problem_at(
+                &at,
                 field,
                 "must specify exactly one of: selector/namespaces, identity, cidr",
             );
             return None;
         }
         if !p.except.is_empty() && p.cidr.is_none() {
-            self.problem(&format!("{field}.except"), "is only valid with cidr");
+            self.problem_at(&at, &format!("{field}.except"), "is only valid with cidr");
         }
         if let Some(id) = p.identity {
-            if id.is_empty() {
-                self.problem(&format!("{field}.identity"), "must not be empty");
+            if id.value.is_empty() {
+                self.problem_at(
+                    &id.referenced,
+                    &format!("{field}.identity"),
+                    "must not be empty",
+                );
                 return None;
             }
-            return Some(Peer::Identity(id));
+            return Some(Peer::Identity(id.value));
         }
-        if let Some(c) = p.cidr {
-            return self.cidr(field, &c, &p.except);
+        if let Some(c) = &p.cidr {
+            return self.cidr(field, c, &p.except);
         }
         if let Some(s) = &p.selector {
-            self.selector(&format!("{field}.selector"), s);
+            self.selector(&at, &format!("{field}.selector"), s);
         }
         if let Some(n) = &p.namespaces {
-            self.selector(&format!("{field}.namespaces"), n);
+            self.selector(&at, &format!("{field}.namespaces"), n);
         }
         Some(Peer::Workloads {
             pods: p.selector,
@@ -695,6 +780,41 @@ impl Validator<'_> {
             },
         })
     }
+}
+
+/// For "unknown field `x`, expected one of a, b, …", names the closest known
+/// field when it is a likely typo.
+fn suggest_field(message: &str) -> String {
+    let Some(rest) = message.strip_prefix("unknown field `") else {
+        return message.to_owned();
+    };
+    let Some((unknown, rest)) = rest.split_once('`') else {
+        return message.to_owned();
+    };
+    let known: Vec<&str> = rest
+        .split(['`', ',', ' '])
+        .filter(|w| !w.is_empty() && !matches!(*w, "expected" | "one" | "of" | "or"))
+        .collect();
+    let best = known.iter().map(|k| (edit_distance(unknown, k), *k)).min();
+    match best {
+        Some((d, k)) if d <= 2.max(unknown.len() / 4) => format!("{message}; did you mean `{k}`?"),
+        _ => message.to_owned(),
+    }
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
 }
 
 fn is_dns_subdomain(s: &str) -> bool {

@@ -316,59 +316,110 @@ fn problems(yaml: &str) -> Vec<String> {
 
 const HEAD: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: x, namespace: y}\nspec:\n  podSelector: {}\n";
 
+/// Malformed and hostile inputs: each is refused with `file:line:column:` and
+/// what is wrong, quickly. (location, substring of the message)
 #[test]
 fn bad_input_is_reported_with_file_line_and_field() {
-    let p = problems(&format!("{HEAD}  ingress:\n  - ports: [{{port: 0}}]\n"));
-    assert_eq!(
-        p,
-        [
-            "bad.yaml:1:1: spec.ingress[0].ports[0].port: 0 is out of range: must be between 1 and 65535, inclusive"
-        ]
-    );
-    let p = problems(&format!("{HEAD}  ingress:\n  - ports: [{{port: 70000}}]\n"));
-    assert!(
-        p[0].contains("spec.ingress[0].ports[0].port: 70000 is out of range"),
-        "{p:?}"
-    );
-    let p = problems(&format!(
-        "{HEAD}  egress:\n  - ports: [{{port: 90, endPort: 80}}]\n"
-    ));
-    assert!(
-        p[0].contains(
-            "spec.egress[0].ports[0].endPort: 80 must be greater than or equal to port (90)"
-        ),
-        "{p:?}"
-    );
-    let p = problems(&format!(
-        "{HEAD}  ingress:\n  - from: [{{ipBlock: {{cidr: 10.0.0.300/8}}}}]\n"
-    ));
-    assert!(
-        p[0].contains("spec.ingress[0].from[0].ipBlock.cidr: \"10.0.0.300/8\" is not a valid CIDR"),
-        "{p:?}"
-    );
-    let p = problems(&format!(
-        "{HEAD}  ingress:\n  - from: [{{ipBlock: {{cidr: 10.0.0.1}}}}]\n"
-    ));
-    assert!(p[0].contains("is an address, not a CIDR"), "{p:?}");
-    // Unknown field: located at its line by the YAML parser.
-    let p = problems(&format!("{HEAD}  ingres:\n  - {{}}\n"));
-    assert!(p[0].starts_with("bad.yaml:6:"), "{p:?}");
-    assert!(p[0].contains("ingres"), "{p:?}");
-    // A second document's problem is located in the file, not the document.
-    let p = problems(&format!("{HEAD}---\n{HEAD}  policyTypes: [Sideways]\n"));
-    assert!(
-        p[0].starts_with("bad.yaml:7:1: spec.policyTypes[0]: unsupported value \"Sideways\""),
-        "{p:?}"
-    );
-    // Syntax error and duplicate key.
-    assert!(problems("apiVersion: [\n")[0].starts_with("bad.yaml:"));
-    let p = problems(&format!("{HEAD}  podSelector: {{}}\n"));
-    assert!(p[0].to_lowercase().contains("duplicate"), "{p:?}");
-    let p = problems("apiVersion: v1\nkind: Pod\n");
-    assert!(
-        p[0].contains("unsupported document apiVersion=v1 kind=Pod"),
-        "{p:?}"
-    );
+    let np = |spec: &str| format!("{HEAD}{spec}");
+    let pp = |spec: &str| {
+        format!(
+            "apiVersion: palisade.dev/v1alpha1\nkind: PalisadePolicy\nmetadata: {{name: p, namespace: y}}\nspec:\n  selector: {{}}\n{spec}"
+        )
+    };
+    let cases: Vec<(String, &str, &str)> = vec![
+        (np("  ingress:\n  - ports: [{port: 0}]\n"), "7:20", "spec.ingress[0].ports[0].port: 0 is out of range: must be between 1 and 65535, inclusive"),
+        (np("  ingress:\n  - ports: [{port: 70000}]\n"), "7:20", "spec.ingress[0].ports[0].port: 70000 is out of range"),
+        (np("  egress:\n  - ports: [{port: 90, endPort: 80}]\n"), "7:33", "spec.egress[0].ports[0].endPort: 80 must be greater than or equal to port (90)"),
+        (np("  egress:\n  - ports: [{endPort: 80}]\n"), "7:23", "spec.egress[0].ports[0].endPort: may not be specified when port is not specified"),
+        (np("  ingress:\n  - ports: [{port: 80, protocol: ICMP}]\n"), "7:34", "spec.ingress[0].ports[0].protocol: unsupported value \"ICMP\""),
+        (np("  ingress:\n  - ports: [{port: [80]}]\n"), "7:", "invalid type"),
+        (np("  ingress:\n  - from: [{ipBlock: {cidr: 10.0.0.300/8}}]\n"), "7:", "spec.ingress[0].from[0].ipBlock.cidr: \"10.0.0.300/8\" is not a valid CIDR"),
+        (np("  ingress:\n  - from: [{ipBlock: {cidr: 10.0.0.1}}]\n"), "7:", "is an address, not a CIDR"),
+        (np("  ingress:\n  - from: [{ipBlock: {cidr: 10.0.0.0/8, except: [11.0.0.0/8]}}]\n"), "7:", "spec.ingress[0].from[0].ipBlock.except[0]: \"11.0.0.0/8\" must be a strict subset"),
+        (np("  ingress:\n  - from: [{ipBlock: {cidr: 10.0.0.0/8}, podSelector: {}}]\n"), "7:", "may not specify both ipBlock and another peer"),
+        (np("  ingress:\n  - from: [{}]\n"), "7:", "spec.ingress[0].from[0]: must specify a peer"),
+        (np("  ingres:\n  - {}\n"), "6:3", "unknown field `ingres`, expected one of podSelector, policyTypes, ingress, egress; did you mean `ingress`?"),
+        (np("  podSelector: {}\n"), "6:3", "duplicate mapping key: podSelector"),
+        (np("  policyTypes: [Sideways]\n"), "6:17", "spec.policyTypes[0]: unsupported value \"Sideways\""),
+        (np("  ingress:\n  - from: [{podSelector: {matchExpressions: [{key: a, operator: In}]}}]\n"), "7:", "matchExpressions[0].values: must be non-empty when operator is In"),
+        (np("  ingress:\n  - from: [{podSelector: {matchExpressions: [{key: a, operator: Exists, values: [x]}]}}]\n"), "7:", "must be empty when operator is Exists"),
+        (np("  ingress:\n  - from: [{podSelector: {matchExpressions: [{key: a, operator: Equals}]}}]\n"), "7:", "Equals"),
+        ("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {namespace: y}\nspec: {}\n".into(), "1:1", "metadata.name: is required"),
+        ("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: Web_Policy}\nspec: {}\n".into(), "3:18", "metadata.name: \"Web_Policy\" must be a DNS subdomain"),
+        ("apiVersion: v1\nkind: Pod\n".into(), "1:1", "unsupported document apiVersion=v1 kind=Pod"),
+        ("kind: NetworkPolicy\n".into(), "1:1", "apiVersion: unsupported document apiVersion=(missing)"),
+        ("apiVersion: [\n".into(), "1:13", "expected string"),
+        ("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: x}\nspec:\n\tpodSelector: {}\n".into(), "5:", ""),
+        (pp("  mode: strict\n"), "6:9", "spec.mode: unsupported value \"strict\""),
+        (pp("  ingress:\n    - action: reject\n"), "7:15", "spec.ingress[0].action: unsupported value \"reject\""),
+        (pp("  ingress:\n    - from: [{identity: a/b, cidr: 10.0.0.0/8}]\n"), "7:", "spec.ingress[0].from[0]: must specify exactly one of"),
+        (pp("  ingress:\n    - name: r\n    - name: r\n"), "1:1", "rule name \"r\" is used twice"),
+        (pp("  egress:\n    - from: [{identity: a/b}]\n"), "7:", "spec.egress[0].from: egress rules name their peers in \"to\""),
+        (np("  ingress:\n  - ports: [{port: http}]\n"), "7:20", "named port \"http\" is not supported yet"),
+        (format!("{HEAD}---\n{HEAD}  policyTypes: [Sideways]\n"), "12:17", "spec.policyTypes[0]"),
+        (format!("{HEAD}---\n{HEAD}"), "7:1", "NetworkPolicy y/x is defined twice (first at "),
+    ];
+    assert!(cases.len() >= 25);
+    for (yaml, at, message) in &cases {
+        let start = std::time::Instant::now();
+        let problems = match parse_str("bad.yaml", yaml) {
+            Ok(p) if p.len() == 2 => {
+                // Duplicates across documents are found by load_paths.
+                let dir = tempfile::tempdir().unwrap();
+                let path = dir.path().join("bad.yaml");
+                std::fs::write(&path, yaml).unwrap();
+                load_paths(&[path])
+                    .unwrap_err()
+                    .problems
+                    .into_iter()
+                    .map(|mut p| {
+                        p.file = "bad.yaml".into();
+                        p.to_string()
+                    })
+                    .collect::<Vec<_>>()
+            }
+            Ok(p) => panic!("accepted {yaml:?}: {p:?}"),
+            Err(e) => e.problems.iter().map(ToString::to_string).collect(),
+        };
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(1),
+            "{yaml:?} took {:?}",
+            start.elapsed()
+        );
+        let want = format!("bad.yaml:{at}");
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with(&want) && p.contains(message)),
+            "for {yaml:?}\nwanted {want}…{message}\ngot {problems:#?}"
+        );
+    }
+}
+
+#[test]
+fn huge_and_deep_files_are_refused_quickly() {
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big.yaml");
+    let line = "# padding padding padding padding padding padding padding padding padding\n";
+    std::fs::write(&big, line.repeat(50 * 1024 * 1024 / line.len())).unwrap();
+    let deep = dir.path().join("deep.yaml");
+    std::fs::write(&deep, format!("apiVersion: {}\n", "[".repeat(100_000))).unwrap();
+    for (path, message) in [(&big, "more than the limit"), (&deep, "")] {
+        let start = std::time::Instant::now();
+        let e = load_paths(std::slice::from_ref(path)).unwrap_err();
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(1),
+            "{:?}",
+            start.elapsed()
+        );
+        let p = &e.problems[0];
+        assert!(
+            p.file
+                .ends_with(path.file_name().unwrap().to_str().unwrap())
+                && p.message.contains(message),
+            "{p}"
+        );
+    }
 }
 
 #[test]
