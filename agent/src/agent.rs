@@ -69,13 +69,17 @@ impl Planner {
                 labels: w.labels.clone(),
             };
             let id = self.allocator.get_or_allocate(&key);
-            identities.entry(id).or_insert_with(|| IdentityInfo {
+            let info = identities.entry(id).or_insert_with(|| IdentityInfo {
                 id,
                 name: display_name(&td, &key, &w.name),
                 namespace: key.namespace.clone(),
                 labels: key.labels.clone(),
                 kind: IdentityKind::Workload,
+                named_ports: BTreeMap::new(),
             });
+            for (k, port) in w.ports.iter().filter_map(|p| p.key()) {
+                info.named_ports.entry(k).or_insert(port);
+            }
             cgroups.insert(w.cgroup_id, id);
             own_addresses.extend(w.ips.iter().map(|ip| (w.cgroup_id, *ip)));
             addresses.extend(w.ips.iter().map(|ip| (IpNet::from(*ip), id)));
@@ -100,6 +104,7 @@ impl Planner {
                 } else {
                     IdentityKind::Peer
                 },
+                named_ports: BTreeMap::new(),
             });
             addresses.extend(p.cidrs.iter().map(|c| (c.trunc(), id)));
         }

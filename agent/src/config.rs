@@ -100,6 +100,35 @@ pub struct WorkloadRule {
     /// Labels; values may use captures.
     #[serde(default)]
     pub labels: Labels,
+    /// Declared ports, for named ports in policy (`port: https`).
+    #[serde(default)]
+    pub ports: Vec<NamedPortConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NamedPortConfig {
+    pub name: String,
+    pub port: u16,
+    /// TCP (default), UDP or SCTP.
+    #[serde(default = "default_tcp")]
+    pub protocol: String,
+}
+
+fn default_tcp() -> String {
+    "TCP".into()
+}
+
+impl NamedPortConfig {
+    pub fn key(&self) -> Option<((crate::policy::model::Protocol, String), u16)> {
+        Some((
+            (
+                crate::policy::model::Protocol::parse(&self.protocol)?,
+                self.name.clone(),
+            ),
+            self.port,
+        ))
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -239,6 +268,17 @@ impl Config {
         for (i, rule) in self.workloads.iter().enumerate() {
             crate::discovery::PathPattern::new(&rule.path)
                 .map_err(|m| invalid(format!("workloads[{i}].path"), m))?;
+            for (j, p) in rule.ports.iter().enumerate() {
+                if p.key().is_none() {
+                    return Err(invalid(
+                        format!("workloads[{i}].ports[{j}].protocol"),
+                        format!(
+                            "unsupported value {:?}: supported values: \"TCP\", \"UDP\", \"SCTP\"",
+                            p.protocol
+                        ),
+                    ));
+                }
+            }
             if rule.namespace.is_empty() {
                 return Err(invalid(
                     format!("workloads[{i}].namespace"),

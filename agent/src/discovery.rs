@@ -185,6 +185,8 @@ pub struct Workload {
     pub name: String,
     pub labels: Labels,
     pub ips: Vec<IpAddr>,
+    /// Declared ports (from the matching rule).
+    pub ports: Vec<crate::config::NamedPortConfig>,
 }
 
 /// Compiled workload rules.
@@ -220,6 +222,7 @@ impl Classifier {
                     .map(|(k, v)| (k.clone(), expand(v, &caps)))
                     .collect(),
                 ips: Vec::new(),
+                ports: rule.ports.clone(),
             })
         })
     }

@@ -182,13 +182,22 @@ impl Model {
                 labels: p.labels.clone(),
             };
             let id = allocator.get_or_allocate(&key);
-            identities.entry(id).or_insert_with(|| IdentityInfo {
+            let info = identities.entry(id).or_insert_with(|| IdentityInfo {
                 id,
                 name: display_name("cluster.local", &key, &p.name),
                 namespace: key.namespace.clone(),
                 labels: key.labels.clone(),
                 kind: IdentityKind::Workload,
+                named_ports: BTreeMap::new(),
             });
+            for port in &p.ports {
+                if let (Some(name), Some(protocol)) = (&port.name, Protocol::parse(&port.protocol))
+                {
+                    info.named_ports
+                        .entry((protocol, name.clone()))
+                        .or_insert(port.port);
+                }
+            }
             pods.insert(format!("{}/{}", p.namespace, p.name), (id, p.ip));
             addresses.push((IpNet::from(p.ip), id));
         }

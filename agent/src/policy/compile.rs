@@ -36,6 +36,8 @@ pub struct IdentityInfo {
     pub namespace: Option<String>,
     pub labels: Labels,
     pub kind: IdentityKind,
+    /// Declared ports by (protocol, name), for named ports in rules.
+    pub named_ports: BTreeMap<(Protocol, String), u16>,
 }
 
 /// What the compiler needs to know about the world.
@@ -189,6 +191,7 @@ pub fn compile(policies: &[Policy], world: &World) -> CompiledPolicy {
     let mut acc: BTreeMap<EntryKey, Acc> = BTreeMap::new();
     // (direction, identity) → (policy rule id, all selecting policies audit?)
     let mut enforcement: BTreeMap<(u8, u32), (u32, bool)> = BTreeMap::new();
+    let by_id: BTreeMap<u32, &IdentityInfo> = world.identities.iter().map(|i| (i.id, i)).collect();
 
     for policy in policies {
         let selected: Vec<u32> = world
@@ -220,18 +223,41 @@ pub fn compile(policies: &[Policy], world: &World) -> CompiledPolicy {
                 };
                 let peers = resolve_peers(policy, rule, world, &out.cidr_identities);
                 let ports = port_prefixes(rule);
+                let mut emit = |local: u32, peer: u32, protocol: u8, port: u16, port_bits: u8| {
+                    let key = EntryKey {
+                        direction: dir,
+                        protocol,
+                        local,
+                        peer,
+                        port,
+                        port_bits,
+                    };
+                    acc.entry(key).or_default().set(flag, rule_id);
+                };
                 for &local in &selected {
                     for &peer in &peers {
                         for &(protocol, port, port_bits) in &ports {
-                            let key = EntryKey {
-                                direction: dir,
-                                protocol,
-                                local,
-                                peer,
-                                port,
-                                port_bits,
+                            emit(local, peer, protocol, port, port_bits);
+                        }
+                        // Named ports: the selected workload's own for ingress;
+                        // the peer's for egress (every workload declaring the
+                        // name when the peer is "any").
+                        for (protocol, name) in &rule.named_ports {
+                            let key = (*protocol, name.clone());
+                            let targets: Vec<(u32, u32)> = match direction {
+                                Direction::Ingress => vec![(peer, local)],
+                                Direction::Egress if peer == identity::ANY => {
+                                    world.identities.iter().map(|i| (i.id, i.id)).collect()
+                                }
+                                Direction::Egress => vec![(peer, peer)],
                             };
-                            acc.entry(key).or_default().set(flag, rule_id);
+                            for (entry_peer, owner) in targets {
+                                if let Some(port) =
+                                    by_id.get(&owner).and_then(|i| i.named_ports.get(&key))
+                                {
+                                    emit(local, entry_peer, protocol.number(), *port, 16);
+                                }
+                            }
                         }
                     }
                 }
@@ -357,7 +383,10 @@ fn resolve_peers(
 /// (protocol, port, port bits) prefixes covering the rule's ports.
 fn port_prefixes(rule: &Rule) -> Vec<(u8, u16, u8)> {
     let ranges: Vec<PortRange> = match &rule.ports {
-        None => Protocol::ALL.iter().map(|p| PortRange::all(*p)).collect(),
+        None if rule.named_ports.is_empty() => {
+            Protocol::ALL.iter().map(|p| PortRange::all(*p)).collect()
+        }
+        None => Vec::new(),
         Some(r) => r.clone(),
     };
     let mut out = BTreeSet::new();

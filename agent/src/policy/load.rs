@@ -442,11 +442,13 @@ impl Validator<'_> {
                 .filter_map(|(i, p)| self.k8s_peer(&format!("{field}.{peers_field}[{i}]"), p))
                 .collect()
         });
+        let (ports, named_ports) = self.ports(field, ports);
         Rule {
             name,
             action: Action::Allow,
             peers,
-            ports: self.ports(field, ports),
+            ports,
+            named_ports,
         }
     }
 
@@ -541,8 +543,11 @@ impl Validator<'_> {
         &mut self,
         field: &str,
         ports: Option<Vec<NetworkPolicyPort>>,
-    ) -> Option<Vec<PortRange>> {
-        let ports = ports.filter(|p| !p.is_empty())?;
+    ) -> (Option<Vec<PortRange>>, Vec<(Protocol, String)>) {
+        let mut named = Vec::new();
+        let Some(ports) = ports.filter(|p| !p.is_empty()) else {
+            return (None, named);
+        };
         let mut out = Vec::new();
         for (i, p) in ports.into_iter().enumerate() {
             let f = format!("{field}.ports[{i}]");
@@ -585,13 +590,21 @@ impl Validator<'_> {
                         continue;
                     }
                     IntOrString::String(name) => {
-                        self.problem_at(
-                            &s.referenced,
-                            &format!("{f}.port"),
-                            format!(
-                                "named port {name:?} is not supported yet: use the port number"
-                            ),
-                        );
+                        if let Some(e) = &p.end_port {
+                            self.problem_at(
+                                &e.referenced,
+                                &format!("{f}.endPort"),
+                                "may not be specified with a named port",
+                            );
+                        } else if !is_port_name(name) {
+                            self.problem_at(
+                                &s.referenced,
+                                &format!("{f}.port"),
+                                format!("{name:?} is not a valid port name: at most 15 lower-case letters, digits and '-', with at least one letter"),
+                            );
+                        } else {
+                            named.push((protocol, name.clone()));
+                        }
                         continue;
                     }
                 },
@@ -628,7 +641,7 @@ impl Validator<'_> {
                 last,
             });
         }
-        Some(out)
+        (Some(out), named)
     }
 
     fn palisade_policy(&mut self, pp: api::PalisadePolicy) -> Option<Policy> {
@@ -725,11 +738,13 @@ impl Validator<'_> {
                 .filter_map(|(i, p)| self.palisade_peer(&format!("{field}.{peers_field}[{i}]"), p))
                 .collect()
         });
+        let (ports, named_ports) = self.ports(&field, r.ports);
         Rule {
             name,
             action,
             peers,
-            ports: self.ports(&field, r.ports),
+            ports,
+            named_ports,
         }
     }
 
@@ -815,6 +830,18 @@ fn edit_distance(a: &str, b: &str) -> usize {
         }
     }
     row[b.len()]
+}
+
+/// IANA service name, as Kubernetes validates container port names.
+fn is_port_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 15
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes().any(|b| b.is_ascii_lowercase())
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+        && !s.contains("--")
 }
 
 fn is_dns_subdomain(s: &str) -> bool {

@@ -35,6 +35,12 @@ pub enum Protocol {
 
 impl Protocol {
     pub const ALL: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
+    /// `TCP`, `UDP` or `SCTP` (any case).
+    pub fn parse(s: &str) -> Option<Protocol> {
+        Protocol::ALL
+            .into_iter()
+            .find(|p| p.as_str().eq_ignore_ascii_case(s))
+    }
     pub fn number(self) -> u8 {
         match self {
             Protocol::Tcp => palisade_common::PROTO_TCP,
@@ -110,8 +116,11 @@ pub struct Rule {
     pub action: Action,
     /// `None`: any peer at all (including the world).
     pub peers: Option<Vec<Peer>>,
-    /// `None`: every port of every protocol.
+    /// `None` (and no named ports): every port of every protocol.
     pub ports: Option<Vec<PortRange>>,
+    /// Named ports, resolved per workload when compiled: against the
+    /// selected workload's ports for ingress, the peer's for egress.
+    pub named_ports: Vec<(Protocol, String)>,
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -7,6 +7,7 @@ use super::{
     compile::{IdentityInfo, IdentityKind, World, compile},
     load::{load_paths, parse_str},
     lookup::decide,
+    model::Protocol,
 };
 
 fn repo_policies(sub: &str) -> PathBuf {
@@ -36,6 +37,12 @@ fn scenario_world() -> (World, BTreeMap<&'static str, u32>) {
             namespace: Some((*ns).into()),
             labels: [("app".to_owned(), (*app).to_owned())].into(),
             kind: IdentityKind::Workload,
+            // Every workload declares `https`; payment-service serves it on 8443.
+            named_ports: [(
+                (Protocol::Tcp, "https".to_owned()),
+                if *app == "payment-service" { 8443 } else { 443 },
+            )]
+            .into(),
         });
         world
             .addresses
@@ -355,7 +362,7 @@ fn bad_input_is_reported_with_file_line_and_field() {
         (pp("  ingress:\n    - from: [{identity: a/b, cidr: 10.0.0.0/8}]\n"), "7:", "spec.ingress[0].from[0]: must specify exactly one of"),
         (pp("  ingress:\n    - name: r\n    - name: r\n"), "1:1", "rule name \"r\" is used twice"),
         (pp("  egress:\n    - from: [{identity: a/b}]\n"), "7:", "spec.egress[0].from: egress rules name their peers in \"to\""),
-        (np("  ingress:\n  - ports: [{port: http}]\n"), "7:20", "named port \"http\" is not supported yet"),
+        (np("  ingress:\n  - ports: [{port: HTTP_1}]\n"), "7:20", "\"HTTP_1\" is not a valid port name"),
         (format!("{HEAD}---\n{HEAD}  policyTypes: [Sideways]\n"), "12:17", "spec.policyTypes[0]"),
         (format!("{HEAD}---\n{HEAD}"), "7:1", "NetworkPolicy y/x is defined twice (first at "),
     ];
@@ -440,4 +447,51 @@ fn alias_expansion_is_bounded() {
         "{:?}",
         start.elapsed()
     );
+}
+
+#[test]
+fn named_ports_resolve_against_the_workload_that_declares_them() {
+    let (world, id) = scenario_world();
+    let yaml = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: named, namespace: production}
+spec:
+  podSelector: {matchLabels: {app: payment-service}}
+  policyTypes: [Ingress, Egress]
+  ingress:
+  - ports: [{port: https}]
+  egress:
+  - to: [{podSelector: {matchLabels: {app: postgres}}}]
+    ports: [{port: https}]
+  - ports: [{port: https, protocol: UDP}]
+"#;
+    let c = compile(&parse_str("named.yaml", yaml).unwrap(), &world);
+    let v = |dir, peer, proto, port| {
+        decide(&c, dir, proto, id["payment-service"], peer, port)
+            .unwrap()
+            .verdict
+    };
+    // Ingress: the selected pod's own `https` (8443), from anyone.
+    assert_eq!(
+        v(DIR_INGRESS, id["logging"], PROTO_TCP, 8443),
+        verdict::ALLOW
+    );
+    assert_eq!(
+        v(DIR_INGRESS, identity::WORLD, PROTO_TCP, 8443),
+        verdict::ALLOW
+    );
+    assert_eq!(v(DIR_INGRESS, id["logging"], PROTO_TCP, 443), verdict::DENY);
+    // Egress: the peer's `https` (443 on postgres).
+    assert_eq!(
+        v(DIR_EGRESS, id["postgres"], PROTO_TCP, 443),
+        verdict::ALLOW
+    );
+    assert_eq!(
+        v(DIR_EGRESS, id["postgres"], PROTO_TCP, 8443),
+        verdict::DENY
+    );
+    assert_eq!(v(DIR_EGRESS, id["logging"], PROTO_TCP, 443), verdict::DENY);
+    // A name no workload declares for UDP matches nothing.
+    assert_eq!(v(DIR_EGRESS, id["logging"], PROTO_UDP, 443), verdict::DENY);
 }
