@@ -53,12 +53,26 @@ fn config(world: &World, file: &WorldFile, policies: &Path, audit: &Path) -> Str
             .iter()
             .map(|(k, v)| format!("{}: {}", quote(k), quote(v)))
             .collect();
+        let ports: Vec<String> = p
+            .ports
+            .iter()
+            .filter_map(|port| {
+                let name = port.name.as_ref()?;
+                Some(format!(
+                    "{{name: {}, port: {}, protocol: {}}}",
+                    quote(name),
+                    port.port,
+                    quote(&port.protocol)
+                ))
+            })
+            .collect();
         c.push_str(&format!(
-            "  - path: {}\n    namespace: {}\n    name: {}\n    labels: {{{}}}\n",
+            "  - path: {}\n    namespace: {}\n    name: {}\n    labels: {{{}}}\n    ports: [{}]\n",
             quote(&format!("{}/{}", p.namespace, p.name)),
             quote(&p.namespace),
             quote(&p.name),
-            labels.join(", ")
+            labels.join(", "),
+            ports.join(", ")
         ));
     }
     c

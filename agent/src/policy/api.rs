@@ -16,6 +16,7 @@ pub const NETWORK_POLICY_API: &str = "networking.k8s.io/v1";
 pub const NETWORK_POLICY_KIND: &str = "NetworkPolicy";
 pub const PALISADE_API: &str = "palisade.dev/v1alpha1";
 pub const PALISADE_KIND: &str = "PalisadePolicy";
+pub const CLUSTER_PALISADE_KIND: &str = "ClusterPalisadePolicy";
 
 /// Just enough of any document to route it to the right type.
 #[derive(Debug, Deserialize)]
@@ -148,8 +149,11 @@ pub struct PalisadePolicy {
 pub struct PalisadePolicySpec {
     /// `enforce` (default) or `audit`.
     pub mode: Option<S<String>>,
-    /// Workloads this policy applies to, in the policy's namespace.
+    /// Workloads this policy applies to, in the policy's namespace (any
+    /// namespace for a ClusterPalisadePolicy).
     pub selector: S<LabelSelector>,
+    /// ClusterPalisadePolicy only: limits the namespaces whose workloads it selects.
+    pub namespaces: Option<S<LabelSelector>>,
     /// Present (even empty) ⇒ selected workloads are default-deny for ingress.
     pub ingress: Option<Vec<PalisadeRule>>,
     /// Present (even empty) ⇒ selected workloads are default-deny for egress.

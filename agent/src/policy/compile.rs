@@ -197,7 +197,7 @@ pub fn compile(policies: &[Policy], world: &World) -> CompiledPolicy {
         let selected: Vec<u32> = world
             .identities
             .iter()
-            .filter(|i| i.kind == IdentityKind::Workload && selects(policy, i))
+            .filter(|i| i.kind == IdentityKind::Workload && selects(policy, i, world))
             .map(|i| i.id)
             .collect();
         for direction in [Direction::Ingress, Direction::Egress] {
@@ -290,10 +290,15 @@ fn push_rule(out: &mut CompiledPolicy, policy: &Policy, rule: String) -> u32 {
     (out.rules.len() - 1) as u32
 }
 
-fn selects(policy: &Policy, id: &IdentityInfo) -> bool {
-    let in_scope = match &policy.namespace {
-        Some(ns) => id.namespace.as_deref() == Some(ns.as_str()),
-        None => true,
+fn selects(policy: &Policy, id: &IdentityInfo, world: &World) -> bool {
+    let in_scope = match (&policy.namespace, &policy.namespace_selector) {
+        (Some(ns), _) => id.namespace.as_deref() == Some(ns.as_str()),
+        (None, None) => true,
+        (None, Some(sel)) => id
+            .namespace
+            .as_ref()
+            .and_then(|ns| world.namespaces.get(ns))
+            .is_some_and(|labels| sel.matches(labels)),
     };
     in_scope && policy.selector.matches(&id.labels)
 }
@@ -338,7 +343,9 @@ fn resolve_peers(
                     }
                     let Some(ns) = &id.namespace else { continue };
                     let ns_ok = match namespaces {
-                        NamespaceScope::Same => policy.namespace.as_deref() == Some(ns.as_str()),
+                        NamespaceScope::Same => {
+                            policy.namespace.as_ref().is_none_or(|own| own == ns)
+                        }
                         NamespaceScope::Matching(sel) => world
                             .namespaces
                             .get(ns)

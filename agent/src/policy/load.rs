@@ -257,7 +257,10 @@ pub fn parse_str(file: &str, text: &str) -> Result<Vec<Policy>, LoadError> {
                 parse_doc::<api::NetworkPolicy>(file, &doc).map(|np| cx.network_policy(np))
             }
             (Some(api::PALISADE_API), Some(api::PALISADE_KIND)) => {
-                parse_doc::<api::PalisadePolicy>(file, &doc).map(|pp| cx.palisade_policy(pp))
+                parse_doc::<api::PalisadePolicy>(file, &doc).map(|pp| cx.palisade_policy(pp, false))
+            }
+            (Some(api::PALISADE_API), Some(api::CLUSTER_PALISADE_KIND)) => {
+                parse_doc::<api::PalisadePolicy>(file, &doc).map(|pp| cx.palisade_policy(pp, true))
             }
             (api_version, kind) => {
                 cx.problem(
@@ -267,13 +270,14 @@ pub fn parse_str(file: &str, text: &str) -> Result<Vec<Policy>, LoadError> {
                         "kind"
                     },
                     format!(
-                        "unsupported document apiVersion={} kind={}; expected {} {} or {} {}",
+                        "unsupported document apiVersion={} kind={}; expected {} {}, or {} {} or {}",
                         api_version.unwrap_or("(missing)"),
                         kind.unwrap_or("(missing)"),
                         api::NETWORK_POLICY_API,
                         api::NETWORK_POLICY_KIND,
                         api::PALISADE_API,
-                        api::PALISADE_KIND
+                        api::PALISADE_KIND,
+                        api::CLUSTER_PALISADE_KIND
                     ),
                 );
                 Ok(None)
@@ -421,6 +425,7 @@ impl Validator<'_> {
             origin: self.origin(api::NETWORK_POLICY_KIND),
             mode: Mode::Enforce,
             selector: pod_selector,
+            namespace_selector: None,
             ingress: ingress_on.then_some(ingress),
             egress: egress_on.then_some(egress),
         })
@@ -644,9 +649,26 @@ impl Validator<'_> {
         (Some(out), named)
     }
 
-    fn palisade_policy(&mut self, pp: api::PalisadePolicy) -> Option<Policy> {
-        let (name, namespace) = self.metadata(&pp.metadata, true);
+    fn palisade_policy(&mut self, pp: api::PalisadePolicy, cluster: bool) -> Option<Policy> {
+        let (name, namespace) = self.metadata(&pp.metadata, !cluster);
+        if cluster && namespace.is_some() {
+            self.problem(
+                "metadata.namespace",
+                "a ClusterPalisadePolicy is not namespaced: remove metadata.namespace",
+            );
+        }
         let spec = pp.spec;
+        let namespace_selector = match spec.namespaces {
+            Some(sel) if !cluster => {
+                self.problem_at(&sel.referenced, "spec.namespaces", "only a ClusterPalisadePolicy selects namespaces; a PalisadePolicy applies to its own");
+                None
+            }
+            Some(sel) => {
+                self.selector(&sel.referenced, "spec.namespaces", &sel.value);
+                Some(sel.value)
+            }
+            None => None,
+        };
         let mode = match &spec.mode {
             None => Mode::Enforce,
             Some(m) => {
@@ -690,9 +712,14 @@ impl Validator<'_> {
         Some(Policy {
             name,
             namespace,
-            origin: self.origin(api::PALISADE_KIND),
+            origin: self.origin(if cluster {
+                api::CLUSTER_PALISADE_KIND
+            } else {
+                api::PALISADE_KIND
+            }),
             mode,
             selector: spec.selector.value,
+            namespace_selector,
             ingress,
             egress,
         })

@@ -89,6 +89,8 @@ pub struct Policy {
     pub mode: Mode,
     /// Workloads the policy applies to (within `namespace` when set).
     pub selector: LabelSelector,
+    /// Cluster-wide policies: only workloads of namespaces matching this.
+    pub namespace_selector: Option<LabelSelector>,
     /// `Some` ⇔ the policy makes selected workloads default-deny for ingress.
     pub ingress: Option<Vec<Rule>>,
     pub egress: Option<Vec<Rule>>,
@@ -139,7 +141,7 @@ pub enum Peer {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum NamespaceScope {
-    /// The policy's own namespace.
+    /// The policy's own namespace; every namespace for a cluster-wide policy.
     Same,
     /// Namespaces whose labels match.
     Matching(LabelSelector),
