@@ -10,7 +10,7 @@ use aya_ebpf::{
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
-use palisade_common::{DIR_EGRESS, PROTO_TCP, PROTO_UDP, v4_mapped};
+use palisade_common::{DIR_EGRESS, PROTO_SCTP, PROTO_TCP, PROTO_UDP, v4_mapped};
 
 use crate::{
     CGROUP_IDENTITY,
@@ -42,7 +42,10 @@ fn judge(ctx: &SockAddrContext, family: u8, sendmsg: bool) -> i32 {
     // SAFETY: the kernel hands every sock_addr program a valid context.
     let sa = unsafe { &*ctx.sock_addr };
     let protocol = sa.protocol as u8;
-    if protocol != PROTO_TCP && protocol != PROTO_UDP {
+    // SCTP associations are judged at connect() too; SCTP's sendmsg path has
+    // no cgroup hook, so an association set up implicitly by sendmsg() is
+    // judged only at the receiver's ingress.
+    if protocol != PROTO_TCP && protocol != PROTO_UDP && protocol != PROTO_SCTP {
         return PASS;
     }
     // SAFETY: helper without arguments; process context.

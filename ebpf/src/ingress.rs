@@ -3,7 +3,7 @@
 //! comes from its source address through the ipcache (a packet that crossed a
 //! wire or a veth carries no sender cgroup).
 //!
-//! Only new flows are judged: a TCP SYN without ACK, and a UDP datagram from a
+//! Only new flows are judged: a TCP SYN without ACK, an SCTP INIT, and a UDP datagram from a
 //! peer this socket has not yet exchanged traffic with under the current
 //! policy generation. Everything else belongs to a flow already judged.
 use aya_ebpf::{
@@ -13,7 +13,7 @@ use aya_ebpf::{
     macros::cgroup_skb,
     programs::SkBuffContext,
 };
-use palisade_common::{DIR_INGRESS, PROTO_TCP, PROTO_UDP, state, v4_mapped};
+use palisade_common::{DIR_INGRESS, PROTO_SCTP, PROTO_TCP, PROTO_UDP, state, v4_mapped};
 
 use crate::{
     CGROUP_IDENTITY,
@@ -37,6 +37,7 @@ const MAX_IPV6_EXT_HEADERS: usize = 4;
 /// `lo` has this index in every network namespace.
 const LOOPBACK_IFINDEX: u32 = 1;
 const TCP_FLAG_SYN: u8 = 0x02;
+const SCTP_CHUNK_INIT: u8 = 1;
 const TCP_FLAG_ACK: u8 = 0x10;
 
 #[cgroup_skb(ingress)]
@@ -73,7 +74,7 @@ fn try_ingress(ctx: &SkBuffContext) -> Result<i32, i32> {
         return Ok(PASS); // the workload talking to itself, over its own loopback
     }
     let (src_port, dst_port) = match packet.protocol {
-        PROTO_TCP | PROTO_UDP => {
+        PROTO_TCP | PROTO_UDP | PROTO_SCTP => {
             let ports: [u8; 4] = ctx.load(packet.l4_offset).map_err(|_| DROP)?;
             (
                 u16::from_be_bytes([ports[0], ports[1]]),
@@ -82,13 +83,20 @@ fn try_ingress(ctx: &SkBuffContext) -> Result<i32, i32> {
         }
         // Control messages (errors, path MTU) belong to flows judged already.
         IPPROTO_ICMP | IPPROTO_ICMPV6 => return Ok(PASS),
-        // Other transports are not judged yet (see docs): keep default-deny.
+        // Other transports cannot be judged: keep default-deny.
         _ => return Ok(DROP),
     };
     if packet.protocol == PROTO_TCP {
         let tcp_flags: u8 = ctx.load(packet.l4_offset + 13).map_err(|_| DROP)?;
         if tcp_flags & TCP_FLAG_SYN == 0 || tcp_flags & TCP_FLAG_ACK != 0 {
             return Ok(PASS); // not the start of a connection to us
+        }
+    }
+    if packet.protocol == PROTO_SCTP {
+        // The first chunk of an association's first packet is INIT.
+        let chunk_type: u8 = ctx.load(packet.l4_offset + 12).map_err(|_| DROP)?;
+        if chunk_type != SCTP_CHUNK_INIT {
+            return Ok(PASS); // part of an association judged at its INIT
         }
     }
     let flow = Flow {
