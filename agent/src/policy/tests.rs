@@ -134,9 +134,18 @@ fn scenario_verdicts_from_both_policy_kinds() {
 
 #[test]
 fn every_example_policy_file_loads() {
-    let set = load_paths(&[repo_policies("kubernetes"), repo_policies("palisade")])
-        .expect("examples are valid");
-    assert!(set.files.len() >= 2, "{:?}", set.files);
+    let set = load_paths(&[
+        repo_policies("kubernetes"),
+        repo_policies("palisade"),
+        repo_policies("examples"),
+    ])
+    .expect("examples are valid");
+    assert!(set.files.len() >= 5, "{:?}", set.files);
+    assert!(
+        set.policies
+            .iter()
+            .any(|p| p.origin.kind == "ClusterPalisadePolicy")
+    );
     assert!(
         set.policies
             .iter()
