@@ -225,6 +225,7 @@ fn parse_doc<T: DeserializeOwned>(file: &str, doc: &Document<'_>) -> Result<T, P
         // Library advice that does not apply to a policy author.
         let message = message.replace(", set DuplicateKeyPolicy in Options if acceptable", "");
         let message = suggest_field(&message);
+        let message = explain_budget(message);
         Problem {
             file: file.to_owned(),
             line: doc.first_line + line.saturating_sub(1),
@@ -822,6 +823,23 @@ impl Validator<'_> {
             },
         })
     }
+}
+
+/// Turns the parser's budget report into what a policy author can act on.
+fn explain_budget(message: String) -> String {
+    if !message.starts_with("budget breached") {
+        return message;
+    }
+    let what = if message.contains("Nodes") {
+        "it expands to more than 200000 nodes (alias expansion, or a very large document)"
+    } else if message.contains("Depth") {
+        "it is nested deeper than 48 levels"
+    } else if message.contains("Aliases") {
+        "it uses more than 1000 aliases"
+    } else {
+        "it exceeds the parser's safety limits"
+    };
+    format!("refused: {what}; split the policy or remove the aliases")
 }
 
 /// For "unknown field `x`, expected one of a, b, …", names the closest known
