@@ -227,24 +227,11 @@ impl Config {
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let mut options = serde_saphyr::Options::default();
-        options.with_snippet = false;
-        let config: Config = serde_saphyr::from_str_with_options(text, options).map_err(|e| {
-            let (line, column) = e
-                .location()
-                .map(|l| (l.line(), l.column()))
-                .unwrap_or((1, 1));
-            let message = e.to_string();
-            let message = match message.rfind(" at line ") {
-                Some(i) => message[..i].to_owned(),
-                None => message,
-            };
-            ConfigError::Parse {
-                path: path.to_owned(),
-                line,
-                column,
-                message,
-            }
+        let config: Config = crate::yaml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            line: e.line,
+            column: e.column,
+            message: e.message,
         })?;
         config.validate(path)?;
         Ok(config)

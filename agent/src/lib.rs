@@ -8,3 +8,4 @@ pub mod discovery;
 pub mod identity;
 pub mod offline;
 pub mod policy;
+pub mod yaml;

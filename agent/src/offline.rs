@@ -126,25 +126,12 @@ fn read(path: &Path) -> Result<String, OfflineError> {
 impl WorldFile {
     pub fn load(path: &Path) -> Result<WorldFile, OfflineError> {
         let text = read(path)?;
-        let mut options = serde_saphyr::Options::default();
-        options.with_snippet = false;
-        let world: WorldFile =
-            serde_saphyr::from_str_with_options(&text, options).map_err(|e| {
-                let (line, column) = e
-                    .location()
-                    .map(|l| (l.line(), l.column()))
-                    .unwrap_or((1, 1));
-                let message = e.to_string();
-                let message = message
-                    .rfind(" at line ")
-                    .map_or(message.clone(), |i| message[..i].to_owned());
-                OfflineError::Parse {
-                    path: path.to_owned(),
-                    line,
-                    column,
-                    message,
-                }
-            })?;
+        let world: WorldFile = crate::yaml::from_str(&text).map_err(|e| OfflineError::Parse {
+            path: path.to_owned(),
+            line: e.line,
+            column: e.column,
+            message: e.message,
+        })?;
         let mut seen = BTreeMap::new();
         for (i, p) in world.pods.iter().enumerate() {
             if seen

@@ -248,6 +248,40 @@ const _: () = assert!(size_of::<SelfKey>() == 24);
 const _: () = assert!(size_of::<AuditEvent>() == 80);
 const _: () = assert!(core::mem::offset_of!(PolicyKeyData, port_be) == 12);
 
+/// The verdict from the two policy lookups, shared by the kernel
+/// (`ebpf/src/verdict.rs`) and user space's model of it (`policy::lookup`), so
+/// both apply one precedence. `exact` and `any` are (flags, rule id) of the
+/// longest-prefix matches with the exact peer and with `ANY` ((0, 0) when
+/// nothing matched); `enforcement_flags` is `EnforcedValue::flags`.
+///
+/// 1. an enforcing deny rule (`DENY`) in either ⇒ deny;
+/// 2. an audit-mode deny rule with some allow ⇒ `would-deny` (passes);
+/// 3. an enforcing allow rule ⇒ allow;
+/// 4. every selecting policy in audit mode: an audit allow ⇒ allow,
+///    otherwise ⇒ `would-deny` (passes);
+/// 5. otherwise the default deny of the selecting policy (rule 0).
+///
+/// Returns (`verdict::*`, rule id).
+#[inline(always)]
+pub fn resolve(exact: (u32, u32), any: (u32, u32), enforcement_flags: u32) -> (u8, u32) {
+    let all = exact.0 | any.0;
+    let pick = |bit: u32| if exact.0 & bit != 0 { exact.1 } else { any.1 };
+    let audit_only = enforcement_flags & flags::AUDIT_DENY != 0;
+    if all & flags::DENY != 0 {
+        (verdict::DENY, pick(flags::DENY))
+    } else if all & flags::AUDIT_DENY != 0 && all & (flags::ALLOW | flags::AUDIT_ALLOW) != 0 {
+        (verdict::WOULD_DENY, pick(flags::AUDIT_DENY))
+    } else if all & flags::ALLOW != 0 {
+        (verdict::ALLOW, pick(flags::ALLOW))
+    } else if audit_only && all & flags::AUDIT_ALLOW != 0 {
+        (verdict::ALLOW, pick(flags::AUDIT_ALLOW))
+    } else if audit_only {
+        (verdict::WOULD_DENY, pick(flags::AUDIT_DENY))
+    } else {
+        (verdict::DENY, 0)
+    }
+}
+
 /// Maps an IPv4 address (network order octets) into the ipcache's IPv6 space.
 pub const fn v4_mapped(octets: [u8; 4]) -> [u8; 16] {
     [

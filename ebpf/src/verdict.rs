@@ -1,18 +1,14 @@
 //! The policy decision shared by every program, and the audit event.
 //!
-//! Lookup precedence (keep in sync with `agent/src/policy/model.rs`):
+//! Lookup (the precedence itself is `palisade_common::resolve`, shared with
+//! user space's model in `agent/src/policy/lookup.rs`):
 //! 1. the local identity comes from the socket's cgroup; an unknown cgroup is
 //!    not managed and passes;
 //! 2. `ENFORCED[(slot, dir, local)]` absent ⇒ not selected in this direction ⇒ pass;
 //! 3. `POLICY` longest-prefix match with the exact peer identity, and again
 //!    with `ANY` as the peer; each match already carries the flags of every
 //!    less specific port prefix (the compiler merges them);
-//! 4. `DENY` (an enforcing deny rule) in either ⇒ deny;
-//! 5. an audit-mode deny rule and some allow ⇒ `would-deny` (passes);
-//! 6. `ALLOW` (an enforcing allow rule) in either ⇒ allow;
-//! 7. every selecting policy in audit mode (`EnforcedValue::flags`): an audit
-//!    allow ⇒ allow, otherwise ⇒ `would-deny` (passes);
-//! 8. otherwise the default deny of the selecting policy (rule 0).
+//! 4. `resolve` turns the two matches into the verdict.
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::generated::bpf_ktime_get_ns,
@@ -20,7 +16,7 @@ use aya_ebpf::{
 };
 use palisade_common::{
     AuditEvent, EnforcedKey, FlowKey, FlowValue, POLICY_PREFIX_FULL, PolicyKeyData, SelfKey,
-    counter, flags, identity, state, verdict as v,
+    counter, identity, resolve, state, verdict as v,
 };
 
 use crate::{AUDIT, COUNTERS, ENFORCED, FLOWS, IPCACHE, POLICY, SELF_ADDRESSES, STATE};
@@ -125,30 +121,11 @@ pub fn decide(flow: &Flow) -> Option<Decision> {
     let slot = (read_state(state::ACTIVE_SLOT) & 1) as u8;
     let enforcement = enforced(slot, flow.direction, flow.local_identity)?;
     let peer = peer_identity(&flow.peer_addr);
-    let (exact_flags, exact_rule) = lookup(slot, flow, peer);
-    let (any_flags, any_rule) = lookup(slot, flow, identity::ANY);
-    let all = exact_flags | any_flags;
-    let pick = |bit: u32| {
-        if exact_flags & bit != 0 {
-            exact_rule
-        } else {
-            any_rule
-        }
-    };
-    let audit_only = enforcement.flags & flags::AUDIT_DENY != 0;
-    let (verdict, rule_id) = if all & flags::DENY != 0 {
-        (v::DENY, pick(flags::DENY))
-    } else if all & flags::AUDIT_DENY != 0 && all & (flags::ALLOW | flags::AUDIT_ALLOW) != 0 {
-        (v::WOULD_DENY, pick(flags::AUDIT_DENY))
-    } else if all & flags::ALLOW != 0 {
-        (v::ALLOW, pick(flags::ALLOW))
-    } else if audit_only && all & flags::AUDIT_ALLOW != 0 {
-        (v::ALLOW, pick(flags::AUDIT_ALLOW))
-    } else if audit_only {
-        (v::WOULD_DENY, pick(flags::AUDIT_DENY))
-    } else {
-        (v::DENY, 0)
-    };
+    let (verdict, rule_id) = resolve(
+        lookup(slot, flow, peer),
+        lookup(slot, flow, identity::ANY),
+        enforcement.flags,
+    );
     Some(Decision {
         verdict,
         rule_id,

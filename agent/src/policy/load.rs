@@ -198,41 +198,13 @@ fn split_documents(text: &str) -> Vec<Document<'_>> {
         .collect()
 }
 
-/// Limits for one document: a hostile file cannot exhaust memory or time.
-fn yaml_options() -> serde_saphyr::Options {
-    let mut budget = serde_saphyr::Budget::default();
-    budget.max_depth = 48;
-    budget.max_aliases = 1_000;
-    budget.max_nodes = 200_000;
-    let mut options = serde_saphyr::Options::default();
-    options.with_snippet = false;
-    options.budget = Some(budget);
-    options
-}
-
 fn parse_doc<T: DeserializeOwned>(file: &str, doc: &Document<'_>) -> Result<T, Problem> {
-    serde_saphyr::from_str_with_options(doc.text, yaml_options()).map_err(|e| {
-        let (line, column) = e
-            .location()
-            .map(|l| (l.line() as usize, l.column() as usize))
-            .unwrap_or((1, 1));
-        let message = e.to_string();
-        // The library appends its own location; ours is in front.
-        let message = match message.rfind(" at line ") {
-            Some(i) => message[..i].to_owned(),
-            None => message,
-        };
-        // Library advice that does not apply to a policy author.
-        let message = message.replace(", set DuplicateKeyPolicy in Options if acceptable", "");
-        let message = suggest_field(&message);
-        let message = explain_budget(message);
-        Problem {
-            file: file.to_owned(),
-            line: doc.first_line + line.saturating_sub(1),
-            column,
-            field: String::new(),
-            message,
-        }
+    crate::yaml::from_str(doc.text).map_err(|e| Problem {
+        file: file.to_owned(),
+        line: doc.first_line + e.line as usize - 1,
+        column: e.column as usize,
+        field: String::new(),
+        message: e.message,
     })
 }
 
@@ -823,58 +795,6 @@ impl Validator<'_> {
             },
         })
     }
-}
-
-/// Turns the parser's budget report into what a policy author can act on.
-fn explain_budget(message: String) -> String {
-    if !message.starts_with("budget breached") {
-        return message;
-    }
-    let what = if message.contains("Nodes") {
-        "it expands to more than 200000 nodes (alias expansion, or a very large document)"
-    } else if message.contains("Depth") {
-        "it is nested deeper than 48 levels"
-    } else if message.contains("Aliases") {
-        "it uses more than 1000 aliases"
-    } else {
-        "it exceeds the parser's safety limits"
-    };
-    format!("refused: {what}; split the policy or remove the aliases")
-}
-
-/// For "unknown field `x`, expected one of a, b, …", names the closest known
-/// field when it is a likely typo.
-fn suggest_field(message: &str) -> String {
-    let Some(rest) = message.strip_prefix("unknown field `") else {
-        return message.to_owned();
-    };
-    let Some((unknown, rest)) = rest.split_once('`') else {
-        return message.to_owned();
-    };
-    let known: Vec<&str> = rest
-        .split(['`', ',', ' '])
-        .filter(|w| !w.is_empty() && !matches!(*w, "expected" | "one" | "of" | "or"))
-        .collect();
-    let best = known.iter().map(|k| (edit_distance(unknown, k), *k)).min();
-    match best {
-        Some((d, k)) if d <= 2.max(unknown.len() / 4) => format!("{message}; did you mean `{k}`?"),
-        _ => message.to_owned(),
-    }
-}
-
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut prev = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let cur = row[j + 1];
-            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
-            prev = cur;
-        }
-    }
-    row[b.len()]
 }
 
 /// IANA service name, as Kubernetes validates container port names.

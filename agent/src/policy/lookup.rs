@@ -1,7 +1,7 @@
 //! A user-space model of the kernel's lookup (`ebpf/src/verdict.rs`) over the
 //! compiled tables: the same entries, the same precedence. Used by tests and
 //! by offline questions ("would A reach B, and why?").
-use palisade_common::{flags, identity, verdict};
+use palisade_common::identity;
 
 use super::compile::{CompiledPolicy, EntryKey};
 
@@ -58,32 +58,13 @@ pub fn decide(
     port: u16,
 ) -> Option<Decision> {
     let enforcement = c.enforced.get(&(direction, local))?;
-    let (exact_flags, exact_rule) = longest(c, direction, protocol, local, peer, port);
-    let (any_flags, any_rule) = longest(c, direction, protocol, local, identity::ANY, port);
-    let all = exact_flags | any_flags;
-    let pick = |bit: u32| {
-        if exact_flags & bit != 0 {
-            exact_rule
-        } else {
-            any_rule
-        }
-    };
-    let audit_only = enforcement.flags & flags::AUDIT_DENY != 0;
-    let (v, rule_id) = if all & flags::DENY != 0 {
-        (verdict::DENY, pick(flags::DENY))
-    } else if all & flags::AUDIT_DENY != 0 && all & (flags::ALLOW | flags::AUDIT_ALLOW) != 0 {
-        (verdict::WOULD_DENY, pick(flags::AUDIT_DENY))
-    } else if all & flags::ALLOW != 0 {
-        (verdict::ALLOW, pick(flags::ALLOW))
-    } else if audit_only && all & flags::AUDIT_ALLOW != 0 {
-        (verdict::ALLOW, pick(flags::AUDIT_ALLOW))
-    } else if audit_only {
-        (verdict::WOULD_DENY, pick(flags::AUDIT_DENY))
-    } else {
-        (verdict::DENY, 0)
-    };
+    let (verdict, rule_id) = palisade_common::resolve(
+        longest(c, direction, protocol, local, peer, port),
+        longest(c, direction, protocol, local, identity::ANY, port),
+        enforcement.flags,
+    );
     Some(Decision {
-        verdict: v,
+        verdict,
         rule_id,
         policy_rule_id: enforcement.policy_rule_id,
     })
