@@ -249,6 +249,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         stop_rx,
     ));
 
+    let status: crate::http::SharedStatus = Arc::default();
+    let http = match config.http_address {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding httpAddress {addr}"))?;
+            info!(address = %addr, "serving /healthz, /readyz and /metrics");
+            Some(tokio::spawn(crate::http::serve(
+                listener,
+                status.clone(),
+                stats.clone(),
+            )))
+        }
+        None => None,
+    };
+    let mut rejected: Option<Desired> = None;
+
     let interval = Duration::from_millis(config.rescan_interval_ms);
     let classifier = Classifier::new(&config.workloads).map_err(|m| anyhow::anyhow!(m))?;
     let mut planner = Planner::new(config.clone());
@@ -271,7 +288,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     info!(policies = p.policies.len(), "policy reloaded");
                     policies = p;
                 }
-                Err(e) => warn!("policy change rejected, the previous policy stays in force:\n{e}"),
+                Err(e) => {
+                    warn!("policy change rejected, the previous policy stays in force:\n{e}");
+                    if let Ok(mut s) = status.lock() {
+                        s.apply_errors += 1;
+                        s.last_error = Some(e.to_string());
+                    }
+                }
             }
         }
         let workloads = match observe_workloads(&root, &classifier) {
@@ -282,7 +305,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
         };
         let obs = planner.plan(workloads, &policies);
-        if applied.as_ref() == Some(&obs.desired) {
+        if let Ok(mut s) = status.lock() {
+            if let Ok(c) = datapath.counters() {
+                s.counters = c;
+            }
+            s.maps = datapath.fill();
+        }
+        if applied.as_ref() == Some(&obs.desired) || rejected.as_ref() == Some(&obs.desired) {
             continue;
         }
         let now_known: BTreeMap<u64, Workload> = obs
@@ -321,11 +350,25 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 if let Ok(mut guard) = snapshot.write() {
                     *guard = Arc::new(snap);
                 }
+                if let Ok(mut s) = status.lock() {
+                    s.ready = true;
+                    s.generation += 1;
+                    s.workloads = now_known.len();
+                    s.identities = obs.identities.len();
+                    s.policies = policies.policies.len();
+                    s.maps = datapath.fill();
+                }
                 known = now_known;
                 applied = Some(obs.desired);
+                rejected = None;
             }
             Err(e) => {
-                warn!("applying the new state failed, the previous state stays in force: {e}")
+                warn!("applying the new state failed, the previous state stays in force: {e}");
+                if let Ok(mut s) = status.lock() {
+                    s.apply_errors += 1;
+                    s.last_error = Some(e.to_string());
+                }
+                rejected = Some(obs.desired);
             }
         }
     }
@@ -346,6 +389,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             events_delivered = stats.delivered.load(std::sync::atomic::Ordering::Relaxed),
             "final counters"
         );
+    }
+    if let Some(h) = http {
+        h.abort();
     }
     drop(datapath);
     info!("programs detached; stopped");

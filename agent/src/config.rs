@@ -60,6 +60,9 @@ pub struct Config {
     pub rescan_interval_ms: u64,
     #[serde(default)]
     pub maps: MapCapacities,
+    /// Address for `/healthz`, `/readyz` and `/metrics` (e.g. `127.0.0.1:9964`).
+    /// Unset: no HTTP endpoint.
+    pub http_address: Option<std::net::SocketAddr>,
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -5,6 +5,7 @@ pub mod audit;
 pub mod config;
 pub mod datapath;
 pub mod discovery;
+pub mod http;
 pub mod identity;
 pub mod offline;
 pub mod policy;

@@ -4,7 +4,7 @@
 //! They need root and the release binaries (`cargo xtask test` builds them).
 //! Outside CI a test that cannot run says why and passes; under `CI=true` it
 //! fails.
-use std::{path::PathBuf, time::Duration};
+use std::{os::unix::fs::OpenOptionsExt as _, path::PathBuf, time::Duration};
 
 use palisade_tests::{
     agent::{Agent, config_for, config_with_rules},
@@ -579,6 +579,234 @@ fn audit_mode_lets_traffic_through_and_reports_would_deny() {
             .iter()
             .any(|e| e["from"] == "production/order-service"),
         "allowed traffic is not reported: {events:?}"
+    );
+    assert!(s.agent.stop().unwrap());
+}
+
+/// A free TCP port on loopback for the agent's HTTP endpoint.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GET on loopback; returns (status line, body).
+fn http_get(port: u16, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))
+        .expect("connect to the agent's HTTP endpoint");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (
+        head.lines().next().unwrap_or("").to_owned(),
+        body.to_owned(),
+    )
+}
+
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(name)
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        })
+        .unwrap_or_else(|| panic!("no metric {name} in:\n{text}")) as u64
+}
+
+#[test]
+fn health_and_metrics_report_what_the_kernel_did() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let port = free_port();
+    let extra = format!("{}httpAddress: 127.0.0.1:{port}\n", scenario::NAMESPACES);
+    let s = setup(scenario::pods(), &policy_dir("kubernetes"), &extra);
+    assert_eq!(http_get(port, "/healthz").0, "HTTP/1.1 200 OK");
+    assert_eq!(http_get(port, "/readyz").0, "HTTP/1.1 200 OK");
+    let logging = s.world.pod("production/logging");
+    let payment = s.world.pod("production/payment-service");
+    let t = Duration::from_millis(1000);
+    assert_eq!(
+        s.world
+            .probe(logging, "tcp", payment.ipv4.into(), 443, t)
+            .unwrap(),
+        "timeout"
+    );
+    assert_eq!(
+        s.world
+            .probe(payment, "tcp", logging.ipv4.into(), 9000, t)
+            .unwrap(),
+        "eperm"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let (code, m) = http_get(port, "/metrics");
+    assert_eq!(code, "HTTP/1.1 200 OK");
+    assert!(
+        metric(
+            &m,
+            "palisade_verdicts_total{direction=\"ingress\",verdict=\"deny\"}"
+        ) >= 1,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "palisade_verdicts_total{direction=\"egress\",verdict=\"deny\"}"
+        ),
+        1,
+        "{m}"
+    );
+    assert!(metric(&m, "palisade_audit_events_emitted_total") >= 2);
+    assert_eq!(metric(&m, "palisade_workloads"), 6);
+    assert_eq!(metric(&m, "palisade_policies"), 1);
+    assert!(metric(&m, "palisade_map_entries{map=\"PAL_POLICY_V1\"}") > 0);
+    assert!(m.contains("palisade_map_fill_ratio{map=\"PAL_CGROUP_V1\"}"));
+}
+
+#[test]
+fn a_full_audit_ring_counts_every_event_it_could_not_keep() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    // The audit output is a FIFO nobody reads yet: the reader blocks, the
+    // 4 KiB ring fills, and the kernel must count what it could not write.
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("audit.fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: valid C string.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let reader = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .unwrap();
+    let port = free_port();
+    let mut world = World::new().unwrap();
+    for p in scenario::pods() {
+        world.add_pod(p).unwrap();
+    }
+    let config = config_for(
+        &world,
+        &policy_dir("kubernetes"),
+        &fifo,
+        &format!(
+            "{}httpAddress: 127.0.0.1:{port}\nmaps:\n  auditRingBytes: 4096\n",
+            scenario::NAMESPACES
+        ),
+    );
+    let mut agent = Agent::start(dir.path(), &config).unwrap();
+    agent.wait_enforcing(&world).unwrap();
+    let payment = world.pod("production/payment-service");
+    let logging = world.pod("production/logging");
+    let refused = world
+        .flood(payment, logging.ipv4.into(), 9000, 5000)
+        .unwrap();
+    assert_eq!(refused, 5000, "every connect is denied at once");
+    // Now let the reader drain, and wait for the books to balance.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_drain = stop.clone();
+    let drain = std::thread::spawn(move || {
+        use std::io::Read;
+        let mut r = reader;
+        let mut buf = vec![0u8; 1 << 16];
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::time::Instant::now() < deadline
+            && !stop_drain.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            match r.read(&mut buf) {
+                Ok(0) | Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                Ok(_) => {}
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let (emitted, delivered, lost) = loop {
+        let (_, m) = http_get(port, "/metrics");
+        let e = metric(&m, "palisade_audit_events_emitted_total");
+        let d = metric(&m, "palisade_audit_events_delivered_total");
+        let l = metric(&m, "palisade_audit_events_lost_total");
+        if (e == d + l && e >= 5000) || std::time::Instant::now() > deadline {
+            break (e, d, l);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!("audit ring: emitted {emitted}, delivered {delivered}, lost {lost}");
+    assert_eq!(emitted, 5000, "one event per denied connect");
+    assert_eq!(
+        emitted,
+        delivered + lost,
+        "emitted = delivered + lost, exactly"
+    );
+    assert!(lost > 0, "the ring overflowed (delivered {delivered})");
+    assert!(delivered > 0);
+    assert!(agent.stop().unwrap());
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    drop(world);
+    let _ = drain.join();
+}
+
+#[test]
+fn a_change_that_does_not_fit_a_map_is_refused_whole() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let policies = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        policy_dir("kubernetes").join("payment-service-policy.yaml"),
+        policies.path().join("payment-service-policy.yaml"),
+    )
+    .unwrap();
+    let port = free_port();
+    let extra = format!(
+        "{}httpAddress: 127.0.0.1:{port}\nmaps:\n  policy: 24\n",
+        scenario::NAMESPACES
+    );
+    let mut s = setup(scenario::pods(), policies.path(), &extra);
+    let (_, m) = http_get(port, "/metrics");
+    let before = metric(&m, "palisade_map_entries{map=\"PAL_POLICY_V1\"}");
+    assert!(before > 0 && before <= 12, "{before}");
+    // Every pod may reach payment-service on every TCP port: 16 prefixes per peer.
+    std::fs::write(
+        policies.path().join("wide.yaml"),
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: wide, namespace: production}\n\
+         spec:\n  podSelector: {matchLabels: {app: payment-service}}\n  ingress:\n  - from: [{namespaceSelector: {}}]\n    \
+         ports: [{port: 1, endPort: 65535}]\n",
+    )
+    .unwrap();
+    s.agent
+        .wait_for_log(
+            &[
+                "applying the new state failed",
+                "PAL_POLICY_V1",
+                "the capacity is 24 (9 in use now)",
+                "raise maps.policy",
+            ],
+            Duration::from_secs(5),
+        )
+        .expect("refusal logged with the map and its fill");
+    let logging = s.world.pod("production/logging");
+    let payment = s.world.pod("production/payment-service");
+    let t = Duration::from_millis(1000);
+    assert_eq!(
+        s.world
+            .probe(logging, "tcp", payment.ipv4.into(), 443, t)
+            .unwrap(),
+        "timeout",
+        "the previous policy stays in force"
+    );
+    let (_, m) = http_get(port, "/metrics");
+    assert_eq!(
+        metric(&m, "palisade_map_entries{map=\"PAL_POLICY_V1\"}"),
+        before,
+        "nothing changed"
+    );
+    assert_eq!(
+        metric(&m, "palisade_policy_apply_errors_total"),
+        1,
+        "refused once, not retried every rescan"
     );
     assert!(s.agent.stop().unwrap());
 }

@@ -238,6 +238,30 @@ impl World {
         self.probe_in(&from.cgroup, &from.netns, proto, to, port, timeout)
     }
 
+    /// Runs `palisade-testbed flood` from `from`: COUNT TCP connects to
+    /// `to:port`; returns how many were refused with EPERM.
+    pub fn flood(
+        &self,
+        from: &Pod,
+        to: std::net::IpAddr,
+        port: u16,
+        count: u32,
+    ) -> anyhow::Result<u32> {
+        let mut cmd = Command::new(crate::bin_dir().join("palisade-testbed"));
+        cmd.args([
+            "flood",
+            &to.to_string(),
+            &port.to_string(),
+            &count.to_string(),
+        ]);
+        enter(&mut cmd, &from.cgroup, &from.netns)?;
+        let out = cmd.output().context("running palisade-testbed flood")?;
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .context("flood output")
+    }
+
     /// A probe from any cgroup, in a pod's network namespace.
     pub fn probe_in(
         &self,

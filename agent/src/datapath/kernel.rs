@@ -235,38 +235,52 @@ impl KernelDatapath {
     fn check_capacity(&self, desired: &Desired) -> Result<(), DatapathError> {
         let active = &self.slots[usize::from(self.active_slot)];
         // Both slots share one map: the live table stays while the new one is written.
+        let policy = active.entries.len();
+        let enforced = active.enforced.len();
         let checks = [
             (
                 maps::POLICY,
                 "policy",
-                active.entries.len() + desired.policy.entries.len(),
+                policy,
+                policy + desired.policy.entries.len(),
                 self.capacities.policy,
             ),
             (
                 maps::ENFORCED,
                 "enforced",
-                active.enforced.len() + desired.policy.enforced.len(),
+                enforced,
+                enforced + desired.policy.enforced.len(),
                 self.capacities.enforced,
             ),
             (
                 maps::CGROUP_IDENTITY,
                 "cgroups",
+                self.cgroups.len(),
                 self.cgroups.len().max(desired.cgroups.len()),
                 self.capacities.cgroups,
             ),
             (
                 maps::IPCACHE,
                 "ipcache",
+                self.ipcache.len(),
                 desired.ipcache.len(),
                 self.capacities.ipcache,
             ),
+            (
+                maps::SELF_ADDRESSES,
+                "ipcache",
+                self.own_addresses.len(),
+                desired.own_addresses.len(),
+                self.capacities.ipcache,
+            ),
         ];
-        for (map, config_key, needed, capacity) in checks {
+        for (map, config_key, in_use, needed, capacity) in checks {
             if needed > capacity as usize {
                 return Err(DatapathError::MapFull {
                     map,
                     config_key,
                     needed,
+                    in_use,
                     capacity,
                 });
             }

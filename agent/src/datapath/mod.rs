@@ -54,12 +54,13 @@ pub struct Counters {
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
     #[error(
-        "map {map} is full: the change needs {needed} entries and the capacity is {capacity}; raise maps.{config_key} in the config"
+        "map {map} cannot take the change: it needs {needed} entries, the capacity is {capacity} ({in_use} in use now); nothing was changed, raise maps.{config_key} in the config"
     )]
     MapFull {
         map: &'static str,
         config_key: &'static str,
         needed: usize,
+        in_use: usize,
         capacity: u32,
     },
     #[error("updating map {map}: {source}")]

@@ -5,7 +5,8 @@
 //! ADDR PORT [--timeout-ms N]` tries once and prints one word, with the same
 //! word as its exit status: `ok` (0), `eperm` (2: refused by the local
 //! kernel, as Palisade's egress hook does), `refused` (3), `timeout` (4),
-//! `error` (5).
+//! `error` (5). `palisade-testbed flood ADDR PORT COUNT` tries COUNT TCP
+//! connects back to back and prints how many failed with EPERM.
 use std::{
     io::{ErrorKind, Read, Write},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
@@ -160,10 +161,29 @@ fn probe(args: &[String]) {
     std::process::exit(code);
 }
 
+/// Many connects in a row (each refused at once when egress denies them).
+fn flood(args: &[String]) {
+    let [ip, port, count] = args else { usage() };
+    let ip: IpAddr = ip.parse().unwrap_or_else(|_| usage());
+    let port: u16 = port.parse().unwrap_or_else(|_| usage());
+    let count: u32 = count.parse().unwrap_or_else(|_| usage());
+    let addr = SocketAddr::new(ip, port);
+    let mut eperm = 0u32;
+    for _ in 0..count {
+        if let Err(e) = TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+            && matches!(classify(&e), Outcome::Eperm)
+        {
+            eperm += 1;
+        }
+    }
+    println!("{eperm}");
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("serve") => serve(&args[1..]),
+        Some("flood") => flood(&args[1..]),
         Some("probe") => probe(&args[1..]),
         _ => usage(),
     }

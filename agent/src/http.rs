@@ -1,0 +1,247 @@
+//! Health and metrics over HTTP (for DaemonSet probes and Prometheus):
+//! `GET /healthz` (alive), `GET /readyz` (programs attached and policy
+//! synced), `GET /metrics` (Prometheus text format). A deliberately tiny
+//! HTTP/1.1 responder: one request per connection, GET only.
+use std::{
+    fmt::Write as _,
+    sync::{Arc, Mutex, atomic::Ordering},
+};
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use crate::{audit::AuditStats, datapath::Counters};
+
+/// What the agent reports, refreshed by its loop.
+#[derive(Clone, Debug, Default)]
+pub struct Status {
+    /// Programs attached and the first policy sync done.
+    pub ready: bool,
+    /// Successful applies of a changed state.
+    pub generation: u64,
+    /// Policy or state changes refused (invalid policy, map full, …).
+    pub apply_errors: u64,
+    pub last_error: Option<String>,
+    pub workloads: usize,
+    pub identities: usize,
+    pub policies: usize,
+    pub counters: Counters,
+    /// (map, entries, capacity)
+    pub maps: Vec<(&'static str, usize, u32)>,
+}
+
+pub type SharedStatus = Arc<Mutex<Status>>;
+
+/// The Prometheus text exposition of `status`.
+pub fn render_metrics(status: &Status, audit: &AuditStats) -> String {
+    let mut out = String::new();
+    let c = &status.counters;
+    let _ = writeln!(
+        out,
+        "# HELP palisade_verdicts_total Connections judged by the kernel programs."
+    );
+    let _ = writeln!(out, "# TYPE palisade_verdicts_total counter");
+    for (dir, verdict, v) in [
+        ("egress", "allow", c.egress_allow),
+        ("egress", "deny", c.egress_deny),
+        ("egress", "would-deny", c.egress_would_deny),
+        ("ingress", "allow", c.ingress_allow),
+        ("ingress", "deny", c.ingress_deny),
+        ("ingress", "would-deny", c.ingress_would_deny),
+    ] {
+        let _ = writeln!(
+            out,
+            "palisade_verdicts_total{{direction=\"{dir}\",verdict=\"{verdict}\"}} {v}"
+        );
+    }
+    let delivered = audit.delivered.load(Ordering::Relaxed);
+    for (name, help, v) in [
+        (
+            "palisade_audit_events_emitted_total",
+            "Audit events the kernel tried to write.",
+            c.events_emitted,
+        ),
+        (
+            "palisade_audit_events_lost_total",
+            "Audit events dropped because the ring buffer was full.",
+            c.events_lost,
+        ),
+        (
+            "palisade_audit_events_delivered_total",
+            "Audit events written to the audit output.",
+            delivered,
+        ),
+        (
+            "palisade_policy_apply_errors_total",
+            "Changes refused; the previous state stayed in force.",
+            status.apply_errors,
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+        );
+    }
+    for (name, help, v) in [
+        (
+            "palisade_policy_generation",
+            "Number of state changes applied.",
+            status.generation as f64,
+        ),
+        (
+            "palisade_workloads",
+            "Workloads found below the cgroup root.",
+            status.workloads as f64,
+        ),
+        (
+            "palisade_identities",
+            "Identities in use.",
+            status.identities as f64,
+        ),
+        (
+            "palisade_policies",
+            "Policies loaded.",
+            status.policies as f64,
+        ),
+        (
+            "palisade_ready",
+            "1 once programs are attached and policy is synced.",
+            f64::from(u8::from(status.ready)),
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP palisade_map_entries Entries in each kernel map.\n# TYPE palisade_map_entries gauge"
+    );
+    for (map, entries, _) in &status.maps {
+        let _ = writeln!(out, "palisade_map_entries{{map=\"{map}\"}} {entries}");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP palisade_map_capacity Capacity of each kernel map.\n# TYPE palisade_map_capacity gauge"
+    );
+    for (map, _, capacity) in &status.maps {
+        let _ = writeln!(out, "palisade_map_capacity{{map=\"{map}\"}} {capacity}");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP palisade_map_fill_ratio Entries / capacity of each kernel map.\n# TYPE palisade_map_fill_ratio gauge"
+    );
+    for (map, entries, capacity) in &status.maps {
+        let ratio = *entries as f64 / f64::from((*capacity).max(1));
+        let _ = writeln!(out, "palisade_map_fill_ratio{{map=\"{map}\"}} {ratio}");
+    }
+    out
+}
+
+/// Serves until the task is dropped.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    status: SharedStatus,
+    audit: Arc<AuditStats>,
+) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let status = status.clone();
+        let audit = audit.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            let mut len = 0;
+            // Read the request head (bounded), with a deadline.
+            let read = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+                while len < buf.len() {
+                    match stream.read(&mut buf[len..]).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => len += n,
+                    }
+                    if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+            })
+            .await;
+            if read.is_err() {
+                return;
+            }
+            let head = String::from_utf8_lossy(&buf[..len]);
+            let mut words = head.split_whitespace();
+            let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+            let snapshot = status.lock().map(|s| s.clone()).unwrap_or_default();
+            let (code, body, kind) = match (method, path) {
+                ("GET", "/healthz") => ("200 OK", "ok\n".to_owned(), "text/plain"),
+                ("GET", "/readyz") if snapshot.ready => {
+                    ("200 OK", "ready\n".to_owned(), "text/plain")
+                }
+                ("GET", "/readyz") => (
+                    "503 Service Unavailable",
+                    "not ready: programs not attached or policy not synced yet\n".to_owned(),
+                    "text/plain",
+                ),
+                ("GET", "/metrics") => (
+                    "200 OK",
+                    render_metrics(&snapshot, &audit),
+                    "text/plain; version=0.0.4",
+                ),
+                ("GET", _) => (
+                    "404 Not Found",
+                    "try /healthz, /readyz or /metrics\n".to_owned(),
+                    "text/plain",
+                ),
+                _ => (
+                    "405 Method Not Allowed",
+                    "GET only\n".to_owned(),
+                    "text/plain",
+                ),
+            };
+            let response = format!(
+                "HTTP/1.1 {code}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_are_prometheus_text() {
+        let status = Status {
+            ready: true,
+            generation: 3,
+            counters: Counters {
+                ingress_deny: 7,
+                events_emitted: 9,
+                events_lost: 2,
+                ..Default::default()
+            },
+            maps: vec![("PAL_POLICY_V1", 64, 256)],
+            ..Default::default()
+        };
+        let audit = AuditStats::default();
+        audit.delivered.store(7, Ordering::Relaxed);
+        let text = render_metrics(&status, &audit);
+        for line in [
+            "palisade_verdicts_total{direction=\"ingress\",verdict=\"deny\"} 7",
+            "palisade_audit_events_emitted_total 9",
+            "palisade_audit_events_lost_total 2",
+            "palisade_audit_events_delivered_total 7",
+            "palisade_map_fill_ratio{map=\"PAL_POLICY_V1\"} 0.25",
+            "palisade_ready 1",
+            "palisade_policy_generation 3",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line}:\n{text}");
+        }
+        // Every sample line is `name{labels} value` or `name value`.
+        for l in text.lines().filter(|l| !l.starts_with('#')) {
+            let (_, value) = l.rsplit_once(' ').unwrap();
+            assert!(value.parse::<f64>().is_ok(), "{l}");
+        }
+    }
+}
