@@ -810,3 +810,74 @@ fn a_change_that_does_not_fit_a_map_is_refused_whole() {
     );
     assert!(s.agent.stop().unwrap());
 }
+
+#[test]
+fn alternating_policy_sets_never_judge_a_connection_wrongly() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    // Two policy sets that agree on two pairs but are written differently, so
+    // every swap rewrites the whole table: order-service → payment-service:443
+    // is allowed by both, logging → payment-service:443 denied by both. A probe
+    // judged against a half-written table would see a wrong verdict.
+    let policies = tempfile::tempdir().unwrap();
+    let set_a =
+        std::fs::read_to_string(policy_dir("kubernetes").join("payment-service-policy.yaml"))
+            .unwrap();
+    let set_b =
+        std::fs::read_to_string(policy_dir("palisade").join("payment-service.yaml")).unwrap();
+    let path = policies.path().join("policy.yaml");
+    std::fs::write(&path, &set_a).unwrap();
+    let port = free_port();
+    let extra = format!("{}httpAddress: 127.0.0.1:{port}\n", scenario::NAMESPACES);
+    let s = setup(scenario::pods(), policies.path(), &extra);
+    let order = s.world.pod("production/order-service");
+    let logging = s.world.pod("production/logging");
+    let payment = s.world.pod("production/payment-service");
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let generation = || metric(&http_get(port, "/metrics").1, "palisade_policy_generation");
+    let (wrong, probes, swaps) = std::thread::scope(|sc| {
+        let prober = sc.spawn(|| {
+            let (mut wrong, mut n) = (Vec::new(), 0);
+            let t = Duration::from_millis(300);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let ok = s
+                    .world
+                    .probe(order, "tcp", payment.ipv4.into(), 443, t)
+                    .unwrap();
+                let denied = s
+                    .world
+                    .probe(logging, "tcp", payment.ipv4.into(), 443, t)
+                    .unwrap();
+                n += 2;
+                if ok != "ok" {
+                    wrong.push(format!("order-service → payment-service:443 gave {ok}"));
+                }
+                if denied != "timeout" {
+                    wrong.push(format!("logging → payment-service:443 gave {denied}"));
+                }
+            }
+            (wrong, n)
+        });
+        let mut swaps = 0;
+        for i in 0..500 {
+            let before = generation();
+            std::fs::write(&path, if i % 2 == 0 { &set_b } else { &set_a }).unwrap();
+            // Wait until this swap is applied before the next one.
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while generation() == before && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if generation() > before {
+                swaps += 1;
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (wrong, n) = prober.join().unwrap();
+        (wrong, n, swaps)
+    });
+    eprintln!("{swaps} swaps, {probes} probes, {} wrong", wrong.len());
+    assert_eq!(swaps, 500, "every alternation was applied");
+    assert!(probes >= 100, "probes ran throughout ({probes})");
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}
