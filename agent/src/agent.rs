@@ -43,6 +43,10 @@ pub struct Planner {
     /// missing from the live policy table.
     previous: BTreeMap<u32, IdentityInfo>,
     previous_cgroups: BTreeMap<u64, u32>,
+    /// Identity numbers found in adopted kernel maps (cgroup id / address block
+    /// → identity), reused for the same workloads and peers.
+    hints_by_cgroup: BTreeMap<u64, u32>,
+    hints_by_net: BTreeMap<IpNet, u32>,
 }
 
 impl Planner {
@@ -52,7 +56,15 @@ impl Planner {
             allocator: Allocator::default(),
             previous: BTreeMap::new(),
             previous_cgroups: BTreeMap::new(),
+            hints_by_cgroup: BTreeMap::new(),
+            hints_by_net: BTreeMap::new(),
         }
+    }
+
+    /// Numbers already in the kernel (after adopting pinned maps).
+    pub fn hint(&mut self, cgroups: BTreeMap<u64, u32>, nets: BTreeMap<IpNet, u32>) {
+        self.hints_by_cgroup = cgroups;
+        self.hints_by_net = nets;
     }
 
     /// Computes the desired state from the workloads found and the policies.
@@ -68,7 +80,9 @@ impl Planner {
                 namespace: Some(w.namespace.clone()),
                 labels: w.labels.clone(),
             };
-            let id = self.allocator.get_or_allocate(&key);
+            let id = self
+                .allocator
+                .get_or_allocate_hinted(&key, self.hints_by_cgroup.get(&w.cgroup_id).copied());
             let info = identities.entry(id).or_insert_with(|| IdentityInfo {
                 id,
                 name: display_name(&td, &key, &w.name),
@@ -89,7 +103,11 @@ impl Planner {
                 namespace: p.namespace.clone(),
                 labels: p.labels.clone(),
             };
-            let id = self.allocator.get_or_allocate(&key);
+            let hint = p
+                .cidrs
+                .first()
+                .and_then(|c| self.hints_by_net.get(&c.trunc()).copied());
+            let id = self.allocator.get_or_allocate_hinted(&key, hint);
             identities.entry(id).or_insert_with(|| IdentityInfo {
                 id,
                 name: match &p.namespace {
@@ -230,7 +248,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
 
     let ring_bytes = config.maps.audit_ring_bytes;
-    let mut datapath = KernelDatapath::load(&root, &config.maps, ring_bytes / 8)
+    let pins = config
+        .bpf_pin_dir
+        .clone()
+        .map(|dir| crate::datapath::kernel::Pins { dir });
+    let mut datapath = KernelDatapath::load(&root, &config.maps, ring_bytes / 8, pins.as_ref())
         .context("starting the datapath")?;
     for point in datapath.attach_points() {
         info!(attach = %point, "attached");
@@ -240,14 +262,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let snapshot: SharedSnapshot = Arc::new(RwLock::new(Arc::new(Snapshot::default())));
     let stats = Arc::new(AuditStats::default());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let ring = datapath.take_audit_ring()?;
-    let reader = tokio::spawn(audit::run_reader(
-        ring,
-        snapshot.clone(),
-        sink,
-        stats.clone(),
-        stop_rx,
-    ));
+    // The reader starts once the first state is applied, so that events the
+    // kernel buffered while no agent ran are named with this agent's snapshot.
+    let mut reader_parts = Some((datapath.take_audit_ring()?, sink, stop_rx));
+    let mut reader = None;
 
     let status: crate::http::SharedStatus = Arc::default();
     let http = match config.http_address {
@@ -269,6 +287,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let interval = Duration::from_millis(config.rescan_interval_ms);
     let classifier = Classifier::new(&config.workloads).map_err(|m| anyhow::anyhow!(m))?;
     let mut planner = Planner::new(config.clone());
+    let (adopted_cgroups, adopted_nets) = datapath.adopted_identities();
+    planner.hint(adopted_cgroups, adopted_nets);
     let mut applied: Option<Desired> = None;
     let mut known: BTreeMap<u64, Workload> = BTreeMap::new();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -333,6 +353,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                         info!(workload = %format!("{}/{}", w.namespace, w.name), "workload gone");
                     }
                 }
+                if let Some((ring, sink, stop_rx)) = reader_parts.take() {
+                    if let Ok(mut guard) = snapshot.write() {
+                        *guard = Arc::new(Snapshot {
+                            identities: obs.identities.clone(),
+                            workloads: now_known.clone(),
+                            policy: obs.desired.policy.clone(),
+                        });
+                    }
+                    reader = Some(tokio::spawn(audit::run_reader(
+                        ring,
+                        snapshot.clone(),
+                        sink,
+                        stats.clone(),
+                        stop_rx,
+                    )));
+                }
                 if applied.is_none() {
                     info!(
                         workloads = now_known.len(),
@@ -373,10 +409,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     let _ = stop_tx.send(true);
-    match reader.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => warn!("audit reader: {e:#}"),
-        Err(e) => warn!("audit reader task: {e}"),
+    match reader {
+        Some(reader) => match reader.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!("audit reader: {e:#}"),
+            Err(e) => warn!("audit reader task: {e}"),
+        },
+        None => {}
     }
     if let Ok(c) = datapath.counters() {
         info!(
@@ -394,6 +433,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         h.abort();
     }
     drop(datapath);
-    info!("programs detached; stopped");
+    match &pins {
+        Some(p) => {
+            info!(pins = %p.dir.display(), "stopped; the programs stay attached and enforcing (pinned): `palisade cleanup` removes them")
+        }
+        None => info!("programs detached; stopped"),
+    }
     Ok(())
 }

@@ -60,6 +60,11 @@ pub struct Config {
     pub rescan_interval_ms: u64,
     #[serde(default)]
     pub maps: MapCapacities,
+    /// bpffs directory where maps and links are pinned, so enforcement
+    /// continues while the agent restarts and a restarted agent adopts it.
+    /// `null` disables pinning: programs detach when the agent exits.
+    #[serde(default = "default_pin_dir")]
+    pub bpf_pin_dir: Option<PathBuf>,
     /// Address for `/healthz`, `/readyz` and `/metrics` (e.g. `127.0.0.1:9964`).
     /// Unset: no HTTP endpoint.
     pub http_address: Option<std::net::SocketAddr>,
@@ -196,6 +201,10 @@ impl Default for MapCapacities {
             audit_ring_bytes: cap::audit_ring_bytes(),
         }
     }
+}
+
+fn default_pin_dir() -> Option<PathBuf> {
+    Some(PathBuf::from("/sys/fs/bpf/palisade"))
 }
 
 fn default_trust_domain() -> String {

@@ -49,6 +49,25 @@ impl Allocator {
         id
     }
 
+    /// Like `get_or_allocate`, but a new label set takes `hint` when that
+    /// number is free: a restarted agent keeps the numbers the kernel maps it
+    /// adopted already use, so no entry is ever read under a changed meaning.
+    pub fn get_or_allocate_hinted(&mut self, key: &LabelKey, hint: Option<u32>) -> u32 {
+        if let Some(id) = self.by_labels.get(key) {
+            return *id;
+        }
+        match hint {
+            Some(id)
+                if id >= reserved::FIRST_DYNAMIC && !self.by_labels.values().any(|v| *v == id) =>
+            {
+                self.by_labels.insert(key.clone(), id);
+                self.next = self.next.max(id + 1);
+                id
+            }
+            _ => self.get_or_allocate(key),
+        }
+    }
+
     /// Forgets every identity not in `in_use`.
     pub fn release_unused(&mut self, in_use: &BTreeSet<u32>) {
         self.by_labels.retain(|_, id| in_use.contains(id));

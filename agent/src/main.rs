@@ -29,6 +29,13 @@ enum Command {
         #[arg(long, default_value = "info", env = "RUST_LOG")]
         log: String,
     },
+    /// Remove every pin, link and attachment the agent left (it keeps enforcing
+    /// while stopped): detaches Palisade's programs and deletes its pinned maps.
+    Cleanup {
+        /// Agent configuration (for bpfPinDir).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Work with policy files offline.
     Policy {
         #[command(subcommand)]
@@ -93,6 +100,25 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             runtime.block_on(palisade::agent::run(config))
+        }
+        Command::Cleanup { config } => {
+            let config = palisade::config::Config::load(&config)?;
+            let Some(dir) = config.bpf_pin_dir else {
+                println!("pinning is off in this config (bpfPinDir: null): nothing to clean up");
+                return Ok(());
+            };
+            let pins = palisade::datapath::kernel::Pins { dir };
+            let removed = palisade::datapath::kernel::cleanup(&pins)?;
+            println!(
+                "removed {} pins from {}{}",
+                removed.len(),
+                pins.dir.display(),
+                if removed.is_empty() { "" } else { ":" }
+            );
+            for r in removed {
+                println!("  {r}");
+            }
+            Ok(())
         }
         Command::Explain {
             world,

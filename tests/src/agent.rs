@@ -34,9 +34,10 @@ pub fn config_with_rules(
     extra: &str,
 ) -> String {
     format!(
-        "cgroupRoot: {root}\npolicyDir: {policy}\naudit:\n  output: {audit}\nrescanIntervalMs: 100\n\
+        "cgroupRoot: {root}\nbpfPinDir: /sys/fs/bpf/palisade-test-{tag}\npolicyDir: {policy}\naudit:\n  output: {audit}\nrescanIntervalMs: 100\n\
          workloads:\n{rules}  - path: \"{{ns}}/{{app}}\"\n    namespace: \"{{ns}}\"\n    labels:\n      app: \"{{app}}\"\n{extra}",
         root = world.cgroup_root.display(),
+        tag = world.tag,
         policy = policy_dir.display(),
         audit = audit_path.display(),
     )
@@ -48,18 +49,38 @@ impl Agent {
         std::fs::create_dir_all(dir)?;
         let config_path = dir.join("agent.yaml");
         std::fs::write(&config_path, config)?;
+        let audit_path = config
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("output: "))
+            .map(PathBuf::from)
+            .context("config has no audit output")?;
+        let mut agent = Agent {
+            child: None,
+            dir: dir.to_owned(),
+            audit_path,
+            log: Arc::new(Mutex::new(Vec::new())),
+        };
+        agent.spawn()?;
+        Ok(agent)
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.dir.join("agent.yaml")
+    }
+
+    /// Starts the agent process (again), logging into the same log.
+    pub fn spawn(&mut self) -> anyhow::Result<()> {
         let mut child = Command::new(crate::bin_dir().join("palisade"))
             .args(["agent", "--config"])
-            .arg(&config_path)
+            .arg(self.config_path())
             .env("RUST_LOG", "info")
             .env("RUST_BACKTRACE", "0")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .context("starting palisade agent")?;
-        let log = Arc::new(Mutex::new(Vec::new()));
         let stderr = child.stderr.take().context("agent stderr")?;
-        let sink = log.clone();
+        let sink = self.log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if std::env::var_os("PALISADE_TEST_VERBOSE").is_some() {
@@ -70,17 +91,33 @@ impl Agent {
                 }
             }
         });
-        let audit_path = config
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("output: "))
-            .map(PathBuf::from)
-            .context("config has no audit output")?;
-        Ok(Agent {
-            child: Some(child),
-            dir: dir.to_owned(),
-            audit_path,
-            log,
-        })
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILL: the agent gets no chance to clean anything up.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// `palisade cleanup`: removes the pins (and so the attachments) the
+    /// agent leaves behind on purpose.
+    pub fn cleanup(&self) -> anyhow::Result<String> {
+        let out = Command::new(crate::bin_dir().join("palisade"))
+            .args(["cleanup", "--config"])
+            .arg(self.config_path())
+            .output()
+            .context("running palisade cleanup")?;
+        if !out.status.success() {
+            anyhow::bail!(
+                "palisade cleanup failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     pub fn log(&self) -> Vec<String> {
@@ -187,6 +224,7 @@ impl Agent {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(status) = child.try_wait()? {
+                self.cleanup()?;
                 return Ok(status.success());
             }
             if Instant::now() > deadline {
@@ -201,9 +239,7 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.kill();
+        let _ = self.cleanup();
     }
 }

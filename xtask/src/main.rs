@@ -226,10 +226,20 @@ fn leftover_check() -> anyhow::Result<()> {
                 .collect()
         })
         .unwrap_or_default();
-    if !netns.is_empty() || !cgroups.is_empty() {
-        bail!("tests left things behind: network namespaces {netns:?}, cgroups {cgroups:?}");
+    let pins: Vec<String> = std::fs::read_dir("/sys/fs/bpf")
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("palisade-test-"))
+                .collect()
+        })
+        .unwrap_or_default();
+    if !netns.is_empty() || !cgroups.is_empty() || !pins.is_empty() {
+        bail!(
+            "tests left things behind: network namespaces {netns:?}, cgroups {cgroups:?}, bpffs pins {pins:?}"
+        );
     }
-    step("nothing left behind (network namespaces, cgroups)");
+    step("nothing left behind (network namespaces, cgroups, bpffs pins)");
     Ok(())
 }
 

@@ -63,6 +63,28 @@ pub fn ip_key(net: &IpNet) -> Key<[u8; 16]> {
     }
 }
 
+/// An ipcache key back into a block.
+fn net_of(prefix_len: u32, addr: [u8; 16]) -> Option<IpNet> {
+    let ip = ip_of16(addr);
+    match ip {
+        IpAddr::V4(v4) => IpNet::new(
+            v4.into(),
+            u8::try_from(prefix_len.checked_sub(palisade_common::IPV4_MAPPED_PREFIX)?).ok()?,
+        )
+        .ok(),
+        IpAddr::V6(v6) => IpNet::new(v6.into(), u8::try_from(prefix_len).ok()?).ok(),
+    }
+}
+
+/// The kernel's 16-byte form back into an address (`::ffff:a.b.c.d` → IPv4).
+fn ip_of16(addr: [u8; 16]) -> IpAddr {
+    let v6 = std::net::Ipv6Addr::from(addr);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
 /// An address as the kernel stores it (IPv4 mapped into IPv6).
 pub fn addr16(ip: IpAddr) -> [u8; 16] {
     match ip {
@@ -71,33 +93,175 @@ pub fn addr16(ip: IpAddr) -> [u8; 16] {
     }
 }
 
+/// Where the agent pins its maps and links (bpffs), so enforcement outlives
+/// the agent and a restarted agent adopts what is there.
+#[derive(Clone, Debug)]
+pub struct Pins {
+    pub dir: std::path::PathBuf,
+}
+
+impl Pins {
+    fn map(&self, name: &str) -> std::path::PathBuf {
+        self.dir.join(name)
+    }
+    fn link(&self, program: &str) -> std::path::PathBuf {
+        self.dir.join(format!("link_{program}"))
+    }
+}
+
+/// Mounts bpffs at /sys/fs/bpf when nothing is mounted there.
+pub fn ensure_bpffs() -> Result<(), DatapathError> {
+    let mounted = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| {
+            l.split(" - ").nth(1).is_some_and(|r| r.starts_with("bpf "))
+                && l.split_whitespace().nth(4) == Some("/sys/fs/bpf")
+        });
+    if mounted {
+        return Ok(());
+    }
+    let io = |source| DatapathError::Io {
+        what: "mounting bpffs at",
+        path: "/sys/fs/bpf".into(),
+        source,
+    };
+    std::fs::create_dir_all("/sys/fs/bpf").map_err(io)?;
+    // SAFETY: constant, NUL-terminated arguments.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            c"/sys/fs/bpf".as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(io(std::io::Error::last_os_error()));
+    }
+    tracing::info!("mounted bpffs at /sys/fs/bpf");
+    Ok(())
+}
+
+/// Removes every pin under `pins.dir`: links (which detaches the programs,
+/// unless something else holds them) and maps. Returns what was removed.
+pub fn cleanup(pins: &Pins) -> Result<Vec<String>, DatapathError> {
+    let mut removed = Vec::new();
+    let entries = match std::fs::read_dir(&pins.dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
+        Err(source) => {
+            return Err(DatapathError::Io {
+                what: "reading pin directory",
+                path: pins.dir.display().to_string(),
+                source,
+            });
+        }
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("link_")
+            && let Ok(link) = aya::programs::links::PinnedLink::from_pin(&path)
+        {
+            // Unpinning and dropping the last reference detaches the program.
+            let _ = link.unpin();
+        } else {
+            let _ = std::fs::remove_file(&path);
+        }
+        removed.push(name);
+    }
+    let _ = std::fs::remove_dir(&pins.dir);
+    Ok(removed)
+}
+
+const SOCK_ADDR_PROGRAMS: [&str; 4] = [
+    programs::CONNECT4,
+    programs::CONNECT6,
+    programs::SENDMSG4,
+    programs::SENDMSG6,
+];
+
 impl KernelDatapath {
-    /// Loads the programs and attaches them to `cgroup_root`.
+    /// Loads the programs and attaches them to `cgroup_root`. With `pins`,
+    /// maps and links are pinned; what is already pinned there is adopted —
+    /// maps with their contents, links without detaching — and an
+    /// incompatible pinned layout is replaced (logged).
     pub fn load(
         cgroup_root: &Path,
         capacities: &MapCapacities,
         wakeup_bytes: u32,
+        pins: Option<&Pins>,
     ) -> Result<KernelDatapath, DatapathError> {
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(maps::CGROUP_IDENTITY, capacities.cgroups)
-            .map_max_entries(maps::IPCACHE, capacities.ipcache)
-            .map_max_entries(maps::POLICY, capacities.policy)
-            .map_max_entries(maps::ENFORCED, capacities.enforced)
-            .map_max_entries(maps::FLOWS, capacities.flows)
-            .map_max_entries(maps::SELF_ADDRESSES, capacities.ipcache)
-            .map_max_entries(maps::AUDIT, capacities.audit_ring_bytes)
-            .load(EBPF_OBJECT)
-            .map_err(|e| DatapathError::Load(Box::new(e)))?;
+        let load = || {
+            let mut loader = EbpfLoader::new();
+            loader
+                .map_max_entries(maps::CGROUP_IDENTITY, capacities.cgroups)
+                .map_max_entries(maps::IPCACHE, capacities.ipcache)
+                .map_max_entries(maps::POLICY, capacities.policy)
+                .map_max_entries(maps::ENFORCED, capacities.enforced)
+                .map_max_entries(maps::FLOWS, capacities.flows)
+                .map_max_entries(maps::SELF_ADDRESSES, capacities.ipcache)
+                .map_max_entries(maps::AUDIT, capacities.audit_ring_bytes);
+            let names = [
+                maps::CGROUP_IDENTITY,
+                maps::IPCACHE,
+                maps::POLICY,
+                maps::ENFORCED,
+                maps::FLOWS,
+                maps::SELF_ADDRESSES,
+                maps::STATE,
+                maps::COUNTERS,
+                maps::AUDIT,
+            ];
+            let paths: Vec<(&str, std::path::PathBuf)> = match pins {
+                Some(p) => names.iter().map(|n| (*n, p.map(n))).collect(),
+                None => Vec::new(),
+            };
+            for (name, path) in &paths {
+                loader.map_pin_path(name, path.as_path());
+            }
+            loader.load(EBPF_OBJECT)
+        };
+        if let Some(p) = pins {
+            ensure_bpffs()?;
+            std::fs::create_dir_all(&p.dir).map_err(|source| DatapathError::Io {
+                what: "creating pin directory",
+                path: p.dir.display().to_string(),
+                source,
+            })?;
+        }
+        let mut ebpf = match load() {
+            Ok(e) => e,
+            Err(aya::EbpfError::MapError(
+                e @ aya::maps::MapError::IncompatiblePinnedMap { .. },
+            )) if pins.is_some() => {
+                let p = pins.ok_or(DatapathError::MissingMap("pins"))?;
+                tracing::warn!(pins = %p.dir.display(), "pinned maps have an incompatible layout or capacity ({e}); replacing them: enforcement restarts from empty tables");
+                cleanup(p)?;
+                std::fs::create_dir_all(&p.dir).map_err(|source| DatapathError::Io {
+                    what: "creating pin directory",
+                    path: p.dir.display().to_string(),
+                    source,
+                })?;
+                load().map_err(|e| DatapathError::Load(Box::new(e)))?
+            }
+            Err(e) => return Err(DatapathError::Load(Box::new(e))),
+        };
+        let adopted = pins.is_some_and(|p| p.link(programs::INGRESS).exists());
         {
             let mut st: Array<&mut MapData, u32> = Array::try_from(
                 ebpf.map_mut(maps::STATE)
                     .ok_or(DatapathError::MissingMap(maps::STATE))?,
             )
             .map_err(map_err(maps::STATE))?;
-            st.set(state::ACTIVE_SLOT, &0, 0)
-                .map_err(map_err(maps::STATE))?;
-            st.set(state::GENERATION, &1, 0)
-                .map_err(map_err(maps::STATE))?;
+            if !adopted {
+                st.set(state::ACTIVE_SLOT, &0, 0)
+                    .map_err(map_err(maps::STATE))?;
+                st.set(state::GENERATION, &1, 0)
+                    .map_err(map_err(maps::STATE))?;
+            }
             st.set(state::WAKEUP_BYTES, &wakeup_bytes, 0)
                 .map_err(map_err(maps::STATE))?;
         }
@@ -112,43 +276,68 @@ impl KernelDatapath {
                 source: Box::new(e),
             }
         };
+        let pin_err = |name: &'static str| {
+            move |e: aya::pin::PinError| DatapathError::Io {
+                what: "pinning link of",
+                path: name.into(),
+                source: std::io::Error::other(e.to_string()),
+            }
+        };
         let mut attach_points = Vec::new();
-        for name in [
-            programs::CONNECT4,
-            programs::CONNECT6,
-            programs::SENDMSG4,
-            programs::SENDMSG6,
-        ] {
+        let missing = |name: &'static str| DatapathError::Program {
+            name,
+            source: Box::new(aya::programs::ProgramError::NotLoaded),
+        };
+        for name in SOCK_ADDR_PROGRAMS {
+            if let Some(p) = pins.filter(|p| p.link(name).exists()) {
+                attach_points.push(format!(
+                    "{name} on {} (adopted from {})",
+                    cgroup_root.display(),
+                    p.dir.display()
+                ));
+                continue;
+            }
             let prog: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
-                .ok_or_else(|| DatapathError::Program {
-                    name,
-                    source: Box::new(aya::programs::ProgramError::NotLoaded),
-                })?
+                .ok_or_else(|| missing(name))?
                 .try_into()
                 .map_err(prog_err(name))?;
             prog.load().map_err(prog_err(name))?;
-            prog.attach(&root, ATTACH_MODE).map_err(prog_err(name))?;
+            let id = prog.attach(&root, ATTACH_MODE).map_err(prog_err(name))?;
+            if let Some(p) = pins {
+                let link = prog.take_link(id).map_err(prog_err(name))?;
+                let fd = aya::programs::links::FdLink::try_from(link)
+                    .map_err(|e| prog_err(name)(e.into()))?;
+                fd.pin(p.link(name)).map_err(pin_err(name))?;
+            }
             attach_points.push(format!("{name} on {}", cgroup_root.display()));
         }
-        let ingress: &mut CgroupSkb = ebpf
-            .program_mut(programs::INGRESS)
-            .ok_or_else(|| DatapathError::Program {
-                name: programs::INGRESS,
-                source: Box::new(aya::programs::ProgramError::NotLoaded),
-            })?
-            .try_into()
-            .map_err(prog_err(programs::INGRESS))?;
-        ingress.load().map_err(prog_err(programs::INGRESS))?;
-        ingress
-            .attach(&root, CgroupSkbAttachType::Ingress, ATTACH_MODE)
-            .map_err(prog_err(programs::INGRESS))?;
-        attach_points.push(format!(
-            "{} on {}",
-            programs::INGRESS,
-            cgroup_root.display()
-        ));
-        Ok(KernelDatapath {
+        let name = programs::INGRESS;
+        if let Some(p) = pins.filter(|p| p.link(name).exists()) {
+            attach_points.push(format!(
+                "{name} on {} (adopted from {})",
+                cgroup_root.display(),
+                p.dir.display()
+            ));
+        } else {
+            let ingress: &mut CgroupSkb = ebpf
+                .program_mut(name)
+                .ok_or_else(|| missing(name))?
+                .try_into()
+                .map_err(prog_err(name))?;
+            ingress.load().map_err(prog_err(name))?;
+            let id = ingress
+                .attach(&root, CgroupSkbAttachType::Ingress, ATTACH_MODE)
+                .map_err(prog_err(name))?;
+            if let Some(p) = pins {
+                let link = ingress.take_link(id).map_err(prog_err(name))?;
+                let fd = aya::programs::links::FdLink::try_from(link)
+                    .map_err(|e| prog_err(name)(e.into()))?;
+                fd.pin(p.link(name)).map_err(pin_err(name))?;
+            }
+            attach_points.push(format!("{name} on {}", cgroup_root.display()));
+        }
+        let mut datapath = KernelDatapath {
             ebpf,
             capacities: capacities.clone(),
             active_slot: 0,
@@ -158,7 +347,115 @@ impl KernelDatapath {
             ipcache: BTreeMap::new(),
             own_addresses: BTreeSet::new(),
             attach_points,
-        })
+        };
+        if adopted {
+            datapath.observe()?;
+        }
+        Ok(datapath)
+    }
+
+    /// Reads what the (adopted) kernel maps hold, so the first apply is a
+    /// diff against the real state: the live slot stays in force until the
+    /// new table is complete.
+    fn observe(&mut self) -> Result<(), DatapathError> {
+        let st: Array<&MapData, u32> = Array::try_from(
+            self.ebpf
+                .map(maps::STATE)
+                .ok_or(DatapathError::MissingMap(maps::STATE))?,
+        )
+        .map_err(map_err(maps::STATE))?;
+        self.active_slot = (st
+            .get(&state::ACTIVE_SLOT, 0)
+            .map_err(map_err(maps::STATE))?
+            & 1) as u8;
+        self.generation = st
+            .get(&state::GENERATION, 0)
+            .map_err(map_err(maps::STATE))?
+            .max(2);
+        let policy: LpmTrie<&MapData, PolicyKeyData, PolicyValue> = LpmTrie::try_from(
+            self.ebpf
+                .map(maps::POLICY)
+                .ok_or(DatapathError::MissingMap(maps::POLICY))?,
+        )
+        .map_err(map_err(maps::POLICY))?;
+        for item in policy.iter() {
+            let (key, value) = item.map_err(map_err(maps::POLICY))?;
+            let data = key.data();
+            let entry = EntryKey {
+                direction: data.direction,
+                protocol: data.protocol,
+                local: data.local_identity,
+                peer: data.peer_identity,
+                port: u16::from_be_bytes(data.port_be),
+                port_bits: (key.prefix_len() - palisade_common::POLICY_PREFIX_ANY_PORT) as u8,
+            };
+            self.slots[usize::from(data.slot & 1)]
+                .entries
+                .insert(entry, value);
+        }
+        let enforced: HashMap<&MapData, EnforcedKey, EnforcedValue> = HashMap::try_from(
+            self.ebpf
+                .map(maps::ENFORCED)
+                .ok_or(DatapathError::MissingMap(maps::ENFORCED))?,
+        )
+        .map_err(map_err(maps::ENFORCED))?;
+        for item in enforced.iter() {
+            let (k, v) = item.map_err(map_err(maps::ENFORCED))?;
+            self.slots[usize::from(k.slot & 1)]
+                .enforced
+                .insert((k.direction, k.identity), v);
+        }
+        let cgroups: HashMap<&MapData, u64, u32> = HashMap::try_from(
+            self.ebpf
+                .map(maps::CGROUP_IDENTITY)
+                .ok_or(DatapathError::MissingMap(maps::CGROUP_IDENTITY))?,
+        )
+        .map_err(map_err(maps::CGROUP_IDENTITY))?;
+        for item in cgroups.iter() {
+            let (k, v) = item.map_err(map_err(maps::CGROUP_IDENTITY))?;
+            self.cgroups.insert(k, v);
+        }
+        let ipcache: LpmTrie<&MapData, [u8; 16], u32> = LpmTrie::try_from(
+            self.ebpf
+                .map(maps::IPCACHE)
+                .ok_or(DatapathError::MissingMap(maps::IPCACHE))?,
+        )
+        .map_err(map_err(maps::IPCACHE))?;
+        for item in ipcache.iter() {
+            let (k, v) = item.map_err(map_err(maps::IPCACHE))?;
+            if let Some(net) = net_of(k.prefix_len(), k.data()) {
+                self.ipcache.insert(net, v);
+            }
+        }
+        let own: HashMap<&MapData, SelfKey, u8> = HashMap::try_from(
+            self.ebpf
+                .map(maps::SELF_ADDRESSES)
+                .ok_or(DatapathError::MissingMap(maps::SELF_ADDRESSES))?,
+        )
+        .map_err(map_err(maps::SELF_ADDRESSES))?;
+        for item in own.iter() {
+            let (k, _) = item.map_err(map_err(maps::SELF_ADDRESSES))?;
+            self.own_addresses.insert((k.cgroup_id, ip_of16(k.addr)));
+        }
+        let inactive = 1 - self.active_slot;
+        // A table half-written by an agent that died mid-apply: drop it.
+        if !self.slots[usize::from(inactive)].entries.is_empty()
+            || !self.slots[usize::from(inactive)].enforced.is_empty()
+        {
+            self.clear_slot(inactive)?;
+        }
+        tracing::info!(
+            slot = self.active_slot,
+            entries = self.slots[usize::from(self.active_slot)].entries.len(),
+            cgroups = self.cgroups.len(),
+            "adopted pinned programs, links and maps; enforcement never stopped"
+        );
+        Ok(())
+    }
+
+    /// What the kernel maps held when the agent started (empty unless adopted).
+    pub fn adopted_identities(&self) -> (BTreeMap<u64, u32>, BTreeMap<IpNet, u32>) {
+        (self.cgroups.clone(), self.ipcache.clone())
     }
 
     pub fn attach_points(&self) -> &[String] {
