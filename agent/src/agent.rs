@@ -409,13 +409,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     let _ = stop_tx.send(true);
-    match reader {
-        Some(reader) => match reader.await {
+    if let Some(reader) = reader {
+        match reader.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => warn!("audit reader: {e:#}"),
             Err(e) => warn!("audit reader task: {e}"),
-        },
-        None => {}
+        }
     }
     if let Ok(c) = datapath.counters() {
         info!(
