@@ -881,3 +881,169 @@ fn alternating_policy_sets_never_judge_a_connection_wrongly() {
     assert!(probes >= 100, "probes ran throughout ({probes})");
     assert!(wrong.is_empty(), "{wrong:#?}");
 }
+
+#[test]
+fn killing_and_restarting_the_agent_never_stops_enforcement() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut s = setup(
+        scenario::pods(),
+        &policy_dir("kubernetes"),
+        scenario::NAMESPACES,
+    );
+    let order = s.world.pod("production/order-service");
+    let logging = s.world.pod("production/logging");
+    let prometheus = s.world.pod("monitoring/prometheus");
+    let payment = s.world.pod("production/payment-service");
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let t = Duration::from_millis(300);
+    let (wrong, probes) = std::thread::scope(|sc| {
+        let prober = sc.spawn(|| {
+            let (mut wrong, mut n) = (Vec::new(), 0);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let ok = s
+                    .world
+                    .probe(order, "tcp", payment.ipv4.into(), 443, t)
+                    .unwrap();
+                let denied = s
+                    .world
+                    .probe(logging, "tcp", payment.ipv4.into(), 443, t)
+                    .unwrap();
+                let egress = s
+                    .world
+                    .probe(payment, "tcp", logging.ipv4.into(), 9000, t)
+                    .unwrap();
+                n += 3;
+                for (got, want, what) in [
+                    (ok, "ok", "order → payment:443"),
+                    (denied, "timeout", "logging → payment:443"),
+                    (egress, "eperm", "payment → logging:9000"),
+                ] {
+                    if got != want {
+                        wrong.push(format!("{what}: {got}"));
+                    }
+                }
+            }
+            (wrong, n)
+        });
+        for cycle in 1..=10 {
+            s.agent.kill();
+            // While no agent runs: the pinned programs judge, the pinned ring buffers.
+            if cycle == 5 {
+                assert_eq!(
+                    s.world
+                        .probe(prometheus, "tcp", payment.ipv4.into(), 443, t)
+                        .unwrap(),
+                    "timeout"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            s.agent.spawn().unwrap();
+            let needle = "adopted pinned programs, links and maps";
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while s.agent.log().iter().filter(|l| l.contains(needle)).count() < cycle {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "cycle {cycle}: no adoption logged:\n{}",
+                    s.agent.log().join("\n")
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        prober.join().unwrap()
+    });
+    eprintln!(
+        "{probes} probes across 10 kill/restart cycles, {} wrong",
+        wrong.len()
+    );
+    assert!(probes >= 30, "probes ran throughout ({probes})");
+    assert!(wrong.is_empty(), "{wrong:#?}");
+    let log = s.agent.log();
+    let attached: Vec<&String> = log.iter().filter(|l| l.contains(" attached ")).collect();
+    assert_eq!(
+        attached
+            .iter()
+            .filter(|l| !l.contains("adopted from"))
+            .count(),
+        5,
+        "attached once, at the first start only"
+    );
+    // The event of the denial while the agent was down is delivered, with names.
+    let ev = s
+        .agent
+        .wait_for_event(
+            |e| e["from"] == "monitoring/prometheus",
+            Duration::from_secs(3),
+        )
+        .expect("event buffered while no agent ran");
+    assert_eq!(ev["to"], "production/payment-service");
+    assert!(s.agent.stop().unwrap());
+    assert!(
+        !std::path::Path::new(&format!("/sys/fs/bpf/palisade-test-{}", s.world.tag)).exists(),
+        "cleanup removed the pins"
+    );
+}
+
+#[test]
+fn pins_of_an_incompatible_layout_are_replaced_with_a_log_line() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut s = setup(
+        scenario::pods(),
+        &policy_dir("kubernetes"),
+        scenario::NAMESPACES,
+    );
+    let pins = PathBuf::from(format!("/sys/fs/bpf/palisade-test-{}", s.world.tag));
+    let logging = s.world.pod("production/logging");
+    let payment = s.world.pod("production/payment-service");
+    let t = Duration::from_millis(1000);
+    // As if an agent of another version had pinned this directory.
+    s.agent.kill();
+    std::fs::remove_dir(pins.join("layout-1")).unwrap();
+    std::fs::create_dir(pins.join("layout-0")).unwrap();
+    s.agent.spawn().unwrap();
+    s.agent
+        .wait_for_log(
+            &[
+                "pinned state of an incompatible layout; replacing it",
+                "found=layout-0",
+            ],
+            Duration::from_secs(10),
+        )
+        .expect("replacement logged");
+    s.agent
+        .wait_for_log(&["attached", "palisade_ingress"], Duration::from_secs(10))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        s.world
+            .probe(logging, "tcp", payment.ipv4.into(), 443, t)
+            .unwrap(),
+        "timeout"
+    );
+    // A map capacity change makes the pinned maps incompatible too.
+    s.agent.kill();
+    let config = std::fs::read_to_string(s.agent.dir.join("agent.yaml")).unwrap()
+        + "maps:\n  policy: 4096\n";
+    std::fs::write(s.agent.dir.join("agent.yaml"), config).unwrap();
+    s.agent.spawn().unwrap();
+    s.agent
+        .wait_for_log(
+            &["incompatible layout or capacity", "PAL_POLICY_V1"],
+            Duration::from_secs(10),
+        )
+        .expect("capacity change logged");
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(
+        s.world
+            .probe(logging, "tcp", payment.ipv4.into(), 443, t)
+            .unwrap(),
+        "timeout"
+    );
+    assert!(s.agent.stop().unwrap());
+    assert!(!pins.exists());
+}

@@ -100,7 +100,30 @@ pub struct Pins {
     pub dir: std::path::PathBuf,
 }
 
+/// Marks the pin directory's layout (bpffs holds no regular files, so the
+/// marker is an empty directory). A pin directory of another layout (an
+/// older or newer agent, other map names or types) is replaced, never
+/// adopted: adopting links whose programs use other maps would leave the
+/// agent updating maps nothing reads. Bump with every map name version.
+const PIN_LAYOUT: &str = "layout-1";
+
 impl Pins {
+    fn layout(&self) -> std::path::PathBuf {
+        self.dir.join(PIN_LAYOUT)
+    }
+
+    /// The layout markers present (normally exactly `PIN_LAYOUT`).
+    fn layouts(&self) -> Vec<String> {
+        std::fs::read_dir(&self.dir)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with("layout-"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     fn map(&self, name: &str) -> std::path::PathBuf {
         self.dir.join(name)
     }
@@ -167,8 +190,8 @@ pub fn cleanup(pins: &Pins) -> Result<Vec<String>, DatapathError> {
         {
             // Unpinning and dropping the last reference detaches the program.
             let _ = link.unpin();
-        } else {
-            let _ = std::fs::remove_file(&path);
+        } else if std::fs::remove_file(&path).is_err() {
+            let _ = std::fs::remove_dir(&path);
         }
         removed.push(name);
     }
@@ -226,6 +249,17 @@ impl KernelDatapath {
         };
         if let Some(p) = pins {
             ensure_bpffs()?;
+            let found = std::fs::read_dir(&p.dir).map(|rd| rd.count()).unwrap_or(0);
+            let layouts = p.layouts();
+            if found > 0 && layouts != [PIN_LAYOUT] {
+                tracing::warn!(
+                    pins = %p.dir.display(),
+                    found = %layouts.join(","),
+                    expected = PIN_LAYOUT,
+                    "pinned state of an incompatible layout; replacing it: enforcement restarts from empty tables"
+                );
+                cleanup(p)?;
+            }
             std::fs::create_dir_all(&p.dir).map_err(|source| DatapathError::Io {
                 what: "creating pin directory",
                 path: p.dir.display().to_string(),
@@ -336,6 +370,15 @@ impl KernelDatapath {
                 fd.pin(p.link(name)).map_err(pin_err(name))?;
             }
             attach_points.push(format!("{name} on {}", cgroup_root.display()));
+        }
+        if let Some(p) = pins {
+            if !p.layout().exists() {
+                std::fs::create_dir(p.layout()).map_err(|source| DatapathError::Io {
+                    what: "creating",
+                    path: p.layout().display().to_string(),
+                    source,
+                })?;
+            }
         }
         let mut datapath = KernelDatapath {
             ebpf,
