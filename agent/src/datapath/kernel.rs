@@ -371,14 +371,12 @@ impl KernelDatapath {
             }
             attach_points.push(format!("{name} on {}", cgroup_root.display()));
         }
-        if let Some(p) = pins {
-            if !p.layout().exists() {
-                std::fs::create_dir(p.layout()).map_err(|source| DatapathError::Io {
-                    what: "creating",
-                    path: p.layout().display().to_string(),
-                    source,
-                })?;
-            }
+        if let Some(p) = pins.filter(|p| !p.layout().exists()) {
+            std::fs::create_dir(p.layout()).map_err(|source| DatapathError::Io {
+                what: "creating",
+                path: p.layout().display().to_string(),
+                source,
+            })?;
         }
         let mut datapath = KernelDatapath {
             ebpf,
