@@ -170,6 +170,18 @@ impl Planner {
     }
 }
 
+fn policy_list(set: &PolicySet) -> Vec<crate::http::PolicyStatus> {
+    set.policies
+        .iter()
+        .map(|p| crate::http::PolicyStatus {
+            name: p.qualified_name(),
+            kind: p.origin.kind,
+            file: p.origin.file.clone(),
+            line: p.origin.line,
+        })
+        .collect()
+}
+
 /// Size and modification time of every policy file: a cheap "did it change?".
 fn policy_fingerprint(dir: &Option<PathBuf>) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
     let Some(dir) = dir else { return Vec::new() };
@@ -268,6 +280,29 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut reader = None;
 
     let status: crate::http::SharedStatus = Arc::default();
+    if let Ok(mut s) = status.lock() {
+        s.version = env!("CARGO_PKG_VERSION");
+        s.attach_points = datapath.attach_points().to_vec();
+        s.policy_list = policy_list(&policies);
+    }
+    let (events_tx, _) = tokio::sync::broadcast::channel(4096);
+    let control = match &config.control_socket {
+        Some(path) => {
+            let listener = crate::control::bind(path)
+                .with_context(|| format!("binding controlSocket {}", path.display()))?;
+            info!(socket = %path.display(), "control socket ready (root only)");
+            Some(tokio::spawn(crate::control::serve(
+                listener,
+                crate::control::Context {
+                    status: status.clone(),
+                    audit: stats.clone(),
+                    events: events_tx.clone(),
+                    policy_dir: config.policy_dir.clone(),
+                },
+            )))
+        }
+        None => None,
+    };
     let http = match config.http_address {
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)
@@ -306,6 +341,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             match load_policies(&config) {
                 Ok(p) => {
                     info!(policies = p.policies.len(), "policy reloaded");
+                    if let Ok(mut s) = status.lock() {
+                        s.policy_list = policy_list(&p);
+                        s.last_error = None;
+                    }
                     policies = p;
                 }
                 Err(e) => {
@@ -366,6 +405,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                         snapshot.clone(),
                         sink,
                         stats.clone(),
+                        events_tx.clone(),
                         stop_rx,
                     )));
                 }
@@ -390,6 +430,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     s.ready = true;
                     s.generation += 1;
                     s.workloads = now_known.len();
+                    s.workload_list = now_known
+                        .values()
+                        .map(|w| crate::http::WorkloadStatus {
+                            name: format!("{}/{}", w.namespace, w.name),
+                            cgroup: w.cgroup_path.clone(),
+                            identity: obs
+                                .desired
+                                .cgroups
+                                .get(&w.cgroup_id)
+                                .copied()
+                                .unwrap_or_default(),
+                            addresses: w.ips.iter().map(ToString::to_string).collect(),
+                        })
+                        .collect();
                     s.identities = obs.identities.len();
                     s.policies = policies.policies.len();
                     s.maps = datapath.fill();
@@ -430,6 +484,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     if let Some(h) = http {
         h.abort();
+    }
+    if let Some(c) = control {
+        c.abort();
+        if let Some(path) = &config.control_socket {
+            let _ = std::fs::remove_file(path);
+        }
     }
     drop(datapath);
     match &pins {

@@ -193,6 +193,7 @@ pub async fn run_reader(
     snapshot: SharedSnapshot,
     mut sink: Sink,
     stats: Arc<AuditStats>,
+    events: tokio::sync::broadcast::Sender<Arc<serde_json::Value>>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let poll = Duration::from_millis(50);
@@ -213,7 +214,12 @@ pub async fn run_reader(
             let mut lines = Vec::new();
             while let Some(item) = ring.next() {
                 match decode(&item) {
-                    Some(ev) => lines.push(render(&ev, &snap, boot).to_string()),
+                    Some(ev) => {
+                        let value = render(&ev, &snap, boot);
+                        lines.push(value.to_string());
+                        // Followers (`palisade audit --follow`); none is fine.
+                        let _ = events.send(Arc::new(value));
+                    }
                     None => {
                         stats.malformed.fetch_add(1, Ordering::Relaxed);
                     }

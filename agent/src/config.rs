@@ -65,6 +65,9 @@ pub struct Config {
     /// `null` disables pinning: programs detach when the agent exits.
     #[serde(default = "default_pin_dir")]
     pub bpf_pin_dir: Option<PathBuf>,
+    /// Unix socket for the CLI (root only). `null` disables it.
+    #[serde(default = "default_control_socket")]
+    pub control_socket: Option<PathBuf>,
     /// Address for `/healthz`, `/readyz` and `/metrics` (e.g. `127.0.0.1:9964`).
     /// Unset: no HTTP endpoint.
     pub http_address: Option<std::net::SocketAddr>,
@@ -201,6 +204,10 @@ impl Default for MapCapacities {
             audit_ring_bytes: cap::audit_ring_bytes(),
         }
     }
+}
+
+fn default_control_socket() -> Option<PathBuf> {
+    Some(PathBuf::from(crate::control::DEFAULT_SOCKET))
 }
 
 fn default_pin_dir() -> Option<PathBuf> {

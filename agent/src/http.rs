@@ -12,8 +12,12 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use crate::{audit::AuditStats, datapath::Counters};
 
 /// What the agent reports, refreshed by its loop.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Status {
+    pub version: &'static str,
+    pub attach_points: Vec<String>,
+    pub workload_list: Vec<WorkloadStatus>,
+    pub policy_list: Vec<PolicyStatus>,
     /// Programs attached and the first policy sync done.
     pub ready: bool,
     /// Successful applies of a changed state.
@@ -27,6 +31,22 @@ pub struct Status {
     pub counters: Counters,
     /// (map, entries, capacity)
     pub maps: Vec<(&'static str, usize, u32)>,
+}
+
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct WorkloadStatus {
+    pub name: String,
+    pub cgroup: String,
+    pub identity: u32,
+    pub addresses: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct PolicyStatus {
+    pub name: String,
+    pub kind: &'static str,
+    pub file: String,
+    pub line: usize,
 }
 
 pub type SharedStatus = Arc<Mutex<Status>>;

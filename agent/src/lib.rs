@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod audit;
 pub mod config;
+pub mod control;
 pub mod datapath;
 pub mod discovery;
 pub mod http;

@@ -14,6 +14,9 @@ drops traffic between workloads that policy does not allow, and writes an audit 
 Policy is YAML: Kubernetes networking.k8s.io/v1 NetworkPolicy, unchanged, or Palisade's own palisade.dev/v1alpha1 PalisadePolicy."
 )]
 struct Cli {
+    /// The agent's control socket (for status, workloads, policy apply/list/delete, audit).
+    #[arg(long, global = true, env = "PALISADE_SOCKET", default_value = palisade::control::DEFAULT_SOCKET)]
+    socket: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -28,6 +31,33 @@ enum Command {
         /// Log filter, e.g. `info`, `palisade=debug`. Also read from RUST_LOG.
         #[arg(long, default_value = "info", env = "RUST_LOG")]
         log: String,
+    },
+    /// What the running agent is doing: workloads, identities, policies and their
+    /// generation, map fill, events lost, attach points, version.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The workloads the running agent enforces, with identity and addresses.
+    Workloads {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Audit events of the running agent.
+    Audit {
+        /// Stream new events as they happen (required: past events are in the audit output).
+        #[arg(long, required = true)]
+        follow: bool,
+        /// One JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Only events from or to this workload (`namespace/name`).
+        #[arg(long)]
+        workload: Option<String>,
+        /// Only this verdict.
+        #[arg(long, value_parser = ["deny", "would-deny"])]
+        verdict: Option<String>,
     },
     /// Remove every pin, link and attachment the agent left (it keeps enforcing
     /// while stopped): detaches Palisade's programs and deletes its pinned maps.
@@ -83,6 +113,19 @@ enum PolicyCommand {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+    /// Validate, then hand policy files to the running agent; all or nothing.
+    Apply {
+        /// Policy file or directory (repeatable).
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// The policies the running agent enforces.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a policy (`namespace/name`, or `name` for a cluster-wide one) from the running agent.
+    Delete { name: String },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -101,6 +144,148 @@ fn main() -> anyhow::Result<()> {
                 .build()?;
             runtime.block_on(palisade::agent::run(config))
         }
+        Command::Status { json } => palisade::control::call(&cli.socket, &Request::Status, |r| {
+            let v = ok(r)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print_status(&v);
+            }
+            Ok(())
+        }),
+        Command::Workloads { json } => {
+            palisade::control::call(&cli.socket, &Request::Workloads, |r| {
+                let v = ok(r)?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                } else {
+                    println!(
+                        "{:<40} {:>9}  {:<30} CGROUP",
+                        "WORKLOAD", "IDENTITY", "ADDRESSES"
+                    );
+                    for w in v.as_array().into_iter().flatten() {
+                        let addrs: Vec<String> = w["addresses"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter_map(|a| a.as_str().map(str::to_owned))
+                            .collect();
+                        println!(
+                            "{:<40} {:>9}  {:<30} {}",
+                            w["name"].as_str().unwrap_or(""),
+                            w["identity"],
+                            addrs.join(","),
+                            w["cgroup"].as_str().unwrap_or("")
+                        );
+                    }
+                }
+                Ok(())
+            })
+        }
+        Command::Audit {
+            follow: _,
+            json,
+            workload,
+            verdict,
+        } => palisade::control::call(
+            &cli.socket,
+            &Request::AuditFollow { workload, verdict },
+            |r| {
+                match r {
+                    Response::Ok(e) if json => println!("{e}"),
+                    Response::Ok(e) => println!(
+                        "{} {:<10} {:<7} {} → {} {}/{}  {} {}",
+                        e["time"].as_str().unwrap_or(""),
+                        e["verdict"].as_str().unwrap_or(""),
+                        e["direction"].as_str().unwrap_or(""),
+                        e["from"].as_str().unwrap_or(""),
+                        e["to"].as_str().unwrap_or(""),
+                        e["protocol"].as_str().unwrap_or(""),
+                        e["port"],
+                        e["policy"].as_str().unwrap_or("-"),
+                        e["rule"].as_str().unwrap_or("")
+                    ),
+                    Response::Error(m) => eprintln!("warning: {m}"),
+                }
+                std::io::Write::flush(&mut std::io::stdout())?;
+                Ok(())
+            },
+        ),
+        Command::Policy {
+            command: PolicyCommand::Apply { files },
+        } => {
+            let mut payload = Vec::new();
+            for f in &files {
+                let paths: Vec<PathBuf> = if f.is_dir() {
+                    let mut v: Vec<PathBuf> = std::fs::read_dir(f)
+                        .with_context(|| format!("reading {}", f.display()))?
+                        .flatten()
+                        .map(|e| e.path())
+                        .filter(|p| {
+                            matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
+                        })
+                        .collect();
+                    v.sort();
+                    v
+                } else {
+                    vec![f.clone()]
+                };
+                for p in paths {
+                    let content = std::fs::read_to_string(&p)
+                        .with_context(|| format!("reading {}", p.display()))?;
+                    payload.push(palisade::control::PolicyFile {
+                        name: p.display().to_string(),
+                        content,
+                    });
+                }
+            }
+            // Check locally first: the same messages, with the user's paths.
+            let paths: Vec<PathBuf> = payload.iter().map(|p| PathBuf::from(&p.name)).collect();
+            if let Err(e) = palisade::policy::load_paths(&paths) {
+                eprintln!("{e}\nnothing was applied");
+                std::process::exit(1);
+            }
+            let count = payload.len();
+            palisade::control::call(&cli.socket, &Request::PolicyApply { files: payload }, |r| {
+                let v = ok(r)?;
+                println!(
+                    "applied {count} file(s); policy generation {}",
+                    v["generation"]
+                );
+                Ok(())
+            })
+        }
+        Command::Policy {
+            command: PolicyCommand::List { json },
+        } => palisade::control::call(&cli.socket, &Request::PolicyList, |r| {
+            let v = ok(r)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{:<40} {:<22} SOURCE", "POLICY", "KIND");
+                for p in v.as_array().into_iter().flatten() {
+                    println!(
+                        "{:<40} {:<22} {}:{}",
+                        p["name"].as_str().unwrap_or(""),
+                        p["kind"].as_str().unwrap_or(""),
+                        p["file"].as_str().unwrap_or(""),
+                        p["line"]
+                    );
+                }
+            }
+            Ok(())
+        }),
+        Command::Policy {
+            command: PolicyCommand::Delete { name },
+        } => palisade::control::call(
+            &cli.socket,
+            &Request::PolicyDelete { name: name.clone() },
+            |r| {
+                let v = ok(r)?;
+                println!("deleted {name}; policy generation {}", v["generation"]);
+                Ok(())
+            },
+        ),
         Command::Cleanup { config } => {
             let config = palisade::config::Config::load(&config)?;
             let Some(dir) = config.bpf_pin_dir else {
@@ -177,6 +362,75 @@ fn main() -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         },
+    }
+}
+
+use palisade::control::{Request, Response};
+
+/// The value of an `ok` response; an `error` response ends the command with exit 1.
+fn ok(r: Response) -> anyhow::Result<serde_json::Value> {
+    match r {
+        Response::Ok(v) => Ok(v),
+        Response::Error(m) => {
+            eprintln!("{m}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn print_status(v: &serde_json::Value) {
+    let n = |k: &str| v[k].as_u64().unwrap_or(0);
+    println!(
+        "palisade {}  {}",
+        v["version"].as_str().unwrap_or("?"),
+        if v["ready"] == true {
+            "ready"
+        } else {
+            "NOT READY"
+        }
+    );
+    println!(
+        "workloads {}   identities {}   policies {}   policy generation {}   apply errors {}",
+        n("workloads"),
+        n("identities"),
+        n("policies"),
+        n("generation"),
+        n("apply_errors")
+    );
+    if let Some(e) = v["last_error"].as_str() {
+        println!("last refused change:\n  {}", e.replace('\n', "\n  "));
+    }
+    let c = &v["counters"];
+    println!(
+        "verdicts  egress allow {} deny {} would-deny {}   ingress allow {} deny {} would-deny {}",
+        c["egress_allow"],
+        c["egress_deny"],
+        c["egress_would_deny"],
+        c["ingress_allow"],
+        c["ingress_deny"],
+        c["ingress_would_deny"]
+    );
+    println!(
+        "audit     emitted {}   delivered {}   lost {}",
+        c["events_emitted"], v["events_delivered"], c["events_lost"]
+    );
+    println!("maps");
+    for m in v["maps"].as_array().into_iter().flatten() {
+        let (entries, cap) = (
+            m[1].as_u64().unwrap_or(0),
+            m[2].as_u64().unwrap_or(1).max(1),
+        );
+        println!(
+            "  {:<18} {:>8} / {:<8} {:>5.1}%",
+            m[0].as_str().unwrap_or(""),
+            entries,
+            cap,
+            entries as f64 * 100.0 / cap as f64
+        );
+    }
+    println!("attached");
+    for a in v["attach_points"].as_array().into_iter().flatten() {
+        println!("  {}", a.as_str().unwrap_or(""));
     }
 }
 

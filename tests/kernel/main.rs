@@ -470,6 +470,15 @@ fn a_policy_file_change_applies_and_an_invalid_one_is_rejected() {
             .unwrap(),
         "timeout"
     );
+    let (_, status, _) = cli(&s.agent, &["status", "--json"]);
+    let status: Value = serde_json::from_str(&status).unwrap();
+    assert!(
+        status["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("broken.yaml:7:20: spec.ingress[0].ports[0].port")),
+        "status shows the refused change: {status}"
+    );
+    assert_eq!(status["apply_errors"], 1);
 
     // A valid change: logging may now reach payment-service on 443.
     std::fs::remove_file(policies.path().join("broken.yaml")).unwrap();
@@ -1046,4 +1055,156 @@ fn pins_of_an_incompatible_layout_are_replaced_with_a_log_line() {
     );
     assert!(s.agent.stop().unwrap());
     assert!(!pins.exists());
+}
+
+/// Runs the `palisade` CLI against an agent's control socket.
+fn cli(agent: &Agent, args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(palisade_tests::bin_dir().join("palisade"))
+        .args(args)
+        .env("PALISADE_SOCKET", agent.dir.join("palisade.sock"))
+        .output()
+        .expect("palisade runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_cli_drives_a_running_agent_through_its_control_socket() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt as _;
+    let policies = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        policy_dir("kubernetes").join("payment-service-policy.yaml"),
+        policies.path().join("payment-service-policy.yaml"),
+    )
+    .unwrap();
+    let mut s = setup(scenario::pods(), policies.path(), scenario::NAMESPACES);
+    let socket = s.agent.dir.join("palisade.sock");
+    assert_eq!(
+        std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777,
+        0o600,
+        "root-only socket"
+    );
+    let logging = s.world.pod("production/logging");
+    let payment = s.world.pod("production/payment-service");
+    let t = Duration::from_millis(1000);
+
+    // Another user cannot talk to the agent.
+    let other = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(palisade_tests::bin_dir().join("palisade"))
+        .arg("status")
+        .env("PALISADE_SOCKET", &socket)
+        .output()
+        .expect("setpriv (util-linux) runs");
+    assert!(!other.status.success(), "a non-root user was let in");
+    assert!(
+        String::from_utf8_lossy(&other.stderr).contains("Permission denied"),
+        "{}",
+        String::from_utf8_lossy(&other.stderr)
+    );
+    let (code, out, _) = cli(&s.agent, &["status"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("ready") && out.contains("workloads 6") && out.contains("PAL_POLICY_V1"),
+        "{out}"
+    );
+    let (_, json, _) = cli(&s.agent, &["status", "--json"]);
+    let v: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["workloads"], 6);
+    assert_eq!(v["attach_points"].as_array().unwrap().len(), 5);
+    let (_, out, _) = cli(&s.agent, &["workloads"]);
+    assert!(
+        out.contains("production/payment-service") && out.contains(&payment.ipv4.to_string()),
+        "{out}"
+    );
+    let (_, out, _) = cli(&s.agent, &["policy", "list"]);
+    assert!(
+        out.contains("production/payment-service-policy") && out.contains("NetworkPolicy"),
+        "{out}"
+    );
+
+    // Follow the audit stream while a denial happens.
+    let mut follow = std::process::Command::new(palisade_tests::bin_dir().join("palisade"))
+        .args([
+            "audit",
+            "--follow",
+            "--json",
+            "--verdict",
+            "deny",
+            "--workload",
+            "production/logging",
+        ])
+        .env("PALISADE_SOCKET", &socket)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        s.world
+            .probe(logging, "tcp", payment.ipv4.into(), 443, t)
+            .unwrap(),
+        "timeout"
+    );
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(follow.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let _ = follow.kill();
+    let _ = follow.wait();
+    let ev: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(
+        (ev["from"].as_str(), ev["verdict"].as_str()),
+        (Some("production/logging"), Some("deny"))
+    );
+
+    // An invalid apply changes nothing and says where.
+    let bad = s.agent.dir.join("bad.yaml");
+    std::fs::write(&bad, "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: b, namespace: production}\nspec:\n  podSelector: {}\n  ingress:\n  - ports: [{port: 0}]\n").unwrap();
+    let (code, _, err) = cli(&s.agent, &["policy", "apply", "-f", bad.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("bad.yaml:7:20: spec.ingress[0].ports[0].port: 0 is out of range")
+            && err.contains("nothing was applied"),
+        "{err}"
+    );
+    assert!(!policies.path().join("bad.yaml").exists());
+
+    // A valid apply: logging may reach payment-service on 443.
+    let good = s.agent.dir.join("allow-logging.yaml");
+    std::fs::write(&good, "apiVersion: palisade.dev/v1alpha1\nkind: PalisadePolicy\nmetadata: {name: allow-logging, namespace: production}\nspec:\n  selector: {matchLabels: {app: payment-service}}\n  ingress:\n    - from: [{selector: {matchLabels: {app: logging}}}]\n      ports: [{protocol: TCP, port: 443}]\n").unwrap();
+    let (code, out, err) = cli(&s.agent, &["policy", "apply", "-f", good.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("policy generation"), "{out}");
+    assert_eq!(
+        s.world
+            .probe(logging, "tcp", payment.ipv4.into(), 443, t)
+            .unwrap(),
+        "ok"
+    );
+    let (_, out, _) = cli(&s.agent, &["policy", "list"]);
+    assert!(out.contains("production/allow-logging"), "{out}");
+
+    // And deleted again.
+    let (code, out, err) = cli(&s.agent, &["policy", "delete", "production/allow-logging"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("deleted production/allow-logging"), "{out}");
+    assert_eq!(
+        s.world
+            .probe(logging, "tcp", payment.ipv4.into(), 443, t)
+            .unwrap(),
+        "timeout"
+    );
+    let (code, _, err) = cli(&s.agent, &["policy", "delete", "production/nope"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no policy \"production/nope\""), "{err}");
+    assert!(s.agent.stop().unwrap());
+    assert!(!socket.exists(), "socket removed on exit");
 }

@@ -34,10 +34,11 @@ pub fn config_with_rules(
     extra: &str,
 ) -> String {
     format!(
-        "cgroupRoot: {root}\nbpfPinDir: /sys/fs/bpf/palisade-test-{tag}\npolicyDir: {policy}\naudit:\n  output: {audit}\nrescanIntervalMs: 100\n\
+        "cgroupRoot: {root}\nbpfPinDir: /sys/fs/bpf/palisade-test-{tag}\ncontrolSocket: {socket}\npolicyDir: {policy}\naudit:\n  output: {audit}\nrescanIntervalMs: 100\n\
          workloads:\n{rules}  - path: \"{{ns}}/{{app}}\"\n    namespace: \"{{ns}}\"\n    labels:\n      app: \"{{app}}\"\n{extra}",
         root = world.cgroup_root.display(),
         tag = world.tag,
+        socket = audit_path.with_file_name("palisade.sock").display(),
         policy = policy_dir.display(),
         audit = audit_path.display(),
     )

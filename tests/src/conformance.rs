@@ -26,7 +26,7 @@ fn quote(s: &str) -> String {
 /// Agent config: one workload rule per pod (its exact cgroup path), namespaces with labels.
 fn config(world: &World, file: &WorldFile, policies: &Path, audit: &Path) -> String {
     let mut c = format!(
-        "cgroupRoot: {}\nbpfPinDir: /sys/fs/bpf/palisade-test-{}\npolicyDir: {}\naudit:\n  output: {}\nrescanIntervalMs: 100\nnamespaces:\n",
+        "cgroupRoot: {}\nbpfPinDir: /sys/fs/bpf/palisade-test-{}\ncontrolSocket: null\npolicyDir: {}\naudit:\n  output: {}\nrescanIntervalMs: 100\nnamespaces:\n",
         world.cgroup_root.display(),
         world.tag,
         policies.display(),
