@@ -52,6 +52,22 @@ fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
     move |source| DatapathError::Map { map, source }
 }
 
+/// Map `name` of the object as the typed map `T` (read access).
+fn typed<'a, T>(ebpf: &'a Ebpf, name: &'static str) -> Result<T, DatapathError>
+where
+    T: TryFrom<&'a aya::maps::Map, Error = aya::maps::MapError>,
+{
+    T::try_from(ebpf.map(name).ok_or(DatapathError::MissingMap(name))?).map_err(map_err(name))
+}
+
+/// Map `name` of the object as the typed map `T` (write access).
+fn typed_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<T, DatapathError>
+where
+    T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
+{
+    T::try_from(ebpf.map_mut(name).ok_or(DatapathError::MissingMap(name))?).map_err(map_err(name))
+}
+
 /// An address block as an ipcache key (IPv4 mapped into IPv6).
 pub fn ip_key(net: &IpNet) -> Key<[u8; 16]> {
     match net {
@@ -266,12 +282,14 @@ impl KernelDatapath {
                 source,
             })?;
         }
-        let mut ebpf = match load() {
-            Ok(e) => e,
-            Err(aya::EbpfError::MapError(
-                e @ aya::maps::MapError::IncompatiblePinnedMap { .. },
-            )) if pins.is_some() => {
-                let p = pins.ok_or(DatapathError::MissingMap("pins"))?;
+        let mut ebpf = match (load(), pins) {
+            (Ok(e), _) => e,
+            (
+                Err(aya::EbpfError::MapError(
+                    e @ aya::maps::MapError::IncompatiblePinnedMap { .. },
+                )),
+                Some(p),
+            ) => {
                 tracing::warn!(pins = %p.dir.display(), "pinned maps have an incompatible layout or capacity ({e}); replacing them: enforcement restarts from empty tables");
                 cleanup(p)?;
                 std::fs::create_dir_all(&p.dir).map_err(|source| DatapathError::Io {
@@ -281,15 +299,11 @@ impl KernelDatapath {
                 })?;
                 load().map_err(|e| DatapathError::Load(Box::new(e)))?
             }
-            Err(e) => return Err(DatapathError::Load(Box::new(e))),
+            (Err(e), _) => return Err(DatapathError::Load(Box::new(e))),
         };
         let adopted = pins.is_some_and(|p| p.link(programs::INGRESS).exists());
         {
-            let mut st: Array<&mut MapData, u32> = Array::try_from(
-                ebpf.map_mut(maps::STATE)
-                    .ok_or(DatapathError::MissingMap(maps::STATE))?,
-            )
-            .map_err(map_err(maps::STATE))?;
+            let mut st: Array<&mut MapData, u32> = typed_mut(&mut ebpf, maps::STATE)?;
             if !adopted {
                 st.set(state::ACTIVE_SLOT, &0, 0)
                     .map_err(map_err(maps::STATE))?;
@@ -399,12 +413,7 @@ impl KernelDatapath {
     /// diff against the real state: the live slot stays in force until the
     /// new table is complete.
     fn observe(&mut self) -> Result<(), DatapathError> {
-        let st: Array<&MapData, u32> = Array::try_from(
-            self.ebpf
-                .map(maps::STATE)
-                .ok_or(DatapathError::MissingMap(maps::STATE))?,
-        )
-        .map_err(map_err(maps::STATE))?;
+        let st: Array<&MapData, u32> = typed(&self.ebpf, maps::STATE)?;
         self.active_slot = (st
             .get(&state::ACTIVE_SLOT, 0)
             .map_err(map_err(maps::STATE))?
@@ -413,12 +422,8 @@ impl KernelDatapath {
             .get(&state::GENERATION, 0)
             .map_err(map_err(maps::STATE))?
             .max(2);
-        let policy: LpmTrie<&MapData, PolicyKeyData, PolicyValue> = LpmTrie::try_from(
-            self.ebpf
-                .map(maps::POLICY)
-                .ok_or(DatapathError::MissingMap(maps::POLICY))?,
-        )
-        .map_err(map_err(maps::POLICY))?;
+        let policy: LpmTrie<&MapData, PolicyKeyData, PolicyValue> =
+            typed(&self.ebpf, maps::POLICY)?;
         for item in policy.iter() {
             let (key, value) = item.map_err(map_err(maps::POLICY))?;
             let data = key.data();
@@ -434,46 +439,27 @@ impl KernelDatapath {
                 .entries
                 .insert(entry, value);
         }
-        let enforced: HashMap<&MapData, EnforcedKey, EnforcedValue> = HashMap::try_from(
-            self.ebpf
-                .map(maps::ENFORCED)
-                .ok_or(DatapathError::MissingMap(maps::ENFORCED))?,
-        )
-        .map_err(map_err(maps::ENFORCED))?;
+        let enforced: HashMap<&MapData, EnforcedKey, EnforcedValue> =
+            typed(&self.ebpf, maps::ENFORCED)?;
         for item in enforced.iter() {
             let (k, v) = item.map_err(map_err(maps::ENFORCED))?;
             self.slots[usize::from(k.slot & 1)]
                 .enforced
                 .insert((k.direction, k.identity), v);
         }
-        let cgroups: HashMap<&MapData, u64, u32> = HashMap::try_from(
-            self.ebpf
-                .map(maps::CGROUP_IDENTITY)
-                .ok_or(DatapathError::MissingMap(maps::CGROUP_IDENTITY))?,
-        )
-        .map_err(map_err(maps::CGROUP_IDENTITY))?;
+        let cgroups: HashMap<&MapData, u64, u32> = typed(&self.ebpf, maps::CGROUP_IDENTITY)?;
         for item in cgroups.iter() {
             let (k, v) = item.map_err(map_err(maps::CGROUP_IDENTITY))?;
             self.cgroups.insert(k, v);
         }
-        let ipcache: LpmTrie<&MapData, [u8; 16], u32> = LpmTrie::try_from(
-            self.ebpf
-                .map(maps::IPCACHE)
-                .ok_or(DatapathError::MissingMap(maps::IPCACHE))?,
-        )
-        .map_err(map_err(maps::IPCACHE))?;
+        let ipcache: LpmTrie<&MapData, [u8; 16], u32> = typed(&self.ebpf, maps::IPCACHE)?;
         for item in ipcache.iter() {
             let (k, v) = item.map_err(map_err(maps::IPCACHE))?;
             if let Some(net) = net_of(k.prefix_len(), k.data()) {
                 self.ipcache.insert(net, v);
             }
         }
-        let own: HashMap<&MapData, SelfKey, u8> = HashMap::try_from(
-            self.ebpf
-                .map(maps::SELF_ADDRESSES)
-                .ok_or(DatapathError::MissingMap(maps::SELF_ADDRESSES))?,
-        )
-        .map_err(map_err(maps::SELF_ADDRESSES))?;
+        let own: HashMap<&MapData, SelfKey, u8> = typed(&self.ebpf, maps::SELF_ADDRESSES)?;
         for item in own.iter() {
             let (k, _) = item.map_err(map_err(maps::SELF_ADDRESSES))?;
             self.own_addresses.insert((k.cgroup_id, ip_of16(k.addr)));
@@ -561,12 +547,7 @@ impl KernelDatapath {
     }
 
     fn set_state(&mut self, index: u32, value: u32) -> Result<(), DatapathError> {
-        let mut st: Array<&mut MapData, u32> = Array::try_from(
-            self.ebpf
-                .map_mut(maps::STATE)
-                .ok_or(DatapathError::MissingMap(maps::STATE))?,
-        )
-        .map_err(map_err(maps::STATE))?;
+        let mut st: Array<&mut MapData, u32> = typed_mut(&mut self.ebpf, maps::STATE)?;
         st.set(index, &value, 0).map_err(map_err(maps::STATE))
     }
 
@@ -649,21 +630,13 @@ impl KernelDatapath {
 fn policy_map(
     ebpf: &mut Ebpf,
 ) -> Result<LpmTrie<&mut MapData, PolicyKeyData, PolicyValue>, DatapathError> {
-    LpmTrie::try_from(
-        ebpf.map_mut(maps::POLICY)
-            .ok_or(DatapathError::MissingMap(maps::POLICY))?,
-    )
-    .map_err(map_err(maps::POLICY))
+    typed_mut(ebpf, maps::POLICY)
 }
 
 fn enforced_map(
     ebpf: &mut Ebpf,
 ) -> Result<HashMap<&mut MapData, EnforcedKey, EnforcedValue>, DatapathError> {
-    HashMap::try_from(
-        ebpf.map_mut(maps::ENFORCED)
-            .ok_or(DatapathError::MissingMap(maps::ENFORCED))?,
-    )
-    .map_err(map_err(maps::ENFORCED))
+    typed_mut(ebpf, maps::ENFORCED)
 }
 
 impl Datapath for KernelDatapath {
@@ -692,12 +665,8 @@ impl Datapath for KernelDatapath {
         }
 
         {
-            let mut own: HashMap<&mut MapData, SelfKey, u8> = HashMap::try_from(
-                self.ebpf
-                    .map_mut(maps::SELF_ADDRESSES)
-                    .ok_or(DatapathError::MissingMap(maps::SELF_ADDRESSES))?,
-            )
-            .map_err(map_err(maps::SELF_ADDRESSES))?;
+            let mut own: HashMap<&mut MapData, SelfKey, u8> =
+                typed_mut(&mut self.ebpf, maps::SELF_ADDRESSES)?;
             let key = |(cgroup_id, ip): &(u64, IpAddr)| SelfKey {
                 cgroup_id: *cgroup_id,
                 addr: addr16(*ip),
@@ -716,12 +685,8 @@ impl Datapath for KernelDatapath {
         report.ipcache_updates = ip_up.len() + ip_del.len();
         report.cgroup_updates = cg_up.len() + cg_del.len();
         {
-            let mut ipcache: LpmTrie<&mut MapData, [u8; 16], u32> = LpmTrie::try_from(
-                self.ebpf
-                    .map_mut(maps::IPCACHE)
-                    .ok_or(DatapathError::MissingMap(maps::IPCACHE))?,
-            )
-            .map_err(map_err(maps::IPCACHE))?;
+            let mut ipcache: LpmTrie<&mut MapData, [u8; 16], u32> =
+                typed_mut(&mut self.ebpf, maps::IPCACHE)?;
             for (net, id) in &ip_up {
                 ipcache
                     .insert(&ip_key(net), id, 0)
@@ -730,12 +695,8 @@ impl Datapath for KernelDatapath {
             }
         }
         {
-            let mut cgroups: HashMap<&mut MapData, u64, u32> = HashMap::try_from(
-                self.ebpf
-                    .map_mut(maps::CGROUP_IDENTITY)
-                    .ok_or(DatapathError::MissingMap(maps::CGROUP_IDENTITY))?,
-            )
-            .map_err(map_err(maps::CGROUP_IDENTITY))?;
+            let mut cgroups: HashMap<&mut MapData, u64, u32> =
+                typed_mut(&mut self.ebpf, maps::CGROUP_IDENTITY)?;
             for (cg, id) in &cg_up {
                 cgroups
                     .insert(cg, id, 0)
@@ -749,12 +710,8 @@ impl Datapath for KernelDatapath {
             }
         }
         {
-            let mut ipcache: LpmTrie<&mut MapData, [u8; 16], u32> = LpmTrie::try_from(
-                self.ebpf
-                    .map_mut(maps::IPCACHE)
-                    .ok_or(DatapathError::MissingMap(maps::IPCACHE))?,
-            )
-            .map_err(map_err(maps::IPCACHE))?;
+            let mut ipcache: LpmTrie<&mut MapData, [u8; 16], u32> =
+                typed_mut(&mut self.ebpf, maps::IPCACHE)?;
             for net in &ip_del {
                 let _ = ipcache.remove(&ip_key(net));
                 self.ipcache.remove(net);
@@ -764,12 +721,7 @@ impl Datapath for KernelDatapath {
     }
 
     fn counters(&self) -> Result<Counters, DatapathError> {
-        let arr: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(
-            self.ebpf
-                .map(maps::COUNTERS)
-                .ok_or(DatapathError::MissingMap(maps::COUNTERS))?,
-        )
-        .map_err(map_err(maps::COUNTERS))?;
+        let arr: PerCpuArray<&MapData, u64> = typed(&self.ebpf, maps::COUNTERS)?;
         let sum = |i: u32| -> Result<u64, DatapathError> {
             Ok(arr
                 .get(&i, 0)

@@ -72,7 +72,8 @@ fn demo() -> anyhow::Result<bool> {
         .into_iter()
         .filter(|n| n.starts_with(&tag))
         .count();
-    let clean = left == 0 && !root.exists();
+    let pins = std::path::Path::new("/sys/fs/bpf").join(format!("palisade-test-{tag}"));
+    let clean = left == 0 && !root.exists() && !pins.exists();
     let failures = obs.iter().filter(|o| !o.holds()).count();
     println!(
         "\n{} of {} attempts as expected; {} audit events; agent stopped {}; {}",
