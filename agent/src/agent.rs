@@ -500,3 +500,86 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    use crate::datapath::fake::FakeDatapath;
+
+    fn workload(cgroup_id: u64, app: &str) -> Workload {
+        Workload {
+            cgroup_id,
+            cgroup_path: format!("prod/w{cgroup_id}"),
+            namespace: "prod".into(),
+            name: format!("w{cgroup_id}"),
+            labels: [("app".to_owned(), app.to_owned())].into(),
+            ips: vec![format!("10.1.0.{cgroup_id}").parse().unwrap()],
+            ports: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_relabelled_workloads_old_identity_stays_one_round_in_the_tables() {
+        let config = Config::parse(Path::new("t.yaml"), "cgroupRoot: x\n").unwrap();
+        let policies = policy::PolicySet {
+            policies: policy::load::parse_str(
+                "p.yaml",
+                "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: prod}\nspec:\n  podSelector: {}\n",
+            )
+            .unwrap(),
+            files: Vec::new(),
+        };
+        let mut planner = Planner::new(config);
+        let mut dp = FakeDatapath::default();
+        let first = planner.plan(vec![workload(7, "web")], &policies);
+        dp.apply(&first.desired).unwrap();
+        let old = first.desired.cgroups[&7];
+        // The workload is relabelled: a new identity, and the old one is kept
+        // enforced while the kernel may still map the cgroup to it.
+        let second = planner.plan(vec![workload(7, "api")], &policies);
+        dp.apply(&second.desired).unwrap();
+        let new = second.desired.cgroups[&7];
+        assert_ne!(old, new);
+        let enforced = |d: &Desired, id| {
+            d.policy
+                .enforced
+                .contains_key(&(palisade_common::DIR_INGRESS, id))
+        };
+        assert!(
+            enforced(&second.desired, old) && enforced(&second.desired, new),
+            "both identities in the live table"
+        );
+        // One round later the old identity is gone.
+        let third = planner.plan(vec![workload(7, "api")], &policies);
+        dp.apply(&third.desired).unwrap();
+        assert!(!enforced(&third.desired, old) && enforced(&third.desired, new));
+        assert_eq!(dp.applied.len(), 3);
+        assert_ne!(
+            dp.applied[1], dp.applied[2],
+            "dropping the old identity is a change"
+        );
+    }
+
+    #[test]
+    fn identity_numbers_in_adopted_maps_are_kept() {
+        let config = Config::parse(Path::new("t.yaml"), "cgroupRoot: x\n").unwrap();
+        let mut planner = Planner::new(config);
+        planner.hint([(7, 300), (8, 301)].into(), BTreeMap::new());
+        let obs = planner.plan(
+            vec![workload(8, "db"), workload(7, "web")],
+            &policy::PolicySet::default(),
+        );
+        assert_eq!(
+            (obs.desired.cgroups[&7], obs.desired.cgroups[&8]),
+            (300, 301)
+        );
+        // A new workload gets a fresh number above them.
+        let obs = planner.plan(
+            vec![workload(8, "db"), workload(7, "web"), workload(9, "cache")],
+            &policy::PolicySet::default(),
+        );
+        assert!(obs.desired.cgroups[&9] > 301);
+    }
+}
