@@ -134,16 +134,13 @@ impl Planner {
                 identities.insert(*id, info.clone());
             }
         }
-        let mut namespaces = self.config.namespace_labels();
-        for w in &workloads {
-            namespaces.entry(w.namespace.clone()).or_insert_with(|| {
-                [(
-                    "kubernetes.io/metadata.name".to_owned(),
-                    w.namespace.clone(),
-                )]
-                .into()
-            });
-        }
+        let namespaces = policy::labels::namespace_labels(
+            self.config
+                .namespaces
+                .iter()
+                .map(|ns| (ns.name.as_str(), &ns.labels)),
+            workloads.iter().map(|w| w.namespace.as_str()),
+        );
         let world = policy::World {
             identities: identities.values().cloned().collect(),
             namespaces,

@@ -312,14 +312,12 @@ impl Config {
     /// `kubernetes.io/metadata.name`, which the Kubernetes API server sets on
     /// every namespace.
     pub fn namespace_labels(&self) -> BTreeMap<String, Labels> {
-        self.namespaces
-            .iter()
-            .map(|ns| {
-                let mut labels = ns.labels.clone();
-                labels.insert("kubernetes.io/metadata.name".into(), ns.name.clone());
-                (ns.name.clone(), labels)
-            })
-            .collect()
+        crate::policy::labels::namespace_labels(
+            self.namespaces
+                .iter()
+                .map(|ns| (ns.name.as_str(), &ns.labels)),
+            [],
+        )
     }
 }
 

@@ -188,16 +188,13 @@ impl Model {
             pods.insert(format!("{}/{}", p.namespace, p.name), (id, p.ip));
             addresses.push((IpNet::from(p.ip), id));
         }
-        let mut namespaces: BTreeMap<String, Labels> = BTreeMap::new();
-        for ns in &world.namespaces {
-            namespaces.insert(ns.name.clone(), ns.labels.clone());
-        }
-        for p in &world.pods {
-            namespaces.entry(p.namespace.clone()).or_default();
-        }
-        for (name, labels) in &mut namespaces {
-            labels.insert("kubernetes.io/metadata.name".into(), name.clone());
-        }
+        let namespaces = policy::labels::namespace_labels(
+            world
+                .namespaces
+                .iter()
+                .map(|ns| (ns.name.as_str(), &ns.labels)),
+            world.pods.iter().map(|p| p.namespace.as_str()),
+        );
         let w = policy::World {
             identities: identities.values().cloned().collect(),
             namespaces,

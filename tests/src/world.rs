@@ -87,7 +87,6 @@ pub struct World {
     /// A sibling subtree for processes that must stay outside the agent's root.
     pub outside_root: PathBuf,
     pub pods: Vec<Pod>,
-    children: Vec<Child>,
     subnet: u8,
 }
 
@@ -103,7 +102,6 @@ impl World {
             outside_root: mount.join(format!("palisade-test-{tag}-outside")),
             tag,
             pods: Vec::new(),
-            children: Vec::new(),
             // A distinct /24 (and /64) per world, so parallel worlds never meet.
             subnet: (100
                 + (std::process::id() as u8)
@@ -286,20 +284,6 @@ impl World {
         Ok(String::from_utf8_lossy(&stdout).trim().to_owned())
     }
 
-    /// Starts a long-running process in a cgroup and namespace, killed on drop.
-    pub fn spawn_in(
-        &mut self,
-        cgroup: &Path,
-        netns: &str,
-        mut cmd: Command,
-    ) -> anyhow::Result<u32> {
-        enter(&mut cmd, cgroup, netns)?;
-        let child = cmd.spawn()?;
-        let pid = child.id();
-        self.children.push(child);
-        Ok(pid)
-    }
-
     /// Adds a network namespace on the bridge without a pod cgroup (for
     /// senders the agent must not know by cgroup). Returns (netns, index).
     pub fn add_bare_netns(&mut self, name: &str) -> anyhow::Result<(String, u8)> {
@@ -411,9 +395,6 @@ fn remove_cgroup_tree(dir: &Path) {
 
 impl Drop for World {
     fn drop(&mut self) {
-        for child in &mut self.children {
-            kill(child);
-        }
         for pod in &mut self.pods {
             if let Some(child) = &mut pod.server {
                 kill(child);

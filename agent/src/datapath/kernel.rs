@@ -124,6 +124,14 @@ pub struct Pins {
 const PIN_LAYOUT: &str = "layout-1";
 
 impl Pins {
+    fn create_dir(&self) -> Result<(), DatapathError> {
+        std::fs::create_dir_all(&self.dir).map_err(|source| DatapathError::Io {
+            what: "creating pin directory",
+            path: self.dir.display().to_string(),
+            source,
+        })
+    }
+
     fn layout(&self) -> std::path::PathBuf {
         self.dir.join(PIN_LAYOUT)
     }
@@ -276,11 +284,7 @@ impl KernelDatapath {
                 );
                 cleanup(p)?;
             }
-            std::fs::create_dir_all(&p.dir).map_err(|source| DatapathError::Io {
-                what: "creating pin directory",
-                path: p.dir.display().to_string(),
-                source,
-            })?;
+            p.create_dir()?;
         }
         let mut ebpf = match (load(), pins) {
             (Ok(e), _) => e,
@@ -292,11 +296,7 @@ impl KernelDatapath {
             ) => {
                 tracing::warn!(pins = %p.dir.display(), "pinned maps have an incompatible layout or capacity ({e}); replacing them: enforcement restarts from empty tables");
                 cleanup(p)?;
-                std::fs::create_dir_all(&p.dir).map_err(|source| DatapathError::Io {
-                    what: "creating pin directory",
-                    path: p.dir.display().to_string(),
-                    source,
-                })?;
+                p.create_dir()?;
                 load().map_err(|e| DatapathError::Load(Box::new(e)))?
             }
             (Err(e), _) => return Err(DatapathError::Load(Box::new(e))),

@@ -7,6 +7,29 @@ use serde::Deserialize;
 
 pub type Labels = BTreeMap<String, String>;
 
+/// The label the Kubernetes API server sets on every namespace.
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+/// Namespace labels as the compiler sees them: the `declared` namespaces with
+/// their labels, plus every namespace in `also` (without labels of its own),
+/// each carrying `kubernetes.io/metadata.name` as the API server sets it.
+pub fn namespace_labels<'a>(
+    declared: impl IntoIterator<Item = (&'a str, &'a Labels)>,
+    also: impl IntoIterator<Item = &'a str>,
+) -> BTreeMap<String, Labels> {
+    let mut out: BTreeMap<String, Labels> = declared
+        .into_iter()
+        .map(|(name, labels)| (name.to_owned(), labels.clone()))
+        .collect();
+    for name in also {
+        out.entry(name.to_owned()).or_default();
+    }
+    for (name, labels) in &mut out {
+        labels.insert(NAMESPACE_NAME_LABEL.to_owned(), name.clone());
+    }
+    out
+}
+
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct LabelSelector {
