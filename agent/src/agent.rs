@@ -12,6 +12,7 @@ use std::{
 
 use anyhow::Context as _;
 use ipnet::IpNet;
+use palisade_common::identity as reserved;
 use tracing::{info, warn};
 
 use crate::{
@@ -20,6 +21,7 @@ use crate::{
     datapath::{Datapath, Desired, kernel::KernelDatapath},
     discovery::{self, Classifier, Workload},
     identity::{Allocator, LabelKey, display_name},
+    kubernetes::{Inputs, UnknownPods},
     policy::{
         self, PolicySet,
         compile::{IdentityInfo, IdentityKind},
@@ -68,7 +70,14 @@ impl Planner {
     }
 
     /// Computes the desired state from the workloads found and the policies.
-    pub fn plan(&mut self, mut workloads: Vec<Workload>, policies: &PolicySet) -> Observation {
+    pub fn plan(&mut self, input: Inputs, policies: &PolicySet) -> Observation {
+        let Inputs {
+            mut workloads,
+            held,
+            remote,
+            namespaces: cluster_namespaces,
+            local_without_cgroup: _,
+        } = input;
         workloads.sort_by(|a, b| a.cgroup_path.cmp(&b.cgroup_path));
         let td = self.config.trust_domain.clone();
         let mut identities: BTreeMap<u32, IdentityInfo> = BTreeMap::new();
@@ -97,6 +106,33 @@ impl Planner {
             cgroups.insert(w.cgroup_id, id);
             own_addresses.extend(w.ips.iter().map(|ip| (w.cgroup_id, *ip)));
             addresses.extend(w.ips.iter().map(|ip| (IpNet::from(*ip), id)));
+        }
+        for (cgroup, id) in &held {
+            cgroups.insert(*cgroup, *id);
+            identities.entry(*id).or_insert_with(|| reserved_info(*id));
+        }
+        for r in &remote {
+            let key = LabelKey {
+                namespace: Some(r.namespace.clone()),
+                labels: r.labels.clone(),
+            };
+            let hint = r
+                .ips
+                .first()
+                .and_then(|ip| self.hints_by_net.get(&IpNet::from(*ip)).copied());
+            let id = self.allocator.get_or_allocate_hinted(&key, hint);
+            let info = identities.entry(id).or_insert_with(|| IdentityInfo {
+                id,
+                name: display_name(&td, &key, &r.name),
+                namespace: key.namespace.clone(),
+                labels: key.labels.clone(),
+                kind: IdentityKind::Workload,
+                named_ports: BTreeMap::new(),
+            });
+            for (k, port) in r.ports.iter().filter_map(|p| p.key()) {
+                info.named_ports.entry(k).or_insert(port);
+            }
+            addresses.extend(r.ips.iter().map(|ip| (IpNet::from(*ip), id)));
         }
         for p in &self.config.peers {
             let key = LabelKey {
@@ -138,15 +174,22 @@ impl Planner {
             self.config
                 .namespaces
                 .iter()
-                .map(|ns| (ns.name.as_str(), &ns.labels)),
-            workloads.iter().map(|w| w.namespace.as_str()),
+                .map(|ns| (ns.name.as_str(), &ns.labels))
+                .chain(cluster_namespaces.iter().map(|(n, l)| (n.as_str(), l))),
+            workloads
+                .iter()
+                .map(|w| w.namespace.as_str())
+                .chain(remote.iter().map(|r| r.namespace.as_str())),
         );
         let world = policy::World {
             identities: identities.values().cloned().collect(),
             namespaces,
             addresses: addresses.clone(),
         };
-        let compiled = policy::compile(&policies.policies, &world);
+        let mut compiled = policy::compile(&policies.policies, &world);
+        if held.values().any(|id| *id == reserved::PENDING) {
+            hold_pending(&mut compiled, self.config.kubernetes.unknown_pods);
+        }
         let mut ipcache = BTreeMap::new();
         ipcache.extend(compiled.cidr_identities.iter().copied());
         ipcache.extend(addresses);
@@ -164,6 +207,48 @@ impl Planner {
                 policy: Arc::new(compiled),
             },
         }
+    }
+}
+
+/// Names a reserved identity for audit events and status.
+fn reserved_info(id: u32) -> IdentityInfo {
+    IdentityInfo {
+        id,
+        name: crate::identity::reserved_name(id)
+            .unwrap_or("reserved")
+            .to_owned(),
+        namespace: None,
+        labels: Default::default(),
+        kind: IdentityKind::Reserved,
+        named_ports: BTreeMap::new(),
+    }
+}
+
+/// Pods not known yet are default-deny in the directions `unknown_pods`
+/// holds; the audit event names `kubernetes.unknownPods` as the reason.
+fn hold_pending(compiled: &mut policy::compile::CompiledPolicy, mode: UnknownPods) {
+    let directions: &[u8] = match mode {
+        UnknownPods::DenyEgress => &[palisade_common::DIR_EGRESS],
+        UnknownPods::DenyAll => &[palisade_common::DIR_EGRESS, palisade_common::DIR_INGRESS],
+        UnknownPods::Allow => &[],
+    };
+    if directions.is_empty() {
+        return;
+    }
+    let rule_id = u32::try_from(compiled.rules.len()).unwrap_or(u32::MAX);
+    compiled.rules.push(policy::compile::RuleRef {
+        policy: "kubernetes.unknownPods".into(),
+        kind: "AgentConfig",
+        rule: "pod-not-known-yet".into(),
+    });
+    for dir in directions {
+        compiled.enforced.insert(
+            (*dir, reserved::PENDING),
+            palisade_common::EnforcedValue {
+                policy_rule_id: rule_id,
+                flags: 0,
+            },
+        );
     }
 }
 
@@ -233,10 +318,64 @@ fn describe_ips(ips: &[IpAddr]) -> String {
     }
 }
 
+/// Where workloads and policy come from.
+#[derive(Clone, Debug)]
+pub enum Mode {
+    /// cgroup path rules and policy files from the config.
+    Host,
+    /// Pods, namespaces and policy objects from the Kubernetes API server.
+    Kubernetes {
+        /// A kubeconfig file; `None`: in-cluster (service account), else the default kubeconfig.
+        kubeconfig: Option<PathBuf>,
+        /// This node's name (`spec.nodeName` of its pods).
+        node_name: String,
+    },
+}
+
+enum Source {
+    Host(Classifier),
+    Kubernetes {
+        cluster: Box<crate::kubernetes::Cluster>,
+        node: String,
+        waiting_logged: Option<Vec<&'static str>>,
+    },
+}
+
+impl Source {
+    /// Resolves when something the plan depends on may have changed before
+    /// the next tick (a watch event); never in host mode.
+    async fn changed(&self) {
+        match self {
+            Source::Kubernetes { cluster, .. } => cluster.changed.notified().await,
+            Source::Host(_) => std::future::pending().await,
+        }
+    }
+}
+
+/// The cgroup root: configured, or in Kubernetes mode kubelet's.
+fn cgroup_root(config: &Config, mode: &Mode, mount: &std::path::Path) -> anyhow::Result<PathBuf> {
+    match (&config.cgroup_root, mode) {
+        (Some(root), _) => Ok(discovery::resolve_root(mount, root)?),
+        (None, Mode::Kubernetes { .. }) => ["kubepods.slice", "kubepods"]
+            .iter()
+            .map(|d| mount.join(d))
+            .find(|p| p.is_dir())
+            .with_context(|| {
+                format!(
+                    "neither {m}/kubepods.slice (kubelet's systemd cgroup driver) nor {m}/kubepods (cgroupfs driver) exists: set cgroupRoot in the config",
+                    m = mount.display()
+                )
+            }),
+        (None, Mode::Host) => anyhow::bail!(
+            "cgroupRoot is not set in the config: name the cgroup under which workloads live (or run with --kubernetes)"
+        ),
+    }
+}
+
 /// Runs the agent until SIGINT or SIGTERM.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
     let mount = discovery::cgroup2_mount()?;
-    let root = discovery::resolve_root(&mount, &config.cgroup_root)?;
+    let root = cgroup_root(&config, &mode, &mount)?;
     if !root.is_dir() {
         anyhow::bail!(
             "cgroup root {} does not exist: create it (mkdir) or fix cgroupRoot in the config",
@@ -246,9 +385,27 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if root == mount {
         warn!(root = %root.display(), "cgroupRoot is the machine's root cgroup: every process on the host is subject to policy");
     }
-    let mut policies = load_policies(&config)
+    let mut file_policies = load_policies(&config)
         .map_err(|e| anyhow::anyhow!("{e}"))
         .context("policy is invalid; nothing was loaded")?;
+    let mut source = match &mode {
+        Mode::Host => {
+            Source::Host(Classifier::new(&config.workloads).map_err(|m| anyhow::anyhow!(m))?)
+        }
+        Mode::Kubernetes {
+            kubeconfig,
+            node_name,
+        } => {
+            let client = crate::kubernetes::client(kubeconfig.as_deref()).await?;
+            info!(node = %node_name, root = %root.display(), "Kubernetes mode: watching pods, namespaces, NetworkPolicies and Palisade policies");
+            Source::Kubernetes {
+                cluster: Box::new(crate::kubernetes::Cluster::start(client)),
+                node: node_name.clone(),
+                waiting_logged: None,
+            }
+        }
+    };
+    let mut policies = file_policies.clone();
     let mut fingerprint = policy_fingerprint(&config.policy_dir);
     info!(
         files = policies.files.len(),
@@ -317,7 +474,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut rejected: Option<Desired> = None;
 
     let interval = Duration::from_millis(config.rescan_interval_ms);
-    let classifier = Classifier::new(&config.workloads).map_err(|m| anyhow::anyhow!(m))?;
     let mut planner = Planner::new(config.clone());
     let (adopted_cgroups, adopted_nets) = datapath.adopted_identities();
     planner.hint(adopted_cgroups, adopted_nets);
@@ -331,6 +487,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => { info!("SIGINT: stopping"); break; }
             _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
             _ = ticker.tick() => {}
+            _ = source.changed() => {}
         }
         let now = policy_fingerprint(&config.policy_dir);
         if now != fingerprint {
@@ -339,10 +496,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 Ok(p) => {
                     info!(policies = p.policies.len(), "policy reloaded");
                     if let Ok(mut s) = status.lock() {
-                        s.policy_list = policy_list(&p);
                         s.last_error = None;
                     }
-                    policies = p;
+                    file_policies = p;
                 }
                 Err(e) => {
                     warn!("policy change rejected, the previous policy stays in force:\n{e}");
@@ -353,14 +509,75 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 }
             }
         }
-        let workloads = match observe_workloads(&root, &classifier) {
-            Ok(w) => w,
-            Err(e) => {
-                warn!("scanning {}: {e:#}", root.display());
-                continue;
+        let input = match &mut source {
+            Source::Host(classifier) => {
+                policies = file_policies.clone();
+                match observe_workloads(&root, classifier) {
+                    Ok(workloads) => Inputs {
+                        workloads,
+                        ..Inputs::default()
+                    },
+                    Err(e) => {
+                        warn!("scanning {}: {e:#}", root.display());
+                        continue;
+                    }
+                }
+            }
+            Source::Kubernetes {
+                cluster,
+                node,
+                waiting_logged,
+            } => {
+                if !cluster.synced() {
+                    // Until every kind is listed the kernel keeps what it has
+                    // (adopted pins, or nothing): a partial view would drop
+                    // or admit traffic by omission.
+                    let waiting = cluster.waiting_for();
+                    if waiting_logged.as_ref() != Some(&waiting) {
+                        info!(waiting = %waiting.join(", "), "waiting for the first list from the API server");
+                        *waiting_logged = Some(waiting);
+                    }
+                    continue;
+                }
+                let (cluster_policies, problems) = cluster.policies();
+                policies = PolicySet {
+                    policies: file_policies
+                        .policies
+                        .iter()
+                        .cloned()
+                        .chain(cluster_policies)
+                        .collect(),
+                    files: file_policies.files.clone(),
+                };
+                if let Ok(mut s) = status.lock() {
+                    s.last_error = (!problems.is_empty()).then(|| problems.join("\n"));
+                }
+                let cgroups = match discovery::scan(&root) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        warn!("scanning {}: {e:#}", root.display());
+                        continue;
+                    }
+                };
+                let pods: Vec<crate::kubernetes::PodInfo> = cluster
+                    .pods
+                    .state()
+                    .iter()
+                    .filter_map(|p| crate::kubernetes::pod_info(p))
+                    .collect();
+                crate::kubernetes::inputs(
+                    node,
+                    &pods,
+                    &cluster.namespaces.state(),
+                    &cgroups,
+                    config.kubernetes.unknown_pods,
+                )
             }
         };
-        let obs = planner.plan(workloads, &policies);
+        if let Ok(mut s) = status.lock() {
+            s.policy_list = policy_list(&policies);
+        }
+        let obs = planner.plan(input, &policies);
         if let Ok(mut s) = status.lock() {
             if let Ok(c) = datapath.counters() {
                 s.counters = c;
@@ -505,6 +722,13 @@ mod tests {
 
     use crate::datapath::fake::FakeDatapath;
 
+    fn host(workloads: Vec<Workload>) -> Inputs {
+        Inputs {
+            workloads,
+            ..Inputs::default()
+        }
+    }
+
     fn workload(cgroup_id: u64, app: &str) -> Workload {
         Workload {
             cgroup_id,
@@ -530,12 +754,12 @@ mod tests {
         };
         let mut planner = Planner::new(config);
         let mut dp = FakeDatapath::default();
-        let first = planner.plan(vec![workload(7, "web")], &policies);
+        let first = planner.plan(host(vec![workload(7, "web")]), &policies);
         dp.apply(&first.desired).unwrap();
         let old = first.desired.cgroups[&7];
         // The workload is relabelled: a new identity, and the old one is kept
         // enforced while the kernel may still map the cgroup to it.
-        let second = planner.plan(vec![workload(7, "api")], &policies);
+        let second = planner.plan(host(vec![workload(7, "api")]), &policies);
         dp.apply(&second.desired).unwrap();
         let new = second.desired.cgroups[&7];
         assert_ne!(old, new);
@@ -549,7 +773,7 @@ mod tests {
             "both identities in the live table"
         );
         // One round later the old identity is gone.
-        let third = planner.plan(vec![workload(7, "api")], &policies);
+        let third = planner.plan(host(vec![workload(7, "api")]), &policies);
         dp.apply(&third.desired).unwrap();
         assert!(!enforced(&third.desired, old) && enforced(&third.desired, new));
         assert_eq!(dp.applied.len(), 3);
@@ -565,7 +789,7 @@ mod tests {
         let mut planner = Planner::new(config);
         planner.hint([(7, 300), (8, 301)].into(), BTreeMap::new());
         let obs = planner.plan(
-            vec![workload(8, "db"), workload(7, "web")],
+            host(vec![workload(8, "db"), workload(7, "web")]),
             &policy::PolicySet::default(),
         );
         assert_eq!(
@@ -574,7 +798,11 @@ mod tests {
         );
         // A new workload gets a fresh number above them.
         let obs = planner.plan(
-            vec![workload(8, "db"), workload(7, "web"), workload(9, "cache")],
+            host(vec![
+                workload(8, "db"),
+                workload(7, "web"),
+                workload(9, "cache"),
+            ]),
             &policy::PolicySet::default(),
         );
         assert!(obs.desired.cgroups[&9] > 301);

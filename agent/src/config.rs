@@ -38,8 +38,10 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Config {
     /// cgroup v2 directory under which workloads live and programs attach.
-    /// Absolute, or relative to the cgroup2 mount point.
-    pub cgroup_root: PathBuf,
+    /// Absolute, or relative to the cgroup2 mount point. Required on a plain
+    /// host; in Kubernetes mode the default is kubelet's `kubepods.slice`
+    /// (systemd driver) or `kubepods` (cgroupfs driver), whichever exists.
+    pub cgroup_root: Option<PathBuf>,
     /// Directory (or file) of policy YAML. Relative to the config file.
     pub policy_dir: Option<PathBuf>,
     #[serde(default)]
@@ -71,6 +73,18 @@ pub struct Config {
     /// Address for `/healthz`, `/readyz` and `/metrics` (e.g. `127.0.0.1:9964`).
     /// Unset: no HTTP endpoint.
     pub http_address: Option<std::net::SocketAddr>,
+    /// Kubernetes mode settings (used with `palisade agent --kubernetes`).
+    #[serde(default)]
+    pub kubernetes: KubernetesConfig,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct KubernetesConfig {
+    /// A pod cgroup whose pod is not known yet: `denyEgress` (default),
+    /// `denyAll` or `allow`.
+    #[serde(default)]
+    pub unknown_pods: crate::kubernetes::UnknownPods,
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -4,7 +4,8 @@
 //! never names the wrong workload.
 //!
 //! Reserved numbers (see `palisade_common::identity`): 0 = any (policy
-//! wildcard only), 1 = host, 2 = world, 3 = unmanaged local cgroup; dynamic
+//! wildcard only), 1 = host, 2 = world, 3 = unmanaged local cgroup, 4 = a
+//! pod not known yet (Kubernetes mode); dynamic
 //! identities start at 256; identities for policy CIDR blocks start at 2^24.
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -104,6 +105,7 @@ pub fn reserved_name(id: u32) -> Option<&'static str> {
         reserved::HOST => Some("reserved:host"),
         reserved::WORLD => Some("reserved:world"),
         reserved::UNMANAGED => Some("reserved:unmanaged"),
+        reserved::PENDING => Some("reserved:pending-pod"),
         _ => None,
     }
 }

@@ -28,6 +28,17 @@ enum Command {
         /// Agent configuration (YAML): cgroup root, workload rules, peers, policy directory, audit output.
         #[arg(long, short)]
         config: PathBuf,
+        /// Kubernetes mode: pods, namespaces, NetworkPolicies and Palisade policies come
+        /// from the API server (in-cluster service account, or --kubeconfig).
+        #[arg(long)]
+        kubernetes: bool,
+        /// Kubernetes mode: a kubeconfig file instead of the in-cluster configuration.
+        #[arg(long, requires = "kubernetes", env = "KUBECONFIG")]
+        kubeconfig: Option<PathBuf>,
+        /// Kubernetes mode: this node's name (the DaemonSet passes spec.nodeName through
+        /// the downward API).
+        #[arg(long, env = "NODE_NAME")]
+        node_name: Option<String>,
         /// Log filter, e.g. `info`, `palisade=debug`. Also read from RUST_LOG.
         #[arg(long, default_value = "info", env = "RUST_LOG")]
         log: String,
@@ -66,6 +77,10 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Print Palisade's CustomResourceDefinitions (PalisadePolicy,
+    /// ClusterPalisadePolicy) as YAML, generated from the agent's types; the
+    /// committed deploy/kubernetes/crds.yaml is this output.
+    Crds,
     /// Work with policy files offline.
     Policy {
         #[command(subcommand)]
@@ -131,18 +146,38 @@ enum PolicyCommand {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Agent { config, log } => {
+        Command::Agent {
+            config,
+            log,
+            kubernetes,
+            kubeconfig,
+            node_name,
+        } => {
             tracing_subscriber::fmt()
                 .with_env_filter(tracing_subscriber::EnvFilter::try_new(&log).context("--log")?)
                 .with_writer(std::io::stderr)
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .init();
             let config = palisade::config::Config::load(&config)?;
+            let mode = if kubernetes {
+                let node_name = match node_name {
+                    Some(n) => n,
+                    None => hostname().context(
+                        "--node-name (or NODE_NAME) is not set and the host name cannot be read",
+                    )?,
+                };
+                palisade::agent::Mode::Kubernetes {
+                    kubeconfig,
+                    node_name,
+                }
+            } else {
+                palisade::agent::Mode::Host
+            };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()?;
-            runtime.block_on(palisade::agent::run(config))
+            runtime.block_on(palisade::agent::run(config, mode))
         }
         Command::Status { json } => palisade::control::call(&cli.socket, &Request::Status, |r| {
             let v = ok(r)?;
@@ -286,6 +321,10 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             },
         ),
+        Command::Crds => {
+            print!("{}", palisade::kubernetes::crd::crds_yaml());
+            Ok(())
+        }
         Command::Cleanup { config } => {
             let config = palisade::config::Config::load(&config)?;
             let Some(dir) = config.bpf_pin_dir else {
@@ -368,6 +407,14 @@ fn main() -> anyhow::Result<()> {
 use palisade::control::{Request, Response};
 
 /// The value of an `ok` response; an `error` response ends the command with exit 1.
+/// The kernel's host name (what kubelet names the node by default).
+fn hostname() -> anyhow::Result<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")?;
+    let name = name.trim();
+    anyhow::ensure!(!name.is_empty(), "the host name is empty");
+    Ok(name.to_owned())
+}
+
 fn ok(r: Response) -> anyhow::Result<serde_json::Value> {
     match r {
         Response::Ok(v) => Ok(v),

@@ -54,6 +54,8 @@ pub mod identity {
     pub const WORLD: u32 = 2;
     /// A local cgroup below the root that no workload rule matched.
     pub const UNMANAGED: u32 = 3;
+    /// A pod's cgroup whose pod the agent has not learned yet (Kubernetes mode).
+    pub const PENDING: u32 = 4;
     /// Identities at or above this value are allocated for label sets.
     pub const FIRST_DYNAMIC: u32 = 256;
 }

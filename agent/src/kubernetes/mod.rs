@@ -1,0 +1,546 @@
+//! Kubernetes mode: pods, namespaces, NetworkPolicies and Palisade's policy
+//! custom resources from the API server, turned into the same planner inputs
+//! as the host mode's cgroup rules and policy files.
+//!
+//! - [`Cluster`] runs one kube-rs watcher per kind (list, then watch from the
+//!   list's resourceVersion; a 410 Gone or a broken stream re-lists, with
+//!   exponential backoff) into reflector stores. The agent's loop reads the
+//!   stores each round and recomputes everything, so the kernel maps are
+//!   re-derived from the full cluster view every time (a continuous resync).
+//! - [`inputs`] maps local cgroups to pods ([`cgroup`]), and every other pod's
+//!   addresses to its identity (the ipcache); [`policies`] validates each
+//!   policy object with the same code as a policy file.
+//! - [`crd`] holds the CustomResourceDefinitions, generated from Rust types.
+pub mod cgroup;
+pub mod crd;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    path::Path,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+};
+
+use futures::TryStreamExt as _;
+use k8s_openapi::api::{
+    core::v1::{Namespace, Pod},
+    networking::v1::NetworkPolicy,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt as _,
+    runtime::{
+        WatchStreamExt as _,
+        reflector::{self, Store},
+        watcher,
+    },
+};
+use palisade_common::identity as reserved;
+use serde::Deserialize;
+use tracing::{info, warn};
+
+use crate::{
+    config::NamedPortConfig,
+    discovery::{Cgroup, Workload},
+    policy::{labels::Labels, model::Policy},
+};
+
+/// The label that carries a pod's service account in its identity (the name
+/// `display_name` builds `spiffe://…/sa/<sa>` from).
+pub const SERVICE_ACCOUNT_LABEL: &str = "io.kubernetes.pod.serviceaccount";
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error("reading kubeconfig {path}: {message}")]
+    Kubeconfig { path: String, message: String },
+    #[error(
+        "no Kubernetes API configuration: not running in a pod (KUBERNETES_SERVICE_HOST unset) and no kubeconfig ({message}); pass --kubeconfig"
+    )]
+    NoConfig { message: String },
+    #[error("creating the Kubernetes client: {0}")]
+    Client(#[from] kube::Error),
+}
+
+/// What the agent does with a cgroup that belongs to a pod it has not
+/// learned from the API server yet (the pod's watch event can trail the
+/// container start by a moment).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum UnknownPods {
+    /// New outgoing connections fail (EPERM) until the pod is known; then
+    /// the pod's own policy applies. Incoming traffic is not held: nobody can
+    /// address a pod before its IP is published, and the pod's ingress
+    /// policy applies as soon as the pod is known. The default.
+    #[default]
+    DenyEgress,
+    /// Both directions denied until the pod is known.
+    DenyAll,
+    /// Not held: unknown pods are unmanaged (allowed) until known.
+    Allow,
+}
+
+/// Connects with a kubeconfig file, or in-cluster (service account token and
+/// `KUBERNETES_SERVICE_HOST`), or the default kubeconfig, in that order.
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubeError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc =
+                kube::config::Kubeconfig::read_from(path).map_err(|e| KubeError::Kubeconfig {
+                    path: path.display().to_string(),
+                    message: e.to_string(),
+                })?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| KubeError::Kubeconfig {
+                    path: path.display().to_string(),
+                    message: e.to_string(),
+                })?
+        }
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| KubeError::NoConfig {
+                message: e.to_string(),
+            })?,
+    };
+    Ok(Client::try_from(config)?)
+}
+
+/// Kinds watched, in [`Cluster::synced`] order.
+pub const KINDS: [&str; 5] = [
+    "pods",
+    "namespaces",
+    "networkpolicies.networking.k8s.io",
+    "palisadepolicies.palisade.dev",
+    "clusterpalisadepolicies.palisade.dev",
+];
+
+/// The agent's view of the cluster: one reflector store per kind.
+pub struct Cluster {
+    pub pods: Store<Pod>,
+    pub namespaces: Store<Namespace>,
+    pub network_policies: Store<NetworkPolicy>,
+    pub palisade_policies: Store<crd::PalisadePolicy>,
+    pub cluster_palisade_policies: Store<crd::ClusterPalisadePolicy>,
+    synced: Arc<[AtomicBool; 5]>,
+    /// Woken on every watch event, so a change is planned at once.
+    pub changed: Arc<tokio::sync::Notify>,
+    /// Watch errors (each followed by a backoff and a retry).
+    pub errors: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    parsed: Mutex<ParseCache>,
+}
+
+/// Origin → (resourceVersion, what validating that version gave).
+type ParseCache = HashMap<String, (String, Result<Vec<Policy>, String>)>;
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Runs `api`'s watcher into a reflector store until the task is aborted.
+fn follow<K>(
+    api: Api<K>,
+    strip: fn(&mut K),
+    index: usize,
+    synced: Arc<[AtomicBool; 5]>,
+    changed: Arc<tokio::sync::Notify>,
+    errors: Arc<AtomicU64>,
+) -> (Store<K>, tokio::task::JoinHandle<()>)
+where
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let (reader, writer) = reflector::store();
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .modify(strip)
+        .reflect(writer);
+    let task = tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        loop {
+            match stream.try_next().await {
+                Ok(Some(event)) => {
+                    if matches!(event, watcher::Event::InitDone)
+                        && !synced[index].swap(true, Ordering::SeqCst)
+                    {
+                        info!(kind = KINDS[index], "listed");
+                    }
+                    changed.notify_one();
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    warn!(
+                        kind = KINDS[index],
+                        "watch failed, retrying with backoff: {e}"
+                    );
+                }
+            }
+        }
+    });
+    (reader, task)
+}
+
+fn strip_meta(meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
+    meta.managed_fields = None;
+    meta.annotations = None;
+}
+
+impl Cluster {
+    /// Starts the watchers. The stores fill in the background; [`synced`]
+    /// says when every kind has been listed once.
+    ///
+    /// Pods are watched cluster-wide once: the local node's pods name local
+    /// cgroups, every pod's addresses feed the ipcache. (A second watch
+    /// restricted by `spec.nodeName` would carry the local pods twice.)
+    pub fn start(client: Client) -> Cluster {
+        let synced: Arc<[AtomicBool; 5]> = Arc::new(Default::default());
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let errors = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        let (s, c, e) = (&synced, &changed, &errors);
+        let (pods, t) = follow(
+            Api::<Pod>::all(client.clone()),
+            |p| {
+                strip_meta(&mut p.metadata);
+                // Only what identity and the ipcache need is kept.
+                if let Some(status) = p.status.as_mut() {
+                    status.conditions = None;
+                    status.container_statuses = None;
+                    status.init_container_statuses = None;
+                }
+            },
+            0,
+            s.clone(),
+            c.clone(),
+            e.clone(),
+        );
+        tasks.push(t);
+        let (namespaces, t) = follow(
+            Api::<Namespace>::all(client.clone()),
+            |n| strip_meta(&mut n.metadata),
+            1,
+            s.clone(),
+            c.clone(),
+            e.clone(),
+        );
+        tasks.push(t);
+        let (network_policies, t) = follow(
+            Api::<NetworkPolicy>::all(client.clone()),
+            |n| n.metadata.managed_fields = None,
+            2,
+            s.clone(),
+            c.clone(),
+            e.clone(),
+        );
+        tasks.push(t);
+        let (palisade_policies, t) = follow(
+            Api::<crd::PalisadePolicy>::all(client.clone()),
+            |n| n.metadata.managed_fields = None,
+            3,
+            s.clone(),
+            c.clone(),
+            e.clone(),
+        );
+        tasks.push(t);
+        let (cluster_palisade_policies, t) = follow(
+            Api::<crd::ClusterPalisadePolicy>::all(client),
+            |n| n.metadata.managed_fields = None,
+            4,
+            s.clone(),
+            c.clone(),
+            e.clone(),
+        );
+        tasks.push(t);
+        Cluster {
+            pods,
+            namespaces,
+            network_policies,
+            palisade_policies,
+            cluster_palisade_policies,
+            synced,
+            changed,
+            errors,
+            tasks,
+            parsed: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Every kind listed at least once. Until then the agent does not touch
+    /// the kernel: a partial view would deny (or allow) by omission.
+    pub fn synced(&self) -> bool {
+        self.synced.iter().all(|s| s.load(Ordering::SeqCst))
+    }
+
+    /// Kinds not listed yet, for logs and `/readyz`.
+    pub fn waiting_for(&self) -> Vec<&'static str> {
+        KINDS
+            .iter()
+            .zip(self.synced.iter())
+            .filter(|(_, s)| !s.load(Ordering::SeqCst))
+            .map(|(k, _)| *k)
+            .collect()
+    }
+
+    /// The policies of every policy object. An object the validator refuses
+    /// is left out (with a message naming it); the others apply. Results are
+    /// cached per object and resourceVersion.
+    pub fn policies(&self) -> (Vec<Policy>, Vec<String>) {
+        let mut docs: Vec<(String, String, String)> = Vec::new();
+        for np in self.network_policies.state() {
+            docs.push(document(
+                "NetworkPolicy",
+                "networking.k8s.io/v1",
+                &np.metadata,
+                &np.spec,
+            ));
+        }
+        for p in self.palisade_policies.state() {
+            docs.push(document(
+                "PalisadePolicy",
+                crate::policy::api::PALISADE_API,
+                &p.metadata,
+                &Some(&p.spec),
+            ));
+        }
+        for p in self.cluster_palisade_policies.state() {
+            docs.push(document(
+                "ClusterPalisadePolicy",
+                crate::policy::api::PALISADE_API,
+                &p.metadata,
+                &Some(&p.spec),
+            ));
+        }
+        docs.sort();
+        let mut cache = match self.parsed.lock() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let mut out = Vec::new();
+        let mut problems = Vec::new();
+        let mut keep = std::collections::HashSet::new();
+        for (origin, version, text) in docs {
+            keep.insert(origin.clone());
+            let entry = cache
+                .entry(origin.clone())
+                .or_insert_with(|| (String::new(), Err(String::new())));
+            if entry.0 != version || version.is_empty() {
+                let parsed =
+                    crate::policy::load::parse_str(&origin, &text).map_err(|e| e.to_string());
+                if let Err(e) = &parsed {
+                    warn!("{origin} is not applied:\n{e}");
+                }
+                *entry = (version, parsed);
+            }
+            match &entry.1 {
+                Ok(p) => out.extend(p.iter().cloned()),
+                Err(e) => problems.push(e.clone()),
+            }
+        }
+        cache.retain(|k, _| keep.contains(k));
+        (out, problems)
+    }
+}
+
+/// A policy object as the JSON text the policy loader reads (JSON is YAML),
+/// with only the metadata a policy file has. Returns (origin, resourceVersion, text).
+fn document<T: serde::Serialize>(
+    kind: &str,
+    api_version: &str,
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    spec: &T,
+) -> (String, String, String) {
+    let ns = meta.namespace.clone().unwrap_or_default();
+    let name = meta.name.clone().unwrap_or_default();
+    let origin = if ns.is_empty() {
+        format!("{kind}/{name}")
+    } else {
+        format!("{kind}/{ns}/{name}")
+    };
+    let mut metadata = serde_json::json!({ "name": name });
+    if !ns.is_empty() {
+        metadata["namespace"] = ns.into();
+    }
+    let doc = serde_json::json!({
+        "apiVersion": api_version,
+        "kind": kind,
+        "metadata": metadata,
+        "spec": spec,
+    });
+    (
+        origin,
+        meta.resource_version.clone().unwrap_or_default(),
+        serde_json::to_string_pretty(&doc).unwrap_or_default(),
+    )
+}
+
+/// A pod as identity and the ipcache see it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PodInfo {
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    pub node: Option<String>,
+    /// The pod's labels plus its service account ([`SERVICE_ACCOUNT_LABEL`]).
+    pub labels: Labels,
+    pub ips: Vec<IpAddr>,
+    pub ports: Vec<NamedPortConfig>,
+    pub host_network: bool,
+}
+
+/// Reads what identity needs from a Pod object. `None` for a pod without a
+/// UID or one that has finished (its address may already be reused).
+pub fn pod_info(pod: &Pod) -> Option<PodInfo> {
+    let uid = pod.metadata.uid.clone()?;
+    let status = pod.status.as_ref();
+    if matches!(
+        status.and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    ) {
+        return None;
+    }
+    let spec = pod.spec.as_ref();
+    let mut labels: Labels = pod.labels().clone();
+    let sa = spec
+        .and_then(|s| s.service_account_name.clone())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "default".into());
+    labels.insert(SERVICE_ACCOUNT_LABEL.into(), sa);
+    let mut ips: Vec<IpAddr> = status
+        .and_then(|s| s.pod_ips.as_ref())
+        .map(|ips| ips.iter().filter_map(|i| i.ip.parse().ok()).collect())
+        .unwrap_or_default();
+    if ips.is_empty()
+        && let Some(ip) = status
+            .and_then(|s| s.pod_ip.as_ref())
+            .and_then(|i| i.parse().ok())
+    {
+        ips.push(ip);
+    }
+    ips.sort();
+    ips.dedup();
+    let ports = spec
+        .map(|s| {
+            s.containers
+                .iter()
+                .flat_map(|c| c.ports.iter().flatten())
+                .filter_map(|p| {
+                    Some(NamedPortConfig {
+                        name: p.name.clone()?,
+                        port: u16::try_from(p.container_port).ok()?,
+                        protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Some(PodInfo {
+        uid,
+        namespace: pod.namespace().unwrap_or_default(),
+        name: pod.name_any(),
+        node: spec.and_then(|s| s.node_name.clone()),
+        labels,
+        ips,
+        ports,
+        host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+    })
+}
+
+/// A pod that lives elsewhere, known by its addresses.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RemoteWorkload {
+    pub namespace: String,
+    pub name: String,
+    pub labels: Labels,
+    pub ips: Vec<IpAddr>,
+    pub ports: Vec<NamedPortConfig>,
+}
+
+/// What the planner gets from the cluster in one round.
+#[derive(Debug, Default, PartialEq)]
+pub struct Inputs {
+    /// Local pod cgroups, named after their pods.
+    pub workloads: Vec<Workload>,
+    /// Local cgroups held at a reserved identity: hostNetwork pods (host)
+    /// and pods not known yet (pending).
+    pub held: BTreeMap<u64, u32>,
+    /// Pods on other nodes (and local pods without a cgroup yet).
+    pub remote: Vec<RemoteWorkload>,
+    /// Namespace name → labels.
+    pub namespaces: BTreeMap<String, Labels>,
+    /// Pods scheduled to this node (`spec.nodeName`) with no cgroup found.
+    pub local_without_cgroup: usize,
+}
+
+/// Maps the local cgroups to pods and collects every other pod's addresses.
+pub fn inputs(
+    node: &str,
+    pods: &[PodInfo],
+    namespaces: &[Arc<Namespace>],
+    cgroups: &[Cgroup],
+    unknown: UnknownPods,
+) -> Inputs {
+    let by_uid: HashMap<&str, &PodInfo> = pods.iter().map(|p| (p.uid.as_str(), p)).collect();
+    let mut out = Inputs::default();
+    let mut has_cgroup = std::collections::HashSet::new();
+    for cg in cgroups {
+        let Some(pc) = cgroup::parse(&cg.rel_path) else {
+            continue;
+        };
+        match by_uid.get(pc.uid.as_str()) {
+            Some(pod) if pod.host_network => {
+                out.held.insert(cg.id, reserved::HOST);
+                has_cgroup.insert(pod.uid.as_str());
+            }
+            Some(pod) => {
+                has_cgroup.insert(pod.uid.as_str());
+                out.workloads.push(Workload {
+                    cgroup_id: cg.id,
+                    cgroup_path: cg.rel_path.clone(),
+                    namespace: pod.namespace.clone(),
+                    name: pod.name.clone(),
+                    labels: pod.labels.clone(),
+                    ips: pod.ips.clone(),
+                    ports: pod.ports.clone(),
+                });
+            }
+            None if unknown != UnknownPods::Allow => {
+                out.held.insert(cg.id, reserved::PENDING);
+            }
+            None => {}
+        }
+    }
+    for pod in pods {
+        // Local pods with cgroups are workloads already; hostNetwork pods use
+        // their node's address, which is not theirs alone.
+        if pod.host_network || pod.ips.is_empty() || has_cgroup.contains(pod.uid.as_str()) {
+            continue;
+        }
+        if pod.node.as_deref() == Some(node) {
+            // A local pod whose cgroup is not there (yet, or any more): still
+            // known by address, so its peers see its identity.
+            out.local_without_cgroup += 1;
+        }
+        out.remote.push(RemoteWorkload {
+            namespace: pod.namespace.clone(),
+            name: pod.name.clone(),
+            labels: pod.labels.clone(),
+            ips: pod.ips.clone(),
+            ports: pod.ports.clone(),
+        });
+    }
+    out.namespaces = namespaces
+        .iter()
+        .map(|n| (n.name_any(), n.labels().clone()))
+        .collect();
+    out
+}
+
+#[cfg(test)]
+mod tests;
