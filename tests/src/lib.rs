@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod conformance;
 pub mod corpus;
+pub mod kubeapi;
 pub mod scenario;
 pub mod world;
 

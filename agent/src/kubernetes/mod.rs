@@ -174,6 +174,14 @@ where
                     changed.notify_one();
                 }
                 Ok(None) => break,
+                // The history the watch resumed from is compacted: the
+                // watcher re-lists by itself. Routine, not a failure.
+                Err(watcher::Error::WatchError(status)) if status.code == 410 => {
+                    info!(
+                        kind = KINDS[index],
+                        "resource version expired (410 Gone): listing again"
+                    );
+                }
                 Err(e) => {
                     errors.fetch_add(1, Ordering::Relaxed);
                     warn!(
