@@ -1208,3 +1208,297 @@ fn the_cli_drives_a_running_agent_through_its_control_socket() {
     assert!(s.agent.stop().unwrap());
     assert!(!socket.exists(), "socket removed on exit");
 }
+
+// ------------------------------------------------------------- Kubernetes
+
+mod kubernetes {
+    use std::{
+        path::Path,
+        time::{Duration, Instant},
+    };
+
+    use palisade_tests::{
+        agent::Agent,
+        kubeapi::{FakeApiServer, Kind},
+        scenario::{self, Family},
+        world::{PodSpec, World},
+    };
+    use serde_json::{Value, json};
+
+    use super::{assert_all_hold, kernel_tests_enabled};
+
+    const NODE: &str = "node-test";
+
+    fn fixtures() -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("kubernetes/fixtures")
+    }
+
+    fn uid(index: usize) -> String {
+        format!("{index:08x}-5a1d-4e2f-9b3c-{:012x}", index * 7919)
+    }
+
+    /// kubelet's systemd-driver cgroup for container 0 of pod `index`, in the
+    /// QoS class the index picks; dashes of the UID escaped as systemd does.
+    fn kubelet_cgroup(index: usize) -> String {
+        let u = uid(index).replace('-', "_");
+        let id = format!("{:064x}", index + 0xc0ffee);
+        match index % 3 {
+            0 => format!("kubepods.slice/kubepods-pod{u}.slice/cri-containerd-{id}.scope"),
+            1 => format!(
+                "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice/crio-{id}.scope"
+            ),
+            _ => format!(
+                "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{u}.slice/docker-{id}.scope"
+            ),
+        }
+    }
+
+    /// A Pod object shaped like the recorded one, for a pod of the world.
+    fn pod_object(
+        template: &Value,
+        index: usize,
+        spec: &PodSpec,
+        ips: &[String],
+        node: &str,
+    ) -> Value {
+        let mut p = template.clone();
+        p["metadata"]["name"] = json!(spec.name);
+        p["metadata"]["namespace"] = json!(spec.namespace);
+        p["metadata"]["uid"] = json!(uid(index));
+        p["metadata"]["labels"] = json!({"app": spec.name});
+        p["spec"]["nodeName"] = json!(node);
+        p["spec"]["serviceAccountName"] = json!(spec.name);
+        p["spec"]["serviceAccount"] = json!(spec.name);
+        p["status"]["podIP"] = json!(ips[0]);
+        p["status"]["podIPs"] = json!(ips.iter().map(|ip| json!({"ip": ip})).collect::<Vec<_>>());
+        p
+    }
+
+    /// Probes until the word is `want`; returns how long that took.
+    fn until(
+        world: &World,
+        from: &str,
+        to: &str,
+        port: u16,
+        want: &str,
+        limit: Duration,
+    ) -> Duration {
+        let start = Instant::now();
+        let (src, dst) = (world.pod(from), world.pod(to));
+        loop {
+            let word = world
+                .probe(
+                    src,
+                    "tcp",
+                    dst.ipv4.into(),
+                    port,
+                    Duration::from_millis(250),
+                )
+                .unwrap();
+            if word == want {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < limit,
+                "{from} → {to}:{port} still {word:?} (want {want:?}) after {limit:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn pods_and_networkpolicy_from_the_api_server_are_enforced_and_followed() {
+        if !kernel_tests_enabled() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let api = FakeApiServer::start().unwrap();
+        api.apply_list_file(Kind::Namespaces, &fixtures().join("namespaces.json"))
+            .unwrap();
+        api.apply_list_file(
+            Kind::NetworkPolicies,
+            &fixtures().join("networkpolicies.json"),
+        )
+        .unwrap();
+        let template: Value = serde_json::from_str::<Value>(
+            &std::fs::read_to_string(fixtures().join("pods.json")).unwrap(),
+        )
+        .unwrap()["items"][0]
+            .clone();
+
+        let mut world = World::new().unwrap();
+        for (i, mut spec) in scenario::pods().into_iter().enumerate() {
+            spec.cgroup = Some(kubelet_cgroup(i));
+            let pod = world.add_pod(spec.clone()).unwrap();
+            let ips = [pod.ipv4.to_string(), pod.ipv6.to_string()];
+            api.apply(Kind::Pods, pod_object(&template, i, &spec, &ips, NODE));
+        }
+        // A pod on another node: its address is known only from the API.
+        let (remote_ns, remote_ix) = world.add_bare_netns("remote-orders").unwrap();
+        let remote = PodSpec::new("production", "order-service-remote", &[], &[]);
+        let mut remote_obj = pod_object(
+            &template,
+            90,
+            &remote,
+            &[world.ipv4(remote_ix).to_string()],
+            "node-other",
+        );
+        remote_obj["metadata"]["labels"] = json!({"app": "order-service"});
+        api.apply(Kind::Pods, remote_obj);
+
+        let config = format!(
+            "cgroupRoot: {root}/kubepods.slice\nbpfPinDir: /sys/fs/bpf/palisade-test-{tag}\ncontrolSocket: {dir}/palisade.sock\n\
+             audit:\n  output: {dir}/audit.jsonl\nrescanIntervalMs: 100\ntrustDomain: test.example\n",
+            root = world.cgroup_root.display(),
+            tag = world.tag,
+            dir = dir.path().display(),
+        );
+        let kubeconfig = api.kubeconfig(dir.path()).unwrap();
+        let mut agent = Agent::start_with_args(
+            dir.path(),
+            &config,
+            &[
+                "--kubernetes",
+                "--kubeconfig",
+                kubeconfig.to_str().unwrap(),
+                "--node-name",
+                NODE,
+            ],
+        )
+        .unwrap();
+        agent.wait_enforcing(&world).expect("every pod enforced");
+
+        // 1. The payment-service NetworkPolicy, served by the API, in both families.
+        assert_all_hold(&scenario::run_probes(
+            &world,
+            &scenario::expectations(),
+            &[Family::V4, Family::V6],
+        ));
+        let payment = world.pod("production/payment-service");
+        let t = Duration::from_millis(1000);
+        let outside = world.outside_root.clone();
+        assert_eq!(
+            world
+                .probe_in(&outside, &remote_ns, "tcp", payment.ipv4.into(), 443, t)
+                .unwrap(),
+            "ok",
+            "a remote order-service pod is allowed by its identity from the API's pod IP"
+        );
+        // Identity names carry namespace and service account.
+        let logging_ip = world.pod("production/logging").ipv4.to_string();
+        let ev = agent
+            .wait_for_event(
+                |e| e["peer"]["ip"] == logging_ip.as_str() && e["port"] == 443,
+                Duration::from_secs(3),
+            )
+            .unwrap();
+        assert_eq!(
+            ev["peer"]["identityName"], "spiffe://test.example/ns/production/sa/logging",
+            "{ev}"
+        );
+        assert_eq!(
+            ev["from"], "spiffe://test.example/ns/production/sa/logging",
+            "{ev}"
+        );
+        assert_eq!(ev["policy"], "production/payment-service-policy", "{ev}");
+
+        // 2. A label change re-identifies the pod and changes the verdict within 2 s.
+        let mut order = api.get(Kind::Pods, "production", "order-service").unwrap();
+        order["metadata"]["labels"]["app"] = json!("order-service-v2");
+        api.apply(Kind::Pods, order.clone());
+        let took = until(
+            &world,
+            "production/order-service",
+            "production/payment-service",
+            443,
+            "timeout",
+            Duration::from_secs(2),
+        );
+        eprintln!("relabel → denied in {took:?}");
+
+        // 3. The watch history is compacted (410 Gone on the next watch); a
+        //    change made meanwhile arrives through the re-list.
+        api.expire();
+        order["metadata"]["labels"]["app"] = json!("order-service");
+        api.apply(Kind::Pods, order);
+        api.expire();
+        until(
+            &world,
+            "production/order-service",
+            "production/payment-service",
+            443,
+            "ok",
+            Duration::from_secs(10),
+        );
+        assert!(
+            api.gone_served() >= 1,
+            "the agent's watches were answered 410 Gone"
+        );
+
+        // 4. A pod whose cgroup appears before its Pod object: held (egress
+        //    denied) until the API names it, then judged by its own policy.
+        let late = PodSpec {
+            cgroup: Some(kubelet_cgroup(7)),
+            ..PodSpec::new("production", "latecomer", &[], &[])
+        };
+        world.add_pod(late.clone()).unwrap();
+        let held = until(
+            &world,
+            "production/latecomer",
+            "production/postgres",
+            5432,
+            "eperm",
+            Duration::from_secs(3),
+        );
+        eprintln!("unknown pod held after {held:?}");
+        let ev = agent
+            .wait_for_event(
+                |e| e["policy"] == "kubernetes.unknownPods",
+                Duration::from_secs(3),
+            )
+            .unwrap();
+        assert_eq!(ev["local"]["identityName"], "reserved:pending-pod", "{ev}");
+        assert_eq!(ev["rule"], "default-deny", "{ev}");
+        let lp = world.pod("production/latecomer");
+        let ips = [lp.ipv4.to_string(), lp.ipv6.to_string()];
+        api.apply(Kind::Pods, pod_object(&template, 7, &late, &ips, NODE));
+        let known = until(
+            &world,
+            "production/latecomer",
+            "production/postgres",
+            5432,
+            "ok",
+            Duration::from_secs(2),
+        );
+        eprintln!("latecomer released {known:?} after its Pod object");
+
+        // 5. A deleted policy stops applying.
+        assert_eq!(
+            world
+                .probe(
+                    world.pod("production/payment-service"),
+                    "tcp",
+                    world.pod("production/logging").ipv4.into(),
+                    9000,
+                    t
+                )
+                .unwrap(),
+            "eperm"
+        );
+        assert!(api.delete(
+            Kind::NetworkPolicies,
+            "production",
+            "payment-service-policy"
+        ));
+        let took = until(
+            &world,
+            "production/payment-service",
+            "production/logging",
+            9000,
+            "ok",
+            Duration::from_secs(2),
+        );
+        eprintln!("policy delete → allowed in {took:?}");
+
+        assert!(agent.stop().unwrap(), "agent exits 0 on SIGTERM");
+    }
+}

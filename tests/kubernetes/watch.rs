@@ -74,7 +74,9 @@ async fn watchers_list_follow_relist_after_410_and_track_policies() {
         "/apis/palisade.dev/v1alpha1/clusterpalisadepolicies?",
     ] {
         assert!(
-            requests.iter().any(|r| r.contains(path) && !r.contains("watch=")),
+            requests
+                .iter()
+                .any(|r| r.contains(path) && !r.contains("watch=")),
             "no list of {path}: {requests:?}"
         );
     }
@@ -88,7 +90,9 @@ async fn watchers_list_follow_relist_after_410_and_track_policies() {
     })
     .await;
     assert!(
-        api.requests().iter().any(|r| r.contains("/api/v1/pods?") && r.contains("watch=")),
+        api.requests()
+            .iter()
+            .any(|r| r.contains("/api/v1/pods?") && r.contains("watch=")),
         "pods are watched"
     );
 
@@ -103,9 +107,11 @@ async fn watchers_list_follow_relist_after_410_and_track_policies() {
     pod["metadata"]["labels"]["app"] = json!("order-service");
     api.apply(Kind::Pods, pod);
     api.expire();
-    eventually(15, "the change made during the gap is seen after a re-list", || {
-        app_of(&cluster, ORDER).as_deref() == Some("order-service")
-    })
+    eventually(
+        15,
+        "the change made during the gap is seen after a re-list",
+        || app_of(&cluster, ORDER).as_deref() == Some("order-service"),
+    )
     .await;
     assert!(api.gone_served() >= 1, "a watch got 410 Gone");
     let lists_after = api
@@ -113,10 +119,17 @@ async fn watchers_list_follow_relist_after_410_and_track_policies() {
         .iter()
         .filter(|r| r.contains("/api/v1/pods?") && !r.contains("watch="))
         .count();
-    assert!(lists_after > lists_before, "pods were listed again after 410");
+    assert!(
+        lists_after > lists_before,
+        "pods were listed again after 410"
+    );
 
     // 4. A policy object deleted, a ClusterPalisadePolicy created.
-    assert!(api.delete(Kind::NetworkPolicies, "production", "payment-service-policy"));
+    assert!(api.delete(
+        Kind::NetworkPolicies,
+        "production",
+        "payment-service-policy"
+    ));
     api.apply(
         Kind::ClusterPalisadePolicies,
         json!({"metadata": {"name": "baseline"}, "spec": {
@@ -125,14 +138,13 @@ async fn watchers_list_follow_relist_after_410_and_track_policies() {
     );
     let c = &cluster;
     eventually(5, "policies follow deletes and creates", move || {
-        let names: Vec<String> = c
-            .policies()
-            .0
-            .iter()
-            .map(|p| p.qualified_name())
-            .collect();
+        let names: Vec<String> = c.policies().0.iter().map(|p| p.qualified_name()).collect();
         names == ["baseline", "production/logging-quiet"]
     })
     .await;
-    assert_eq!(cluster.errors.load(std::sync::atomic::Ordering::Relaxed), 0, "410 is not an error");
+    assert_eq!(
+        cluster.errors.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "410 is not an error"
+    );
 }

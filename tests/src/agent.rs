@@ -16,6 +16,8 @@ pub struct Agent {
     child: Option<Child>,
     pub dir: PathBuf,
     pub audit_path: PathBuf,
+    /// Arguments after `agent --config <file>` (e.g. `--kubernetes`).
+    pub args: Vec<String>,
     log: Arc<Mutex<Vec<String>>>,
 }
 
@@ -47,6 +49,11 @@ pub fn config_with_rules(
 impl Agent {
     /// Starts the agent with `config` in a fresh directory under `dir`.
     pub fn start(dir: &Path, config: &str) -> anyhow::Result<Agent> {
+        Agent::start_with_args(dir, config, &[])
+    }
+
+    /// Like `start`, with extra command-line arguments for `palisade agent`.
+    pub fn start_with_args(dir: &Path, config: &str, args: &[&str]) -> anyhow::Result<Agent> {
         std::fs::create_dir_all(dir)?;
         let config_path = dir.join("agent.yaml");
         std::fs::write(&config_path, config)?;
@@ -59,6 +66,7 @@ impl Agent {
             child: None,
             dir: dir.to_owned(),
             audit_path,
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
             log: Arc::new(Mutex::new(Vec::new())),
         };
         agent.spawn()?;
@@ -74,6 +82,7 @@ impl Agent {
         let mut child = Command::new(crate::bin_dir().join("palisade"))
             .args(["agent", "--config"])
             .arg(self.config_path())
+            .args(&self.args)
             .env("RUST_LOG", "info")
             .env("RUST_BACKTRACE", "0")
             .stdout(Stdio::null())

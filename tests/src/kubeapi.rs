@@ -170,11 +170,7 @@ impl FakeApiServer {
             obj["metadata"]["uid"] = format!("00000000-0000-4000-8000-{rev:012}").into();
         }
         let (ns, name) = key(&obj);
-        let kind_of_event = if st
-            .objects
-            .insert((kind, ns, name), obj.clone())
-            .is_some()
-        {
+        let kind_of_event = if st.objects.insert((kind, ns, name), obj.clone()).is_some() {
             "MODIFIED"
         } else {
             "ADDED"
@@ -313,7 +309,9 @@ fn serve_connection(conn: TcpStream, shared: &Shared) -> anyhow::Result<()> {
             .collect();
         let kind = Kind::ALL.iter().copied().find(|k| k.path() == path);
         match (method.as_str(), kind) {
-            ("GET", Some(kind)) if matches!(params.get("watch").map(String::as_str), Some("1" | "true")) => {
+            ("GET", Some(kind))
+                if matches!(params.get("watch").map(String::as_str), Some("1" | "true")) =>
+            {
                 watch(&mut out, shared, kind, &params)?;
                 // A finished watch closes its connection.
                 return Ok(());

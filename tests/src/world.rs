@@ -23,6 +23,8 @@ pub struct PodSpec {
     pub name: String,
     pub tcp: Vec<u16>,
     pub udp: Vec<u16>,
+    /// The pod's cgroup relative to the world's root; default `<namespace>/<name>`.
+    pub cgroup: Option<String>,
 }
 
 impl PodSpec {
@@ -32,6 +34,7 @@ impl PodSpec {
             name: name.into(),
             tcp: tcp.to_vec(),
             udp: udp.to_vec(),
+            cgroup: None,
         }
     }
     pub fn key(&self) -> String {
@@ -151,7 +154,10 @@ impl World {
     ) -> anyhow::Result<&Pod> {
         let index = u8::try_from(self.pods.len() + 10).context("too many pods")?;
         let netns = format!("{}-{index}", self.tag);
-        let cgroup = self.cgroup_root.join(&spec.namespace).join(&spec.name);
+        let cgroup = match &spec.cgroup {
+            Some(rel) => self.cgroup_root.join(rel),
+            None => self.cgroup_root.join(&spec.namespace).join(&spec.name),
+        };
         let (v4, v6) = match addr {
             None => (self.ipv4(index), self.ipv6(index)),
             Some(std::net::IpAddr::V4(a)) => (a, Ipv6Addr::UNSPECIFIED),
