@@ -352,18 +352,27 @@ impl Source {
     }
 }
 
-/// The cgroup root: configured, or in Kubernetes mode kubelet's.
-fn cgroup_root(config: &Config, mode: &Mode, mount: &std::path::Path) -> anyhow::Result<PathBuf> {
+/// The cgroup root and the cgroup2 mount it lies in: configured, or in
+/// Kubernetes mode kubelet's (`kubepods.slice` for the systemd cgroup driver,
+/// `kubepods` for cgroupfs) under any cgroup2 mount.
+fn cgroup_root(config: &Config, mode: &Mode) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let mounts = discovery::cgroup2_mounts()?;
     match (&config.cgroup_root, mode) {
-        (Some(root), _) => Ok(discovery::resolve_root(mount, root)?),
-        (None, Mode::Kubernetes { .. }) => ["kubepods.slice", "kubepods"]
+        (Some(root), _) => {
+            let mount = mounts
+                .iter()
+                .find(|m| root.is_absolute() && root.starts_with(m))
+                .unwrap_or(&mounts[0]);
+            Ok((discovery::resolve_root(mount, root)?, mount.clone()))
+        }
+        (None, Mode::Kubernetes { .. }) => mounts
             .iter()
-            .map(|d| mount.join(d))
-            .find(|p| p.is_dir())
+            .flat_map(|m| ["kubepods.slice", "kubepods"].map(|d| (m.join(d), m.clone())))
+            .find(|(p, _)| p.is_dir())
             .with_context(|| {
                 format!(
-                    "neither {m}/kubepods.slice (kubelet's systemd cgroup driver) nor {m}/kubepods (cgroupfs driver) exists: set cgroupRoot in the config",
-                    m = mount.display()
+                    "no kubepods.slice (kubelet's systemd cgroup driver) or kubepods (cgroupfs driver) under the cgroup2 mounts {}: mount the host's cgroup tree or set cgroupRoot in the config",
+                    mounts.iter().map(|m| m.display().to_string()).collect::<Vec<_>>().join(", ")
                 )
             }),
         (None, Mode::Host) => anyhow::bail!(
@@ -374,8 +383,7 @@ fn cgroup_root(config: &Config, mode: &Mode, mount: &std::path::Path) -> anyhow:
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
-    let mount = discovery::cgroup2_mount()?;
-    let root = cgroup_root(&config, &mode, &mount)?;
+    let (root, mount) = cgroup_root(&config, &mode)?;
     if !root.is_dir() {
         anyhow::bail!(
             "cgroup root {} does not exist: create it (mkdir) or fix cgroupRoot in the config",

@@ -359,6 +359,38 @@ mod tests {
     }
 
     #[test]
+    fn the_daemonset_configmap_holds_a_valid_kubernetes_config() {
+        #[derive(serde::Deserialize)]
+        struct ConfigMap {
+            data: BTreeMap<String, String>,
+        }
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/configmap.yaml");
+        let cm: ConfigMap =
+            serde_saphyr::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let config =
+            Config::parse(&path, &cm.data["agent.yaml"]).expect("agent.yaml in the ConfigMap");
+        assert_eq!(
+            config.cgroup_root, None,
+            "found by itself in Kubernetes mode"
+        );
+        assert_eq!(
+            config.kubernetes.unknown_pods,
+            crate::kubernetes::UnknownPods::DenyEgress
+        );
+        assert_eq!(
+            config.http_address.map(|a| a.port()),
+            Some(9964),
+            "the probes' port"
+        );
+        assert_eq!(
+            config.control_socket.as_deref(),
+            Some(Path::new(crate::control::DEFAULT_SOCKET)),
+            "`kubectl exec … palisade status` finds it without --socket"
+        );
+    }
+
+    #[test]
     fn mistakes_name_the_file_line_and_field() {
         let p = Path::new("agent.yaml");
         let e = Config::parse(p, "cgroupRoot: x\nworkload: []\n")

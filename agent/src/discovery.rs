@@ -39,15 +39,38 @@ pub fn cgroup2_mount() -> Result<PathBuf, DiscoveryError> {
     parse_cgroup2_mount(&text).ok_or(DiscoveryError::NoCgroup2)
 }
 
+/// Every cgroup2 mount point, in mount order. In a container there may be
+/// two: the container's own view at /sys/fs/cgroup and the host's tree
+/// mounted in from the node (the DaemonSet mounts it at /host/sys/fs/cgroup).
+pub fn cgroup2_mounts() -> Result<Vec<PathBuf>, DiscoveryError> {
+    let text =
+        std::fs::read_to_string("/proc/self/mountinfo").map_err(|source| DiscoveryError::Io {
+            path: "/proc/self/mountinfo".into(),
+            source,
+        })?;
+    let mounts = parse_cgroup2_mounts(&text);
+    if mounts.is_empty() {
+        return Err(DiscoveryError::NoCgroup2);
+    }
+    Ok(mounts)
+}
+
 fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
-    mountinfo.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        let fstype = right.split_whitespace().next()?;
-        if fstype != "cgroup2" {
-            return None;
-        }
-        left.split_whitespace().nth(4).map(PathBuf::from)
-    })
+    parse_cgroup2_mounts(mountinfo).into_iter().next()
+}
+
+fn parse_cgroup2_mounts(mountinfo: &str) -> Vec<PathBuf> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let fstype = right.split_whitespace().next()?;
+            if fstype != "cgroup2" {
+                return None;
+            }
+            left.split_whitespace().nth(4).map(PathBuf::from)
+        })
+        .collect()
 }
 
 /// Resolves the configured root against the mount; it must lie inside it.

@@ -53,6 +53,11 @@ enum Cmd {
     },
     /// Set up, build, and run the payment-service scenario on real workloads (root).
     Demo,
+    /// Render the Kubernetes manifests (`kubectl kustomize deploy/`) into
+    /// target/deploy/palisade.yaml and validate them, and the example
+    /// NetworkPolicies, offline against the Kubernetes schemas
+    /// (kubernetes-validate --strict, oldest supported and newest version).
+    Manifests,
     /// Real kernel against `palisade simulate`: build the world of a world file as
     /// namespaces and cgroups, run the agent with the policies, try every probe with
     /// real traffic and write the results JSON; `--check` exits non-zero on any
@@ -168,6 +173,114 @@ fn setup() -> anyhow::Result<()> {
             .env("LLVM_PREFIX", LLVM_PREFIX)
             .env("PATH", path))?;
     }
+    manifest_tools()
+}
+
+/// kubectl (for `kubectl kustomize`) and kubernetes-validate (PyPI).
+fn manifest_tools() -> anyhow::Result<()> {
+    let works = |cmd: &str, arg: &str| {
+        Command::new(cmd)
+            .arg(arg)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if works("kubectl", "version") || works("kubectl", "kustomize") || has_kustomize() {
+        step("kubectl (kustomize): present");
+    } else {
+        if !is_root() {
+            bail!(
+                "kubectl is missing: install Debian's kubernetes-client (`sudo apt-get install kubernetes-client`)"
+            );
+        }
+        step("installing kubectl (Debian kubernetes-client) for `kubectl kustomize`");
+        run(Command::new("apt-get")
+            .args([
+                "install",
+                "-y",
+                "-q",
+                "--no-install-recommends",
+                "kubernetes-client",
+            ])
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    if works("kubernetes-validate", "--version") {
+        step("kubernetes-validate: present");
+    } else {
+        step("installing kubernetes-validate (PyPI) for offline manifest validation");
+        run(Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "kubernetes-validate",
+        ]))?;
+    }
+    Ok(())
+}
+
+fn has_kustomize() -> bool {
+    Command::new("kubectl")
+        .args(["kustomize", "--help"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Oldest Kubernetes the manifests target (k8s-openapi's v1_33 feature) and
+/// the newest kubernetes-validate knows.
+const KUBERNETES_VERSIONS: &[&str] = &["1.33.0", "1.37.0"];
+
+fn manifests() -> anyhow::Result<()> {
+    let out_dir = root_dir().join("target/deploy");
+    std::fs::create_dir_all(&out_dir)?;
+    let rendered = out_dir.join("palisade.yaml");
+    step("rendering deploy/ with `kubectl kustomize`");
+    let out = Command::new("kubectl")
+        .current_dir(root_dir())
+        .args(["kustomize", "deploy"])
+        .output()
+        .context("running kubectl kustomize (run `cargo xtask setup`)")?;
+    if !out.status.success() {
+        bail!(
+            "kubectl kustomize deploy failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    std::fs::write(&rendered, &out.stdout)?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    for kind in [
+        "Namespace",
+        "CustomResourceDefinition",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "ConfigMap",
+        "DaemonSet",
+    ] {
+        if !text.lines().any(|l| l == format!("kind: {kind}")) {
+            bail!("the rendered manifests have no {kind}");
+        }
+    }
+    let mut files = vec![rendered.clone()];
+    for dir in ["policies/kubernetes", "policies/examples"] {
+        let mut found: Vec<PathBuf> = std::fs::read_dir(root_dir().join(dir))?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| std::fs::read_to_string(p).is_ok_and(|t| t.contains("kind: NetworkPolicy")))
+            .collect();
+        found.sort();
+        files.extend(found);
+    }
+    for version in KUBERNETES_VERSIONS {
+        step(&format!(
+            "validating {} file(s) against the Kubernetes {version} schemas (strict)",
+            files.len()
+        ));
+        run(Command::new("kubernetes-validate")
+            .args(["--strict", "--quiet", "--no-warn", "-k", version])
+            .args(&files))?;
+    }
+    step(&format!("manifests valid: {}", rendered.display()));
     Ok(())
 }
 
@@ -198,6 +311,7 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         .args(["test", "--release", "--"])
         .args(args)
         .env("PALISADE_BIN_DIR", root_dir().join("target/release")))?;
+    manifests()?;
     leftover_check()
 }
 
@@ -252,6 +366,7 @@ fn main() -> ExitCode {
             run(Command::new(release_bin("palisade")).arg("agent").arg("--config").arg(config))
         }),
         Cmd::Test { args } => test(&args),
+        Cmd::Manifests => manifest_tools().and_then(|()| manifests()),
         Cmd::Conformance { args } => setup().and_then(|()| build()).and_then(|()| {
             run(Command::new(release_bin("palisade-conformance"))
                 .args(&args)
