@@ -105,6 +105,11 @@ impl Agent {
         Ok(())
     }
 
+    /// The agent process's pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// SIGKILL: the agent gets no chance to clean anything up.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -266,6 +266,37 @@ impl World {
             .context("flood output")
     }
 
+    /// Runs `palisade-testbed ARGS` in `from`'s cgroup and namespace; its stdout.
+    pub fn testbed(&self, from: &Pod, args: &[&str]) -> anyhow::Result<String> {
+        let mut cmd = Command::new(crate::bin_dir().join("palisade-testbed"));
+        cmd.args(args);
+        enter(&mut cmd, &from.cgroup, &from.netns)?;
+        let out = cmd.output().context("running palisade-testbed")?;
+        if !out.status.success() {
+            bail!(
+                "palisade-testbed {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Starts `palisade-testbed ARGS` in `pod`'s cgroup and namespace and
+    /// waits for its `ready` line; the process is killed when the value drops.
+    pub fn spawn_testbed(&self, pod: &Pod, args: &[&str]) -> anyhow::Result<Spawned> {
+        let mut cmd = Command::new(crate::bin_dir().join("palisade-testbed"));
+        cmd.args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        enter(&mut cmd, &pod.cgroup, &pod.netns)?;
+        let mut child = cmd.spawn().context("starting palisade-testbed")?;
+        let mut stdout = child.stdout.take().context("stdout")?;
+        let mut buf = [0u8; 6];
+        let spawned = Spawned(child);
+        std::io::Read::read_exact(&mut stdout, &mut buf).context("did not start")?;
+        Ok(spawned)
+    }
+
     /// A probe from any cgroup, in a pod's network namespace.
     pub fn probe_in(
         &self,
@@ -412,6 +443,15 @@ impl Drop for World {
         let _ = ip(&["netns", "del", &self.hub]);
         remove_cgroup_tree(&self.cgroup_root);
         remove_cgroup_tree(&self.outside_root);
+    }
+}
+
+/// A process started in a pod; killed (by its pid) when dropped.
+pub struct Spawned(Child);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        kill(&mut self.0);
     }
 }
 

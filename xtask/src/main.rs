@@ -20,6 +20,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "libzstd-dev",
     "zlib1g-dev",
     "iproute2",
+    // The benchmark's comparison points and its chart's font.
+    "iptables",
+    "nftables",
+    "fonts-dejavu-core",
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
@@ -53,6 +57,15 @@ enum Cmd {
     },
     /// Set up, build, and run the payment-service scenario on real workloads (root).
     Demo,
+    /// Benchmarks (root): none / palisade-seed / palisade-10k / iptables-10k /
+    /// nftables-10k interleaved, program cost against no-op programs, policy
+    /// apply, audit flood, agent memory. Writes target/bench/report.md,
+    /// report.json and ratios.png.
+    Bench {
+        /// A smoke run (5 short rounds, under 2 minutes), as CI runs it.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Render the Kubernetes manifests (`kubectl kustomize deploy/`) into
     /// target/deploy/palisade.yaml and validate them, and the example
     /// NetworkPolicies, offline against the Kubernetes schemas
@@ -367,6 +380,16 @@ fn main() -> ExitCode {
         }),
         Cmd::Test { args } => test(&args),
         Cmd::Manifests => manifest_tools().and_then(|()| manifests()),
+        Cmd::Bench { quick } => setup().and_then(|()| build()).and_then(|()| {
+            if !is_root() {
+                bail!("the benchmark creates network namespaces and cgroups and loads eBPF programs: run it as root");
+            }
+            let mut cmd = Command::new(release_bin("palisade-bench"));
+            if quick {
+                cmd.arg("--quick");
+            }
+            run(cmd.current_dir(root_dir()).env("PALISADE_BIN_DIR", root_dir().join("target/release")))
+        }),
         Cmd::Conformance { args } => setup().and_then(|()| build()).and_then(|()| {
             run(Command::new(release_bin("palisade-conformance"))
                 .args(&args)

@@ -465,7 +465,9 @@ impl KernelDatapath {
             self.own_addresses.insert((k.cgroup_id, ip_of16(k.addr)));
         }
         let inactive = 1 - self.active_slot;
-        // A table half-written by an agent that died mid-apply: drop it.
+        // The previous table, or one half-written by an agent that died
+        // mid-apply: drop it (its contents are known exactly either way, but
+        // a fresh start keeps the adopted state simple).
         if !self.slots[usize::from(inactive)].entries.is_empty()
             || !self.slots[usize::from(inactive)].enforced.is_empty()
         {
@@ -498,10 +500,31 @@ impl KernelDatapath {
         RingBuf::try_from(map).map_err(map_err(maps::AUDIT))
     }
 
+    /// Makes `slot` hold exactly `desired`'s table. The slot still holds the
+    /// table it had before the last swap, so only the difference is written:
+    /// a one-rule change costs a few map writes, not a rewrite of the table.
+    /// `slots[slot]` follows every successful write, so a failure midway
+    /// leaves it exact (and `clear_slot` can drop the partial table).
     fn write_slot(&mut self, slot: u8, desired: &Desired) -> Result<(), DatapathError> {
         let contents = &mut self.slots[usize::from(slot)];
         let mut policy = policy_map(&mut self.ebpf)?;
+        let stale: Vec<EntryKey> = contents
+            .entries
+            .keys()
+            .filter(|k| !desired.policy.entries.contains_key(k))
+            .copied()
+            .collect();
+        for key in stale {
+            let (prefix, data) = key.to_kernel(slot);
+            policy
+                .remove(&Key::new(prefix, data))
+                .map_err(map_err(maps::POLICY))?;
+            contents.entries.remove(&key);
+        }
         for (key, value) in &desired.policy.entries {
+            if contents.entries.get(key) == Some(value) {
+                continue;
+            }
             let (prefix, data) = key.to_kernel(slot);
             policy
                 .insert(&Key::new(prefix, data), value, 0)
@@ -509,17 +532,32 @@ impl KernelDatapath {
             contents.entries.insert(*key, *value);
         }
         let mut enforced = enforced_map(&mut self.ebpf)?;
-        for (&(direction, identity), value) in &desired.policy.enforced {
-            let key = EnforcedKey {
-                slot,
-                direction,
-                _pad: [0; 2],
-                identity,
-            };
+        let enforced_key = |(direction, identity): (u8, u32)| EnforcedKey {
+            slot,
+            direction,
+            _pad: [0; 2],
+            identity,
+        };
+        let stale: Vec<(u8, u32)> = contents
+            .enforced
+            .keys()
+            .filter(|k| !desired.policy.enforced.contains_key(k))
+            .copied()
+            .collect();
+        for k in stale {
             enforced
-                .insert(&key, value, 0)
+                .remove(&enforced_key(k))
                 .map_err(map_err(maps::ENFORCED))?;
-            contents.enforced.insert((direction, identity), *value);
+            contents.enforced.remove(&k);
+        }
+        for (&k, value) in &desired.policy.enforced {
+            if contents.enforced.get(&k) == Some(value) {
+                continue;
+            }
+            enforced
+                .insert(&enforced_key(k), value, 0)
+                .map_err(map_err(maps::ENFORCED))?;
+            contents.enforced.insert(k, *value);
         }
         Ok(())
     }
@@ -649,17 +687,31 @@ impl Datapath for KernelDatapath {
             || self.generation == 1
         {
             let next = 1 - self.active_slot;
+            // The inactive slot keeps the previous table so the next change
+            // is written as a difference; when the three tables (live,
+            // retained, new) might not fit, the retained one goes first.
+            let (live, retained) = (
+                &self.slots[usize::from(self.active_slot)],
+                &self.slots[usize::from(next)],
+            );
+            if live.entries.len() + retained.entries.len() + desired.policy.entries.len()
+                > self.capacities.policy as usize
+                || live.enforced.len() + retained.enforced.len() + desired.policy.enforced.len()
+                    > self.capacities.enforced as usize
+            {
+                self.clear_slot(next)?;
+            }
             if let Err(e) = self.write_slot(next, desired) {
                 // Nothing in force changed; drop the partial table.
                 let _ = self.clear_slot(next);
                 return Err(e);
             }
             self.set_state(state::ACTIVE_SLOT, u32::from(next))?;
-            let old = self.active_slot;
             self.active_slot = next;
             self.generation = self.generation.wrapping_add(1).max(2);
             self.set_state(state::GENERATION, self.generation)?;
-            self.clear_slot(old)?;
+            // The old slot is kept as it is: the next change is written into
+            // it as a difference. The programs read only the active slot.
             report.policy_swapped = true;
             report.policy_entries = desired.policy.entries.len();
         }

@@ -128,6 +128,8 @@ pub struct Cluster {
     pub changed: Arc<tokio::sync::Notify>,
     /// Watch errors (each followed by a backoff and a retry).
     pub errors: Arc<AtomicU64>,
+    /// Bumped on every event of a policy kind: "did the policy objects change?".
+    policy_epoch: Arc<AtomicU64>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     parsed: Mutex<ParseCache>,
 }
@@ -150,7 +152,7 @@ fn follow<K>(
     index: usize,
     synced: Arc<[AtomicBool; 5]>,
     changed: Arc<tokio::sync::Notify>,
-    errors: Arc<AtomicU64>,
+    counters: (Arc<AtomicU64>, Option<Arc<AtomicU64>>),
 ) -> (Store<K>, tokio::task::JoinHandle<()>)
 where
     K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
@@ -161,6 +163,7 @@ where
         .default_backoff()
         .modify(strip)
         .reflect(writer);
+    let (errors, epoch) = counters;
     let task = tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         loop {
@@ -170,6 +173,9 @@ where
                         && !synced[index].swap(true, Ordering::SeqCst)
                     {
                         info!(kind = KINDS[index], "listed");
+                    }
+                    if let Some(epoch) = &epoch {
+                        epoch.fetch_add(1, Ordering::SeqCst);
                     }
                     changed.notify_one();
                 }
@@ -211,8 +217,11 @@ impl Cluster {
         let synced: Arc<[AtomicBool; 5]> = Arc::new(Default::default());
         let changed = Arc::new(tokio::sync::Notify::new());
         let errors = Arc::new(AtomicU64::new(0));
+        let policy_epoch = Arc::new(AtomicU64::new(0));
         let mut tasks = Vec::new();
-        let (s, c, e) = (&synced, &changed, &errors);
+        let (s, c) = (&synced, &changed);
+        let plain = || (errors.clone(), None);
+        let policy = || (errors.clone(), Some(policy_epoch.clone()));
         let (pods, t) = follow(
             Api::<Pod>::all(client.clone()),
             |p| {
@@ -227,7 +236,7 @@ impl Cluster {
             0,
             s.clone(),
             c.clone(),
-            e.clone(),
+            plain(),
         );
         tasks.push(t);
         let (namespaces, t) = follow(
@@ -236,7 +245,7 @@ impl Cluster {
             1,
             s.clone(),
             c.clone(),
-            e.clone(),
+            plain(),
         );
         tasks.push(t);
         let (network_policies, t) = follow(
@@ -245,7 +254,7 @@ impl Cluster {
             2,
             s.clone(),
             c.clone(),
-            e.clone(),
+            policy(),
         );
         tasks.push(t);
         let (palisade_policies, t) = follow(
@@ -254,7 +263,7 @@ impl Cluster {
             3,
             s.clone(),
             c.clone(),
-            e.clone(),
+            policy(),
         );
         tasks.push(t);
         let (cluster_palisade_policies, t) = follow(
@@ -263,7 +272,7 @@ impl Cluster {
             4,
             s.clone(),
             c.clone(),
-            e.clone(),
+            policy(),
         );
         tasks.push(t);
         Cluster {
@@ -275,6 +284,7 @@ impl Cluster {
             synced,
             changed,
             errors,
+            policy_epoch,
             tasks,
             parsed: Mutex::new(HashMap::new()),
         }
@@ -284,6 +294,11 @@ impl Cluster {
     /// the kernel: a partial view would deny (or allow) by omission.
     pub fn synced(&self) -> bool {
         self.synced.iter().all(|s| s.load(Ordering::SeqCst))
+    }
+
+    /// Changes whenever a policy object was added, changed or deleted.
+    pub fn policy_epoch(&self) -> u64 {
+        self.policy_epoch.load(Ordering::SeqCst)
     }
 
     /// Kinds not listed yet, for logs and `/readyz`.
@@ -471,7 +486,7 @@ pub struct RemoteWorkload {
 }
 
 /// What the planner gets from the cluster in one round.
-#[derive(Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Inputs {
     /// Local pod cgroups, named after their pods.
     pub workloads: Vec<Workload>,

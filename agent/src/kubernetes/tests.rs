@@ -166,6 +166,7 @@ fn cluster_with(nps: Vec<NetworkPolicy>, pps: Vec<crd::PalisadePolicy>) -> Clust
         synced: Arc::new(Default::default()),
         changed: Arc::new(tokio::sync::Notify::new()),
         errors: Arc::new(AtomicU64::new(0)),
+        policy_epoch: Arc::new(AtomicU64::new(0)),
         tasks: Vec::new(),
         parsed: Mutex::new(HashMap::new()),
     }

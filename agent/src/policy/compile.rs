@@ -12,7 +12,7 @@ use ipnet::IpNet;
 use palisade_common::{EnforcedValue, PolicyKeyData, PolicyValue, flags, identity};
 
 use super::{
-    labels::Labels,
+    labels::{LabelSelector, Labels},
     model::{Action, Direction, Mode, NamespaceScope, Peer, Policy, PortRange, Protocol, Rule},
 };
 
@@ -192,12 +192,12 @@ pub fn compile(policies: &[Policy], world: &World) -> CompiledPolicy {
     // (direction, identity) → (policy rule id, all selecting policies audit?)
     let mut enforcement: BTreeMap<(u8, u32), (u32, bool)> = BTreeMap::new();
     let by_id: BTreeMap<u32, &IdentityInfo> = world.identities.iter().map(|i| (i.id, i)).collect();
+    let index = Index::new(world);
 
     for policy in policies {
-        let selected: Vec<u32> = world
-            .identities
-            .iter()
-            .filter(|i| i.kind == IdentityKind::Workload && selects(policy, i, world))
+        let selected: Vec<u32> = index
+            .candidates(&policy.selector)
+            .filter(|i| selects(policy, i, world))
             .map(|i| i.id)
             .collect();
         for direction in [Direction::Ingress, Direction::Egress] {
@@ -221,7 +221,7 @@ pub fn compile(policies: &[Policy], world: &World) -> CompiledPolicy {
                     (Action::Deny, Mode::Enforce) => flags::DENY,
                     (Action::Deny, Mode::Audit) => flags::AUDIT_DENY,
                 };
-                let peers = resolve_peers(policy, rule, world, &out.cidr_identities);
+                let peers = resolve_peers(policy, rule, world, &index, &out.cidr_identities);
                 let ports = port_prefixes(rule);
                 let mut emit = |local: u32, peer: u32, protocol: u8, port: u16, port_bits: u8| {
                     let key = EntryKey {
@@ -324,10 +324,65 @@ fn cidr_identities(policies: &[Policy]) -> Vec<(IpNet, u32)> {
 }
 
 /// The peer identities a rule allows, or `[ANY]`.
+/// Workload identities indexed by label, so that a selector with
+/// `matchLabels` is tried only on the identities carrying the rarest of its
+/// labels instead of on every identity (10,000 rules over 1,000 identities
+/// would otherwise be 10 million selector evaluations). The full selector is
+/// still evaluated on each candidate: the index only narrows.
+struct Index<'a> {
+    workloads: Vec<&'a IdentityInfo>,
+    by_label: std::collections::HashMap<(&'a str, &'a str), Vec<usize>>,
+}
+
+impl<'a> Index<'a> {
+    fn new(world: &'a World) -> Index<'a> {
+        let workloads: Vec<&IdentityInfo> = world
+            .identities
+            .iter()
+            .filter(|i| i.kind == IdentityKind::Workload)
+            .collect();
+        let mut by_label: std::collections::HashMap<(&str, &str), Vec<usize>> =
+            std::collections::HashMap::new();
+        for (n, id) in workloads.iter().enumerate() {
+            for (k, v) in &id.labels {
+                by_label
+                    .entry((k.as_str(), v.as_str()))
+                    .or_default()
+                    .push(n);
+            }
+        }
+        Index {
+            workloads,
+            by_label,
+        }
+    }
+
+    /// Workload identities that may match `sel` (a superset of those that do).
+    fn candidates<'s>(
+        &'s self,
+        sel: &'s LabelSelector,
+    ) -> Box<dyn Iterator<Item = &'a IdentityInfo> + 's> {
+        let rarest = sel
+            .match_labels
+            .iter()
+            .map(|(k, v)| {
+                self.by_label
+                    .get(&(k.as_str(), v.as_str()))
+                    .map_or(&[][..], Vec::as_slice)
+            })
+            .min_by_key(|list| list.len());
+        match rarest {
+            Some(list) => Box::new(list.iter().map(|n| self.workloads[*n])),
+            None => Box::new(self.workloads.iter().copied()),
+        }
+    }
+}
+
 fn resolve_peers(
     policy: &Policy,
     rule: &Rule,
     world: &World,
+    index: &Index<'_>,
     cidr_ids: &[(IpNet, u32)],
 ) -> Vec<u32> {
     let Some(peers) = &rule.peers else {
@@ -337,10 +392,8 @@ fn resolve_peers(
     for peer in peers {
         match peer {
             Peer::Workloads { pods, namespaces } => {
-                for id in &world.identities {
-                    if id.kind != IdentityKind::Workload {
-                        continue;
-                    }
+                let all = LabelSelector::default();
+                for id in index.candidates(pods.as_ref().unwrap_or(&all)) {
                     let Some(ns) = &id.namespace else { continue };
                     let ns_ok = match namespaces {
                         NamespaceScope::Same => {

@@ -198,6 +198,43 @@ fn split_documents(text: &str) -> Vec<Document<'_>> {
         .collect()
 }
 
+/// `apiVersion` and `kind` read from top-level `key: value` lines without
+/// parsing the document, which halves the cost of a large file. `None` (the
+/// caller then parses) unless both are plain or quoted scalars on their own
+/// top-level lines, each once, and the document has no anchors or aliases
+/// (whose budget the full parse enforces first).
+fn quick_type_meta(text: &str) -> Option<api::TypeMeta> {
+    if text.contains(['&', '*']) {
+        return None;
+    }
+    let (mut api_version, mut kind) = (None, None);
+    for line in text.lines() {
+        let (slot, rest) = if let Some(r) = line.strip_prefix("apiVersion:") {
+            (&mut api_version, r)
+        } else if let Some(r) = line.strip_prefix("kind:") {
+            (&mut kind, r)
+        } else {
+            continue;
+        };
+        let v = rest.trim();
+        let v = v
+            .strip_prefix('"')
+            .and_then(|v| v.strip_suffix('"'))
+            .unwrap_or(v);
+        let simple = !v.is_empty()
+            && v.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'/' || b == b'-');
+        if !simple || slot.is_some() {
+            return None;
+        }
+        *slot = Some(v.to_owned());
+    }
+    Some(api::TypeMeta {
+        api_version: Some(api_version?),
+        kind: Some(kind?),
+    })
+}
+
 fn parse_doc<T: DeserializeOwned>(file: &str, doc: &Document<'_>) -> Result<T, Problem> {
     crate::yaml::from_str(doc.text).map_err(|e| Problem {
         file: file.to_owned(),
@@ -213,13 +250,14 @@ pub fn parse_str(file: &str, text: &str) -> Result<Vec<Policy>, LoadError> {
     let mut policies = Vec::new();
     let mut problems = Vec::new();
     for doc in split_documents(text) {
-        let meta: api::TypeMeta = match parse_doc(file, &doc) {
-            Ok(m) => m,
-            Err(p) => {
-                problems.push(p);
-                continue;
-            }
-        };
+        let meta: api::TypeMeta =
+            match quick_type_meta(doc.text).map_or_else(|| parse_doc(file, &doc), Ok) {
+                Ok(m) => m,
+                Err(p) => {
+                    problems.push(p);
+                    continue;
+                }
+            };
         let mut cx = Validator {
             file,
             line: doc.first_line,

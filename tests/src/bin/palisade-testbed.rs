@@ -15,7 +15,7 @@ use std::{
 
 fn usage() -> ! {
     eprintln!(
-        "usage: palisade-testbed serve [--tcp P,P..] [--udp P,P..] | probe tcp|udp ADDR PORT [--timeout-ms N]"
+        "usage: palisade-testbed serve [--tcp P,P..] [--udp P,P..] | probe tcp|udp ADDR PORT [--timeout-ms N] | flood ADDR PORT COUNT | bench-serve --tcp P | bench-client crr|rr ADDR PORT CLIENTS MS"
     );
     std::process::exit(64);
 }
@@ -179,9 +179,105 @@ fn flood(args: &[String]) {
     println!("{eperm}");
 }
 
+/// Benchmark server: one thread per connection answering every 8-byte
+/// request with 8 bytes, until the client closes.
+fn bench_serve(args: &[String]) {
+    let [flag, port] = args else { usage() };
+    if flag != "--tcp" {
+        usage();
+    }
+    let port: u16 = port.parse().unwrap_or_else(|_| usage());
+    let listener = TcpListener::bind(("::", port)).unwrap_or_else(|e| {
+        eprintln!("bind tcp {port}: {e}");
+        std::process::exit(1)
+    });
+    println!("ready");
+    let _ = std::io::stdout().flush();
+    for stream in listener.incoming().flatten() {
+        std::thread::spawn(move || {
+            let mut stream = stream;
+            let _ = stream.set_nodelay(true);
+            let mut buf = [0u8; 8];
+            while stream.read_exact(&mut buf).is_ok() {
+                if stream.write_all(&buf).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+/// Benchmark client: `crr` (connect, one 8-byte request/response, close) or
+/// `rr` (request/response on one connection per client), from N threads for
+/// D milliseconds. Prints `<transactions> <errors>`.
+fn bench_client(args: &[String]) {
+    let [mode, ip, port, clients, ms] = args else {
+        usage()
+    };
+    let addr = SocketAddr::new(
+        ip.parse().unwrap_or_else(|_| usage()),
+        port.parse().unwrap_or_else(|_| usage()),
+    );
+    let clients: usize = clients.parse().unwrap_or_else(|_| usage());
+    let duration = Duration::from_millis(ms.parse().unwrap_or_else(|_| usage()));
+    let rr = match mode.as_str() {
+        "crr" => false,
+        "rr" => true,
+        _ => usage(),
+    };
+    let start = std::time::Instant::now();
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let (mut done, mut errors) = (0u64, 0u64);
+                let mut buf = [7u8; 8];
+                let transact = |s: &mut TcpStream, buf: &mut [u8; 8]| {
+                    s.write_all(buf.as_slice())?;
+                    s.read_exact(buf.as_mut_slice())
+                };
+                let mut conn: Option<TcpStream> = None;
+                while start.elapsed() < duration {
+                    let mut s = match conn.take() {
+                        Some(s) => s,
+                        None => match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+                            Ok(s) => {
+                                let _ = s.set_nodelay(true);
+                                s
+                            }
+                            Err(_) => {
+                                errors += 1;
+                                continue;
+                            }
+                        },
+                    };
+                    match transact(&mut s, &mut buf) {
+                        Ok(()) => {
+                            done += 1;
+                            if rr {
+                                conn = Some(s);
+                            }
+                        }
+                        Err(_) => errors += 1,
+                    }
+                }
+                (done, errors)
+            })
+        })
+        .collect();
+    let (mut done, mut errors) = (0, 0);
+    for t in threads {
+        let (d, e) = t.join().unwrap_or((0, 1));
+        done += d;
+        errors += e;
+    }
+    println!("{done} {errors}");
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
+        Some("bench-serve") => bench_serve(&args[1..]),
+        Some("bench-client") => bench_client(&args[1..]),
         Some("serve") => serve(&args[1..]),
         Some("flood") => flood(&args[1..]),
         Some("probe") => probe(&args[1..]),
