@@ -389,6 +389,7 @@ fn main() -> ExitCode {
                 cmd.arg("--quick");
             }
             run(cmd.current_dir(root_dir()).env("PALISADE_BIN_DIR", root_dir().join("target/release")))
+                .and_then(|()| leftover_check())
         }),
         Cmd::Conformance { args } => setup().and_then(|()| build()).and_then(|()| {
             run(Command::new(release_bin("palisade-conformance"))

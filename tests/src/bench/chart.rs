@@ -60,12 +60,18 @@ pub fn draw(path: &Path, report: &Value) -> anyhow::Result<()> {
     chart
         .configure_mesh()
         .disable_x_mesh()
-        .x_labels(configs.len())
+        // Key points every 0.5: a configuration's name at its group's centre.
+        .x_labels(configs.len() * 2 + 1)
         .x_label_formatter(&|x| {
-            configs
-                .get(x.floor() as usize)
-                .map(|c| (*c).to_owned())
-                .unwrap_or_default()
+            let halves = (x * 2.0).round() as usize;
+            if halves % 2 == 1 {
+                configs
+                    .get(halves / 2)
+                    .map(|c| (*c).to_owned())
+                    .unwrap_or_default()
+            } else {
+                String::new()
+            }
         })
         .y_desc("ratio to none (median, min–max)")
         .label_style(("sans-serif", 14))

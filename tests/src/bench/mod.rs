@@ -91,12 +91,14 @@ fn step(msg: &str) {
 }
 
 struct Bench {
+    // Dropped first: the server must leave its cgroup before the world
+    // removes the cgroup tree.
+    _server: crate::world::Spawned,
     opts: Options,
     world: World,
     dir: tempfile::TempDir,
     client_ip: Ipv4Addr,
     server_ip: Ipv4Addr,
-    _server: crate::world::Spawned,
     seed_policies: PathBuf,
     big_policies: PathBuf,
     rules: Vec<rules::Rule>,
