@@ -384,6 +384,18 @@ fn figure_programs(b: &Bench) -> anyhow::Result<Value> {
         let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
             .context("enabling the kernel's BPF run-time statistics")?;
         b.load("crr")?;
+        // Every program gets traffic: IPv6 connects, and unconnected UDP
+        // sends over both families (a probe is one sendto()).
+        let v6 = b.server().ipv6.to_string();
+        b.world
+            .testbed(b.client(), &["bench-client", "crr", &v6, "443", "2", "300"])?;
+        for _ in 0..if b.opts.quick { 20 } else { 100 } {
+            for to in [std::net::IpAddr::from(b.server_ip), b.server().ipv6.into()] {
+                let _ = b
+                    .world
+                    .probe(b.client(), "udp", to, 53, Duration::from_millis(1));
+            }
+        }
         let progs = program_stats(&["palisade_", "noop_"]);
         drop(stats);
         drop(noops);
@@ -394,30 +406,25 @@ fn figure_programs(b: &Bench) -> anyhow::Result<Value> {
         let mut seen_connect = 0;
         let mut seen_sendmsg = 0;
         for (name, _, runs, ns) in progs.iter().filter(|p| p.0.starts_with("palisade_")) {
-            let (label, baseline) = if name.starts_with("palisade_connec") {
+            let label = if name.starts_with("palisade_connec") {
                 seen_connect += 1;
-                (
-                    if seen_connect == 1 {
-                        "connect4"
-                    } else {
-                        "connect6"
-                    },
-                    "noop_connect4",
-                )
+                if seen_connect == 1 {
+                    "connect4"
+                } else {
+                    "connect6"
+                }
             } else if name.starts_with("palisade_sendms") {
                 seen_sendmsg += 1;
-                (
-                    if seen_sendmsg == 1 {
-                        "sendmsg4"
-                    } else {
-                        "sendmsg6"
-                    },
-                    "noop_connect4",
-                )
+                if seen_sendmsg == 1 {
+                    "sendmsg4"
+                } else {
+                    "sendmsg6"
+                }
             } else {
-                ("ingress", "noop_ingress")
+                "ingress"
             };
-            let base = noop(baseline);
+            let baseline = format!("noop_{label}");
+            let base = noop(&baseline);
             rows.push(json!({
                 "config": cfg,
                 "program": label,

@@ -15,12 +15,17 @@ const BPF_PROG_ATTACH: i64 = 8;
 const BPF_PROG_DETACH: i64 = 9;
 const BPF_F_ALLOW_MULTI: u32 = 2;
 
-/// (program type, attach type, name) of each baseline.
-pub const BASELINES: [(u32, u32, &str); 2] = [
+/// (program type, attach type, name) of each baseline: one per Palisade
+/// program, same type, same attach point.
+pub const BASELINES: [(u32, u32, &str); 5] = [
     // BPF_PROG_TYPE_CGROUP_SKB at BPF_CGROUP_INET_INGRESS
     (8, 0, "noop_ingress"),
-    // BPF_PROG_TYPE_CGROUP_SOCK_ADDR at BPF_CGROUP_INET4_CONNECT
+    // BPF_PROG_TYPE_CGROUP_SOCK_ADDR at BPF_CGROUP_INET4_CONNECT, INET6_CONNECT,
+    // UDP4_SENDMSG, UDP6_SENDMSG
     (18, 10, "noop_connect4"),
+    (18, 11, "noop_connect6"),
+    (18, 14, "noop_sendmsg4"),
+    (18, 15, "noop_sendmsg6"),
 ];
 
 fn bpf(cmd: i64, attr: &mut [u8; 128]) -> std::io::Result<i64> {
