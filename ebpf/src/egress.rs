@@ -10,11 +10,13 @@ use aya_ebpf::{
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
-use palisade_common::{DIR_EGRESS, PROTO_SCTP, PROTO_TCP, PROTO_UDP, v4_mapped};
+use palisade_common::{DIR_EGRESS, PROTO_SCTP, PROTO_TCP, PROTO_UDP, state, v4_mapped};
 
 use crate::{
     CGROUP_IDENTITY,
-    verdict::{Flow, PASS, conclude, decide, flow_known, own_address, remember_flow},
+    verdict::{
+        Flow, PASS, conclude, decide, enforced, flow_known, own_address, read_state, remember_flow,
+    },
 };
 
 #[cgroup_sock_addr(connect4)]
@@ -54,6 +56,18 @@ fn judge(ctx: &SockAddrContext, family: u8, sendmsg: bool) -> i32 {
     let Some(local) = (unsafe { CGROUP_IDENTITY.get(&cgroup_id) }).copied() else {
         return PASS; // not a workload Palisade manages
     };
+    // Early exit: egress is open for this identity. (UDP goes on: an allowed
+    // datagram flow is remembered so that its replies pass our ingress.)
+    if protocol != PROTO_UDP
+        && enforced(
+            (read_state(state::ACTIVE_SLOT) & 1) as u8,
+            DIR_EGRESS,
+            local,
+        )
+        .is_none()
+    {
+        return PASS;
+    }
     let peer_addr = if family == 4 {
         v4_mapped(sa.user_ip4.to_ne_bytes())
     } else {

@@ -57,6 +57,17 @@ struct Packet {
 
 #[inline(always)]
 fn try_ingress(ctx: &SkBuffContext) -> Result<i32, i32> {
+    let parsed = parse(ctx);
+    // Fast path, before any map lookup: a TCP segment that does not open a
+    // connection passes for every workload (its flow was judged at its SYN),
+    // and that is nearly every packet.
+    if let Ok(p) = &parsed
+        && p.protocol == PROTO_TCP
+        && let Ok(tcp_flags) = ctx.load::<u8>(p.l4_offset + 13)
+        && (tcp_flags & TCP_FLAG_SYN == 0 || tcp_flags & TCP_FLAG_ACK != 0)
+    {
+        return Ok(PASS);
+    }
     // SAFETY: the context pointer is valid for the program's run.
     let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.as_ptr().cast()) };
     // SAFETY: the value is copied out at once.
@@ -69,7 +80,7 @@ fn try_ingress(ctx: &SkBuffContext) -> Result<i32, i32> {
     }
     // Any packet we cannot parse on an enforced workload is dropped: it cannot
     // be judged, and passing it would be a bypass.
-    let packet = parse(ctx).map_err(|()| DROP)?;
+    let packet = parsed.map_err(|()| DROP)?;
     if ingress_ifindex(ctx) == LOOPBACK_IFINDEX && own_address(cgroup_id, &packet.src) {
         return Ok(PASS); // the workload talking to itself, over its own loopback
     }
