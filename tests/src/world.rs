@@ -8,13 +8,17 @@ use std::{
     os::{fd::AsRawFd, unix::process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        Once,
+        atomic::{AtomicU32, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
 
 static NEXT_WORLD: AtomicU32 = AtomicU32::new(0);
+static REAP: Once = Once::new();
 
 /// What a pod is.
 #[derive(Clone, Debug)]
@@ -96,6 +100,7 @@ pub struct World {
 impl World {
     /// An empty world: the hub namespace with its bridge, and the cgroup roots.
     pub fn new() -> anyhow::Result<World> {
+        REAP.call_once(reap_stale_worlds);
         let n = NEXT_WORLD.fetch_add(1, Ordering::Relaxed);
         let tag = format!("pal{}x{n}", std::process::id());
         let mount = cgroup2_mount()?;
@@ -465,4 +470,108 @@ pub fn leftover_netns() -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// The pid in a world tag (`pal<pid>x<n>`) at the start of `name`, after `prefix`.
+fn tag_pid(name: &str, prefix: &str) -> Option<u32> {
+    let rest = name.strip_prefix(prefix)?.strip_prefix("pal")?;
+    let (pid, after) = rest.split_once('x')?;
+    after
+        .starts_with(|c: char| c.is_ascii_digit())
+        .then_some(())?;
+    pid.parse().ok()
+}
+
+/// True when the world of `pid` can no longer clean up after itself.
+fn owner_gone(pid: u32) -> bool {
+    !Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Removes what worlds of test processes that no longer exist left behind
+/// (a run killed with SIGKILL cannot run its `Drop`): their network
+/// namespaces, cgroup subtrees and bpffs pin directories. Only names of the
+/// world's own pattern are touched, and a cgroup that still holds a process is
+/// left alone and named.
+pub fn reap_stale_worlds() {
+    let mut reaped = Vec::new();
+    if let Ok(mount) = cgroup2_mount()
+        && let Ok(rd) = std::fs::read_dir(&mount)
+    {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(pid) = tag_pid(&name, "palisade-test-") else {
+                continue;
+            };
+            if !owner_gone(pid) {
+                continue;
+            }
+            let dir = e.path();
+            if cgroup_tree_has_processes(&dir) {
+                eprintln!(
+                    "palisade-tests: {} is left from a test run (pid {pid}) that is gone, \
+                     but still holds processes; not removing it",
+                    dir.display()
+                );
+                continue;
+            }
+            remove_cgroup_tree(&dir);
+            reaped.push(dir.display().to_string());
+        }
+    }
+    for name in leftover_netns() {
+        if tag_pid(&name, "").is_some_and(owner_gone) && ip(&["netns", "del", &name]).is_ok() {
+            reaped.push(format!("netns {name}"));
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir("/sys/fs/bpf") {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if tag_pid(&name, "palisade-test-").is_some_and(owner_gone)
+                && std::fs::remove_dir_all(e.path()).is_ok()
+            {
+                reaped.push(e.path().display().to_string());
+            }
+        }
+    }
+    if !reaped.is_empty() {
+        eprintln!(
+            "palisade-tests: removed what killed test runs left behind: {}",
+            reaped.join(", ")
+        );
+    }
+}
+
+fn cgroup_tree_has_processes(dir: &Path) -> bool {
+    let here = std::fs::read_to_string(dir.join("cgroup.procs"))
+        .map(|s| !s.trim().is_empty())
+        .unwrap_or(false);
+    here || std::fs::read_dir(dir).is_ok_and(|rd| {
+        rd.flatten().any(|e| {
+            e.file_type().is_ok_and(|t| t.is_dir()) && cgroup_tree_has_processes(&e.path())
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tag_pid;
+
+    #[test]
+    fn world_tags_name_their_process() {
+        assert_eq!(
+            tag_pid("palisade-test-pal8697x0", "palisade-test-"),
+            Some(8697)
+        );
+        assert_eq!(
+            tag_pid("palisade-test-pal8697x12-outside", "palisade-test-"),
+            Some(8697)
+        );
+        assert_eq!(tag_pid("pal8697x0-hub", ""), Some(8697));
+        assert_eq!(tag_pid("pal8697x3-10", ""), Some(8697));
+        // Not a world's name: left alone.
+        assert_eq!(tag_pid("palisade-test-other", "palisade-test-"), None);
+        assert_eq!(tag_pid("palette", ""), None);
+        assert_eq!(tag_pid("pal12xy", ""), None);
+        assert_eq!(tag_pid("palisade.slice", "palisade-test-"), None);
+    }
 }

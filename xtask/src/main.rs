@@ -3,6 +3,7 @@
 //!
 //! Only std and clap: xtask must build before anything else is installed.
 use std::{
+    collections::BTreeSet,
     path::{Path, PathBuf},
     process::{Command, ExitCode},
 };
@@ -317,54 +318,64 @@ fn release_bin(name: &str) -> PathBuf {
 fn test(args: &[String]) -> anyhow::Result<()> {
     setup()?;
     build()?;
-    step("running unit and kernel tests");
-    run(Command::new("cargo")
-        .current_dir(root_dir())
-        // Default members: every crate but the eBPF one, which only builds for the bpf target.
-        .args(["test", "--release", "--"])
-        .args(args)
-        .env("PALISADE_BIN_DIR", root_dir().join("target/release")))?;
-    manifests()?;
-    leftover_check()
+    checking_leftovers(|| {
+        step("running unit and kernel tests");
+        run(Command::new("cargo")
+            .current_dir(root_dir())
+            // Default members: every crate but the eBPF one, which only builds for the bpf target.
+            .args(["test", "--release", "--"])
+            .args(args)
+            .env("PALISADE_BIN_DIR", root_dir().join("target/release")))?;
+        manifests()
+    })
 }
 
-/// Fails when a test world left a network namespace or cgroup behind.
-fn leftover_check() -> anyhow::Result<()> {
-    let netns: Vec<String> = std::fs::read_dir("/run/netns")
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with("pal") && n.contains('x'))
-                .collect()
-        })
-        .unwrap_or_default();
+/// Test worlds' network namespaces, cgroups and bpffs pins that exist now.
+fn test_artifacts() -> BTreeSet<String> {
+    let names = |dir: &Path, keep: &dyn Fn(&str) -> bool, kind: &str| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| keep(n))
+                    .map(|n| format!("{kind} {n}"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let cgroup2 = mountinfo.lines().find_map(|l| {
         let (left, right) = l.split_once(" - ")?;
         (right.split_whitespace().next()? == "cgroup2")
             .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
     });
-    let cgroups: Vec<String> = cgroup2
-        .and_then(|m| std::fs::read_dir(m).ok())
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with("palisade-"))
-                .collect()
-        })
-        .unwrap_or_default();
-    let pins: Vec<String> = std::fs::read_dir("/sys/fs/bpf")
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with("palisade-test-"))
-                .collect()
-        })
-        .unwrap_or_default();
-    if !netns.is_empty() || !cgroups.is_empty() || !pins.is_empty() {
-        bail!(
-            "tests left things behind: network namespaces {netns:?}, cgroups {cgroups:?}, bpffs pins {pins:?}"
-        );
+    let mut all = BTreeSet::new();
+    all.extend(names(
+        Path::new("/run/netns"),
+        &|n| n.starts_with("pal") && n.contains('x'),
+        "network namespace",
+    ));
+    if let Some(mount) = cgroup2 {
+        all.extend(names(&mount, &|n| n.starts_with("palisade-"), "cgroup"));
+    }
+    all.extend(names(
+        Path::new("/sys/fs/bpf"),
+        &|n| n.starts_with("palisade-test-"),
+        "bpffs pin directory",
+    ));
+    all
+}
+
+/// Runs `f`, then fails when it left a test world's network namespace,
+/// cgroup or bpffs pins behind. What existed before (another run still going)
+/// is not this run's doing; what killed runs left, the test worlds remove
+/// themselves when they start.
+fn checking_leftovers(f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
+    let before = test_artifacts();
+    f()?;
+    let left: Vec<String> = test_artifacts().difference(&before).cloned().collect();
+    if !left.is_empty() {
+        bail!("tests left things behind: {}", left.join(", "));
     }
     step("nothing left behind (network namespaces, cgroups, bpffs pins)");
     Ok(())
@@ -388,8 +399,11 @@ fn main() -> ExitCode {
             if quick {
                 cmd.arg("--quick");
             }
-            run(cmd.current_dir(root_dir()).env("PALISADE_BIN_DIR", root_dir().join("target/release")))
-                .and_then(|()| leftover_check())
+            checking_leftovers(|| {
+                run(cmd
+                    .current_dir(root_dir())
+                    .env("PALISADE_BIN_DIR", root_dir().join("target/release")))
+            })
         }),
         Cmd::Conformance { args } => setup().and_then(|()| build()).and_then(|()| {
             run(Command::new(release_bin("palisade-conformance"))
