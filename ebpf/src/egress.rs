@@ -10,7 +10,9 @@ use aya_ebpf::{
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
-use palisade_common::{DIR_EGRESS, PROTO_SCTP, PROTO_TCP, PROTO_UDP, state, v4_mapped};
+use palisade_common::{
+    DIR_EGRESS, DIR_INGRESS, PROTO_SCTP, PROTO_TCP, PROTO_UDP, state, v4_mapped, verdict as v,
+};
 
 use crate::{
     CGROUP_IDENTITY,
@@ -56,15 +58,12 @@ fn judge(ctx: &SockAddrContext, family: u8, sendmsg: bool) -> i32 {
     let Some(local) = (unsafe { CGROUP_IDENTITY.get(&cgroup_id) }).copied() else {
         return PASS; // not a workload Palisade manages
     };
-    // Early exit: egress is open for this identity. (UDP goes on: an allowed
-    // datagram flow is remembered so that its replies pass our ingress.)
-    if protocol != PROTO_UDP
-        && enforced(
-            (read_state(state::ACTIVE_SLOT) & 1) as u8,
-            DIR_EGRESS,
-            local,
-        )
-        .is_none()
+    // Early exit: egress is open for this identity. UDP goes on when our
+    // ingress is enforced: an allowed datagram flow is remembered so that its
+    // replies pass that ingress.
+    let slot = (read_state(state::ACTIVE_SLOT) & 1) as u8;
+    if enforced(slot, DIR_EGRESS, local).is_none()
+        && (protocol != PROTO_UDP || enforced(slot, DIR_INGRESS, local).is_none())
     {
         return PASS;
     }
@@ -84,6 +83,7 @@ fn judge(ctx: &SockAddrContext, family: u8, sendmsg: bool) -> i32 {
         ]
     };
     let port = u16::from_be(sa.user_port as u16);
+    let udp = protocol == PROTO_UDP;
     let flow = Flow {
         direction: DIR_EGRESS,
         protocol,
@@ -93,18 +93,26 @@ fn judge(ctx: &SockAddrContext, family: u8, sendmsg: bool) -> i32 {
         family,
         port,
         peer_port: port,
-        // SAFETY: a sock_addr context is a valid argument for this helper.
-        socket_cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        // Only datagram flows are remembered, by socket.
+        socket_cookie: if udp {
+            // SAFETY: a sock_addr context is a valid argument for this helper.
+            unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+        } else {
+            0
+        },
     };
-    if own_address(cgroup_id, &flow.peer_addr) {
-        return PASS; // a workload talking to itself
-    }
-    let udp = protocol == PROTO_UDP;
     if udp && sendmsg && flow_known(&flow) {
         return PASS; // a reply to, or a repeat of, an already judged datagram flow
     }
     let verdict = match decide(&flow) {
         None => PASS,
+        // A workload talking to itself always passes; asked only when policy
+        // would not allow it, so allowed traffic pays no extra lookup.
+        Some(decision)
+            if decision.verdict != v::ALLOW && own_address(cgroup_id, &flow.peer_addr) =>
+        {
+            PASS
+        }
         Some(decision) => {
             let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
             let comm = bpf_get_current_comm().unwrap_or([0; 16]);

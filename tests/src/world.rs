@@ -289,11 +289,22 @@ impl World {
     /// Starts `palisade-testbed ARGS` in `pod`'s cgroup and namespace and
     /// waits for its `ready` line; the process is killed when the value drops.
     pub fn spawn_testbed(&self, pod: &Pod, args: &[&str]) -> anyhow::Result<Spawned> {
+        self.spawn_testbed_in(&pod.cgroup, &pod.netns, args)
+    }
+
+    /// `palisade-testbed ARGS` in any cgroup (say, the outside root), in a
+    /// pod's network namespace; returns once it printed `ready`.
+    pub fn spawn_testbed_in(
+        &self,
+        cgroup: &Path,
+        netns: &str,
+        args: &[&str],
+    ) -> anyhow::Result<Spawned> {
         let mut cmd = Command::new(crate::bin_dir().join("palisade-testbed"));
         cmd.args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
-        enter(&mut cmd, &pod.cgroup, &pod.netns)?;
+        enter(&mut cmd, cgroup, netns)?;
         let mut child = cmd.spawn().context("starting palisade-testbed")?;
         let mut stdout = child.stdout.take().context("stdout")?;
         let mut buf = [0u8; 6];

@@ -385,15 +385,31 @@ fn figure_programs(b: &Bench) -> anyhow::Result<Value> {
             .context("enabling the kernel's BPF run-time statistics")?;
         b.load("crr")?;
         // Every program gets traffic: IPv6 connects, and unconnected UDP
-        // sends over both families (a probe is one sendto()).
+        // request/response over both families — DNS-like, from the server
+        // pod (whose egress the seed policy allows to UDP 53) to an echo in
+        // the client's namespace. The echo runs outside the agent's cgroup
+        // root, so only the sender's datagrams are counted.
         let v6 = b.server().ipv6.to_string();
         b.world
             .testbed(b.client(), &["bench-client", "crr", &v6, "443", "2", "300"])?;
-        for _ in 0..if b.opts.quick { 20 } else { 100 } {
-            for to in [std::net::IpAddr::from(b.server_ip), b.server().ipv6.into()] {
-                let _ = b
-                    .world
-                    .probe(b.client(), "udp", to, 53, Duration::from_millis(1));
+        let client = b.client();
+        let _echo = b.world.spawn_testbed_in(
+            &b.world.outside_root,
+            &client.netns,
+            &["bench-serve", "--udp", "53"],
+        )?;
+        let ms = if b.opts.quick { "200" } else { "1000" };
+        for to in [client.ipv4.to_string(), client.ipv6.to_string()] {
+            let out = b
+                .world
+                .testbed(b.server(), &["bench-client", "udp", &to, "53", "2", ms])?;
+            let mut words = out.split_whitespace();
+            let done: u64 = words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
+            if done == 0 {
+                bail!(
+                    "no UDP exchange to {to}:53 under {cfg} succeeded ({})",
+                    out.trim()
+                );
             }
         }
         let progs = program_stats(&["palisade_", "noop_"]);

@@ -7,6 +7,8 @@
 //! kernel, as Palisade's egress hook does), `refused` (3), `timeout` (4),
 //! `error` (5). `palisade-testbed flood ADDR PORT COUNT` tries COUNT TCP
 //! connects back to back and prints how many failed with EPERM.
+//! `bench-serve` and `bench-client` are the benchmark's echo server and load
+//! generator.
 use std::{
     io::{ErrorKind, Read, Write},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
@@ -15,7 +17,7 @@ use std::{
 
 fn usage() -> ! {
     eprintln!(
-        "usage: palisade-testbed serve [--tcp P,P..] [--udp P,P..] | probe tcp|udp ADDR PORT [--timeout-ms N] | flood ADDR PORT COUNT | bench-serve --tcp P | bench-client crr|rr ADDR PORT CLIENTS MS"
+        "usage: palisade-testbed serve [--tcp P,P..] [--udp P,P..] | probe tcp|udp ADDR PORT [--timeout-ms N] | flood ADDR PORT COUNT | bench-serve [--tcp P] [--udp P] | bench-client crr|rr|udp ADDR PORT CLIENTS MS"
     );
     std::process::exit(64);
 }
@@ -182,17 +184,51 @@ fn flood(args: &[String]) {
 /// Benchmark server: one thread per connection answering every 8-byte
 /// request with 8 bytes, until the client closes.
 fn bench_serve(args: &[String]) {
-    let [flag, port] = args else { usage() };
-    if flag != "--tcp" {
+    let (mut tcp, mut udp) = (None, None);
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let port: u16 = it
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| usage());
+        match flag.as_str() {
+            "--tcp" => tcp = Some(port),
+            "--udp" => udp = Some(port),
+            _ => usage(),
+        }
+    }
+    if tcp.is_none() && udp.is_none() {
         usage();
     }
-    let port: u16 = port.parse().unwrap_or_else(|_| usage());
-    let listener = TcpListener::bind(("::", port)).unwrap_or_else(|e| {
-        eprintln!("bind tcp {port}: {e}");
-        std::process::exit(1)
+    let listener = tcp.map(|port| {
+        TcpListener::bind(("::", port)).unwrap_or_else(|e| {
+            eprintln!("bind tcp {port}: {e}");
+            std::process::exit(1)
+        })
+    });
+    let udp = udp.map(|port| {
+        UdpSocket::bind(("::", port)).unwrap_or_else(|e| {
+            eprintln!("bind udp {port}: {e}");
+            std::process::exit(1)
+        })
     });
     println!("ready");
     let _ = std::io::stdout().flush();
+    let echo_datagrams = move |socket: UdpSocket| {
+        let mut buf = [0u8; 64];
+        while let Ok((n, from)) = socket.recv_from(&mut buf) {
+            let _ = socket.send_to(&buf[..n], from);
+        }
+    };
+    let Some(listener) = listener else {
+        if let Some(socket) = udp {
+            echo_datagrams(socket);
+        }
+        return;
+    };
+    if let Some(socket) = udp {
+        std::thread::spawn(move || echo_datagrams(socket));
+    }
     for stream in listener.incoming().flatten() {
         std::thread::spawn(move || {
             let mut stream = stream;
@@ -207,9 +243,12 @@ fn bench_serve(args: &[String]) {
     }
 }
 
-/// Benchmark client: `crr` (connect, one 8-byte request/response, close) or
-/// `rr` (request/response on one connection per client), from N threads for
-/// D milliseconds. Prints `<transactions> <errors>`.
+/// Benchmark client: `crr` (connect, one 8-byte request/response, close),
+/// `rr` (request/response on one connection per client) or `udp` (8-byte
+/// datagram and its echo with `sendto()` on an unconnected socket, a fresh
+/// socket every 100 exchanges, so both a flow's first datagram and the ones
+/// after it are sent), from N threads for D milliseconds. Prints
+/// `<transactions> <errors>`.
 fn bench_client(args: &[String]) {
     let [mode, ip, port, clients, ms] = args else {
         usage()
@@ -220,49 +259,15 @@ fn bench_client(args: &[String]) {
     );
     let clients: usize = clients.parse().unwrap_or_else(|_| usage());
     let duration = Duration::from_millis(ms.parse().unwrap_or_else(|_| usage()));
-    let rr = match mode.as_str() {
-        "crr" => false,
-        "rr" => true,
+    let start = std::time::Instant::now();
+    let run: fn(SocketAddr, Duration, std::time::Instant) -> (u64, u64) = match mode.as_str() {
+        "crr" => |a, d, s| tcp_load(a, d, s, false),
+        "rr" => |a, d, s| tcp_load(a, d, s, true),
+        "udp" => udp_load,
         _ => usage(),
     };
-    let start = std::time::Instant::now();
     let threads: Vec<_> = (0..clients)
-        .map(|_| {
-            std::thread::spawn(move || {
-                let (mut done, mut errors) = (0u64, 0u64);
-                let mut buf = [7u8; 8];
-                let transact = |s: &mut TcpStream, buf: &mut [u8; 8]| {
-                    s.write_all(buf.as_slice())?;
-                    s.read_exact(buf.as_mut_slice())
-                };
-                let mut conn: Option<TcpStream> = None;
-                while start.elapsed() < duration {
-                    let mut s = match conn.take() {
-                        Some(s) => s,
-                        None => match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
-                            Ok(s) => {
-                                let _ = s.set_nodelay(true);
-                                s
-                            }
-                            Err(_) => {
-                                errors += 1;
-                                continue;
-                            }
-                        },
-                    };
-                    match transact(&mut s, &mut buf) {
-                        Ok(()) => {
-                            done += 1;
-                            if rr {
-                                conn = Some(s);
-                            }
-                        }
-                        Err(_) => errors += 1,
-                    }
-                }
-                (done, errors)
-            })
-        })
+        .map(|_| std::thread::spawn(move || run(addr, duration, start)))
         .collect();
     let (mut done, mut errors) = (0, 0);
     for t in threads {
@@ -271,6 +276,75 @@ fn bench_client(args: &[String]) {
         errors += e;
     }
     println!("{done} {errors}");
+}
+
+fn tcp_load(
+    addr: SocketAddr,
+    duration: Duration,
+    start: std::time::Instant,
+    keep: bool,
+) -> (u64, u64) {
+    let (mut done, mut errors) = (0u64, 0u64);
+    let mut buf = [7u8; 8];
+    let transact = |s: &mut TcpStream, buf: &mut [u8; 8]| {
+        s.write_all(buf.as_slice())?;
+        s.read_exact(buf.as_mut_slice())
+    };
+    let mut conn: Option<TcpStream> = None;
+    while start.elapsed() < duration {
+        let mut s = match conn.take() {
+            Some(s) => s,
+            None => match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+                Ok(s) => {
+                    let _ = s.set_nodelay(true);
+                    s
+                }
+                Err(_) => {
+                    errors += 1;
+                    continue;
+                }
+            },
+        };
+        match transact(&mut s, &mut buf) {
+            Ok(()) => {
+                done += 1;
+                if keep {
+                    conn = Some(s);
+                }
+            }
+            Err(_) => errors += 1,
+        }
+    }
+    (done, errors)
+}
+
+fn udp_load(addr: SocketAddr, duration: Duration, start: std::time::Instant) -> (u64, u64) {
+    let (mut done, mut errors) = (0u64, 0u64);
+    let local: SocketAddr = if addr.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let mut buf = [7u8; 8];
+    while start.elapsed() < duration {
+        let Ok(socket) = UdpSocket::bind(local) else {
+            errors += 1;
+            continue;
+        };
+        let _ = socket.set_read_timeout(Some(Duration::from_millis(200)));
+        for _ in 0..100 {
+            let ok = socket.send_to(&buf, addr).is_ok() && socket.recv_from(&mut buf).is_ok();
+            if ok {
+                done += 1;
+            } else {
+                errors += 1;
+            }
+            if start.elapsed() >= duration {
+                break;
+            }
+        }
+    }
+    (done, errors)
 }
 
 fn main() {
