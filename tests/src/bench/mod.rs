@@ -622,19 +622,22 @@ fn figure_audit(b: &Bench) -> anyhow::Result<Value> {
         .world
         .flood(b.server(), b.client_ip.into(), 9, b.opts.flood)?;
     let flood_s = start.elapsed().as_secs_f64();
-    // Wait until the sink stops growing.
-    let mut last = lines(&agent.audit_path);
+    // Wait until the sink stops growing, watching its size (cheap: reading
+    // the file on every poll would compete with the agent for the CPUs).
+    let size = || std::fs::metadata(&agent.audit_path).map_or(0, |m| m.len());
+    let mut last_size = size();
     let mut last_change = Instant::now();
     let mut done_at = start.elapsed();
     while last_change.elapsed() < Duration::from_millis(500) {
-        std::thread::sleep(Duration::from_millis(20));
-        let now = lines(&agent.audit_path);
-        if now != last {
-            last = now;
+        std::thread::sleep(Duration::from_millis(5));
+        let now = size();
+        if now != last_size {
+            last_size = now;
             last_change = Instant::now();
             done_at = start.elapsed();
         }
     }
+    let last = lines(&agent.audit_path);
     // The status counters refresh every rescan.
     std::thread::sleep(Duration::from_millis(300));
     let s = status(&agent)?;
