@@ -153,20 +153,44 @@ impl Bench {
         Ok(())
     }
 
-    /// One throughput measurement: (transactions/s, errors).
-    fn load(&self, mode: &str) -> anyhow::Result<(f64, u64)> {
-        let ms = self.opts.duration.as_millis().to_string();
-        let clients = self.opts.clients.to_string();
-        let ip = self.server_ip.to_string();
-        let port = rules::PORT.to_string();
+    /// `palisade-testbed bench-client MODE TO PORT CLIENTS MS` from `from`:
+    /// (transactions, errors).
+    fn bench_client(
+        &self,
+        from: &crate::world::Pod,
+        mode: &str,
+        to: impl std::fmt::Display,
+        port: u16,
+        clients: usize,
+        ms: u128,
+    ) -> anyhow::Result<(u64, u64)> {
         let out = self.world.testbed(
-            self.client(),
-            &["bench-client", mode, &ip, &port, &clients, &ms],
+            from,
+            &[
+                "bench-client",
+                mode,
+                &to.to_string(),
+                &port.to_string(),
+                &clients.to_string(),
+                &ms.to_string(),
+            ],
         )?;
         let mut it = out
             .split_whitespace()
             .map(|w| w.parse::<u64>().unwrap_or(0));
-        let (done, errors) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
+        Ok((it.next().unwrap_or(0), it.next().unwrap_or(0)))
+    }
+
+    /// One throughput measurement: (transactions/s, errors).
+    fn load(&self, mode: &str) -> anyhow::Result<(f64, u64)> {
+        let (done, errors) = self.bench_client(
+            self.client(),
+            mode,
+            self.server_ip,
+            rules::PORT,
+            self.opts.clients,
+            self.opts.duration.as_millis(),
+        )?;
         Ok((done as f64 / self.opts.duration.as_secs_f64(), errors))
     }
 }
@@ -289,17 +313,7 @@ fn figure_throughput(b: &Bench) -> anyhow::Result<(Value, Vec<f64>)> {
                 _ => b.netns_exec(&["nft", "-f", "-"], Some(&rules::nftables(&b.rules)))?,
             }
             // Warm-up, then the two measurements.
-            let _ = b.world.testbed(
-                b.client(),
-                &[
-                    "bench-client",
-                    "crr",
-                    &b.server_ip.to_string(),
-                    "443",
-                    "1",
-                    "100",
-                ],
-            )?;
+            b.bench_client(b.client(), "crr", b.server_ip, rules::PORT, 1, 100)?;
             let (c, e1) = b.load("crr")?;
             let (r, e2) = b.load("rr")?;
             errors += e1 + e2;
@@ -389,27 +403,18 @@ fn figure_programs(b: &Bench) -> anyhow::Result<Value> {
         // pod (whose egress the seed policy allows to UDP 53) to an echo in
         // the client's namespace. The echo runs outside the agent's cgroup
         // root, so only the sender's datagrams are counted.
-        let v6 = b.server().ipv6.to_string();
-        b.world
-            .testbed(b.client(), &["bench-client", "crr", &v6, "443", "2", "300"])?;
+        b.bench_client(b.client(), "crr", b.server().ipv6, rules::PORT, 2, 300)?;
         let client = b.client();
         let _echo = b.world.spawn_testbed_in(
             &b.world.outside_root,
             &client.netns,
             &["bench-serve", "--udp", "53"],
         )?;
-        let ms = if b.opts.quick { "200" } else { "1000" };
-        for to in [client.ipv4.to_string(), client.ipv6.to_string()] {
-            let out = b
-                .world
-                .testbed(b.server(), &["bench-client", "udp", &to, "53", "2", ms])?;
-            let mut words = out.split_whitespace();
-            let done: u64 = words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
+        let ms = if b.opts.quick { 200 } else { 1000 };
+        for to in [std::net::IpAddr::from(client.ipv4), client.ipv6.into()] {
+            let (done, errors) = b.bench_client(b.server(), "udp", to, 53, 2, ms)?;
             if done == 0 {
-                bail!(
-                    "no UDP exchange to {to}:53 under {cfg} succeeded ({})",
-                    out.trim()
-                );
+                bail!("no UDP exchange to {to}:53 under {cfg} succeeded ({errors} errors)");
             }
         }
         let progs = program_stats(&["palisade_", "noop_"]);
@@ -549,19 +554,8 @@ fn figure_apply(b: &Bench) -> anyhow::Result<Value> {
     let mut enforced_ms = Vec::new();
     // One connection with one request/response against the bench server.
     let reachable = || {
-        b.world
-            .testbed(
-                b.client(),
-                &[
-                    "bench-client",
-                    "crr",
-                    &b.server_ip.to_string(),
-                    "443",
-                    "1",
-                    "1",
-                ],
-            )
-            .is_ok_and(|out| !out.starts_with('0'))
+        b.bench_client(b.client(), "crr", b.server_ip, rules::PORT, 1, 1)
+            .is_ok_and(|(done, _)| done > 0)
     };
     for _ in 0..b.opts.rounds {
         apply(&closed)?;
