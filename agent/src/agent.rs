@@ -17,11 +17,14 @@ use tracing::{info, warn};
 
 use crate::{
     audit::{self, AuditStats, SharedSnapshot, Snapshot},
-    config::Config,
-    datapath::{Datapath, Desired, kernel::KernelDatapath},
-    discovery::{self, Classifier, Workload},
+    config::{Config, HostTraffic},
+    datapath::{
+        Datapath, Desired, ServiceBackends, ServiceFrontend, ServiceInfo, ServiceTable,
+        kernel::KernelDatapath,
+    },
+    discovery::{self, Classifier},
     identity::{Allocator, LabelKey, display_name},
-    kubernetes::{Inputs, UnknownPods},
+    inventory::{Inputs, Nodes, Service, UnknownPods, Workload},
     policy::{
         self, PolicySet,
         compile::{IdentityInfo, IdentityKind},
@@ -39,6 +42,7 @@ pub struct Observation {
 /// The pure part of the agent: from observed facts to the desired state.
 pub struct Planner {
     config: Config,
+    host_traffic: HostTraffic,
     allocator: Allocator,
     /// Identities in the last plan, kept one more round after their last
     /// workload left so that no cgroup is ever looked up under an identity
@@ -52,8 +56,15 @@ pub struct Planner {
 }
 
 impl Planner {
-    pub fn new(config: Config) -> Planner {
+    /// `kubernetes` picks the defaults of Kubernetes mode (traffic with the
+    /// node always allowed, as upstream defines it).
+    pub fn new(config: Config, kubernetes: bool) -> Planner {
         Planner {
+            host_traffic: config.host_traffic.unwrap_or(if kubernetes {
+                HostTraffic::Allow
+            } else {
+                HostTraffic::Policy
+            }),
             config,
             allocator: Allocator::default(),
             previous: BTreeMap::new(),
@@ -77,6 +88,8 @@ impl Planner {
             remote,
             namespaces: cluster_namespaces,
             local_without_cgroup: _,
+            services,
+            nodes,
         } = input;
         workloads.sort_by(|a, b| a.cgroup_path.cmp(&b.cgroup_path));
         let td = self.config.trust_domain.clone();
@@ -105,6 +118,10 @@ impl Planner {
             }
             cgroups.insert(w.cgroup_id, id);
             own_addresses.extend(w.ips.iter().map(|ip| (w.cgroup_id, *ip)));
+            if w.own_netns {
+                // Marks loopback as the workload's own (see `LOOPBACK_MARK`).
+                own_addresses.insert((w.cgroup_id, IpAddr::from(palisade_common::LOOPBACK_MARK)));
+            }
             addresses.extend(w.ips.iter().map(|ip| (IpNet::from(*ip), id)));
         }
         for (cgroup, id) in &held {
@@ -162,6 +179,12 @@ impl Planner {
             });
             addresses.extend(p.cidrs.iter().map(|c| (c.trunc(), id)));
         }
+        // The node: its addresses (and loopback, for workloads in its
+        // namespace) are `reserved:host`, other nodes' `reserved:remote-node`.
+        for id in [reserved::HOST, reserved::REMOTE_NODE] {
+            identities.entry(id).or_insert_with(|| reserved_info(id));
+        }
+        addresses.extend(node_addresses(&nodes, &self.config.host_addresses));
         // Identities the kernel may still resolve for a cgroup this round.
         for id in self.previous_cgroups.values() {
             if !identities.contains_key(id)
@@ -193,6 +216,7 @@ impl Planner {
         let mut ipcache = BTreeMap::new();
         ipcache.extend(compiled.cidr_identities.iter().copied());
         ipcache.extend(addresses);
+        let services = service_table(&services, &nodes, &self.config.host_addresses, &ipcache);
         let in_use: BTreeSet<u32> = identities.keys().copied().collect();
         self.allocator.release_unused(&in_use);
         self.previous = identities.clone();
@@ -205,9 +229,111 @@ impl Planner {
                 ipcache,
                 own_addresses,
                 policy: Arc::new(compiled),
+                services: Arc::new(services),
+                host_always_allowed: self.host_traffic == HostTraffic::Allow,
             },
         }
     }
+}
+
+/// ipcache entries for the node: this node's addresses, the configured host
+/// addresses and loopback are `reserved:host`; other nodes' are
+/// `reserved:remote-node`.
+fn node_addresses(nodes: &Nodes, host_addresses: &[IpAddr]) -> Vec<(IpNet, u32)> {
+    let loopback: [IpNet; 2] = [
+        IpNet::V4(ipnet::Ipv4Net::new(std::net::Ipv4Addr::LOCALHOST, 8).unwrap_or_default()),
+        IpNet::from(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)),
+    ];
+    let mut out: Vec<(IpNet, u32)> = nodes
+        .remote
+        .iter()
+        .map(|ip| (IpNet::from(*ip), reserved::REMOTE_NODE))
+        .collect();
+    // Host last: an address both lists name is this node's.
+    out.extend(
+        nodes
+            .local
+            .iter()
+            .chain(host_addresses)
+            .map(|ip| (IpNet::from(*ip), reserved::HOST))
+            .chain(loopback.into_iter().map(|n| (n, reserved::HOST))),
+    );
+    out
+}
+
+/// The identity the ipcache gives `ip` (longest prefix), `reserved:world` if none.
+fn identity_of(ipcache: &BTreeMap<IpNet, u32>, ip: IpAddr) -> u32 {
+    let host = IpNet::from(ip);
+    if let Some(id) = ipcache.get(&host) {
+        return *id;
+    }
+    ipcache
+        .iter()
+        .filter(|(net, _)| net.contains(&ip))
+        .max_by_key(|(net, _)| net.prefix_len())
+        .map_or(reserved::WORLD, |(_, id)| *id)
+}
+
+/// Service frontends (addresses × ports, and node addresses × node ports)
+/// → the distinct (identity, target port) pairs of their ready endpoints.
+/// Each (Service, port) gets its own id, which names it in audit events.
+fn service_table(
+    services: &[Service],
+    nodes: &Nodes,
+    host_addresses: &[IpAddr],
+    ipcache: &BTreeMap<IpNet, u32>,
+) -> ServiceTable {
+    let mut table = ServiceTable::default();
+    let node_ips: BTreeSet<IpAddr> = nodes
+        .local
+        .iter()
+        .chain(&nodes.remote)
+        .chain(host_addresses)
+        .copied()
+        .collect();
+    for svc in services {
+        for port in &svc.ports {
+            let backends: BTreeSet<(u32, u16)> = svc
+                .endpoints
+                .iter()
+                .filter_map(|e| {
+                    let target = e.ports.get(&(port.protocol, port.name.clone()))?;
+                    Some((identity_of(ipcache, e.ip), *target))
+                })
+                .collect();
+            table.infos.push(ServiceInfo {
+                name: svc.qualified_name(),
+                port: port.port,
+                protocol: port.protocol,
+                backends: backends.iter().copied().collect(),
+            });
+            let service_id = u32::try_from(table.infos.len()).unwrap_or(u32::MAX);
+            let value = ServiceBackends {
+                service_id,
+                backends: backends.into_iter().collect(),
+            };
+            let frontends = svc
+                .addresses
+                .iter()
+                .map(|a| (*a, port.port))
+                .chain(
+                    port.node_port
+                        .into_iter()
+                        .flat_map(|np| node_ips.iter().map(move |a| (*a, np))),
+                );
+            for (addr, p) in frontends {
+                table.frontends.insert(
+                    ServiceFrontend {
+                        addr,
+                        port: p,
+                        protocol: port.protocol.number(),
+                    },
+                    value.clone(),
+                );
+            }
+        }
+    }
+    table
 }
 
 /// Names a reserved identity for audit events and status.
@@ -301,7 +427,7 @@ fn observe_workloads(
         .iter()
         .filter_map(|cg| classifier.classify(cg))
         .map(|mut w| {
-            w.ips = discovery::workload_ips(&root.join(&w.cgroup_path));
+            (w.own_netns, w.ips) = discovery::workload_network(&root.join(&w.cgroup_path));
             w
         })
         .collect())
@@ -486,7 +612,7 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
     let mut rejected: Option<Desired> = None;
 
     let interval = Duration::from_millis(config.rescan_interval_ms);
-    let mut planner = Planner::new(config.clone());
+    let mut planner = Planner::new(config.clone(), matches!(mode, Mode::Kubernetes { .. }));
     let (adopted_cgroups, adopted_nets) = datapath.adopted_identities();
     planner.hint(adopted_cgroups, adopted_nets);
     let mut applied: Option<Desired> = None;
@@ -532,6 +658,11 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
                 }
                 match observe_workloads(&root, classifier) {
                     Ok(workloads) => Inputs {
+                        services: crate::inventory::resolve_services(&config.services, &workloads),
+                        nodes: Nodes {
+                            local: crate::inventory::interface_addresses(),
+                            remote: BTreeSet::new(),
+                        },
                         workloads,
                         ..Inputs::default()
                     },
@@ -587,13 +718,25 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
                     .iter()
                     .filter_map(|p| crate::kubernetes::pod_info(p))
                     .collect();
-                crate::kubernetes::inputs(
+                let mut input = crate::kubernetes::inputs(
                     node,
                     &pods,
                     &cluster.namespaces.state(),
                     &cgroups,
                     config.kubernetes.unknown_pods,
-                )
+                );
+                input.services = crate::kubernetes::services(
+                    &cluster.services.state(),
+                    &cluster.endpoint_slices.state(),
+                );
+                input.nodes = crate::kubernetes::nodes(node, &cluster.nodes.state());
+                input.nodes.local.extend(crate::inventory::interface_addresses());
+                // Pods on the host network use the node's addresses.
+                input
+                    .nodes
+                    .local
+                    .extend(pods.iter().filter(|p| p.host_network && p.node.as_deref() == Some(node.as_str())).flat_map(|p| p.ips.iter().copied()));
+                input
             }
         };
         let refresh_counters = |datapath: &KernelDatapath| {
@@ -651,6 +794,7 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
                             identities: obs.identities.clone(),
                             workloads: now_known.clone(),
                             policy: obs.desired.policy.clone(),
+                            services: obs.desired.services.clone(),
                         });
                     }
                     reader = Some(tokio::spawn(audit::run_reader(
@@ -675,6 +819,7 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
                     identities: obs.identities.clone(),
                     workloads: now_known.clone(),
                     policy: obs.desired.policy.clone(),
+                    services: obs.desired.services.clone(),
                 };
                 if let Ok(mut guard) = snapshot.write() {
                     *guard = Arc::new(snap);
@@ -777,6 +922,7 @@ mod tests {
             labels: [("app".to_owned(), app.to_owned())].into(),
             ips: vec![format!("10.1.0.{cgroup_id}").parse().unwrap()],
             ports: Vec::new(),
+            own_netns: true,
         }
     }
 
@@ -791,7 +937,7 @@ mod tests {
             .unwrap(),
             files: Vec::new(),
         };
-        let mut planner = Planner::new(config);
+        let mut planner = Planner::new(config, false);
         let mut dp = FakeDatapath::default();
         let first = planner.plan(host(vec![workload(7, "web")]), &policies);
         dp.apply(&first.desired).unwrap();
@@ -825,7 +971,7 @@ mod tests {
     #[test]
     fn identity_numbers_in_adopted_maps_are_kept() {
         let config = Config::parse(Path::new("t.yaml"), "cgroupRoot: x\n").unwrap();
-        let mut planner = Planner::new(config);
+        let mut planner = Planner::new(config, false);
         planner.hint([(7, 300), (8, 301)].into(), BTreeMap::new());
         let obs = planner.plan(
             host(vec![workload(8, "db"), workload(7, "web")]),

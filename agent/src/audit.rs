@@ -12,10 +12,11 @@ use std::{
     time::{Duration, UNIX_EPOCH},
 };
 
-use palisade_common::{AuditEvent, DIR_EGRESS, identity as reserved, verdict};
+use palisade_common::{AuditEvent, DIR_EGRESS, identity as reserved, reason, verdict};
 use serde_json::{Value, json};
 
 use crate::{
+    datapath::ServiceTable,
     discovery::Workload,
     identity::reserved_name,
     policy::{CompiledPolicy, compile::IdentityInfo, model::Protocol},
@@ -27,6 +28,7 @@ pub struct Snapshot {
     pub identities: BTreeMap<u32, IdentityInfo>,
     pub workloads: BTreeMap<u64, Workload>,
     pub policy: Arc<CompiledPolicy>,
+    pub services: Arc<ServiceTable>,
 }
 
 pub type SharedSnapshot = Arc<RwLock<Arc<Snapshot>>>;
@@ -127,7 +129,29 @@ pub fn render(ev: &AuditEvent, snap: &Snapshot, boot: Duration) -> Value {
     } else {
         (peer_name.clone(), local_name.clone())
     };
-    json!({
+    let service = snap.services.info(ev.service_id).map(|svc| {
+        json!({
+            "name": svc.name,
+            "address": peer_ip.to_string(),
+            "port": svc.port,
+            "protocol": svc.protocol.as_str(),
+            "backends": svc.backends.iter().map(|(id, port)| json!({
+                "identity": id,
+                "name": identity_name(*id),
+                "port": port,
+            })).collect::<Vec<_>>(),
+        })
+    });
+    let why = match ev.reason {
+        reason::SERVICE_BACKENDS_DISAGREE => Some(
+            "the Service's backends get different verdicts; the connection is refused whichever backend it would reach (fail closed)",
+        ),
+        reason::SERVICE_TOO_MANY_BACKENDS => Some(
+            "the Service has more distinct backend identities and ports than the kernel judges (4); the connection is refused (fail closed)",
+        ),
+        _ => None,
+    };
+    let mut record = json!({
         "time": humantime::format_rfc3339_micros(time).to_string(),
         "verdict": match ev.verdict {
             verdict::ALLOW => "allow",
@@ -144,7 +168,14 @@ pub fn render(ev: &AuditEvent, snap: &Snapshot, boot: Duration) -> Value {
         "policy": decided.map(|r| r.policy.clone()),
         "policyKind": decided.map(|r| r.kind),
         "rule": if ev.rule_id == 0 { Some("default-deny".to_owned()) } else { decided.map(|r| r.rule.clone()) },
-    })
+    });
+    if let Some(service) = service {
+        record["service"] = service;
+    }
+    if let Some(why) = why {
+        record["reason"] = json!(why);
+    }
+    record
 }
 
 /// Where events go.

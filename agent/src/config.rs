@@ -57,6 +57,23 @@ pub struct Config {
     /// Remote peers by address.
     #[serde(default)]
     pub peers: Vec<PeerConfig>,
+    /// Services of a local load balancer (host mode; in Kubernetes mode they
+    /// come from the API server): a connection to one of their addresses is
+    /// judged as the connection to the workloads behind it.
+    #[serde(default)]
+    pub services: Vec<crate::inventory::ServiceConfig>,
+    /// Addresses of this node besides its interfaces' (found by themselves),
+    /// e.g. a gateway address in another namespace: traffic with them is
+    /// `reserved:host`.
+    #[serde(default)]
+    pub host_addresses: Vec<std::net::IpAddr>,
+    /// Traffic between a workload and its own node (`reserved:host`):
+    /// `allow` (always allowed, as Kubernetes NetworkPolicy defines it: kubelet
+    /// probes, node-local agents) or `policy` (judged like any peer). Default:
+    /// `allow` in Kubernetes mode, `policy` on a plain host, where the host's
+    /// processes (and localhost for workloads in the host's namespace) are
+    /// peers like others.
+    pub host_traffic: Option<HostTraffic>,
     /// How often the cgroup tree and the policy directory are re-read.
     #[serde(default = "default_rescan_ms")]
     pub rescan_interval_ms: u64,
@@ -78,13 +95,20 @@ pub struct Config {
     pub kubernetes: KubernetesConfig,
 }
 
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum HostTraffic {
+    Allow,
+    Policy,
+}
+
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct KubernetesConfig {
     /// A pod cgroup whose pod is not known yet: `denyEgress` (default),
     /// `denyAll` or `allow`.
     #[serde(default)]
-    pub unknown_pods: crate::kubernetes::UnknownPods,
+    pub unknown_pods: crate::inventory::UnknownPods,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -181,6 +205,8 @@ pub struct MapCapacities {
     pub enforced: u32,
     #[serde(default = "cap::flows")]
     pub flows: u32,
+    #[serde(default = "cap::services")]
+    pub services: u32,
     #[serde(default = "cap::audit_ring_bytes")]
     pub audit_ring_bytes: u32,
 }
@@ -202,6 +228,9 @@ mod cap {
     pub fn flows() -> u32 {
         c::FLOWS
     }
+    pub fn services() -> u32 {
+        c::SERVICES
+    }
     pub fn audit_ring_bytes() -> u32 {
         c::AUDIT_RING_BYTES
     }
@@ -215,6 +244,7 @@ impl Default for MapCapacities {
             policy: cap::policy(),
             enforced: cap::enforced(),
             flows: cap::flows(),
+            services: cap::services(),
             audit_ring_bytes: cap::audit_ring_bytes(),
         }
     }
@@ -306,6 +336,31 @@ impl Config {
                 ));
             }
         }
+        for (i, svc) in self.services.iter().enumerate() {
+            for (j, p) in svc.ports.iter().enumerate() {
+                if crate::policy::model::Protocol::parse(&p.protocol).is_none() {
+                    return Err(invalid(
+                        format!("services[{i}].ports[{j}].protocol"),
+                        format!(
+                            "unsupported value {:?}: supported values: \"TCP\", \"UDP\", \"SCTP\"",
+                            p.protocol
+                        ),
+                    ));
+                }
+                if p.port == 0 {
+                    return Err(invalid(
+                        format!("services[{i}].ports[{j}].port"),
+                        "must be between 1 and 65535".into(),
+                    ));
+                }
+            }
+            if svc.addresses.is_empty() && svc.ports.iter().all(|p| p.node_port.is_none()) {
+                return Err(invalid(
+                    format!("services[{i}].addresses"),
+                    "a Service needs at least one address (or a nodePort)".into(),
+                ));
+            }
+        }
         let ring = self.maps.audit_ring_bytes;
         if !ring.is_power_of_two() || ring < 4096 {
             return Err(invalid(
@@ -376,7 +431,7 @@ mod tests {
         );
         assert_eq!(
             config.kubernetes.unknown_pods,
-            crate::kubernetes::UnknownPods::DenyEgress
+            crate::inventory::UnknownPods::DenyEgress
         );
         assert_eq!(
             config.http_address.map(|a| a.port()),

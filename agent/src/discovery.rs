@@ -10,7 +10,7 @@ use std::{
 
 use regex::Regex;
 
-use crate::{config::WorkloadRule, policy::labels::Labels};
+use crate::config::WorkloadRule;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
@@ -199,18 +199,7 @@ pub fn expand(template: &str, captures: &BTreeMap<String, String>) -> String {
     out
 }
 
-/// A workload: a cgroup a rule matched.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Workload {
-    pub cgroup_id: u64,
-    pub cgroup_path: String,
-    pub namespace: String,
-    pub name: String,
-    pub labels: Labels,
-    pub ips: Vec<IpAddr>,
-    /// Declared ports (from the matching rule).
-    pub ports: Vec<crate::config::NamedPortConfig>,
-}
+pub use crate::inventory::Workload;
 
 /// Compiled workload rules.
 pub struct Classifier {
@@ -246,29 +235,30 @@ impl Classifier {
                     .collect(),
                 ips: Vec::new(),
                 ports: rule.ports.clone(),
+                own_netns: false,
             })
         })
     }
 }
 
-/// Addresses of the network namespace the cgroup's processes live in, unless
-/// that is the host's own namespace (those addresses are the host's). Empty
-/// while the cgroup has no process.
-pub fn workload_ips(cgroup_dir: &Path) -> Vec<IpAddr> {
+/// Whether the cgroup's processes have a network namespace of their own
+/// (not the agent's, which is the host's), and that namespace's addresses.
+/// `(false, [])` while the cgroup has no process.
+pub fn workload_network(cgroup_dir: &Path) -> (bool, Vec<IpAddr>) {
     let Ok(procs) = std::fs::read_to_string(cgroup_dir.join("cgroup.procs")) else {
-        return Vec::new();
+        return (false, Vec::new());
     };
     let Some(pid) = procs
         .lines()
         .next()
         .and_then(|l| l.trim().parse::<u32>().ok())
     else {
-        return Vec::new();
+        return (false, Vec::new());
     };
     let netns = |p: &str| std::fs::metadata(p).map(|m| (m.dev(), m.ino())).ok();
     let theirs = netns(&format!("/proc/{pid}/ns/net"));
     if theirs.is_none() || theirs == netns("/proc/self/ns/net") {
-        return Vec::new();
+        return (false, Vec::new());
     }
     let mut ips = Vec::new();
     if let Ok(fib) = std::fs::read_to_string(format!("/proc/{pid}/net/fib_trie")) {
@@ -279,7 +269,7 @@ pub fn workload_ips(cgroup_dir: &Path) -> Vec<IpAddr> {
     }
     ips.sort();
     ips.dedup();
-    ips
+    (true, ips)
 }
 
 /// Local (`/32 host LOCAL`) IPv4 addresses from /proc/net/fib_trie, without loopback.

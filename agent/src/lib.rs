@@ -8,6 +8,7 @@ pub mod datapath;
 pub mod discovery;
 pub mod http;
 pub mod identity;
+pub mod inventory;
 pub mod kubernetes;
 pub mod offline;
 pub mod policy;

@@ -17,11 +17,12 @@ pub mod maps {
     pub const IPCACHE: &str = "PAL_IPCACHE_V1";
     pub const POLICY: &str = "PAL_POLICY_V1";
     pub const ENFORCED: &str = "PAL_ENFORCED_V1";
-    pub const FLOWS: &str = "PAL_FLOWS_V1";
+    pub const FLOWS: &str = "PAL_FLOWS_V2";
+    pub const SERVICES: &str = "PAL_SERVICES_V1";
     pub const SELF_ADDRESSES: &str = "PAL_SELF_V1";
     pub const STATE: &str = "PAL_STATE_V1";
     pub const COUNTERS: &str = "PAL_COUNTERS_V1";
-    pub const AUDIT: &str = "PAL_AUDIT_V1";
+    pub const AUDIT: &str = "PAL_AUDIT_V2";
 }
 
 /// Program names (the Rust function names in the eBPF crate).
@@ -40,6 +41,8 @@ pub mod capacity {
     pub const POLICY: u32 = 262_144;
     pub const ENFORCED: u32 = 32_768;
     pub const FLOWS: u32 = 65_536;
+    /// Service frontends: (address, port, protocol) triples.
+    pub const SERVICES: u32 = 65_536;
     /// Bytes; must be a power of two and a multiple of the page size.
     pub const AUDIT_RING_BYTES: u32 = 1 << 20;
 }
@@ -56,6 +59,8 @@ pub mod identity {
     pub const UNMANAGED: u32 = 3;
     /// A pod's cgroup whose pod the agent has not learned yet (Kubernetes mode).
     pub const PENDING: u32 = 4;
+    /// Another node of the cluster (its addresses, from Node objects).
+    pub const REMOTE_NODE: u32 = 5;
     /// Identities at or above this value are allocated for label sets.
     pub const FIRST_DYNAMIC: u32 = 256;
 }
@@ -118,7 +123,28 @@ pub mod state {
     pub const GENERATION: u32 = 1;
     /// Ring fill (bytes) above which the kernel wakes the audit reader at once.
     pub const WAKEUP_BYTES: u32 = 2;
+    /// `options::*` bits.
+    pub const OPTIONS: u32 = 3;
     pub const COUNT: u32 = 4;
+}
+
+/// Bits of `STATE[state::OPTIONS]`.
+pub mod options {
+    /// Traffic between a workload and its own node (`identity::HOST`) is
+    /// always allowed, before any policy (upstream NetworkPolicy semantics).
+    pub const HOST_ALWAYS_ALLOWED: u32 = 1;
+}
+
+/// Why a deny happened, beyond the rule (`AuditEvent::reason`).
+pub mod reason {
+    /// The policy lookup decided (the rule id says which rule).
+    pub const POLICY: u8 = 0;
+    /// A connection to a Service whose backends get different verdicts:
+    /// refused whole (fail closed), whichever backend it would reach.
+    pub const SERVICE_BACKENDS_DISAGREE: u8 = 1;
+    /// A connection to a Service with more distinct (identity, port)
+    /// backends than the kernel judges (`MAX_SERVICE_BACKENDS`): refused.
+    pub const SERVICE_TOO_MANY_BACKENDS: u8 = 2;
 }
 
 /// The ipcache LPM trie's key data is a `[u8; 16]` IPv6 address; IPv4 is stored
@@ -196,7 +222,53 @@ pub struct FlowKey {
 pub struct FlowValue {
     /// Policy generation the verdict was reached under.
     pub generation: u32,
-    pub _pad: u32,
+    /// The direction the flow was first judged in (`DIR_*`): a flow opened by
+    /// an egress send is judged again as that egress after a table change,
+    /// whichever way its next packet goes; likewise for ingress.
+    pub direction: u8,
+    pub _pad: u8,
+    /// The destination port of that first judgement (the peer's on egress,
+    /// ours on ingress).
+    pub port: u16,
+}
+
+/// Key of the Service map: a frontend (ClusterIP, external or load-balancer
+/// address, or a node address with a NodePort) as a client addresses it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    /// IPv4 as `::ffff:a.b.c.d`.
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+/// Distinct (identity, target port) pairs the kernel judges per Service frontend.
+pub const MAX_SERVICE_BACKENDS: usize = 4;
+
+/// One distinct backend of a Service: what a connection to the frontend
+/// becomes after the node's DNAT.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Hash, PartialOrd, Ord)]
+pub struct ServiceBackend {
+    pub identity: u32,
+    /// Target port on the backend.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceValue {
+    /// Names the Service in audit events (index into the agent's table).
+    pub service_id: u32,
+    /// Distinct backends in `backends`; 0 = no endpoints (the connection is
+    /// left to the node, which refuses it); more than `MAX_SERVICE_BACKENDS`
+    /// = too many to judge (refused).
+    pub count: u8,
+    pub _pad: [u8; 3],
+    pub backends: [ServiceBackend; MAX_SERVICE_BACKENDS],
 }
 
 /// Key of the own-address map: "is `addr` one of this workload's addresses?"
@@ -235,9 +307,13 @@ pub struct AuditEvent {
     pub verdict: u8,
     /// 4 or 6.
     pub family: u8,
-    pub _pad: [u8; 4],
+    /// The Service addressed (`ServiceValue::service_id`), 0 = none.
+    pub service_id: u32,
     /// Command name (egress only).
     pub comm: [u8; 16],
+    /// `reason::*`.
+    pub reason: u8,
+    pub _pad: [u8; 7],
 }
 
 const _: () = assert!(size_of::<PolicyKeyData>() == 16);
@@ -247,7 +323,9 @@ const _: () = assert!(size_of::<EnforcedValue>() == 8);
 const _: () = assert!(size_of::<FlowKey>() == 32);
 const _: () = assert!(size_of::<FlowValue>() == 8);
 const _: () = assert!(size_of::<SelfKey>() == 24);
-const _: () = assert!(size_of::<AuditEvent>() == 80);
+const _: () = assert!(size_of::<AuditEvent>() == 88);
+const _: () = assert!(size_of::<ServiceKey>() == 20);
+const _: () = assert!(size_of::<ServiceValue>() == 40);
 const _: () = assert!(core::mem::offset_of!(PolicyKeyData, port_be) == 12);
 
 /// The verdict from the two policy lookups, shared by the kernel
@@ -284,6 +362,28 @@ pub fn resolve(exact: (u32, u32), any: (u32, u32), enforcement_flags: u32) -> (u
     }
 }
 
+/// The own-address key that marks a workload with its own network namespace:
+/// its loopback traffic is traffic to itself (`SelfKey { cgroup_id, addr: LOOPBACK_MARK }`).
+pub const LOOPBACK_MARK: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+
+/// Is `addr` (IPv4 mapped) a loopback address (127.0.0.0/8 or ::1)?
+#[inline(always)]
+pub fn is_loopback(addr: &[u8; 16]) -> bool {
+    // Byte by byte: no slice comparison (which would need memcmp in the kernel).
+    let mut zeros = 0u8;
+    let mut i = 0;
+    while i < 10 {
+        zeros |= addr[i];
+        i += 1;
+    }
+    if zeros != 0 {
+        return false;
+    }
+    let v4_mapped_loopback = addr[10] == 0xff && addr[11] == 0xff && addr[12] == 127;
+    let v6_loopback = addr[10] | addr[11] | addr[12] | addr[13] | addr[14] == 0 && addr[15] == 1;
+    v4_mapped_loopback || v6_loopback
+}
+
 /// Maps an IPv4 address (network order octets) into the ipcache's IPv6 space.
 pub const fn v4_mapped(octets: [u8; 4]) -> [u8; 16] {
     [
@@ -303,4 +403,6 @@ mod pod {
     unsafe impl aya::Pod for super::FlowValue {}
     unsafe impl aya::Pod for super::SelfKey {}
     unsafe impl aya::Pod for super::AuditEvent {}
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::ServiceValue {}
 }

@@ -3,21 +3,17 @@
 //! at once with EPERM, so the event can name the process.
 use aya_ebpf::{
     EbpfContext as _,
-    helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid,
-        generated::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
-    },
+    helpers::generated::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
-use palisade_common::{
-    DIR_EGRESS, DIR_INGRESS, PROTO_SCTP, PROTO_TCP, PROTO_UDP, state, v4_mapped, verdict as v,
-};
+use palisade_common::{DIR_EGRESS, DIR_INGRESS, PROTO_SCTP, PROTO_TCP, PROTO_UDP, v4_mapped};
 
 use crate::{
     CGROUP_IDENTITY,
     verdict::{
-        Flow, PASS, conclude, decide, enforced, flow_known, own_address, read_state, remember_flow,
+        Flow, Known, PASS, active_slot, as_first_judged, enforced, flow_state, judge_egress,
+        judge_ingress, remember_flow,
     },
 };
 
@@ -61,9 +57,10 @@ fn judge(ctx: &SockAddrContext, family: u8, sendmsg: bool) -> i32 {
     // Early exit: egress is open for this identity. UDP goes on when our
     // ingress is enforced: an allowed datagram flow is remembered so that its
     // replies pass that ingress.
-    let slot = (read_state(state::ACTIVE_SLOT) & 1) as u8;
+    let slot = active_slot();
+    let udp = protocol == PROTO_UDP;
     if enforced(slot, DIR_EGRESS, local).is_none()
-        && (protocol != PROTO_UDP || enforced(slot, DIR_INGRESS, local).is_none())
+        && (!udp || enforced(slot, DIR_INGRESS, local).is_none())
     {
         return PASS;
     }
@@ -83,7 +80,6 @@ fn judge(ctx: &SockAddrContext, family: u8, sendmsg: bool) -> i32 {
         ]
     };
     let port = u16::from_be(sa.user_port as u16);
-    let udp = protocol == PROTO_UDP;
     let flow = Flow {
         direction: DIR_EGRESS,
         protocol,
@@ -100,28 +96,33 @@ fn judge(ctx: &SockAddrContext, family: u8, sendmsg: bool) -> i32 {
         } else {
             0
         },
+        in_process: true,
     };
-    if udp && sendmsg && flow_known(&flow) {
-        return PASS; // a reply to, or a repeat of, an already judged datagram flow
+    if udp && sendmsg {
+        match flow_state(&flow) {
+            // A reply to, or a repeat of, a datagram flow judged in this generation.
+            Known::Fresh => return PASS,
+            // A reply of a flow our ingress admitted under an older table:
+            // judged again as that ingress (replies of allowed flows pass,
+            // whatever egress policy says), and remembered again if it holds.
+            Known::Stale {
+                direction: DIR_INGRESS,
+                port: local_port,
+            } => {
+                let first = as_first_judged(&flow, DIR_INGRESS, local_port);
+                let verdict = judge_ingress(&first);
+                if verdict == PASS {
+                    remember_flow(&flow, DIR_INGRESS, local_port);
+                }
+                return verdict;
+            }
+            _ => {}
+        }
     }
-    let verdict = match decide(&flow) {
-        None => PASS,
-        // A workload talking to itself always passes; asked only when policy
-        // would not allow it, so allowed traffic pays no extra lookup.
-        Some(decision)
-            if decision.verdict != v::ALLOW && own_address(cgroup_id, &flow.peer_addr) =>
-        {
-            PASS
-        }
-        Some(decision) => {
-            let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-            let comm = bpf_get_current_comm().unwrap_or([0; 16]);
-            conclude(&flow, &decision, pid, comm)
-        }
-    };
+    let verdict = judge_egress(&flow);
     if udp && verdict == PASS {
         // Remember the peer so that its replies pass our ingress.
-        remember_flow(&flow);
+        remember_flow(&flow, DIR_EGRESS, port);
     }
     verdict
 }

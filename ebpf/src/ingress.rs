@@ -13,13 +13,13 @@ use aya_ebpf::{
     macros::cgroup_skb,
     programs::SkBuffContext,
 };
-use palisade_common::{DIR_INGRESS, PROTO_SCTP, PROTO_TCP, PROTO_UDP, state, v4_mapped};
+use palisade_common::{DIR_EGRESS, DIR_INGRESS, PROTO_SCTP, PROTO_TCP, PROTO_UDP, v4_mapped};
 
 use crate::{
     CGROUP_IDENTITY,
     verdict::{
-        DROP, Flow, PASS, conclude, decide, enforced, flow_known, own_address, read_state,
-        remember_flow,
+        DROP, Flow, Known, PASS, active_slot, as_first_judged, enforced, flow_state, judge_egress,
+        judge_ingress, own_address, own_loopback, remember_flow,
     },
 };
 
@@ -74,14 +74,21 @@ fn try_ingress(ctx: &SkBuffContext) -> Result<i32, i32> {
     let Some(local) = (unsafe { CGROUP_IDENTITY.get(&cgroup_id) }).copied() else {
         return Ok(PASS); // not a workload Palisade manages
     };
-    let slot = (read_state(state::ACTIVE_SLOT) & 1) as u8;
-    if enforced(slot, DIR_INGRESS, local).is_none() {
+    let slot = active_slot();
+    let ingress_enforced = enforced(slot, DIR_INGRESS, local).is_some();
+    // A datagram to a workload whose egress is enforced is remembered even
+    // when its ingress is open, so that the workload's replies pass its
+    // egress (replies of admitted flows are allowed).
+    let datagram = matches!(&parsed, Ok(p) if p.protocol == PROTO_UDP);
+    if !ingress_enforced && !(datagram && enforced(slot, DIR_EGRESS, local).is_some()) {
         return Ok(PASS); // early exit: ingress is open for this identity
     }
     // Any packet we cannot parse on an enforced workload is dropped: it cannot
     // be judged, and passing it would be a bypass.
     let packet = parsed.map_err(|()| DROP)?;
-    if ingress_ifindex(ctx) == LOOPBACK_IFINDEX && own_address(cgroup_id, &packet.src) {
+    if ingress_ifindex(ctx) == LOOPBACK_IFINDEX
+        && (own_address(cgroup_id, &packet.src) || own_loopback(cgroup_id, &packet.src))
+    {
         return Ok(PASS); // the workload talking to itself, over its own loopback
     }
     let (src_port, dst_port) = match packet.protocol {
@@ -121,17 +128,36 @@ fn try_ingress(ctx: &SkBuffContext) -> Result<i32, i32> {
         peer_port: src_port,
         // SAFETY: a cgroup_skb context is a valid argument for this helper.
         socket_cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        in_process: false,
     };
     let udp = packet.protocol == PROTO_UDP;
-    if udp && flow_known(&flow) {
-        return Ok(PASS);
+    if udp {
+        match flow_state(&flow) {
+            Known::Fresh => return Ok(PASS),
+            // A reply of a flow our egress opened under an older table:
+            // judged again as that egress (to the same address and port,
+            // Service frontends included); it goes on while policy allows it.
+            Known::Stale {
+                direction: DIR_EGRESS,
+                port,
+            } => {
+                let first = as_first_judged(&flow, DIR_EGRESS, port);
+                let verdict = judge_egress(&first);
+                if verdict == PASS {
+                    remember_flow(&flow, DIR_EGRESS, port);
+                }
+                return Ok(verdict);
+            }
+            _ => {}
+        }
+        if !ingress_enforced {
+            remember_flow(&flow, DIR_INGRESS, dst_port);
+            return Ok(PASS);
+        }
     }
-    let verdict = match decide(&flow) {
-        None => PASS,
-        Some(decision) => conclude(&flow, &decision, 0, [0; 16]),
-    };
+    let verdict = judge_ingress(&flow);
     if udp && verdict == PASS {
-        remember_flow(&flow);
+        remember_flow(&flow, DIR_INGRESS, dst_port);
     }
     Ok(verdict)
 }

@@ -16,8 +16,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use palisade_common::{
-    EnforcedKey, EnforcedValue, FlowKey, FlowValue, PolicyKeyData, PolicyValue, SelfKey, capacity,
-    counter, state,
+    EnforcedKey, EnforcedValue, FlowKey, FlowValue, PolicyKeyData, PolicyValue, SelfKey,
+    ServiceKey, ServiceValue, capacity, counter, state,
 };
 
 /// cgroup id → identity of the workload that owns the cgroup.
@@ -40,13 +40,19 @@ static ENFORCED: HashMap<EnforcedKey, EnforcedValue> =
 
 /// Verdicts remembered per (socket, peer): replies and later datagrams of a
 /// judged UDP flow pass without a second policy lookup.
-#[map(name = "PAL_FLOWS_V1")]
+#[map(name = "PAL_FLOWS_V2")]
 static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(capacity::FLOWS, 0);
 
 /// (cgroup id, address) present ⇔ the address is the workload's own: its
 /// traffic to itself is not judged.
 #[map(name = "PAL_SELF_V1")]
 static SELF_ADDRESSES: HashMap<SelfKey, u8> = HashMap::with_max_entries(capacity::IPCACHE, 0);
+
+/// Service frontend (address, port, protocol) → its distinct backends:
+/// egress to a Service is judged as egress to what the node's DNAT makes of it.
+#[map(name = "PAL_SERVICES_V1")]
+static SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::with_max_entries(capacity::SERVICES, 0);
 
 /// Values written by the agent; see `palisade_common::state`.
 #[map(name = "PAL_STATE_V1")]
@@ -57,7 +63,7 @@ static STATE: Array<u32> = Array::with_max_entries(state::COUNT, 0);
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
 /// Audit events for denied (and would-be denied) connections.
-#[map(name = "PAL_AUDIT_V1")]
+#[map(name = "PAL_AUDIT_V2")]
 static AUDIT: RingBuf = RingBuf::with_byte_size(capacity::AUDIT_RING_BYTES, 0);
 
 #[cfg(not(test))]

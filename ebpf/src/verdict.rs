@@ -9,23 +9,35 @@
 //!    with `ANY` as the peer; each match already carries the flags of every
 //!    less specific port prefix (the compiler merges them);
 //! 4. `resolve` turns the two matches into the verdict.
+//!
+//! Before the lookups: traffic with the node (`identity::HOST`) passes when
+//! `options::HOST_ALWAYS_ALLOWED` is set; loopback of a workload with its own
+//! network namespace is the workload itself. An egress destination that is a
+//! Service frontend (`SERVICES`) is judged as the connection to each distinct
+//! backend (identity, target port); backends that disagree refuse it whole.
+//! Datagram flows are remembered with the direction they were first judged
+//! in, and judged again that way after a table change.
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    helpers::generated::bpf_ktime_get_ns,
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, generated::bpf_ktime_get_ns,
+    },
     maps::lpm_trie::Key,
 };
 use palisade_common::{
-    AuditEvent, EnforcedKey, FlowKey, FlowValue, POLICY_PREFIX_FULL, PolicyKeyData, SelfKey,
-    counter, identity, resolve, state, verdict as v,
+    AuditEvent, DIR_EGRESS, DIR_INGRESS, EnforcedKey, EnforcedValue, FlowKey, FlowValue,
+    LOOPBACK_MARK, MAX_SERVICE_BACKENDS, POLICY_PREFIX_FULL, PolicyKeyData, SelfKey, ServiceKey,
+    ServiceValue, counter, identity, is_loopback, options, reason, resolve, state, verdict as v,
 };
 
-use crate::{AUDIT, COUNTERS, ENFORCED, FLOWS, IPCACHE, POLICY, SELF_ADDRESSES, STATE};
+use crate::{AUDIT, COUNTERS, ENFORCED, FLOWS, IPCACHE, POLICY, SELF_ADDRESSES, SERVICES, STATE};
 
 /// What the programs tell the kernel.
 pub const PASS: i32 = 1;
 pub const DROP: i32 = 0;
 
 /// The traffic being judged.
+#[derive(Clone, Copy)]
 pub struct Flow {
     pub direction: u8,
     pub protocol: u8,
@@ -37,14 +49,20 @@ pub struct Flow {
     pub port: u16,
     pub peer_port: u16,
     pub socket_cookie: u64,
+    /// Judged in the sending process's context (connect/sendmsg): the audit
+    /// event can carry its pid and command.
+    pub in_process: bool,
 }
 
 /// The result of a policy lookup.
+#[derive(Clone, Copy)]
 pub struct Decision {
     pub verdict: u8,
     pub rule_id: u32,
     pub policy_rule_id: u32,
     pub peer_identity: u32,
+    pub service_id: u32,
+    pub reason: u8,
 }
 
 #[inline(always)]
@@ -53,6 +71,11 @@ pub fn read_state(index: u32) -> u32 {
         Some(value) => *value,
         None => 0,
     }
+}
+
+#[inline(always)]
+pub fn active_slot() -> u8 {
+    (read_state(state::ACTIVE_SLOT) & 1) as u8
 }
 
 #[inline(always)]
@@ -82,10 +105,19 @@ pub fn own_address(cgroup_id: u64, addr: &[u8; 16]) -> bool {
     unsafe { SELF_ADDRESSES.get(&key) }.is_some()
 }
 
-/// Is `local` selected by a policy in `direction` in the active slot?
+/// Loopback traffic of a workload with its own network namespace is the
+/// workload talking to itself (the agent marks such workloads with
+/// `LOOPBACK_MARK`). Workloads in the host's namespace are not marked: their
+/// loopback peer is the host (`identity::HOST` in the ipcache).
+#[inline(always)]
+pub fn own_loopback(cgroup_id: u64, addr: &[u8; 16]) -> bool {
+    is_loopback(addr) && own_address(cgroup_id, &LOOPBACK_MARK)
+}
+
+/// Is `local` selected by a policy in `direction` in `slot`?
 /// Returns the enforcement value when it is.
 #[inline(always)]
-pub fn enforced(slot: u8, direction: u8, local: u32) -> Option<palisade_common::EnforcedValue> {
+pub fn enforced(slot: u8, direction: u8, local: u32) -> Option<EnforcedValue> {
     let key = EnforcedKey {
         slot,
         direction,
@@ -97,7 +129,7 @@ pub fn enforced(slot: u8, direction: u8, local: u32) -> Option<palisade_common::
 }
 
 #[inline(always)]
-fn lookup(slot: u8, flow: &Flow, peer: u32) -> (u32, u32) {
+fn lookup(slot: u8, flow: &Flow, peer: u32, port: u16) -> (u32, u32) {
     let data = PolicyKeyData {
         slot,
         direction: flow.direction,
@@ -105,7 +137,7 @@ fn lookup(slot: u8, flow: &Flow, peer: u32) -> (u32, u32) {
         _pad0: 0,
         local_identity: flow.local_identity,
         peer_identity: peer,
-        port_be: flow.port.to_be_bytes(),
+        port_be: port.to_be_bytes(),
         _pad1: [0; 2],
     };
     match POLICY.get(&Key::new(POLICY_PREFIX_FULL, data)) {
@@ -114,31 +146,167 @@ fn lookup(slot: u8, flow: &Flow, peer: u32) -> (u32, u32) {
     }
 }
 
-/// Judges `flow` against the active policy tables. `None` means the local
-/// identity is not selected in this direction: the traffic is not ours to judge.
+/// Judges `flow` as traffic with `peer` on `port` under `enforcement`.
+/// Traffic with the node itself passes first when the agent says so.
 #[inline(always)]
-pub fn decide(flow: &Flow) -> Option<Decision> {
-    let slot = (read_state(state::ACTIVE_SLOT) & 1) as u8;
-    let enforcement = enforced(slot, flow.direction, flow.local_identity)?;
-    let peer = peer_identity(&flow.peer_addr);
+fn decide_peer(
+    slot: u8,
+    flow: &Flow,
+    peer: u32,
+    port: u16,
+    enforcement: &EnforcedValue,
+) -> Decision {
+    if peer == identity::HOST && read_state(state::OPTIONS) & options::HOST_ALWAYS_ALLOWED != 0 {
+        return Decision {
+            verdict: v::ALLOW,
+            rule_id: 0,
+            policy_rule_id: enforcement.policy_rule_id,
+            peer_identity: peer,
+            service_id: 0,
+            reason: reason::POLICY,
+        };
+    }
     let (verdict, rule_id) = resolve(
-        lookup(slot, flow, peer),
-        lookup(slot, flow, identity::ANY),
+        lookup(slot, flow, peer, port),
+        lookup(slot, flow, identity::ANY, port),
         enforcement.flags,
     );
-    Some(Decision {
+    Decision {
         verdict,
         rule_id,
         policy_rule_id: enforcement.policy_rule_id,
         peer_identity: peer,
-    })
+        service_id: 0,
+        reason: reason::POLICY,
+    }
+}
+
+/// The Service frontend `flow` addresses, if any.
+#[inline(always)]
+fn service(flow: &Flow) -> Option<ServiceValue> {
+    let key = ServiceKey {
+        addr: flow.peer_addr,
+        port: flow.port,
+        protocol: flow.protocol,
+        _pad: 0,
+    };
+    // SAFETY: the value is copied out at once.
+    unsafe { SERVICES.get(&key) }.copied()
+}
+
+/// Judges a connection to a Service as the same connection to its backends
+/// on their target ports (what the node's DNAT will make of it). Backends
+/// that agree decide; backends that disagree refuse the connection whole
+/// (fail closed), naming the Service. `None`: no backends, nothing to judge
+/// (the node refuses the connection itself).
+#[inline(always)]
+fn decide_service(
+    slot: u8,
+    flow: &Flow,
+    svc: &ServiceValue,
+    enforcement: &EnforcedValue,
+) -> Option<Decision> {
+    let count = usize::from(svc.count);
+    if count == 0 {
+        return None;
+    }
+    if count > MAX_SERVICE_BACKENDS {
+        return Some(Decision {
+            verdict: v::DENY,
+            rule_id: 0,
+            policy_rule_id: enforcement.policy_rule_id,
+            peer_identity: identity::WORLD,
+            service_id: svc.service_id,
+            reason: reason::SERVICE_TOO_MANY_BACKENDS,
+        });
+    }
+    let mut denied: Option<Decision> = None;
+    let mut passed: Option<Decision> = None;
+    for i in 0..MAX_SERVICE_BACKENDS {
+        if i >= count {
+            break;
+        }
+        let Some(backend) = svc.backends.get(i) else {
+            break;
+        };
+        let d = decide_peer(slot, flow, backend.identity, backend.port, enforcement);
+        if d.verdict == v::DENY {
+            if denied.is_none() {
+                denied = Some(d);
+            }
+        } else if passed.is_none() || d.verdict == v::WOULD_DENY {
+            passed = Some(d);
+        }
+    }
+    let (mut decision, reason) = match (passed, denied) {
+        (Some(p), None) => (p, reason::POLICY),
+        (None, Some(d)) => (d, reason::POLICY),
+        (Some(_), Some(d)) => (d, reason::SERVICE_BACKENDS_DISAGREE),
+        (None, None) => return None,
+    };
+    decision.service_id = svc.service_id;
+    decision.reason = reason;
+    Some(decision)
+}
+
+/// Judges traffic the workload sends to `flow.peer_addr:flow.port` (a
+/// connect, a send, or a flow first opened by a send that is judged again
+/// after a table change). Returns what the program must answer.
+#[inline(always)]
+pub fn judge_egress(flow: &Flow) -> i32 {
+    let slot = active_slot();
+    let Some(enforcement) = enforced(slot, DIR_EGRESS, flow.local_identity) else {
+        return PASS; // egress open for this identity
+    };
+    if own_loopback(flow.cgroup_id, &flow.peer_addr) {
+        return PASS;
+    }
+    let decision = match service(flow) {
+        Some(svc) => match decide_service(slot, flow, &svc, &enforcement) {
+            Some(d) => d,
+            None => return PASS,
+        },
+        None => decide_peer(
+            slot,
+            flow,
+            peer_identity(&flow.peer_addr),
+            flow.port,
+            &enforcement,
+        ),
+    };
+    // A workload talking to itself always passes; asked only when policy
+    // would not allow it, so allowed traffic pays no extra lookup.
+    if decision.verdict != v::ALLOW
+        && decision.service_id == 0
+        && own_address(flow.cgroup_id, &flow.peer_addr)
+    {
+        return PASS;
+    }
+    conclude(flow, &decision)
+}
+
+/// Judges traffic from `flow.peer_addr` to the workload's `flow.port`.
+#[inline(always)]
+pub fn judge_ingress(flow: &Flow) -> i32 {
+    let slot = active_slot();
+    let Some(enforcement) = enforced(slot, DIR_INGRESS, flow.local_identity) else {
+        return PASS;
+    };
+    let decision = decide_peer(
+        slot,
+        flow,
+        peer_identity(&flow.peer_addr),
+        flow.port,
+        &enforcement,
+    );
+    conclude(flow, &decision)
 }
 
 /// Counts the decision and, for a deny or would-deny, writes an audit event.
 /// Returns what the program must answer.
 #[inline(always)]
-pub fn conclude(flow: &Flow, decision: &Decision, pid: u32, comm: [u8; 16]) -> i32 {
-    let egress = flow.direction == palisade_common::DIR_EGRESS;
+pub fn conclude(flow: &Flow, decision: &Decision) -> i32 {
+    let egress = flow.direction == DIR_EGRESS;
     let counter_index = match (decision.verdict, egress) {
         (v::ALLOW, true) => counter::EGRESS_ALLOW,
         (v::ALLOW, false) => counter::INGRESS_ALLOW,
@@ -151,7 +319,7 @@ pub fn conclude(flow: &Flow, decision: &Decision, pid: u32, comm: [u8; 16]) -> i
     if decision.verdict == v::ALLOW {
         return PASS;
     }
-    emit(flow, decision, pid, comm);
+    emit(flow, decision);
     if decision.verdict == v::WOULD_DENY {
         PASS
     } else {
@@ -160,8 +328,16 @@ pub fn conclude(flow: &Flow, decision: &Decision, pid: u32, comm: [u8; 16]) -> i
 }
 
 #[inline(always)]
-fn emit(flow: &Flow, decision: &Decision, pid: u32, comm: [u8; 16]) {
+fn emit(flow: &Flow, decision: &Decision) {
     count(counter::EVENTS_EMITTED);
+    let (pid, comm) = if flow.in_process {
+        (
+            (bpf_get_current_pid_tgid() >> 32) as u32,
+            bpf_get_current_comm().unwrap_or([0; 16]),
+        )
+    } else {
+        (0, [0; 16])
+    };
     let Some(mut entry) = AUDIT.reserve::<AuditEvent>(0) else {
         count(counter::EVENTS_LOST);
         return;
@@ -182,8 +358,10 @@ fn emit(flow: &Flow, decision: &Decision, pid: u32, comm: [u8; 16]) {
         direction: flow.direction,
         verdict: decision.verdict,
         family: flow.family,
-        _pad: [0; 4],
+        service_id: decision.service_id,
         comm,
+        reason: decision.reason,
+        _pad: [0; 7],
     });
     // Waking the reader costs ~10 µs per event (irq_work); the reader polls on
     // a short timer anyway, so wake it only once the ring is filling up.
@@ -207,25 +385,50 @@ fn flow_key(flow: &Flow) -> FlowKey {
     }
 }
 
-/// Has this socket already exchanged traffic with this peer under the current
-/// policy generation (in either direction)?
-#[inline(always)]
-pub fn flow_known(flow: &Flow) -> bool {
-    let generation = read_state(state::GENERATION);
-    // SAFETY: the value is copied out at once.
-    match unsafe { FLOWS.get(&flow_key(flow)) } {
-        Some(value) => value.generation == generation,
-        None => false,
-    }
+/// What the flow cache knows of a datagram flow (socket, peer).
+pub enum Known {
+    /// Judged under the current policy generation (either direction).
+    Fresh,
+    /// Judged under an older generation, first in `direction` on `port`:
+    /// judge it again that way.
+    Stale { direction: u8, port: u16 },
+    Unknown,
 }
 
 #[inline(always)]
-pub fn remember_flow(flow: &Flow) {
+pub fn flow_state(flow: &Flow) -> Known {
+    let generation = read_state(state::GENERATION);
+    // SAFETY: the value is copied out at once.
+    match unsafe { FLOWS.get(&flow_key(flow)) } {
+        Some(value) if value.generation == generation => Known::Fresh,
+        Some(value) => Known::Stale {
+            direction: value.direction,
+            port: value.port,
+        },
+        None => Known::Unknown,
+    }
+}
+
+/// Remembers that the flow passed, first judged in `direction` on `port`.
+#[inline(always)]
+pub fn remember_flow(flow: &Flow, direction: u8, port: u16) {
     let value = FlowValue {
         generation: read_state(state::GENERATION),
+        direction,
         _pad: 0,
+        port,
     };
     if FLOWS.insert(&flow_key(flow), &value, 0).is_err() {
         count(counter::FLOW_INSERT_FAILED);
     }
+}
+
+/// A flow in its first direction, for judging it again.
+#[inline(always)]
+pub fn as_first_judged(flow: &Flow, direction: u8, port: u16) -> Flow {
+    let mut first = *flow;
+    first.direction = direction;
+    first.port = port;
+    first.in_process = first.in_process && direction == DIR_EGRESS;
+    first
 }

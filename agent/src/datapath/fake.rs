@@ -16,6 +16,7 @@ impl Datapath for FakeDatapath {
             policy_entries: desired.policy.entries.len(),
             cgroup_updates: desired.cgroups.len(),
             ipcache_updates: desired.ipcache.len(),
+            service_updates: desired.services.frontends.len(),
         };
         self.applied.push(desired.clone());
         Ok(report)

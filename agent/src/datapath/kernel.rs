@@ -15,10 +15,14 @@ use aya::{
 };
 use ipnet::IpNet;
 use palisade_common::{
-    EnforcedKey, EnforcedValue, PolicyKeyData, PolicyValue, SelfKey, counter, maps, programs, state,
+    EnforcedKey, EnforcedValue, MAX_SERVICE_BACKENDS, PolicyKeyData, PolicyValue, SelfKey,
+    ServiceBackend, ServiceKey, ServiceValue, counter, maps, options, programs, state,
 };
 
-use super::{ApplyReport, Counters, Datapath, DatapathError, Desired, diff};
+use super::{
+    ApplyReport, Counters, Datapath, DatapathError, Desired, ServiceBackends, ServiceFrontend,
+    diff,
+};
 use crate::{config::MapCapacities, policy::compile::EntryKey};
 
 /// Programs attach through BPF links (kernel ≥ 5.7), which always coexist with
@@ -45,7 +49,40 @@ pub struct KernelDatapath {
     cgroups: BTreeMap<u64, u32>,
     ipcache: BTreeMap<IpNet, u32>,
     own_addresses: BTreeSet<(u64, IpAddr)>,
+    services: BTreeMap<ServiceFrontend, ServiceBackends>,
+    options: u32,
     attach_points: Vec<String>,
+}
+
+/// A frontend as the Service map's key.
+fn service_key(f: &ServiceFrontend) -> ServiceKey {
+    ServiceKey {
+        addr: addr16(f.addr),
+        port: f.port,
+        protocol: f.protocol,
+        _pad: 0,
+    }
+}
+
+/// Backends as the Service map's value: more distinct pairs than the kernel
+/// judges are written as "too many" (refused there, fail closed).
+fn service_value(b: &ServiceBackends) -> ServiceValue {
+    let mut value = ServiceValue {
+        service_id: b.service_id,
+        count: u8::try_from(b.backends.len()).unwrap_or(u8::MAX),
+        ..ServiceValue::default()
+    };
+    for (slot, (identity, port)) in value.backends.iter_mut().zip(&b.backends) {
+        *slot = ServiceBackend {
+            identity: *identity,
+            port: *port,
+            _pad: 0,
+        };
+    }
+    if b.backends.len() > MAX_SERVICE_BACKENDS {
+        value.count = u8::try_from(MAX_SERVICE_BACKENDS + 1).unwrap_or(u8::MAX);
+    }
+    value
 }
 
 fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
@@ -121,7 +158,7 @@ pub struct Pins {
 /// older or newer agent, other map names or types) is replaced, never
 /// adopted: adopting links whose programs use other maps would leave the
 /// agent updating maps nothing reads. Bump with every map name version.
-const PIN_LAYOUT: &str = "layout-1";
+const PIN_LAYOUT: &str = "layout-2";
 
 impl Pins {
     fn create_dir(&self) -> Result<(), DatapathError> {
@@ -250,6 +287,7 @@ impl KernelDatapath {
                 .map_max_entries(maps::ENFORCED, capacities.enforced)
                 .map_max_entries(maps::FLOWS, capacities.flows)
                 .map_max_entries(maps::SELF_ADDRESSES, capacities.ipcache)
+                .map_max_entries(maps::SERVICES, capacities.services)
                 .map_max_entries(maps::AUDIT, capacities.audit_ring_bytes);
             let names = [
                 maps::CGROUP_IDENTITY,
@@ -258,6 +296,7 @@ impl KernelDatapath {
                 maps::ENFORCED,
                 maps::FLOWS,
                 maps::SELF_ADDRESSES,
+                maps::SERVICES,
                 maps::STATE,
                 maps::COUNTERS,
                 maps::AUDIT,
@@ -401,6 +440,8 @@ impl KernelDatapath {
             cgroups: BTreeMap::new(),
             ipcache: BTreeMap::new(),
             own_addresses: BTreeSet::new(),
+            services: BTreeMap::new(),
+            options: 0,
             attach_points,
         };
         if adopted {
@@ -464,6 +505,31 @@ impl KernelDatapath {
             let (k, _) = item.map_err(map_err(maps::SELF_ADDRESSES))?;
             self.own_addresses.insert((k.cgroup_id, ip_of16(k.addr)));
         }
+        let services: HashMap<&MapData, ServiceKey, ServiceValue> =
+            typed(&self.ebpf, maps::SERVICES)?;
+        for item in services.iter() {
+            let (k, v) = item.map_err(map_err(maps::SERVICES))?;
+            let frontend = ServiceFrontend {
+                addr: ip_of16(k.addr),
+                port: k.port,
+                protocol: k.protocol,
+            };
+            let count = usize::from(v.count).min(MAX_SERVICE_BACKENDS);
+            let backends = v.backends[..count]
+                .iter()
+                .map(|b| (b.identity, b.port))
+                .collect();
+            self.services.insert(
+                frontend,
+                ServiceBackends {
+                    service_id: v.service_id,
+                    backends,
+                },
+            );
+        }
+        self.options = st
+            .get(&state::OPTIONS, 0)
+            .map_err(map_err(maps::STATE))?;
         let inactive = 1 - self.active_slot;
         // The previous table, or one half-written by an agent that died
         // mid-apply: drop it (its contents are known exactly either way, but
@@ -630,6 +696,13 @@ impl KernelDatapath {
                 desired.own_addresses.len(),
                 self.capacities.ipcache,
             ),
+            (
+                maps::SERVICES,
+                "services",
+                self.services.len(),
+                self.services.len().max(desired.services.frontends.len()),
+                self.capacities.services,
+            ),
         ];
         for (map, config_key, in_use, needed, capacity) in checks {
             if needed > capacity as usize {
@@ -661,6 +734,11 @@ impl KernelDatapath {
                 active.enforced.len(),
                 self.capacities.enforced,
             ),
+            (
+                maps::SERVICES,
+                self.services.len(),
+                self.capacities.services,
+            ),
         ]
     }
 }
@@ -681,6 +759,17 @@ impl Datapath for KernelDatapath {
     fn apply(&mut self, desired: &Desired) -> Result<ApplyReport, DatapathError> {
         self.check_capacity(desired)?;
         let mut report = ApplyReport::default();
+        // Options first: they hold for the new table as soon as it is live.
+        let options = if desired.host_always_allowed {
+            options::HOST_ALWAYS_ALLOWED
+        } else {
+            0
+        };
+        if options != self.options {
+            self.set_state(state::OPTIONS, options)?;
+            self.options = options;
+        }
+
         let active = &self.slots[usize::from(self.active_slot)];
         if active.entries != desired.policy.entries
             || active.enforced != desired.policy.enforced
@@ -744,6 +833,33 @@ impl Datapath for KernelDatapath {
                     .insert(&ip_key(net), id, 0)
                     .map_err(map_err(maps::IPCACHE))?;
                 self.ipcache.insert(*net, *id);
+            }
+        }
+        {
+            // Services after the ipcache's new entries (their backends'
+            // identities are live) and before its stale ones go.
+            let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> =
+                typed_mut(&mut self.ebpf, maps::SERVICES)?;
+            for (frontend, backends) in &desired.services.frontends {
+                if self.services.get(frontend) == Some(backends) {
+                    continue;
+                }
+                services
+                    .insert(&service_key(frontend), &service_value(backends), 0)
+                    .map_err(map_err(maps::SERVICES))?;
+                self.services.insert(*frontend, backends.clone());
+                report.service_updates += 1;
+            }
+            let stale: Vec<ServiceFrontend> = self
+                .services
+                .keys()
+                .filter(|f| !desired.services.frontends.contains_key(f))
+                .copied()
+                .collect();
+            for frontend in stale {
+                let _ = services.remove(&service_key(&frontend));
+                self.services.remove(&frontend);
+                report.service_updates += 1;
             }
         }
         {

@@ -23,18 +23,62 @@ use std::{
 
 use ipnet::IpNet;
 
-use crate::policy::CompiledPolicy;
+use crate::policy::{CompiledPolicy, model::Protocol};
 
 /// Everything the kernel maps should contain.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Desired {
     /// cgroup id → identity.
     pub cgroups: BTreeMap<u64, u32>,
-    /// Address block → identity (workload IPs, configured peers, policy CIDRs).
+    /// Address block → identity (workload IPs, configured peers, policy CIDRs,
+    /// the node's addresses).
     pub ipcache: BTreeMap<IpNet, u32>,
-    /// (cgroup id, address) of each workload's own addresses.
+    /// (cgroup id, address) of each workload's own addresses; `::1`
+    /// (`LOOPBACK_MARK`) marks a workload with its own network namespace.
     pub own_addresses: BTreeSet<(u64, IpAddr)>,
     pub policy: Arc<CompiledPolicy>,
+    pub services: Arc<ServiceTable>,
+    /// Traffic with the node (`reserved:host`) passes before any policy.
+    pub host_always_allowed: bool,
+}
+
+/// A Service frontend as a client addresses it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceFrontend {
+    pub addr: IpAddr,
+    pub port: u16,
+    /// IANA protocol number.
+    pub protocol: u8,
+}
+
+/// What a frontend leads to: the distinct (identity, target port) pairs of
+/// its ready endpoints. More than `MAX_SERVICE_BACKENDS` pairs are written
+/// as "too many" (refused in the kernel).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceBackends {
+    pub service_id: u32,
+    pub backends: Vec<(u32, u16)>,
+}
+
+/// One (Service, port), named in audit events by its id (index + 1).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceInfo {
+    pub name: String,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub backends: Vec<(u32, u16)>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ServiceTable {
+    pub frontends: BTreeMap<ServiceFrontend, ServiceBackends>,
+    pub infos: Vec<ServiceInfo>,
+}
+
+impl ServiceTable {
+    pub fn info(&self, id: u32) -> Option<&ServiceInfo> {
+        self.infos.get(usize::try_from(id).ok()?.checked_sub(1)?)
+    }
 }
 
 /// Kernel counters, summed over CPUs.
@@ -95,6 +139,7 @@ pub struct ApplyReport {
     pub policy_entries: usize,
     pub cgroup_updates: usize,
     pub ipcache_updates: usize,
+    pub service_updates: usize,
 }
 
 pub trait Datapath {

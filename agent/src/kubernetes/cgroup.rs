@@ -60,8 +60,10 @@ pub struct PodCgroup {
 pub fn parse(path: &str) -> Option<PodCgroup> {
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     for (i, seg) in segments.iter().enumerate() {
-        let parent = i.checked_sub(1).map(|p| segments[p]);
-        let found = systemd_pod(seg).or_else(|| cgroupfs_pod(seg, parent?));
+        // A pod directly under the root is under `kubepods` itself (the
+        // cgroupfs driver's root): a Guaranteed pod has no QoS parent.
+        let parent = i.checked_sub(1).map_or("kubepods", |p| segments[p]);
+        let found = systemd_pod(seg).or_else(|| cgroupfs_pod(seg, parent));
         if let Some((uid, qos)) = found {
             return Some(PodCgroup {
                 uid,
@@ -213,6 +215,21 @@ mod tests {
             let p = parse(&path).unwrap_or_else(|| panic!("{path}"));
             assert_eq!((p.uid.as_str(), p.qos), (UID, qos), "{path}");
             assert_eq!(p.container.unwrap().id, CID);
+        }
+    }
+
+    #[test]
+    fn relative_to_the_cgroupfs_root_every_qos_class() {
+        // The agent names cgroups relative to its root, which is `kubepods`
+        // itself under the cgroupfs driver: a Guaranteed pod has no parent.
+        for (path, qos) in [
+            (format!("pod{UID}/{CID}"), Qos::Guaranteed),
+            (format!("pod{UID}"), Qos::Guaranteed),
+            (format!("burstable/pod{UID}/{CID}"), Qos::Burstable),
+            (format!("besteffort/pod{UID}"), Qos::BestEffort),
+        ] {
+            let p = parse(&path).unwrap_or_else(|| panic!("{path}"));
+            assert_eq!((p.uid.as_str(), p.qos), (UID, qos), "{path}");
         }
     }
 

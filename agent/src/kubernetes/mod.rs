@@ -26,7 +26,8 @@ use std::{
 
 use futures::TryStreamExt as _;
 use k8s_openapi::api::{
-    core::v1::{Namespace, Pod},
+    core::v1::{Namespace, Node, Pod, Service as KubeService},
+    discovery::v1::EndpointSlice,
     networking::v1::NetworkPolicy,
 };
 use kube::{
@@ -38,13 +39,18 @@ use kube::{
     },
 };
 use palisade_common::identity as reserved;
-use serde::Deserialize;
 use tracing::{info, warn};
 
 use crate::{
     config::NamedPortConfig,
-    discovery::{Cgroup, Workload},
-    policy::{labels::Labels, model::Policy},
+    discovery::Cgroup,
+    inventory::{
+        Endpoint, Inputs, Nodes, RemoteWorkload, Service, ServicePort, UnknownPods, Workload,
+    },
+    policy::{
+        labels::Labels,
+        model::{Policy, Protocol},
+    },
 };
 
 /// The label that carries a pod's service account in its identity (the name
@@ -61,24 +67,6 @@ pub enum KubeError {
     NoConfig { message: String },
     #[error("creating the Kubernetes client: {0}")]
     Client(#[from] kube::Error),
-}
-
-/// What the agent does with a cgroup that belongs to a pod it has not
-/// learned from the API server yet (the pod's watch event can trail the
-/// container start by a moment).
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub enum UnknownPods {
-    /// New outgoing connections fail (EPERM) until the pod is known; then
-    /// the pod's own policy applies. Incoming traffic is not held: nobody can
-    /// address a pod before its IP is published, and the pod's ingress
-    /// policy applies as soon as the pod is known. The default.
-    #[default]
-    DenyEgress,
-    /// Both directions denied until the pod is known.
-    DenyAll,
-    /// Not held: unknown pods are unmanaged (allowed) until known.
-    Allow,
 }
 
 /// Connects with a kubeconfig file, or in-cluster (service account token and
@@ -108,13 +96,17 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubeError> {
 }
 
 /// Kinds watched, in [`Cluster::synced`] order.
-pub const KINDS: [&str; 5] = [
+pub const KINDS: [&str; 8] = [
     "pods",
     "namespaces",
     "networkpolicies.networking.k8s.io",
     "palisadepolicies.palisade.dev",
     "clusterpalisadepolicies.palisade.dev",
+    "services",
+    "endpointslices.discovery.k8s.io",
+    "nodes",
 ];
+const KIND_COUNT: usize = KINDS.len();
 
 /// The agent's view of the cluster: one reflector store per kind.
 pub struct Cluster {
@@ -123,7 +115,10 @@ pub struct Cluster {
     pub network_policies: Store<NetworkPolicy>,
     pub palisade_policies: Store<crd::PalisadePolicy>,
     pub cluster_palisade_policies: Store<crd::ClusterPalisadePolicy>,
-    synced: Arc<[AtomicBool; 5]>,
+    pub services: Store<KubeService>,
+    pub endpoint_slices: Store<EndpointSlice>,
+    pub nodes: Store<Node>,
+    synced: Arc<[AtomicBool; KIND_COUNT]>,
     /// Woken on every watch event, so a change is planned at once.
     pub changed: Arc<tokio::sync::Notify>,
     /// Watch errors (each followed by a backoff and a retry).
@@ -150,7 +145,7 @@ fn follow<K>(
     api: Api<K>,
     strip: fn(&mut K),
     index: usize,
-    synced: Arc<[AtomicBool; 5]>,
+    synced: Arc<[AtomicBool; KIND_COUNT]>,
     changed: Arc<tokio::sync::Notify>,
     counters: (Arc<AtomicU64>, Option<Arc<AtomicU64>>),
 ) -> (Store<K>, tokio::task::JoinHandle<()>)
@@ -214,7 +209,7 @@ impl Cluster {
     /// cgroups, every pod's addresses feed the ipcache. (A second watch
     /// restricted by `spec.nodeName` would carry the local pods twice.)
     pub fn start(client: Client) -> Cluster {
-        let synced: Arc<[AtomicBool; 5]> = Arc::new(Default::default());
+        let synced: Arc<[AtomicBool; KIND_COUNT]> = Arc::new(Default::default());
         let changed = Arc::new(tokio::sync::Notify::new());
         let errors = Arc::new(AtomicU64::new(0));
         let policy_epoch = Arc::new(AtomicU64::new(0));
@@ -267,12 +262,48 @@ impl Cluster {
         );
         tasks.push(t);
         let (cluster_palisade_policies, t) = follow(
-            Api::<crd::ClusterPalisadePolicy>::all(client),
+            Api::<crd::ClusterPalisadePolicy>::all(client.clone()),
             |n| n.metadata.managed_fields = None,
             4,
             s.clone(),
             c.clone(),
             policy(),
+        );
+        tasks.push(t);
+        let (services, t) = follow(
+            Api::<KubeService>::all(client.clone()),
+            |n| strip_meta(&mut n.metadata),
+            5,
+            s.clone(),
+            c.clone(),
+            plain(),
+        );
+        tasks.push(t);
+        let (endpoint_slices, t) = follow(
+            Api::<EndpointSlice>::all(client.clone()),
+            |n| strip_meta(&mut n.metadata),
+            6,
+            s.clone(),
+            c.clone(),
+            plain(),
+        );
+        tasks.push(t);
+        let (nodes, t) = follow(
+            Api::<Node>::all(client),
+            |n| {
+                strip_meta(&mut n.metadata);
+                // Only the addresses are read.
+                if let Some(status) = n.status.as_mut() {
+                    status.images = None;
+                    status.conditions = None;
+                    status.volumes_attached = None;
+                    status.volumes_in_use = None;
+                }
+            },
+            7,
+            s.clone(),
+            c.clone(),
+            plain(),
         );
         tasks.push(t);
         Cluster {
@@ -281,6 +312,9 @@ impl Cluster {
             network_policies,
             palisade_policies,
             cluster_palisade_policies,
+            services,
+            endpoint_slices,
+            nodes,
             synced,
             changed,
             errors,
@@ -475,32 +509,6 @@ pub fn pod_info(pod: &Pod) -> Option<PodInfo> {
     })
 }
 
-/// A pod that lives elsewhere, known by its addresses.
-#[derive(Clone, Debug, PartialEq)]
-pub struct RemoteWorkload {
-    pub namespace: String,
-    pub name: String,
-    pub labels: Labels,
-    pub ips: Vec<IpAddr>,
-    pub ports: Vec<NamedPortConfig>,
-}
-
-/// What the planner gets from the cluster in one round.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Inputs {
-    /// Local pod cgroups, named after their pods.
-    pub workloads: Vec<Workload>,
-    /// Local cgroups held at a reserved identity: hostNetwork pods (host)
-    /// and pods not known yet (pending).
-    pub held: BTreeMap<u64, u32>,
-    /// Pods on other nodes (and local pods without a cgroup yet).
-    pub remote: Vec<RemoteWorkload>,
-    /// Namespace name → labels.
-    pub namespaces: BTreeMap<String, Labels>,
-    /// Pods scheduled to this node (`spec.nodeName`) with no cgroup found.
-    pub local_without_cgroup: usize,
-}
-
 /// Maps the local cgroups to pods and collects every other pod's addresses.
 pub fn inputs(
     node: &str,
@@ -531,6 +539,8 @@ pub fn inputs(
                     labels: pod.labels.clone(),
                     ips: pod.ips.clone(),
                     ports: pod.ports.clone(),
+                    // Pods other than hostNetwork ones have their own network namespace.
+                    own_netns: true,
                 });
             }
             None if unknown != UnknownPods::Allow => {
@@ -562,6 +572,132 @@ pub fn inputs(
         .iter()
         .map(|n| (n.name_any(), n.labels().clone()))
         .collect();
+    out
+}
+
+/// The label an EndpointSlice carries naming its Service.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// Services with their ready endpoints, from Service and EndpointSlice
+/// objects. Headless and ExternalName Services have no address to judge and
+/// are left out (connections to their pods are judged by the pods' IPs).
+pub fn services(services: &[Arc<KubeService>], slices: &[Arc<EndpointSlice>]) -> Vec<Service> {
+    let mut by_service: HashMap<(String, String), Vec<&EndpointSlice>> = HashMap::new();
+    for slice in slices {
+        if let Some(name) = slice.labels().get(SERVICE_NAME_LABEL) {
+            by_service
+                .entry((slice.namespace().unwrap_or_default(), name.clone()))
+                .or_default()
+                .push(slice);
+        }
+    }
+    let mut out = Vec::new();
+    for svc in services {
+        let Some(spec) = svc.spec.as_ref() else {
+            continue;
+        };
+        if spec.type_.as_deref() == Some("ExternalName") {
+            continue;
+        }
+        let mut addresses: Vec<IpAddr> = spec
+            .cluster_ips
+            .iter()
+            .flatten()
+            .chain(spec.cluster_ip.iter())
+            .chain(spec.external_ips.iter().flatten())
+            .filter_map(|a| a.parse().ok())
+            .collect();
+        if let Some(ingress) = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref())
+        {
+            addresses.extend(ingress.iter().filter_map(|i| i.ip.as_ref()?.parse::<IpAddr>().ok()));
+        }
+        addresses.sort();
+        addresses.dedup();
+        let ports: Vec<ServicePort> = spec
+            .ports
+            .iter()
+            .flatten()
+            .filter_map(|p| {
+                Some(ServicePort {
+                    name: p.name.clone().unwrap_or_default(),
+                    protocol: Protocol::parse(p.protocol.as_deref().unwrap_or("TCP"))?,
+                    port: u16::try_from(p.port).ok()?,
+                    node_port: p.node_port.and_then(|n| u16::try_from(n).ok()),
+                })
+            })
+            .collect();
+        let namespace = svc.namespace().unwrap_or_default();
+        let name = svc.name_any();
+        let mut endpoints = Vec::new();
+        for slice in by_service
+            .get(&(namespace.clone(), name.clone()))
+            .into_iter()
+            .flatten()
+        {
+            let slice_ports: BTreeMap<(Protocol, String), u16> = slice
+                .ports
+                .iter()
+                .flatten()
+                .filter_map(|p| {
+                    Some((
+                        (
+                            Protocol::parse(p.protocol.as_deref().unwrap_or("TCP"))?,
+                            p.name.clone().unwrap_or_default(),
+                        ),
+                        u16::try_from(p.port?).ok()?,
+                    ))
+                })
+                .collect();
+            for ep in &slice.endpoints {
+                // Upstream: a nil `ready` is to be read as ready.
+                if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                    continue;
+                }
+                endpoints.extend(ep.addresses.iter().filter_map(|a| {
+                    Some(Endpoint {
+                        ip: a.parse().ok()?,
+                        ports: slice_ports.clone(),
+                    })
+                }));
+            }
+        }
+        if addresses.is_empty() && ports.iter().all(|p| p.node_port.is_none()) {
+            continue; // headless: nothing addresses the Service itself
+        }
+        out.push(Service {
+            namespace,
+            name,
+            addresses,
+            ports,
+            endpoints,
+        });
+    }
+    out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    out
+}
+
+/// This node's addresses (from its Node object) and the other nodes'.
+pub fn nodes(node: &str, nodes: &[Arc<Node>]) -> Nodes {
+    let mut out = Nodes::default();
+    for n in nodes {
+        let ips = n
+            .status
+            .as_ref()
+            .and_then(|s| s.addresses.as_ref())
+            .into_iter()
+            .flatten()
+            .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+            .filter_map(|a| a.address.parse::<IpAddr>().ok());
+        if n.name_any() == node {
+            out.local.extend(ips);
+        } else {
+            out.remote.extend(ips);
+        }
+    }
     out
 }
 

@@ -163,6 +163,9 @@ fn cluster_with(nps: Vec<NetworkPolicy>, pps: Vec<crd::PalisadePolicy>) -> Clust
         network_policies: store(nps),
         palisade_policies: store(pps),
         cluster_palisade_policies: store(Vec::new()),
+        services: store(Vec::new()),
+        endpoint_slices: store(Vec::new()),
+        nodes: store(Vec::new()),
         synced: Arc::new(Default::default()),
         changed: Arc::new(tokio::sync::Notify::new()),
         errors: Arc::new(AtomicU64::new(0)),
@@ -230,4 +233,74 @@ fn an_object_the_validator_refuses_is_named_and_the_others_apply() {
         "{}",
         problems[0]
     );
+}
+
+#[test]
+fn services_take_every_frontend_and_the_ready_endpoints_of_their_slices() {
+    let svc: KubeService = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "db", "namespace": "shop"},
+        "spec": {
+            "type": "LoadBalancer",
+            "clusterIP": "10.96.0.20", "clusterIPs": ["10.96.0.20", "fd00:96::20"],
+            "externalIPs": ["192.0.2.7"],
+            "ports": [{"name": "pg", "port": 5432, "targetPort": "postgres", "nodePort": 30432}]
+        },
+        "status": {"loadBalancer": {"ingress": [{"ip": "198.51.100.9"}]}}
+    }))
+    .unwrap();
+    let headless: KubeService = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "db-headless", "namespace": "shop"},
+        "spec": {"clusterIP": "None", "ports": [{"port": 5432}]}
+    }))
+    .unwrap();
+    let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "db-abc", "namespace": "shop",
+                     "labels": {"kubernetes.io/service-name": "db"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "pg", "port": 6432, "protocol": "TCP"}],
+        "endpoints": [
+            {"addresses": ["10.244.1.5"], "conditions": {"ready": true}},
+            {"addresses": ["10.244.1.6"]},
+            {"addresses": ["10.244.1.7"], "conditions": {"ready": false}}
+        ]
+    }))
+    .unwrap();
+    let out = services(
+        &[Arc::new(svc), Arc::new(headless)],
+        &[Arc::new(slice)],
+    );
+    assert_eq!(out.len(), 1, "the headless Service has no frontend");
+    let db = &out[0];
+    let addrs: Vec<String> = db.addresses.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        addrs,
+        ["10.96.0.20", "192.0.2.7", "198.51.100.9", "fd00:96::20"]
+    );
+    assert_eq!(db.ports[0].node_port, Some(30432));
+    let eps: Vec<String> = db.endpoints.iter().map(|e| e.ip.to_string()).collect();
+    assert_eq!(eps, ["10.244.1.5", "10.244.1.6"], "not-ready left out, nil ready is ready");
+    assert_eq!(
+        db.endpoints[0].ports[&(Protocol::Tcp, "pg".to_owned())],
+        6432,
+        "the endpoint's resolved target port"
+    );
+}
+
+#[test]
+fn nodes_split_into_this_node_and_the_others() {
+    let node = |name: &str, ip: &str| -> Arc<Node> {
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name},
+                "status": {"addresses": [
+                    {"type": "InternalIP", "address": ip},
+                    {"type": "Hostname", "address": name}
+                ]}
+            }))
+            .unwrap(),
+        )
+    };
+    let n = nodes("node-a", &[node("node-a", "192.168.0.10"), node("node-b", "192.168.0.11")]);
+    assert_eq!(n.local, ["192.168.0.10".parse().unwrap()].into());
+    assert_eq!(n.remote, ["192.168.0.11".parse().unwrap()].into());
 }

@@ -495,9 +495,9 @@ fn figure_apply(b: &Bench) -> anyhow::Result<Value> {
     );
     let classifier =
         palisade::discovery::Classifier::new(&config.workloads).map_err(|e| anyhow::anyhow!(e))?;
-    let workloads = || -> anyhow::Result<palisade::kubernetes::Inputs> {
+    let workloads = || -> anyhow::Result<palisade::inventory::Inputs> {
         let cgroups = palisade::discovery::scan(&b.world.cgroup_root)?;
-        Ok(palisade::kubernetes::Inputs {
+        Ok(palisade::inventory::Inputs {
             workloads: cgroups
                 .iter()
                 .filter_map(|c| classifier.classify(c))
@@ -514,7 +514,7 @@ fn figure_apply(b: &Bench) -> anyhow::Result<Value> {
             config.maps.audit_ring_bytes / 8,
             None,
         )?;
-        let mut planner = palisade::agent::Planner::new(config.clone());
+        let mut planner = palisade::agent::Planner::new(config.clone(), false);
         let input = workloads()?;
         let t = Instant::now();
         let obs = planner.plan(input, &full);

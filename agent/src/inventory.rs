@@ -1,0 +1,323 @@
+//! The agent's domain model, neutral of where the facts come from: local
+//! workloads (cgroups), remote workloads (addresses), Services, nodes and
+//! namespaces. Every source — host discovery with its config, the Kubernetes
+//! API server — fills one [`Inputs`]; the planner reads nothing else.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use serde::Deserialize;
+
+use crate::{
+    config::NamedPortConfig,
+    policy::{
+        labels::{LabelSelector, Labels},
+        model::Protocol,
+    },
+};
+
+/// A workload on this node: a cgroup with a name, labels and addresses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Workload {
+    pub cgroup_id: u64,
+    pub cgroup_path: String,
+    pub namespace: String,
+    pub name: String,
+    pub labels: Labels,
+    pub ips: Vec<IpAddr>,
+    /// Declared ports (from the matching rule, or the pod's containers).
+    pub ports: Vec<NamedPortConfig>,
+    /// The workload has a network namespace of its own (a pod, a container
+    /// with its own network): its loopback traffic is traffic to itself.
+    /// `false` for workloads in the node's namespace, whose loopback peer is
+    /// the node.
+    pub own_netns: bool,
+}
+
+/// A workload that lives elsewhere, known by its addresses.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RemoteWorkload {
+    pub namespace: String,
+    pub name: String,
+    pub labels: Labels,
+    pub ips: Vec<IpAddr>,
+    pub ports: Vec<NamedPortConfig>,
+}
+
+/// What the agent does with a cgroup that belongs to a pod it has not
+/// learned from the API server yet (the pod's watch event can trail the
+/// container start by a moment).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum UnknownPods {
+    /// New outgoing connections fail (EPERM) until the pod is known; then
+    /// the pod's own policy applies. Incoming traffic is not held: nobody can
+    /// address a pod before its IP is published, and the pod's ingress
+    /// policy applies as soon as the pod is known. The default.
+    #[default]
+    DenyEgress,
+    /// Both directions denied until the pod is known.
+    DenyAll,
+    /// Not held: unknown pods are unmanaged (allowed) until known.
+    Allow,
+}
+
+/// A Service: the addresses clients connect to, and the endpoints the node
+/// forwards those connections to (kube-proxy's DNAT, or a host's local load
+/// balancer).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Service {
+    pub namespace: String,
+    pub name: String,
+    /// ClusterIPs, external IPs and load-balancer ingress IPs.
+    pub addresses: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    /// Ready endpoints.
+    pub endpoints: Vec<Endpoint>,
+}
+
+impl Service {
+    pub fn qualified_name(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServicePort {
+    /// The port's name (may be empty when the Service has one port).
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+    /// Also reachable on every node address at this port.
+    pub node_port: Option<u16>,
+}
+
+/// One endpoint: an address and, per Service port name and protocol, the
+/// port it listens on (named target ports already resolved for it).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Endpoint {
+    pub ip: IpAddr,
+    pub ports: BTreeMap<(Protocol, String), u16>,
+}
+
+/// This node's addresses and the other nodes'.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Nodes {
+    /// Every address of this node: its interfaces, the CNI gateway, the
+    /// Node object's addresses. Traffic with them is `reserved:host`.
+    pub local: BTreeSet<IpAddr>,
+    /// Addresses of the cluster's other nodes: `reserved:remote-node`.
+    pub remote: BTreeSet<IpAddr>,
+}
+
+/// What the planner gets from the sources in one round.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Inputs {
+    /// Local workload cgroups.
+    pub workloads: Vec<Workload>,
+    /// Local cgroups held at a reserved identity: hostNetwork pods (host)
+    /// and pods not known yet (pending).
+    pub held: BTreeMap<u64, u32>,
+    /// Workloads elsewhere (pods on other nodes, local pods without a cgroup yet).
+    pub remote: Vec<RemoteWorkload>,
+    /// Namespace name → labels.
+    pub namespaces: BTreeMap<String, Labels>,
+    /// Pods scheduled to this node (`spec.nodeName`) with no cgroup found.
+    pub local_without_cgroup: usize,
+    pub services: Vec<Service>,
+    pub nodes: Nodes,
+}
+
+/// A Service declared in the host agent's config: its endpoints are the
+/// workloads its selector picks, on their target port.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServiceConfig {
+    pub name: String,
+    pub namespace: String,
+    /// Addresses clients connect to (a local load balancer's virtual IPs).
+    pub addresses: Vec<IpAddr>,
+    pub ports: Vec<ServicePortConfig>,
+    /// Workloads of the Service's namespace with these labels are its endpoints.
+    pub selector: Labels,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServicePortConfig {
+    #[serde(default)]
+    pub name: String,
+    pub port: u16,
+    /// TCP (default), UDP or SCTP.
+    #[serde(default = "tcp")]
+    pub protocol: String,
+    /// A number, or the name of a port the workloads declare. Default: `port`.
+    pub target_port: Option<TargetPort>,
+    pub node_port: Option<u16>,
+}
+
+fn tcp() -> String {
+    "TCP".into()
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum TargetPort {
+    Number(u16),
+    Name(String),
+}
+
+/// Resolves configured Services against the workloads found: each selected
+/// workload with an address is an endpoint, its target ports resolved by
+/// name where the Service names them (a workload that does not declare the
+/// name is not an endpoint of that port, as in Kubernetes).
+pub fn resolve_services(configs: &[ServiceConfig], workloads: &[Workload]) -> Vec<Service> {
+    configs
+        .iter()
+        .map(|c| {
+            let selector = LabelSelector {
+                match_labels: c.selector.clone(),
+                ..LabelSelector::default()
+            };
+            let ports: Vec<(ServicePort, Option<TargetPort>)> = c
+                .ports
+                .iter()
+                .filter_map(|p| {
+                    Some((
+                        ServicePort {
+                            name: p.name.clone(),
+                            protocol: Protocol::parse(&p.protocol)?,
+                            port: p.port,
+                            node_port: p.node_port,
+                        },
+                        p.target_port.clone(),
+                    ))
+                })
+                .collect();
+            let mut endpoints = Vec::new();
+            for w in workloads
+                .iter()
+                .filter(|w| w.namespace == c.namespace && selector.matches(&w.labels))
+            {
+                let mut resolved = BTreeMap::new();
+                for (sp, target) in &ports {
+                    let port = match target {
+                        None => Some(sp.port),
+                        Some(TargetPort::Number(n)) => Some(*n),
+                        Some(TargetPort::Name(name)) => w
+                            .ports
+                            .iter()
+                            .find(|np| {
+                                &np.name == name
+                                    && Protocol::parse(&np.protocol) == Some(sp.protocol)
+                            })
+                            .map(|np| np.port),
+                    };
+                    if let Some(port) = port {
+                        resolved.insert((sp.protocol, sp.name.clone()), port);
+                    }
+                }
+                endpoints.extend(w.ips.iter().map(|ip| Endpoint {
+                    ip: *ip,
+                    ports: resolved.clone(),
+                }));
+            }
+            Service {
+                namespace: c.namespace.clone(),
+                name: c.name.clone(),
+                addresses: c.addresses.clone(),
+                ports: ports.into_iter().map(|(p, _)| p).collect(),
+                endpoints,
+            }
+        })
+        .collect()
+}
+
+/// The addresses of the interfaces in the agent's network namespace (the
+/// node's, as the agent runs in it), loopback excluded.
+pub fn interface_addresses() -> BTreeSet<IpAddr> {
+    let mut out = BTreeSet::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return out;
+    }
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: ifa_addr points to a sockaddr of the family it names.
+            let family = i32::from(unsafe { (*ifa.ifa_addr).sa_family });
+            let ip = if family == libc::AF_INET {
+                // SAFETY: AF_INET ⇒ sockaddr_in.
+                let sin = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in>() };
+                Some(IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes()))
+            } else if family == libc::AF_INET6 {
+                // SAFETY: AF_INET6 ⇒ sockaddr_in6.
+                let sin6 = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in6>() };
+                Some(IpAddr::from(sin6.sin6_addr.s6_addr))
+            } else {
+                None
+            };
+            if let Some(ip) = ip.filter(|ip| !ip.is_loopback()) {
+                out.insert(ip);
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: `head` came from getifaddrs.
+    unsafe { libc::freeifaddrs(head) };
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workload(name: &str, app: &str, ip: &str, ports: &[(&str, u16)]) -> Workload {
+        Workload {
+            cgroup_id: 1,
+            cgroup_path: name.into(),
+            namespace: "shop".into(),
+            name: name.into(),
+            labels: [("app".to_owned(), app.to_owned())].into(),
+            ips: vec![ip.parse().unwrap()],
+            ports: ports
+                .iter()
+                .map(|(n, p)| NamedPortConfig {
+                    name: (*n).into(),
+                    port: *p,
+                    protocol: "TCP".into(),
+                })
+                .collect(),
+            own_netns: true,
+        }
+    }
+
+    #[test]
+    fn configured_services_resolve_named_target_ports_per_workload() {
+        let configs: Vec<ServiceConfig> = serde_saphyr::from_str(
+            "- name: db\n  namespace: shop\n  addresses: [10.96.0.20]\n  selector: {app: db}\n  ports:\n    - {name: pg, port: 5432, targetPort: pg}\n    - {name: metrics, port: 9000, targetPort: 9100}\n",
+        )
+        .unwrap();
+        let services = resolve_services(
+            &configs,
+            &[
+                workload("db-1", "db", "10.1.0.1", &[("pg", 5432)]),
+                workload("db-2", "db", "10.1.0.2", &[("pg", 6432)]),
+                workload("db-3", "db", "10.1.0.3", &[]),
+                workload("web", "web", "10.1.0.4", &[("pg", 1)]),
+            ],
+        );
+        let eps = &services[0].endpoints;
+        assert_eq!(eps.len(), 3, "the three db workloads, not web");
+        let pg = |i: usize| eps[i].ports.get(&(Protocol::Tcp, "pg".into())).copied();
+        assert_eq!((pg(0), pg(1), pg(2)), (Some(5432), Some(6432), None));
+        assert_eq!(
+            eps[2].ports.get(&(Protocol::Tcp, "metrics".into())),
+            Some(&9100)
+        );
+    }
+}
