@@ -88,7 +88,7 @@ impl Planner {
             remote,
             namespaces: cluster_namespaces,
             local_without_cgroup: _,
-            services,
+            services: services_input,
             nodes,
         } = input;
         workloads.sort_by(|a, b| a.cgroup_path.cmp(&b.cgroup_path));
@@ -216,7 +216,8 @@ impl Planner {
         let mut ipcache = BTreeMap::new();
         ipcache.extend(compiled.cidr_identities.iter().copied());
         ipcache.extend(addresses);
-        let services = service_table(&services, &nodes, &self.config.host_addresses, &ipcache);
+        let services = service_table(&services_input, &nodes, &self.config.host_addresses, &ipcache);
+        own_addresses.extend(own_services(&services_input, &workloads));
         let in_use: BTreeSet<u32> = identities.keys().copied().collect();
         self.allocator.release_unused(&in_use);
         self.previous = identities.clone();
@@ -272,6 +273,29 @@ fn identity_of(ipcache: &BTreeMap<IpNet, u32>, ip: IpAddr) -> u32 {
         .filter(|(net, _)| net.contains(&ip))
         .max_by_key(|(net, _)| net.prefix_len())
         .map_or(reserved::WORLD, |(_, id)| *id)
+}
+
+/// (cgroup, Service address) for every Service whose endpoints are all
+/// addresses of one workload: connecting to it is that workload reaching
+/// itself (kube-proxy's hairpin), which passes like a connection to its own
+/// address. A Service with other endpoints too is judged by them all.
+fn own_services(services: &[Service], workloads: &[Workload]) -> Vec<(u64, IpAddr)> {
+    let owner: std::collections::HashMap<IpAddr, u64> = workloads
+        .iter()
+        .flat_map(|w| w.ips.iter().map(|ip| (*ip, w.cgroup_id)))
+        .collect();
+    let mut out = Vec::new();
+    for svc in services {
+        let owners: BTreeSet<Option<u64>> = svc
+            .endpoints
+            .iter()
+            .map(|e| owner.get(&e.ip).copied())
+            .collect();
+        if let [Some(cgroup)] = owners.into_iter().collect::<Vec<_>>()[..] {
+            out.extend(svc.addresses.iter().map(|a| (cgroup, *a)));
+        }
+    }
+    out
 }
 
 /// Service frontends (addresses × ports, and node addresses × node ports)

@@ -140,7 +140,12 @@ pub struct ServiceConfig {
     pub addresses: Vec<IpAddr>,
     pub ports: Vec<ServicePortConfig>,
     /// Workloads of the Service's namespace with these labels are its endpoints.
-    pub selector: Labels,
+    #[serde(default)]
+    pub selector: Option<Labels>,
+    /// Endpoint addresses given explicitly (a Service without a selector);
+    /// a named target port is resolved against the workload at the address.
+    #[serde(default)]
+    pub endpoints: Vec<IpAddr>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -169,17 +174,18 @@ pub enum TargetPort {
 }
 
 /// Resolves configured Services against the workloads found: each selected
-/// workload with an address is an endpoint, its target ports resolved by
-/// name where the Service names them (a workload that does not declare the
-/// name is not an endpoint of that port, as in Kubernetes).
+/// workload with an address (and each explicit endpoint address) is an
+/// endpoint, its target ports resolved by name where the Service names them
+/// (an endpoint that does not declare the name is not an endpoint of that
+/// port, as in Kubernetes).
 pub fn resolve_services(configs: &[ServiceConfig], workloads: &[Workload]) -> Vec<Service> {
     configs
         .iter()
         .map(|c| {
-            let selector = LabelSelector {
-                match_labels: c.selector.clone(),
+            let selector = c.selector.as_ref().map(|labels| LabelSelector {
+                match_labels: labels.clone(),
                 ..LabelSelector::default()
-            };
+            });
             let ports: Vec<(ServicePort, Option<TargetPort>)> = c
                 .ports
                 .iter()
@@ -196,17 +202,27 @@ pub fn resolve_services(configs: &[ServiceConfig], workloads: &[Workload]) -> Ve
                 })
                 .collect();
             let mut endpoints = Vec::new();
-            for w in workloads
-                .iter()
-                .filter(|w| w.namespace == c.namespace && selector.matches(&w.labels))
+            let selected = workloads.iter().filter(|w| {
+                w.namespace == c.namespace && selector.as_ref().is_some_and(|s| s.matches(&w.labels))
+            });
+            let no_ports = Vec::new();
+            let explicit = c.endpoints.iter().map(|ip| {
+                let declared = workloads
+                    .iter()
+                    .find(|w| w.ips.contains(ip))
+                    .map_or(&no_ports, |w| &w.ports);
+                (vec![*ip], declared)
+            });
+            for (ips, declared) in selected
+                .map(|w| (w.ips.clone(), &w.ports))
+                .chain(explicit)
             {
                 let mut resolved = BTreeMap::new();
                 for (sp, target) in &ports {
                     let port = match target {
                         None => Some(sp.port),
                         Some(TargetPort::Number(n)) => Some(*n),
-                        Some(TargetPort::Name(name)) => w
-                            .ports
+                        Some(TargetPort::Name(name)) => declared
                             .iter()
                             .find(|np| {
                                 &np.name == name
@@ -218,7 +234,7 @@ pub fn resolve_services(configs: &[ServiceConfig], workloads: &[Workload]) -> Ve
                         resolved.insert((sp.protocol, sp.name.clone()), port);
                     }
                 }
-                endpoints.extend(w.ips.iter().map(|ip| Endpoint {
+                endpoints.extend(ips.iter().map(|ip| Endpoint {
                     ip: *ip,
                     ports: resolved.clone(),
                 }));

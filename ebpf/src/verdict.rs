@@ -274,12 +274,10 @@ pub fn judge_egress(flow: &Flow) -> i32 {
             &enforcement,
         ),
     };
-    // A workload talking to itself always passes; asked only when policy
-    // would not allow it, so allowed traffic pays no extra lookup.
-    if decision.verdict != v::ALLOW
-        && decision.service_id == 0
-        && own_address(flow.cgroup_id, &flow.peer_addr)
-    {
+    // A workload talking to itself always passes (its own address, or a
+    // Service whose only endpoint it is); asked only when policy would not
+    // allow it, so allowed traffic pays no extra lookup.
+    if decision.verdict != v::ALLOW && own_address(flow.cgroup_id, &flow.peer_addr) {
         return PASS;
     }
     conclude(flow, &decision)

@@ -8,6 +8,7 @@ use std::{os::unix::fs::OpenOptionsExt as _, path::PathBuf, time::Duration};
 
 use palisade_tests::{
     agent::{Agent, config_for, config_with_rules},
+    conformance, kubeproxy,
     scenario::{self, Family},
     world::{PodSpec, World},
 };
@@ -516,19 +517,39 @@ fn the_conformance_corpus_holds_in_the_kernel() {
     }
     let world = palisade_tests::corpus::dir().join("world.yaml");
     let mut failures = Vec::new();
-    for case in palisade_tests::corpus::cases() {
+    for (i, case) in palisade_tests::corpus::cases().into_iter().enumerate() {
         let name = case
             .file_name()
             .unwrap_or_default()
             .to_string_lossy()
             .into_owned();
         let probes = palisade::offline::load_probes(&case.join("probes.json")).expect("probes");
-        let kernel = palisade_tests::conformance::run(&world, &[case.join("policies")], &probes)
-            .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        // Every case twice: to pod addresses, and through one ClusterIP
+        // Service per pod (kube-proxy's iptables and nftables modes in turn).
+        let mode = if i % 2 == 0 {
+            kubeproxy::Mode::Iptables
+        } else {
+            kubeproxy::Mode::Nftables
+        };
+        let observed = conformance::run_via(
+            &world,
+            &[case.join("policies")],
+            &probes,
+            conformance::Via::Services(mode),
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        let kernel = observed.direct;
         let expected = palisade_tests::corpus::expected(&case).expect("expected.json");
         let offline = palisade_tests::corpus::simulate(&case).expect("simulate");
         for d in palisade_tests::conformance::differences(&kernel, &expected) {
             failures.push(format!("{name}: {}", d.replace("simulate", "expected")));
+        }
+        let via = observed.via_services.expect("probed through Services");
+        for d in palisade_tests::conformance::differences(&via, &expected) {
+            failures.push(format!(
+                "{name} (through ClusterIPs, {mode:?}): {}",
+                d.replace("simulate", "expected")
+            ));
         }
         for d in palisade_tests::conformance::differences(&kernel, &offline) {
             failures.push(format!("{name}: {d}"));
@@ -1012,7 +1033,7 @@ fn pins_of_an_incompatible_layout_are_replaced_with_a_log_line() {
     let t = Duration::from_millis(1000);
     // As if an agent of another version had pinned this directory.
     s.agent.kill();
-    std::fs::remove_dir(pins.join("layout-1")).unwrap();
+    std::fs::remove_dir(pins.join("layout-2")).unwrap();
     std::fs::create_dir(pins.join("layout-0")).unwrap();
     s.agent.spawn().unwrap();
     s.agent

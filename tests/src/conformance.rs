@@ -1,6 +1,11 @@
 //! Conformance: the world of a world file built for real (a network namespace
 //! and a cgroup per pod), the agent enforcing the policies, every probe tried
 //! with real traffic, results in the same JSON as `palisade simulate`.
+//!
+//! With `Via::Services`, the world is built as a node builds it (pods routed
+//! through the node's namespace) with one ClusterIP Service per pod and
+//! kube-proxy's rules for them, and every probe is tried twice: to the pod's
+//! address, and to its Service's ClusterIP, as the upstream e2e suite does.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
@@ -13,8 +18,26 @@ use palisade::offline::{ProbeFile, ProbeResult, ResultFile, WorldFile};
 
 use crate::{
     agent::Agent,
+    kubeproxy::{self, ServicePortRule},
     world::{PodSpec, World},
 };
+
+/// How probes reach their target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// To the pod's address only.
+    Direct,
+    /// To the pod's address, and again through its ClusterIP Service with
+    /// kube-proxy's rules in this mode.
+    Services(kubeproxy::Mode),
+}
+
+/// What a run observed.
+pub struct Observed {
+    pub direct: ResultFile,
+    /// The same probes through each target's ClusterIP (with `Via::Services`).
+    pub via_services: Option<ResultFile>,
+}
 
 /// How many probes run at once.
 const PARALLEL: usize = 64;
@@ -95,6 +118,48 @@ pub fn run(
     policies: &[PathBuf],
     probes: &ProbeFile,
 ) -> anyhow::Result<ResultFile> {
+    Ok(run_via(world_file, policies, probes, Via::Direct)?.direct)
+}
+
+/// Agent config lines for the node and one Service per pod.
+fn services_config(world: &World, rules: &[ServicePortRule]) -> String {
+    let mut c = format!(
+        "hostTraffic: allow
+hostAddresses: [{}, {}]
+services:
+",
+        world.gateway_v4(),
+        world.gateway_v6()
+    );
+    for r in rules {
+        let (ns, name) = r.service.split_once('/').unwrap_or(("", &r.service));
+        c.push_str(&format!(
+            "  - name: {}
+    namespace: {}
+    addresses: [{}]
+    endpoints: [{}]
+    ports: [{{name: {}, port: {}, protocol: {}, targetPort: {}}}]
+",
+            quote(name),
+            quote(ns),
+            r.addresses[0],
+            r.endpoints[0].0,
+            quote(&r.port_name),
+            r.port,
+            r.protocol.to_uppercase(),
+            r.endpoints[0].1
+        ));
+    }
+    c
+}
+
+/// Like [`run`]; with `Via::Services` also through one ClusterIP per pod.
+pub fn run_via(
+    world_file: &Path,
+    policies: &[PathBuf],
+    probes: &ProbeFile,
+    via: Via,
+) -> anyhow::Result<Observed> {
     let file = WorldFile::load(world_file)?;
     let dir = tempfile::tempdir()?;
     // The agent reads one directory: gather the policy files there.
@@ -131,6 +196,10 @@ pub fn run(
         set.entry(p.to.clone()).or_default().insert(p.port);
     }
     let mut world = World::new()?;
+    let node = via != Via::Direct;
+    if node {
+        world.make_node()?;
+    }
     for p in &file.pods {
         let key = format!("{}/{}", p.namespace, p.name);
         let t: Vec<u16> = tcp
@@ -143,8 +212,42 @@ pub fn run(
             .unwrap_or_default();
         world.add_pod_at(PodSpec::new(&p.namespace, &p.name, &t, &u), Some(p.ip))?;
     }
-    world.route_all()?;
-    let cfg = config(&world, &file, &policy_dir, &dir.path().join("audit.jsonl"));
+    // One ClusterIP Service per pod, with a port per probed port.
+    let mut vips: BTreeMap<String, IpAddr> = BTreeMap::new();
+    let mut rules = Vec::new();
+    if let Via::Services(mode) = via {
+        world.route_all_via_node()?;
+        for (i, p) in file.pods.iter().enumerate() {
+            let key = format!("{}/{}", p.namespace, p.name);
+            let index = u8::try_from(i + 10)?;
+            let vip: IpAddr = if p.ip.is_ipv4() {
+                world.service_v4(index).into()
+            } else {
+                world.service_v6(index).into()
+            };
+            vips.insert(key.clone(), vip);
+            for (proto, set) in [("tcp", &tcp), ("udp", &udp)] {
+                for port in set.get(&key).into_iter().flatten() {
+                    rules.push(ServicePortRule {
+                        service: format!("{}/s-{}-{}", p.namespace, p.name, port),
+                        port_name: format!("{proto}-{port}"),
+                        protocol: proto.into(),
+                        addresses: vec![vip],
+                        port: *port,
+                        node_port: None,
+                        endpoints: vec![(p.ip, *port)],
+                    });
+                }
+            }
+        }
+        kubeproxy::sync(&world, mode, &rules)?;
+    } else {
+        world.route_all()?;
+    }
+    let mut cfg = config(&world, &file, &policy_dir, &dir.path().join("audit.jsonl"));
+    if node {
+        cfg.push_str(&services_config(&world, &rules));
+    }
     let mut agent = Agent::start(dir.path(), &cfg)?;
     agent.wait_enforcing(&world)?;
     let ips: BTreeMap<String, IpAddr> = file
@@ -152,6 +255,26 @@ pub fn run(
         .iter()
         .map(|p| (format!("{}/{}", p.namespace, p.name), p.ip))
         .collect();
+    let direct = probe_all(&world, probes, &ips)?;
+    let via_services = if vips.is_empty() {
+        None
+    } else {
+        Some(probe_all(&world, probes, &vips)?)
+    };
+    agent.stop()?;
+    Ok(Observed {
+        direct,
+        via_services,
+    })
+}
+
+/// Tries every probe, each to `targets[probe.to]`.
+fn probe_all(
+    world: &World,
+    probes: &ProbeFile,
+    targets: &BTreeMap<String, IpAddr>,
+) -> anyhow::Result<ResultFile> {
+    let ips = targets;
     let timeout = Duration::from_millis(1000);
     let mut results = Vec::with_capacity(probes.probes.len());
     for chunk in probes.probes.chunks(PARALLEL) {
@@ -159,14 +282,11 @@ pub fn run(
             let handles: Vec<_> = chunk
                 .iter()
                 .map(|p| {
-                    let world = &world;
-                    let ips = &ips;
                     s.spawn(move || -> anyhow::Result<String> {
                         let to = *ips
                             .get(&p.to)
                             .with_context(|| format!("unknown pod {:?}", p.to))?;
-                        ips.get(&p.from)
-                            .with_context(|| format!("unknown pod {:?}", p.from))?;
+
                         let proto = if p.protocol.eq_ignore_ascii_case("UDP") {
                             "udp"
                         } else {
@@ -196,7 +316,6 @@ pub fn run(
             });
         }
     }
-    agent.stop()?;
     Ok(ResultFile { results })
 }
 

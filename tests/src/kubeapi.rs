@@ -37,15 +37,21 @@ pub enum Kind {
     NetworkPolicies,
     PalisadePolicies,
     ClusterPalisadePolicies,
+    Services,
+    EndpointSlices,
+    Nodes,
 }
 
 impl Kind {
-    const ALL: [Kind; 5] = [
+    const ALL: [Kind; 8] = [
         Kind::Pods,
         Kind::Namespaces,
         Kind::NetworkPolicies,
         Kind::PalisadePolicies,
         Kind::ClusterPalisadePolicies,
+        Kind::Services,
+        Kind::EndpointSlices,
+        Kind::Nodes,
     ];
 
     /// The cluster-wide collection path.
@@ -56,12 +62,16 @@ impl Kind {
             Kind::NetworkPolicies => "/apis/networking.k8s.io/v1/networkpolicies",
             Kind::PalisadePolicies => "/apis/palisade.dev/v1alpha1/palisadepolicies",
             Kind::ClusterPalisadePolicies => "/apis/palisade.dev/v1alpha1/clusterpalisadepolicies",
+            Kind::Services => "/api/v1/services",
+            Kind::EndpointSlices => "/apis/discovery.k8s.io/v1/endpointslices",
+            Kind::Nodes => "/api/v1/nodes",
         }
     }
 
     fn api_version(self) -> &'static str {
         match self {
-            Kind::Pods | Kind::Namespaces => "v1",
+            Kind::Pods | Kind::Namespaces | Kind::Services | Kind::Nodes => "v1",
+            Kind::EndpointSlices => "discovery.k8s.io/v1",
             Kind::NetworkPolicies => "networking.k8s.io/v1",
             Kind::PalisadePolicies | Kind::ClusterPalisadePolicies => "palisade.dev/v1alpha1",
         }
@@ -74,6 +84,9 @@ impl Kind {
             Kind::NetworkPolicies => "NetworkPolicy",
             Kind::PalisadePolicies => "PalisadePolicy",
             Kind::ClusterPalisadePolicies => "ClusterPalisadePolicy",
+            Kind::Services => "Service",
+            Kind::EndpointSlices => "EndpointSlice",
+            Kind::Nodes => "Node",
         }
     }
 

@@ -10,6 +10,7 @@ pub mod bench;
 pub mod conformance;
 pub mod corpus;
 pub mod kubeapi;
+pub mod kubeproxy;
 pub mod scenario;
 pub mod world;
 

@@ -95,6 +95,8 @@ pub struct World {
     pub outside_root: PathBuf,
     pub pods: Vec<Pod>,
     subnet: u8,
+    /// The hub is a node (see [`World::make_node`]).
+    node: bool,
 }
 
 impl World {
@@ -110,6 +112,7 @@ impl World {
             outside_root: mount.join(format!("palisade-test-{tag}-outside")),
             tag,
             pods: Vec::new(),
+            node: false,
             // A distinct /24 (and /64) per world, so parallel worlds never meet.
             subnet: (100
                 + (std::process::id() as u8)
@@ -142,6 +145,136 @@ impl World {
             0,
             u16::from(index),
         )
+    }
+
+    /// Makes the hub namespace a node, the way a Kubernetes node is built
+    /// around its pods: the bridge gets the gateway addresses (index 1), the
+    /// hub forwards, and every pod (now and later) routes the world's subnet
+    /// and the Service range through the gateway, so that pod-to-pod and
+    /// pod-to-Service traffic crosses the node's network stack (where
+    /// kube-proxy's rules live) in both directions. Still no route out.
+    pub fn make_node(&mut self) -> anyhow::Result<()> {
+        let (gw4, gw6) = (self.gateway_v4(), self.gateway_v6());
+        ip(&["-n", &self.hub, "addr", "add", &format!("{gw4}/24"), "dev", "br0"])?;
+        ip(&[
+            "-n",
+            &self.hub,
+            "addr",
+            "add",
+            &format!("{gw6}/64"),
+            "dev",
+            "br0",
+            "nodad",
+        ])?;
+        in_netns(
+            &self.hub,
+            &[
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+                "net.ipv6.conf.all.forwarding=1",
+                "net.ipv4.conf.all.send_redirects=0",
+                "net.ipv4.conf.br0.send_redirects=0",
+            ],
+        )?;
+        self.node = true;
+        for pod in &self.pods {
+            self.hairpin(pod.index)?;
+            self.route_via_gateway(&pod.netns)?;
+        }
+        Ok(())
+    }
+
+    /// The node's address on the pods' bridge (the CNI gateway).
+    pub fn gateway_v4(&self) -> Ipv4Addr {
+        self.ipv4(1)
+    }
+
+    pub fn gateway_v6(&self) -> Ipv6Addr {
+        self.ipv6(1)
+    }
+
+    /// Service (ClusterIP) addresses of this world: 10.96.<subnet>.<index>.
+    pub fn service_v4(&self, index: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, 96, self.subnet, index)
+    }
+
+    pub fn service_v6(&self, index: u8) -> Ipv6Addr {
+        Ipv6Addr::new(
+            0xfd96,
+            0,
+            0,
+            u16::from(self.subnet),
+            0,
+            0,
+            0,
+            u16::from(index),
+        )
+    }
+
+    /// The bridge port sends frames back where they came from, as CNI bridge
+    /// plugins configure it for kube-proxy: a pod reaching its own Service
+    /// (hairpin) gets its own packets back.
+    fn hairpin(&self, index: u8) -> anyhow::Result<()> {
+        ip(&[
+            "-n",
+            &self.hub,
+            "link",
+            "set",
+            &format!("v{index}"),
+            "type",
+            "bridge_slave",
+            "hairpin",
+            "on",
+        ])
+    }
+
+    fn route_via_gateway(&self, netns: &str) -> anyhow::Result<()> {
+        let (gw4, gw6) = (self.gateway_v4().to_string(), self.gateway_v6().to_string());
+        let net4 = format!("10.77.{}.0/24", self.subnet);
+        let net6 = format!("fd77:0:0:{:x}::/64", self.subnet);
+        let svc4 = format!("10.96.{}.0/24", self.subnet);
+        let svc6 = format!("fd96:0:0:{:x}::/64", self.subnet);
+        // The on-link prefix routes go: everything crosses the gateway.
+        ip(&["-n", netns, "route", "del", &net4, "dev", "eth0"])?;
+        ip(&["-n", netns, "-6", "route", "del", &net6, "dev", "eth0"])?;
+        ip(&["-n", netns, "route", "add", &gw4, "dev", "eth0", "scope", "link"])?;
+        ip(&["-n", netns, "-6", "route", "add", &gw6, "dev", "eth0"])?;
+        for net in [&net4, &svc4] {
+            ip(&["-n", netns, "route", "add", net, "via", &gw4, "dev", "eth0"])?;
+        }
+        for net in [&net6, &svc6] {
+            ip(&["-n", netns, "-6", "route", "add", net, "via", &gw6, "dev", "eth0"])?;
+        }
+        Ok(())
+    }
+
+    /// Runs a command in the hub (the node's network namespace), as a
+    /// process outside every pod cgroup; fails with its stderr.
+    pub fn on_node(&self, args: &[&str]) -> anyhow::Result<String> {
+        in_netns(&self.hub, args)
+    }
+
+    /// Runs a command in the hub with `input` on its stdin (iptables-restore, nft -f -).
+    pub fn on_node_with_input(&self, args: &[&str], input: &str) -> anyhow::Result<()> {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.hub])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("running {args:?} in the node"))?;
+        std::io::Write::write_all(&mut child.stdin.take().context("stdin")?, input.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "{}: {}\ninput:\n{input}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
     }
 
     /// Adds a pod: namespace, veth into the bridge, addresses, cgroup, and
@@ -222,6 +355,39 @@ impl World {
                 if *a != pod.ipv4.to_string() && *a != pod.ipv6.to_string() {
                     ip(&["-n", &pod.netns, "route", "replace", a, "dev", "eth0"])?;
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Like `route_all`, in a node world ([`World::make_node`]): the node
+    /// routes to every pod's address over the bridge, and each pod reaches
+    /// every other pod and the Service range through the gateway.
+    pub fn route_all_via_node(&self) -> anyhow::Result<()> {
+        let gw4 = self.gateway_v4().to_string();
+        let gw6 = self.gateway_v6().to_string();
+        let svc4 = format!("10.96.{}.0/24", self.subnet);
+        let svc6 = format!("fd96:0:0:{:x}::/64", self.subnet);
+        let addrs: Vec<std::net::IpAddr> = self
+            .pods
+            .iter()
+            .flat_map(|p| [std::net::IpAddr::V4(p.ipv4), std::net::IpAddr::V6(p.ipv6)])
+            .filter(|a| !a.is_unspecified())
+            .collect();
+        for a in &addrs {
+            ip(&["-n", &self.hub, "route", "replace", &a.to_string(), "dev", "br0"])?;
+        }
+        for pod in &self.pods {
+            ip(&["-n", &pod.netns, "route", "replace", &gw4, "dev", "eth0", "scope", "link"])?;
+            ip(&["-n", &pod.netns, "-6", "route", "replace", &gw6, "dev", "eth0"])?;
+            ip(&["-n", &pod.netns, "route", "replace", &svc4, "via", &gw4, "dev", "eth0"])?;
+            ip(&["-n", &pod.netns, "-6", "route", "replace", &svc6, "via", &gw6, "dev", "eth0"])?;
+            for a in &addrs {
+                if *a == std::net::IpAddr::V4(pod.ipv4) || *a == std::net::IpAddr::V6(pod.ipv6) {
+                    continue;
+                }
+                let gw = if a.is_ipv4() { &gw4 } else { &gw6 };
+                ip(&["-n", &pod.netns, "route", "replace", &a.to_string(), "via", gw, "dev", "eth0"])?;
             }
         }
         Ok(())
@@ -379,8 +545,33 @@ impl World {
             }
             ip(&args)?;
         }
-        ip(&["-n", netns, "link", "set", "eth0", "up"])
+        ip(&["-n", netns, "link", "set", "eth0", "up"])?;
+        if self.node {
+            self.hairpin(index)?;
+            if addrs.iter().any(|a| a.ends_with("/24")) {
+                self.route_via_gateway(netns)?;
+            }
+        }
+        Ok(())
     }
+}
+
+/// Runs `args` in network namespace `netns` (`ip netns exec`: for tools
+/// that need no cgroup view); its stdout, or an error with its stderr.
+fn in_netns(netns: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns])
+        .args(args)
+        .output()
+        .with_context(|| format!("running {args:?} in {netns}"))?;
+    if !out.status.success() {
+        bail!(
+            "{} (in {netns}): {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn join(ports: &[u16]) -> String {
