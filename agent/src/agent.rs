@@ -216,7 +216,12 @@ impl Planner {
         let mut ipcache = BTreeMap::new();
         ipcache.extend(compiled.cidr_identities.iter().copied());
         ipcache.extend(addresses);
-        let services = service_table(&services_input, &nodes, &self.config.host_addresses, &ipcache);
+        let services = service_table(
+            &services_input,
+            &nodes,
+            &self.config.host_addresses,
+            &ipcache,
+        );
         own_addresses.extend(own_services(&services_input, &workloads));
         let in_use: BTreeSet<u32> = identities.keys().copied().collect();
         self.allocator.release_unused(&in_use);
@@ -336,15 +341,11 @@ fn service_table(
                 service_id,
                 backends: backends.into_iter().collect(),
             };
-            let frontends = svc
-                .addresses
-                .iter()
-                .map(|a| (*a, port.port))
-                .chain(
-                    port.node_port
-                        .into_iter()
-                        .flat_map(|np| node_ips.iter().map(move |a| (*a, np))),
-                );
+            let frontends = svc.addresses.iter().map(|a| (*a, port.port)).chain(
+                port.node_port
+                    .into_iter()
+                    .flat_map(|np| node_ips.iter().map(move |a| (*a, np))),
+            );
             for (addr, p) in frontends {
                 table.frontends.insert(
                     ServiceFrontend {
@@ -754,12 +755,16 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
                     &cluster.endpoint_slices.state(),
                 );
                 input.nodes = crate::kubernetes::nodes(node, &cluster.nodes.state());
-                input.nodes.local.extend(crate::inventory::interface_addresses());
-                // Pods on the host network use the node's addresses.
                 input
                     .nodes
                     .local
-                    .extend(pods.iter().filter(|p| p.host_network && p.node.as_deref() == Some(node.as_str())).flat_map(|p| p.ips.iter().copied()));
+                    .extend(crate::inventory::interface_addresses());
+                // Pods on the host network use the node's addresses.
+                input.nodes.local.extend(
+                    pods.iter()
+                        .filter(|p| p.host_network && p.node.as_deref() == Some(node.as_str()))
+                        .flat_map(|p| p.ips.iter().copied()),
+                );
                 input
             }
         };

@@ -203,7 +203,8 @@ pub fn resolve_services(configs: &[ServiceConfig], workloads: &[Workload]) -> Ve
                 .collect();
             let mut endpoints = Vec::new();
             let selected = workloads.iter().filter(|w| {
-                w.namespace == c.namespace && selector.as_ref().is_some_and(|s| s.matches(&w.labels))
+                w.namespace == c.namespace
+                    && selector.as_ref().is_some_and(|s| s.matches(&w.labels))
             });
             let no_ports = Vec::new();
             let explicit = c.endpoints.iter().map(|ip| {
@@ -213,10 +214,7 @@ pub fn resolve_services(configs: &[ServiceConfig], workloads: &[Workload]) -> Ve
                     .map_or(&no_ports, |w| &w.ports);
                 (vec![*ip], declared)
             });
-            for (ips, declared) in selected
-                .map(|w| (w.ips.clone(), &w.ports))
-                .chain(explicit)
-            {
+            for (ips, declared) in selected.map(|w| (w.ips.clone(), &w.ports)).chain(explicit) {
                 let mut resolved = BTreeMap::new();
                 for (sp, target) in &ports {
                     let port = match target {
@@ -269,7 +267,9 @@ pub fn interface_addresses() -> BTreeSet<IpAddr> {
             let ip = if family == libc::AF_INET {
                 // SAFETY: AF_INET ⇒ sockaddr_in.
                 let sin = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in>() };
-                Some(IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes()))
+                Some(IpAddr::from(
+                    u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
+                ))
             } else if family == libc::AF_INET6 {
                 // SAFETY: AF_INET6 ⇒ sockaddr_in6.
                 let sin6 = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in6>() };

@@ -19,9 +19,7 @@
 //! in, and judged again that way after a table change.
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, generated::bpf_ktime_get_ns,
-    },
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, generated::bpf_ktime_get_ns},
     maps::lpm_trie::Key,
 };
 use palisade_common::{
@@ -389,7 +387,10 @@ pub enum Known {
     Fresh,
     /// Judged under an older generation, first in `direction` on `port`:
     /// judge it again that way.
-    Stale { direction: u8, port: u16 },
+    Stale {
+        direction: u8,
+        port: u16,
+    },
     Unknown,
 }
 

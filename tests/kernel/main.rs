@@ -14,6 +14,8 @@ use palisade_tests::{
 };
 use serde_json::Value;
 
+mod node;
+
 /// `Some(())` when kernel tests can run here; otherwise explains, and fails under CI.
 fn kernel_tests_enabled() -> bool {
     match palisade_tests::can_run_kernel_tests() {

@@ -113,7 +113,9 @@ pub fn from_objects(services: &[Value], slices: &[Value]) -> Vec<ServicePortRule
                     .as_u64()
                     .and_then(|p| u16::try_from(p).ok())
                     .unwrap_or_default(),
-                node_port: port["nodePort"].as_u64().and_then(|p| u16::try_from(p).ok()),
+                node_port: port["nodePort"]
+                    .as_u64()
+                    .and_then(|p| u16::try_from(p).ok()),
                 endpoints,
             });
         }
@@ -164,15 +166,22 @@ pub fn iptables(rules: &[ServicePortRule], v6: bool) -> String {
         body.push_str(&l);
         body.push('\n');
     };
-    line(r#"-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES"#.into());
+    line(
+        r#"-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES"#
+            .into(),
+    );
     line(r#"-A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES"#.into());
-    line(r#"-A POSTROUTING -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING"#.into());
+    line(
+        r#"-A POSTROUTING -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING"#
+            .into(),
+    );
     line("-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN".into());
     line("-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000".into());
     line(r#"-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE --random-fully"#.into());
     line("-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000".into());
     for r in rules {
-        let endpoints: Vec<&(IpAddr, u16)> = r.endpoints.iter().filter(|(ip, _)| family(ip)).collect();
+        let endpoints: Vec<&(IpAddr, u16)> =
+            r.endpoints.iter().filter(|(ip, _)| family(ip)).collect();
         if endpoints.is_empty() {
             continue;
         }
@@ -209,7 +218,9 @@ pub fn iptables(rules: &[ServicePortRule], v6: bool) -> String {
                     1.0 / (n - i) as f64
                 ));
             } else {
-                line(format!(r#"-A {svc_chain} -m comment --comment "{id} -> {ep}" -j {sep}"#));
+                line(format!(
+                    r#"-A {svc_chain} -m comment --comment "{id} -> {ep}" -j {sep}"#
+                ));
             }
             line(format!(
                 r#"-A {sep} -m comment --comment "{id}" -s {} -j KUBE-MARK-MASQ"#,
@@ -245,7 +256,8 @@ pub fn nftables(rules: &[ServicePortRule]) -> String {
         let mut node_ports = Vec::new();
         let mut chains = String::new();
         for r in rules {
-            let endpoints: Vec<&(IpAddr, u16)> = r.endpoints.iter().filter(|(ip, _)| fam(ip)).collect();
+            let endpoints: Vec<&(IpAddr, u16)> =
+                r.endpoints.iter().filter(|(ip, _)| fam(ip)).collect();
             if endpoints.is_empty() {
                 continue;
             }
@@ -253,7 +265,11 @@ pub fn nftables(rules: &[ServicePortRule]) -> String {
                 "{}/{}/{}",
                 r.service,
                 r.protocol,
-                if r.port_name.is_empty() { "p" } else { &r.port_name }
+                if r.port_name.is_empty() {
+                    "p"
+                } else {
+                    &r.port_name
+                }
             );
             let svc_chain = format!("service-{}-{name}", &hash(&r.id())[..8]);
             for addr in r.addresses.iter().filter(|a| fam(a)) {
@@ -270,7 +286,9 @@ pub fn nftables(rules: &[ServicePortRule]) -> String {
                 let ep_chain = format!(
                     "endpoint-{}-{name}__{}",
                     &hash(&format!("{}{}", r.id(), endpoint(*ip, *port)))[..8],
-                    endpoint(*ip, *port).replace(['[', ']'], "").replace(':', ".")
+                    endpoint(*ip, *port)
+                        .replace(['[', ']'], "")
+                        .replace(':', ".")
                 );
                 picks.push(format!("{i} : goto {ep_chain}"));
                 let to = match ip {
@@ -407,8 +425,14 @@ mod tests {
             2,
             "{text}"
         );
-        assert!(text.contains("-s 10.77.1.10/32 -j KUBE-MARK-MASQ"), "hairpin");
-        assert!(iptables(&db(), true).matches("KUBE-SVC-").count() == 0, "no v6 endpoints");
+        assert!(
+            text.contains("-s 10.77.1.10/32 -j KUBE-MARK-MASQ"),
+            "hairpin"
+        );
+        assert!(
+            iptables(&db(), true).matches("KUBE-SVC-").count() == 0,
+            "no v6 endpoints"
+        );
     }
 
     #[test]

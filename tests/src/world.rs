@@ -155,7 +155,28 @@ impl World {
     /// kube-proxy's rules live) in both directions. Still no route out.
     pub fn make_node(&mut self) -> anyhow::Result<()> {
         let (gw4, gw6) = (self.gateway_v4(), self.gateway_v6());
-        ip(&["-n", &self.hub, "addr", "add", &format!("{gw4}/24"), "dev", "br0"])?;
+        // Neighbour solicitations reach every pod at once, whatever MLD
+        // reports the bridge has seen so far.
+        ip(&[
+            "-n",
+            &self.hub,
+            "link",
+            "set",
+            "br0",
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+        ])?;
+        ip(&[
+            "-n",
+            &self.hub,
+            "addr",
+            "add",
+            &format!("{gw4}/24"),
+            "dev",
+            "br0",
+        ])?;
         ip(&[
             "-n",
             &self.hub,
@@ -173,6 +194,9 @@ impl World {
                 "-qw",
                 "net.ipv4.ip_forward=1",
                 "net.ipv6.conf.all.forwarding=1",
+                "net.ipv6.conf.default.accept_dad=0",
+                "net.ipv6.conf.br0.accept_dad=0",
+                "net.ipv6.conf.all.accept_dad=0",
                 "net.ipv4.conf.all.send_redirects=0",
                 "net.ipv4.conf.br0.send_redirects=0",
             ],
@@ -230,6 +254,19 @@ impl World {
     }
 
     fn route_via_gateway(&self, netns: &str) -> anyhow::Result<()> {
+        // The node forwards between pods on one bridge port set; its ICMP
+        // redirects would make pods bypass it (and its conntrack).
+        in_netns(
+            netns,
+            &[
+                "sysctl",
+                "-qw",
+                "net.ipv4.conf.all.accept_redirects=0",
+                "net.ipv6.conf.all.accept_redirects=0",
+                "net.ipv6.conf.eth0.accept_redirects=0",
+                "net.ipv4.conf.eth0.accept_redirects=0",
+            ],
+        )?;
         let (gw4, gw6) = (self.gateway_v4().to_string(), self.gateway_v6().to_string());
         let net4 = format!("10.77.{}.0/24", self.subnet);
         let net6 = format!("fd77:0:0:{:x}::/64", self.subnet);
@@ -238,13 +275,17 @@ impl World {
         // The on-link prefix routes go: everything crosses the gateway.
         ip(&["-n", netns, "route", "del", &net4, "dev", "eth0"])?;
         ip(&["-n", netns, "-6", "route", "del", &net6, "dev", "eth0"])?;
-        ip(&["-n", netns, "route", "add", &gw4, "dev", "eth0", "scope", "link"])?;
+        ip(&[
+            "-n", netns, "route", "add", &gw4, "dev", "eth0", "scope", "link",
+        ])?;
         ip(&["-n", netns, "-6", "route", "add", &gw6, "dev", "eth0"])?;
         for net in [&net4, &svc4] {
             ip(&["-n", netns, "route", "add", net, "via", &gw4, "dev", "eth0"])?;
         }
         for net in [&net6, &svc6] {
-            ip(&["-n", netns, "-6", "route", "add", net, "via", &gw6, "dev", "eth0"])?;
+            ip(&[
+                "-n", netns, "-6", "route", "add", net, "via", &gw6, "dev", "eth0",
+            ])?;
         }
         Ok(())
     }
@@ -375,19 +416,45 @@ impl World {
             .filter(|a| !a.is_unspecified())
             .collect();
         for a in &addrs {
-            ip(&["-n", &self.hub, "route", "replace", &a.to_string(), "dev", "br0"])?;
+            ip(&[
+                "-n",
+                &self.hub,
+                "route",
+                "replace",
+                &a.to_string(),
+                "dev",
+                "br0",
+            ])?;
         }
         for pod in &self.pods {
-            ip(&["-n", &pod.netns, "route", "replace", &gw4, "dev", "eth0", "scope", "link"])?;
-            ip(&["-n", &pod.netns, "-6", "route", "replace", &gw6, "dev", "eth0"])?;
-            ip(&["-n", &pod.netns, "route", "replace", &svc4, "via", &gw4, "dev", "eth0"])?;
-            ip(&["-n", &pod.netns, "-6", "route", "replace", &svc6, "via", &gw6, "dev", "eth0"])?;
+            ip(&[
+                "-n", &pod.netns, "route", "replace", &gw4, "dev", "eth0", "scope", "link",
+            ])?;
+            ip(&[
+                "-n", &pod.netns, "-6", "route", "replace", &gw6, "dev", "eth0",
+            ])?;
+            ip(&[
+                "-n", &pod.netns, "route", "replace", &svc4, "via", &gw4, "dev", "eth0",
+            ])?;
+            ip(&[
+                "-n", &pod.netns, "-6", "route", "replace", &svc6, "via", &gw6, "dev", "eth0",
+            ])?;
             for a in &addrs {
                 if *a == std::net::IpAddr::V4(pod.ipv4) || *a == std::net::IpAddr::V6(pod.ipv6) {
                     continue;
                 }
                 let gw = if a.is_ipv4() { &gw4 } else { &gw6 };
-                ip(&["-n", &pod.netns, "route", "replace", &a.to_string(), "via", gw, "dev", "eth0"])?;
+                ip(&[
+                    "-n",
+                    &pod.netns,
+                    "route",
+                    "replace",
+                    &a.to_string(),
+                    "via",
+                    gw,
+                    "dev",
+                    "eth0",
+                ])?;
             }
         }
         Ok(())
@@ -532,6 +599,19 @@ impl World {
     fn plug(&self, netns: &str, index: u8, addrs: &[String]) -> anyhow::Result<()> {
         let veth = format!("v{index}");
         ip(&["netns", "add", netns])?;
+        if self.node {
+            // No tentative link-local address: a pod whose first packets go
+            // through the gateway must answer its neighbour solicitations at once.
+            in_netns(
+                netns,
+                &[
+                    "sysctl",
+                    "-qw",
+                    "net.ipv6.conf.default.accept_dad=0",
+                    "net.ipv6.conf.all.accept_dad=0",
+                ],
+            )?;
+        }
         ip(&[
             "link", "add", &veth, "netns", &self.hub, "type", "veth", "peer", "name", "eth0",
             "netns", netns,

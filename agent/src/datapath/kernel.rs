@@ -20,8 +20,7 @@ use palisade_common::{
 };
 
 use super::{
-    ApplyReport, Counters, Datapath, DatapathError, Desired, ServiceBackends, ServiceFrontend,
-    diff,
+    ApplyReport, Counters, Datapath, DatapathError, Desired, ServiceBackends, ServiceFrontend, diff,
 };
 use crate::{config::MapCapacities, policy::compile::EntryKey};
 
@@ -527,9 +526,7 @@ impl KernelDatapath {
                 },
             );
         }
-        self.options = st
-            .get(&state::OPTIONS, 0)
-            .map_err(map_err(maps::STATE))?;
+        self.options = st.get(&state::OPTIONS, 0).map_err(map_err(maps::STATE))?;
         let inactive = 1 - self.active_slot;
         // The previous table, or one half-written by an agent that died
         // mid-apply: drop it (its contents are known exactly either way, but

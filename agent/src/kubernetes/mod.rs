@@ -613,7 +613,11 @@ pub fn services(services: &[Arc<KubeService>], slices: &[Arc<EndpointSlice>]) ->
             .and_then(|s| s.load_balancer.as_ref())
             .and_then(|lb| lb.ingress.as_ref())
         {
-            addresses.extend(ingress.iter().filter_map(|i| i.ip.as_ref()?.parse::<IpAddr>().ok()));
+            addresses.extend(
+                ingress
+                    .iter()
+                    .filter_map(|i| i.ip.as_ref()?.parse::<IpAddr>().ok()),
+            );
         }
         addresses.sort();
         addresses.dedup();

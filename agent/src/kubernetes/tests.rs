@@ -265,10 +265,7 @@ fn services_take_every_frontend_and_the_ready_endpoints_of_their_slices() {
         ]
     }))
     .unwrap();
-    let out = services(
-        &[Arc::new(svc), Arc::new(headless)],
-        &[Arc::new(slice)],
-    );
+    let out = services(&[Arc::new(svc), Arc::new(headless)], &[Arc::new(slice)]);
     assert_eq!(out.len(), 1, "the headless Service has no frontend");
     let db = &out[0];
     let addrs: Vec<String> = db.addresses.iter().map(ToString::to_string).collect();
@@ -278,7 +275,11 @@ fn services_take_every_frontend_and_the_ready_endpoints_of_their_slices() {
     );
     assert_eq!(db.ports[0].node_port, Some(30432));
     let eps: Vec<String> = db.endpoints.iter().map(|e| e.ip.to_string()).collect();
-    assert_eq!(eps, ["10.244.1.5", "10.244.1.6"], "not-ready left out, nil ready is ready");
+    assert_eq!(
+        eps,
+        ["10.244.1.5", "10.244.1.6"],
+        "not-ready left out, nil ready is ready"
+    );
     assert_eq!(
         db.endpoints[0].ports[&(Protocol::Tcp, "pg".to_owned())],
         6432,
@@ -300,7 +301,13 @@ fn nodes_split_into_this_node_and_the_others() {
             .unwrap(),
         )
     };
-    let n = nodes("node-a", &[node("node-a", "192.168.0.10"), node("node-b", "192.168.0.11")]);
+    let n = nodes(
+        "node-a",
+        &[
+            node("node-a", "192.168.0.10"),
+            node("node-b", "192.168.0.11"),
+        ],
+    );
     assert_eq!(n.local, ["192.168.0.10".parse().unwrap()].into());
     assert_eq!(n.remote, ["192.168.0.11".parse().unwrap()].into());
 }

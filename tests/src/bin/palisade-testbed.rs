@@ -7,6 +7,9 @@
 //! kernel, as Palisade's egress hook does), `refused` (3), `timeout` (4),
 //! `error` (5). `palisade-testbed flood ADDR PORT COUNT` tries COUNT TCP
 //! connects back to back and prints how many failed with EPERM.
+//! `palisade-testbed udp-session ADDR PORT FILE` keeps one connected UDP
+//! socket talking to ADDR:PORT (a `ping` every 20 ms, each answer awaited
+//! 300 ms) and keeps `answered lost` in FILE, until killed.
 //! `bench-serve` and `bench-client` are the benchmark's echo server and load
 //! generator.
 use std::{
@@ -17,7 +20,7 @@ use std::{
 
 fn usage() -> ! {
     eprintln!(
-        "usage: palisade-testbed serve [--tcp P,P..] [--udp P,P..] | probe tcp|udp ADDR PORT [--timeout-ms N] | flood ADDR PORT COUNT | bench-serve [--tcp P] [--udp P] | bench-client crr|rr|udp ADDR PORT CLIENTS MS"
+        "usage: palisade-testbed serve [--tcp P,P..] [--udp P,P..] | probe tcp|udp ADDR PORT [--timeout-ms N] | flood ADDR PORT COUNT | udp-session ADDR PORT FILE | bench-serve [--tcp P] [--udp P] | bench-client crr|rr|udp ADDR PORT CLIENTS MS"
     );
     std::process::exit(64);
 }
@@ -347,6 +350,40 @@ fn udp_load(addr: SocketAddr, duration: Duration, start: std::time::Instant) -> 
     (done, errors)
 }
 
+fn udp_session(args: &[String]) {
+    let [addr, port, file] = args else { usage() };
+    let ip: IpAddr = addr.parse().unwrap_or_else(|_| usage());
+    let port: u16 = port.parse().unwrap_or_else(|_| usage());
+    let local = if ip.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+    let socket = UdpSocket::bind(local).unwrap_or_else(|e| {
+        eprintln!("bind: {e}");
+        std::process::exit(1)
+    });
+    if let Err(e) = socket.connect(SocketAddr::new(ip, port)) {
+        eprintln!("connect: {e}");
+        std::process::exit(2);
+    }
+    let _ = socket.set_read_timeout(Some(Duration::from_millis(300)));
+    println!("ready");
+    let _ = std::io::stdout().flush();
+    let (mut answered, mut lost) = (0u64, 0u64);
+    let mut buf = [0u8; 64];
+    loop {
+        let ok = socket.send(b"ping").is_ok()
+            && matches!(socket.recv(&mut buf), Ok(4) if &buf[..4] == b"pong");
+        if ok {
+            answered += 1;
+        } else {
+            lost += 1;
+        }
+        let tmp = format!("{file}.tmp");
+        if std::fs::write(&tmp, format!("{answered} {lost}\n")).is_ok() {
+            let _ = std::fs::rename(&tmp, file);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
@@ -355,6 +392,7 @@ fn main() {
         Some("serve") => serve(&args[1..]),
         Some("flood") => flood(&args[1..]),
         Some("probe") => probe(&args[1..]),
+        Some("udp-session") => udp_session(&args[1..]),
         _ => usage(),
     }
 }

@@ -1,0 +1,547 @@
+//! A Kubernetes node built the way Kubernetes builds one: pods in their own
+//! network namespaces behind a bridge whose gateway is the node, kubelet's
+//! cgroupfs-driver cgroups in every QoS class, kube-proxy's Service DNAT in
+//! the node's namespace, and the agent in Kubernetes mode reading Pods,
+//! Services, EndpointSlices, Nodes and NetworkPolicies from the fake API
+//! server. Every item of "no false denies on a real node" is tried with real
+//! traffic: Services (DNS among them), the node's probes, loopback, UDP
+//! replies and long-lived UDP flows.
+use std::{
+    net::IpAddr,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use palisade_tests::{
+    agent::Agent,
+    kubeapi::{FakeApiServer, Kind},
+    kubeproxy::{self, Mode, Objects},
+    scenario::{self, Family},
+    world::{PodSpec, World},
+};
+use serde_json::{Value, json};
+
+use super::{assert_all_hold, kernel_tests_enabled};
+
+const NODE: &str = "node-test";
+const T: Duration = Duration::from_millis(800);
+
+fn fixtures() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("kubernetes/fixtures")
+}
+
+fn uid(index: usize) -> String {
+    format!("{index:08x}-7c1d-4e2f-9b3c-{:012x}", index * 104_729)
+}
+
+/// kubelet's cgroupfs-driver cgroup for container 0 of pod `index`
+/// (relative to the world's root, under `kubepods`), cycling through the QoS
+/// classes; index 1 (payment-service) is Guaranteed: no QoS directory.
+fn kubelet_cgroupfs(index: usize) -> String {
+    let id = format!("{:064x}", index + 0xfeed);
+    match index % 3 {
+        1 => format!("kubepods/pod{}/{id}", uid(index)),
+        2 => format!("kubepods/burstable/pod{}/{id}", uid(index)),
+        _ => format!("kubepods/besteffort/pod{}/crio-{id}", uid(index)),
+    }
+}
+
+fn pod_object(template: &Value, index: usize, spec: &PodSpec, ips: &[String]) -> Value {
+    let mut p = template.clone();
+    p["metadata"]["name"] = json!(spec.name);
+    p["metadata"]["namespace"] = json!(spec.namespace);
+    p["metadata"]["uid"] = json!(uid(index));
+    p["metadata"]["labels"] = json!({"app": spec.name});
+    p["spec"]["nodeName"] = json!(NODE);
+    p["spec"]["serviceAccountName"] = json!(spec.name);
+    p["spec"]["serviceAccount"] = json!(spec.name);
+    p["status"]["podIP"] = json!(ips[0]);
+    p["status"]["podIPs"] = json!(ips.iter().map(|ip| json!({"ip": ip})).collect::<Vec<_>>());
+    p
+}
+
+fn node_object(world: &World) -> Value {
+    json!({
+        "metadata": {"name": NODE, "uid": "node-uid-1"},
+        "status": {"addresses": [
+            {"type": "InternalIP", "address": world.gateway_v4().to_string()},
+            {"type": "InternalIP", "address": world.gateway_v6().to_string()},
+            {"type": "Hostname", "address": NODE},
+        ]}
+    })
+}
+
+/// Serves every Service in `objects` from the API server and programs the
+/// node's kube-proxy rules from the same objects.
+fn publish(api: &FakeApiServer, world: &World, objects: &Objects, mode: Mode) {
+    for (svc, slice) in objects.values() {
+        api.apply(Kind::Services, svc.clone());
+        api.apply(Kind::EndpointSlices, slice.clone());
+    }
+    kubeproxy::sync(world, mode, &kubeproxy::rules_of(objects)).unwrap();
+}
+
+fn probe(world: &World, from: &str, proto: &str, to: IpAddr, port: u16) -> String {
+    world.probe(world.pod(from), proto, to, port, T).unwrap()
+}
+
+/// Probes until the word is `want`; returns how long that took.
+fn until(world: &World, from: &str, proto: &str, to: IpAddr, port: u16, want: &str) -> Duration {
+    let start = Instant::now();
+    loop {
+        let word = probe(world, from, proto, to, port);
+        if word == want {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{from} → {to}:{port}/{proto} still {word:?}, want {want:?}"
+        );
+    }
+}
+
+/// `answered lost` of a `udp-session`.
+fn session(file: &Path) -> (u64, u64) {
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    let mut it = text.split_whitespace().map(|n| n.parse().unwrap_or(0));
+    (it.next().unwrap_or(0), it.next().unwrap_or(0))
+}
+
+fn v4(world: &World, pod: &str) -> IpAddr {
+    world.pod(pod).ipv4.into()
+}
+
+fn network_policy(ns: &str, name: &str, spec: Value) -> Value {
+    json!({"metadata": {"name": name, "namespace": ns, "uid": format!("np-{ns}-{name}")}, "spec": spec})
+}
+
+#[test]
+fn services_the_node_loopback_and_udp_replies_work_under_policy() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let api = FakeApiServer::start().unwrap();
+    api.apply_list_file(Kind::Namespaces, &fixtures().join("namespaces.json"))
+        .unwrap();
+    api.apply_list_file(
+        Kind::NetworkPolicies,
+        &fixtures().join("networkpolicies.json"),
+    )
+    .unwrap();
+    let template: Value = serde_json::from_str::<Value>(
+        &std::fs::read_to_string(fixtures().join("pods.json")).unwrap(),
+    )
+    .unwrap()["items"][0]
+        .clone();
+
+    let mut world = World::new().unwrap();
+    world.make_node().unwrap();
+    api.apply(Kind::Nodes, node_object(&world));
+    for (i, mut spec) in scenario::pods().into_iter().enumerate() {
+        if spec.name == "dns" {
+            spec.tcp = vec![53]; // kube-dns answers on TCP 53 too
+        }
+        spec.cgroup = Some(kubelet_cgroupfs(i));
+        let pod = world.add_pod(spec.clone()).unwrap();
+        let ips = [pod.ipv4.to_string(), pod.ipv6.to_string()];
+        api.apply(Kind::Pods, pod_object(&template, i, &spec, &ips));
+    }
+
+    // Services, as the API server serves them and kube-proxy programs them.
+    let dns_vip: IpAddr = world.service_v4(10).into();
+    let db_vip: IpAddr = world.service_v4(11).into();
+    let mixed_vip: IpAddr = world.service_v4(12).into();
+    let mut objects = Objects::new();
+    objects.insert(
+        "kube-system/kube-dns".into(),
+        kubeproxy::service_objects(
+            "kube-system",
+            "kube-dns",
+            &[dns_vip],
+            &[("dns", "UDP", 53, 53), ("dns-tcp", "TCP", 53, 53)],
+            &[v4(&world, "kube-system/dns")],
+        ),
+    );
+    // db: its endpoint moves between pods under probes below.
+    objects.insert(
+        "production/db".into(),
+        kubeproxy::service_objects(
+            "production",
+            "db",
+            &[db_vip],
+            &[("pg", "TCP", 5432, 5432)],
+            &[v4(&world, "production/postgres")],
+        ),
+    );
+    // mixed: two backends, one payment-service may reach (postgres:5432),
+    // one it may not (logging:9000), as two slices with their target ports.
+    let (mixed_svc, mixed_pg) = kubeproxy::service_objects(
+        "production",
+        "mixed",
+        &[mixed_vip],
+        &[("p", "TCP", 7000, 5432)],
+        &[v4(&world, "production/postgres")],
+    );
+    let mut mixed_log = kubeproxy::service_objects(
+        "production",
+        "mixed",
+        &[mixed_vip],
+        &[("p", "TCP", 7000, 9000)],
+        &[v4(&world, "production/logging")],
+    )
+    .1;
+    mixed_log["metadata"]["name"] = json!("mixed-slice-2");
+    objects.insert("production/mixed".into(), (mixed_svc.clone(), mixed_pg));
+    objects.insert("production/mixed-2".into(), (mixed_svc, mixed_log));
+    publish(&api, &world, &objects, Mode::Iptables);
+
+    let config = format!(
+        "cgroupRoot: {root}/kubepods\nbpfPinDir: /sys/fs/bpf/palisade-test-{tag}\ncontrolSocket: {dir}/palisade.sock\n\
+         audit:\n  output: {dir}/audit.jsonl\nrescanIntervalMs: 100\ntrustDomain: test.example\n",
+        root = world.cgroup_root.display(),
+        tag = world.tag,
+        dir = dir.path().display(),
+    );
+    let kubeconfig = api.kubeconfig(dir.path()).unwrap();
+    let args = [
+        "--kubernetes",
+        "--kubeconfig",
+        kubeconfig.to_str().unwrap(),
+        "--node-name",
+        NODE,
+    ];
+    let mut agent = Agent::start_with_args(dir.path(), &config, &args).unwrap();
+    agent.wait_enforcing(&world).expect("every pod enforced");
+
+    // 1. The seed scenario, with pods in every QoS class of the cgroupfs
+    //    driver (payment-service is Guaranteed: `kubepods/pod<uid>`).
+    assert_all_hold(&scenario::run_probes(
+        &world,
+        &scenario::expectations(),
+        &[Family::V4, Family::V6],
+    ));
+
+    // 2. DNS through the kube-dns ClusterIP: UDP 53 allowed by the policy's
+    //    "any namespace, UDP 53" rule; TCP 53 is not in it.
+    for pod in [
+        "production/payment-service",
+        "production/logging",
+        "monitoring/prometheus",
+    ] {
+        assert_eq!(
+            probe(&world, pod, "udp", dns_vip, 53),
+            "ok",
+            "{pod} → kube-dns UDP"
+        );
+    }
+    assert_eq!(
+        probe(&world, "production/payment-service", "tcp", dns_vip, 53),
+        "eperm",
+        "TCP 53 is not allowed by payment-service's egress"
+    );
+    assert_eq!(
+        probe(&world, "production/logging", "tcp", dns_vip, 53),
+        "ok"
+    );
+
+    // 3. A Service whose backends disagree: refused whole, the event names it.
+    assert_eq!(
+        probe(&world, "production/payment-service", "tcp", mixed_vip, 7000),
+        "eperm"
+    );
+    let ev = agent
+        .wait_for_event(
+            |e| e["service"]["name"] == "production/mixed",
+            Duration::from_secs(3),
+        )
+        .unwrap();
+    assert!(
+        ev["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("different verdicts"),
+        "{ev}"
+    );
+    assert_eq!(
+        ev["service"]["backends"].as_array().map(Vec::len),
+        Some(2),
+        "{ev}"
+    );
+    assert!(ev["local"]["pid"].as_u64().unwrap_or(0) > 0, "{ev}");
+    assert_eq!(
+        probe(&world, "production/logging", "tcp", mixed_vip, 7000),
+        "ok"
+    );
+
+    // 4. Endpoints that change re-judge new connections: db's endpoint moves
+    //    from postgres (allowed) to logging:5432 (denied) and back.
+    assert_eq!(
+        probe(&world, "production/payment-service", "tcp", db_vip, 5432),
+        "ok"
+    );
+    objects.insert(
+        "production/db".into(),
+        kubeproxy::service_objects(
+            "production",
+            "db",
+            &[db_vip],
+            &[("pg", "TCP", 5432, 9000)],
+            &[v4(&world, "production/logging")],
+        ),
+    );
+    // kube-proxy switches to its nftables mode here: the iptables rules go first.
+    world.on_node(&["iptables", "-t", "nat", "-F"]).unwrap();
+    world.on_node(&["ip6tables", "-t", "nat", "-F"]).unwrap();
+    publish(&api, &world, &objects, Mode::Nftables);
+    let took = until(
+        &world,
+        "production/payment-service",
+        "tcp",
+        db_vip,
+        5432,
+        "eperm",
+    );
+    eprintln!("endpoint moved to a denied pod → refused after {took:?}");
+    let ev = agent
+        .wait_for_event(
+            |e| e["service"]["name"] == "production/db",
+            Duration::from_secs(3),
+        )
+        .unwrap();
+    assert_eq!(
+        ev["to"], "spiffe://test.example/ns/production/sa/logging",
+        "{ev}"
+    );
+    assert_eq!(ev["port"], 5432, "{ev}");
+    objects.insert(
+        "production/db".into(),
+        kubeproxy::service_objects(
+            "production",
+            "db",
+            &[db_vip],
+            &[("pg", "TCP", 5432, 5432)],
+            &[v4(&world, "production/postgres")],
+        ),
+    );
+    publish(&api, &world, &objects, Mode::Nftables);
+    let took = until(
+        &world,
+        "production/payment-service",
+        "tcp",
+        db_vip,
+        5432,
+        "ok",
+    );
+    eprintln!("endpoint back on postgres → allowed after {took:?}");
+
+    // 5. The node: kubelet-style probes from the node's address reach every
+    //    pod whatever its ingress policy; a pod reaches its node.
+    let outside = world.outside_root.clone();
+    let hub = world.hub.clone();
+    for pod in &world.pods {
+        for port in pod.spec.tcp.iter().copied() {
+            for to in [IpAddr::from(pod.ipv4), IpAddr::from(pod.ipv6)] {
+                assert_eq!(
+                    world.probe_in(&outside, &hub, "tcp", to, port, T).unwrap(),
+                    "ok",
+                    "node → {}:{port} ({to})",
+                    pod.spec.key()
+                );
+            }
+        }
+    }
+    let _node_server = world
+        .spawn_testbed_in(&outside, &hub, &["serve", "--tcp", "7777"])
+        .unwrap();
+    let gw: IpAddr = world.gateway_v4().into();
+    assert_eq!(
+        probe(&world, "production/payment-service", "tcp", gw, 7777),
+        "ok",
+        "a pod reaches its node"
+    );
+
+    // 6. Loopback inside pods with ingress and egress policies.
+    for (to, port) in [("127.0.0.1", 443), ("::1", 443), ("127.0.0.1", 8080)] {
+        assert_eq!(
+            probe(
+                &world,
+                "production/payment-service",
+                "tcp",
+                to.parse().unwrap(),
+                port
+            ),
+            "ok",
+            "payment-service → {to}:{port} over its own loopback"
+        );
+    }
+
+    // 7. A UDP server whose egress is denied answers the clients its ingress
+    //    admits, directly and through its Service.
+    api.apply(
+        Kind::NetworkPolicies,
+        network_policy(
+            "kube-system",
+            "dns-no-egress",
+            json!({"podSelector": {"matchLabels": {"app": "dns"}}, "policyTypes": ["Egress"]}),
+        ),
+    );
+    until(
+        &world,
+        "kube-system/dns",
+        "tcp",
+        v4(&world, "production/postgres"),
+        5432,
+        "eperm",
+    );
+    for to in [v4(&world, "kube-system/dns"), dns_vip] {
+        assert_eq!(
+            probe(&world, "production/order-service", "udp", to, 53),
+            "ok",
+            "the restricted DNS server answers ({to})"
+        );
+    }
+
+    // 8. A connected UDP flow lives across 50 table changes and workload
+    //    churn, and stops when a change denies it.
+    let order_egress = |allow_dns: bool| {
+        let egress = if allow_dns {
+            json!([{"ports": [{"protocol": "UDP", "port": 53}]}])
+        } else {
+            json!([{"ports": [{"protocol": "TCP", "port": 53}]}])
+        };
+        network_policy(
+            "production",
+            "order-egress",
+            json!({"podSelector": {"matchLabels": {"app": "order-service"}},
+                   "policyTypes": ["Ingress", "Egress"], "egress": egress,
+                   "ingress": [{"from": [{"podSelector": {}}]}]}),
+        )
+    };
+    api.apply(Kind::NetworkPolicies, order_egress(true));
+    until(
+        &world,
+        "production/order-service",
+        "tcp",
+        v4(&world, "production/postgres"),
+        5432,
+        "eperm",
+    );
+    let counts = dir.path().join("udp-session");
+    let _session = world
+        .spawn_testbed(
+            world.pod("production/order-service"),
+            &[
+                "udp-session",
+                &world.pod("kube-system/dns").ipv4.to_string(),
+                "53",
+                counts.to_str().unwrap(),
+            ],
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let start = session(&counts);
+    assert!(
+        start.0 > 5,
+        "the session talks before any change: {start:?}"
+    );
+    let mut churn = Vec::new();
+    for round in 0..50 {
+        // An unrelated policy changes every round (a new table generation);
+        // every tenth round a new workload appears.
+        api.apply(
+            Kind::NetworkPolicies,
+            network_policy(
+                "monitoring",
+                "churn",
+                json!({"podSelector": {"matchLabels": {"app": format!("nothing-{round}")}},
+                       "policyTypes": ["Ingress"]}),
+            ),
+        );
+        if round % 10 == 5 {
+            let spec = PodSpec {
+                cgroup: Some(kubelet_cgroupfs(40 + round)),
+                ..PodSpec::new("monitoring", &format!("churn-{round}"), &[], &[])
+            };
+            let pod = world.add_pod(spec.clone()).unwrap();
+            let ips = [pod.ipv4.to_string(), pod.ipv6.to_string()];
+            api.apply(Kind::Pods, pod_object(&template, 40 + round, &spec, &ips));
+            churn.push(spec);
+        }
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let after = session(&counts);
+    eprintln!("udp session across 50 swaps: {start:?} → {after:?}");
+    assert_eq!(
+        after.1, start.1,
+        "no exchange lost across 50 table changes and workload churn"
+    );
+    assert!(after.0 > start.0 + 50, "the flow kept talking: {after:?}");
+    api.apply(Kind::NetworkPolicies, order_egress(false));
+    std::thread::sleep(Duration::from_secs(2));
+    let denied = session(&counts);
+    std::thread::sleep(Duration::from_secs(1));
+    let later = session(&counts);
+    assert_eq!(
+        later.0, denied.0,
+        "no answer passes once policy denies the flow: {denied:?} → {later:?}"
+    );
+    assert!(later.1 > denied.1, "the session kept trying: {later:?}");
+    let ev = agent
+        .wait_for_event(
+            |e| {
+                e["direction"] == "egress"
+                    && e["protocol"] == "UDP"
+                    && e["port"] == 53
+                    && e["local"]["workload"] == "production/order-service"
+            },
+            Duration::from_secs(3),
+        )
+        .unwrap();
+    assert_eq!(ev["policy"], "production/order-egress", "{ev}");
+    assert!(agent.stop().unwrap());
+
+    // 9. The opt-in: with `hostTraffic: policy` the node is a peer like any
+    //    other; `reserved:host` in a PalisadePolicy lets it in again.
+    let strict = format!("{config}hostTraffic: policy\n");
+    let mut agent = Agent::start_with_args(dir.path(), &strict, &args).unwrap();
+    agent.wait_enforcing(&world).expect("restarted");
+    let payment: IpAddr = v4(&world, "production/payment-service");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while world
+        .probe_in(&outside, &hub, "tcp", payment, 8080, T)
+        .unwrap()
+        != "timeout"
+    {
+        assert!(
+            Instant::now() < deadline,
+            "node probes still pass under hostTraffic: policy"
+        );
+    }
+    assert_eq!(
+        probe(&world, "production/payment-service", "tcp", gw, 7777),
+        "eperm"
+    );
+    api.apply(
+        Kind::PalisadePolicies,
+        json!({
+            "apiVersion": "palisade.dev/v1alpha1", "kind": "PalisadePolicy",
+            "metadata": {"name": "node", "namespace": "production", "uid": "pp-node"},
+            "spec": {
+                "selector": {"matchLabels": {"app": "payment-service"}},
+                "ingress": [{"name": "kubelet", "from": [{"identity": "reserved:host"}]}],
+                "egress": [{"name": "node", "to": [{"identity": "reserved:host"}]}]
+            }
+        }),
+    );
+    until(&world, "production/payment-service", "tcp", gw, 7777, "ok");
+    assert_eq!(
+        world
+            .probe_in(&outside, &hub, "tcp", payment, 8080, T)
+            .unwrap(),
+        "ok",
+        "reserved:host matches the node's address"
+    );
+    assert!(agent.stop().unwrap());
+}
