@@ -354,6 +354,12 @@ impl Config {
                     ));
                 }
             }
+            if svc.selector.is_none() && svc.endpoints.is_empty() {
+                return Err(invalid(
+                    format!("services[{i}]"),
+                    "a Service needs a `selector` (workloads) or `endpoints` (addresses)".into(),
+                ));
+            }
             if svc.addresses.is_empty() && svc.ports.iter().all(|p| p.node_port.is_none()) {
                 return Err(invalid(
                     format!("services[{i}].addresses"),
@@ -462,6 +468,27 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("workloads[0].path"), "{e}");
+        let e = Config::parse(
+            p,
+            "cgroupRoot: x\nservices:\n  - {name: db, namespace: a, addresses: [10.96.0.1], ports: [{port: 5432}]}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("services[0]: a Service needs a `selector`"),
+            "{e}"
+        );
+        let e = Config::parse(
+            p,
+            "cgroupRoot: x\nservices:\n  - {name: db, namespace: a, addresses: [10.96.0.1], selector: {app: db}, ports: [{port: 53, protocol: ICMP}]}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("services[0].ports[0].protocol"), "{e}");
+        let e = Config::parse(p, "cgroupRoot: x\nhostTraffic: sometimes\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("agent.yaml:2:"), "{e}");
         let e = Config::parse(p, "cgroupRoot: x\nmaps: {auditRingBytes: 1000}\n")
             .unwrap_err()
             .to_string();

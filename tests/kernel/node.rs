@@ -545,3 +545,108 @@ fn services_the_node_loopback_and_udp_replies_work_under_policy() {
     );
     assert!(agent.stop().unwrap());
 }
+
+/// On a plain host, workloads in the host's own network namespace share its
+/// loopback: a connection to 127.0.0.1 or ::1 leaves no trace of which local
+/// process answers, so its peer is `reserved:host` (judged like the node,
+/// `hostTraffic: policy` by default on a plain host). A workload with a
+/// network namespace of its own talks to itself over loopback, always allowed.
+#[test]
+fn on_a_plain_host_loopback_is_the_workload_itself_or_the_host() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    let mut world = World::new().unwrap();
+    world.make_node().unwrap();
+    world
+        .add_pod(PodSpec::new("shop", "api", &[8080], &[]))
+        .unwrap();
+    // Services in the host's namespace (the hub is the host here: the agent runs in it).
+    let (db_cg, web_cg) = (
+        world.cgroup_root.join("hostsvc/db"),
+        world.cgroup_root.join("hostsvc/web"),
+    );
+    std::fs::create_dir_all(&db_cg).unwrap();
+    std::fs::create_dir_all(&web_cg).unwrap();
+    let hub = world.hub.clone();
+    let _db = world
+        .spawn_testbed_in(&db_cg, &hub, &["serve", "--tcp", "5432"])
+        .unwrap();
+    let _web = world
+        .spawn_testbed_in(&web_cg, &hub, &["serve", "--tcp", "8081"])
+        .unwrap();
+    std::fs::write(
+        policies.join("policies.yaml"),
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: api-no-egress, namespace: shop}\n\
+         spec: {podSelector: {matchLabels: {app: api}}, policyTypes: [Egress, Ingress]}\n---\n\
+         apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web-to-db, namespace: hostsvc}\n\
+         spec:\n  podSelector: {matchLabels: {app: web}}\n  policyTypes: [Egress]\n  egress:\n    - to: [{podSelector: {matchLabels: {app: db}}}]\n      ports: [{port: 5432}]\n",
+    )
+    .unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let config = palisade_tests::agent::config_for(&world, &policies, &audit, "");
+    let mut agent = Agent::start_in_netns(dir.path(), &config, &hub).unwrap();
+    agent.wait_enforcing(&world).expect("enforcing");
+    agent
+        .wait_for_log(
+            &["workload enforced", "hostsvc/web"],
+            Duration::from_secs(5),
+        )
+        .unwrap();
+
+    // The pod: its own loopback, under ingress and egress deny-all.
+    for to in ["127.0.0.1", "::1"] {
+        assert_eq!(
+            probe(&world, "shop/api", "tcp", to.parse().unwrap(), 8080),
+            "ok",
+            "api → its own {to}"
+        );
+    }
+    // …and the host is a peer like others: denied.
+    let gw: IpAddr = world.gateway_v4().into();
+    assert_eq!(probe(&world, "shop/api", "tcp", gw, 5432), "eperm");
+
+    // A host-network workload: 127.0.0.1 is the host, not `app=db`.
+    let web = |to: &str| {
+        world
+            .probe_in(&web_cg, &hub, "tcp", to.parse().unwrap(), 5432, T)
+            .unwrap()
+    };
+    assert_eq!(
+        web("127.0.0.1"),
+        "eperm",
+        "loopback in the host's namespace is reserved:host"
+    );
+    assert_eq!(web("::1"), "eperm");
+    let ev = agent
+        .wait_for_event(
+            |e| e["local"]["workload"] == "hostsvc/web" && e["port"] == 5432,
+            Duration::from_secs(3),
+        )
+        .unwrap();
+    assert_eq!(ev["peer"]["identityName"], "reserved:host", "{ev}");
+    // Without policy the same connection works (the technique is sound).
+    let unselected = world
+        .probe_in(&db_cg, &hub, "tcp", "127.0.0.1".parse().unwrap(), 8081, T)
+        .unwrap();
+    assert_eq!(unselected, "ok", "db (no policy) reaches web over loopback");
+    // Naming the host in policy lets it through.
+    std::fs::write(
+        policies.join("host.yaml"),
+        "apiVersion: palisade.dev/v1alpha1\nkind: PalisadePolicy\nmetadata: {name: web-to-local, namespace: hostsvc}\n\
+         spec:\n  selector: {matchLabels: {app: web}}\n  egress:\n    - name: localhost\n      to: [{identity: \"reserved:host\"}]\n      ports: [{port: 5432}]\n",
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while web("127.0.0.1") != "ok" {
+        assert!(
+            Instant::now() < deadline,
+            "reserved:host allows web → 127.0.0.1:5432"
+        );
+    }
+    assert_eq!(web("::1"), "ok");
+    assert!(agent.stop().unwrap());
+}

@@ -18,6 +18,9 @@ pub struct Agent {
     pub audit_path: PathBuf,
     /// Arguments after `agent --config <file>` (e.g. `--kubernetes`).
     pub args: Vec<String>,
+    /// The network namespace (under /run/netns) the agent runs in, as on a
+    /// node whose namespace is the world's hub; `None`: the test's own.
+    pub netns: Option<String>,
     log: Arc<Mutex<Vec<String>>>,
 }
 
@@ -54,6 +57,22 @@ impl Agent {
 
     /// Like `start`, with extra command-line arguments for `palisade agent`.
     pub fn start_with_args(dir: &Path, config: &str, args: &[&str]) -> anyhow::Result<Agent> {
+        let mut agent = Agent::prepare(dir, config, args)?;
+        agent.spawn()?;
+        Ok(agent)
+    }
+
+    /// Like `start`, with the agent in network namespace `netns` (entered
+    /// with `nsenter --net`, which keeps the cgroup tree in view).
+    pub fn start_in_netns(dir: &Path, config: &str, netns: &str) -> anyhow::Result<Agent> {
+        let mut agent = Agent::prepare(dir, config, &[])?;
+        agent.netns = Some(netns.to_owned());
+        agent.spawn()?;
+        Ok(agent)
+    }
+
+    /// Writes the config; the agent is not started yet.
+    fn prepare(dir: &Path, config: &str, args: &[&str]) -> anyhow::Result<Agent> {
         std::fs::create_dir_all(dir)?;
         let config_path = dir.join("agent.yaml");
         std::fs::write(&config_path, config)?;
@@ -62,15 +81,14 @@ impl Agent {
             .find_map(|l| l.trim().strip_prefix("output: "))
             .map(PathBuf::from)
             .context("config has no audit output")?;
-        let mut agent = Agent {
+        Ok(Agent {
             child: None,
             dir: dir.to_owned(),
             audit_path,
             args: args.iter().map(|a| (*a).to_owned()).collect(),
+            netns: None,
             log: Arc::new(Mutex::new(Vec::new())),
-        };
-        agent.spawn()?;
-        Ok(agent)
+        })
     }
 
     fn config_path(&self) -> PathBuf {
@@ -79,7 +97,17 @@ impl Agent {
 
     /// Starts the agent process (again), logging into the same log.
     pub fn spawn(&mut self) -> anyhow::Result<()> {
-        let mut child = Command::new(crate::bin_dir().join("palisade"))
+        let bin = crate::bin_dir().join("palisade");
+        let mut cmd = match &self.netns {
+            // nsenter execs the agent: the child's pid is the agent's.
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}")).arg("--").arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        let mut child = cmd
             .args(["agent", "--config"])
             .arg(self.config_path())
             .args(&self.args)

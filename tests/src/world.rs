@@ -18,6 +18,8 @@ use std::{
 use anyhow::{Context as _, bail};
 
 static NEXT_WORLD: AtomicU32 = AtomicU32::new(0);
+/// The gateway's MAC address in node worlds (locally administered).
+const NODE_MAC: &str = "02:70:61:6c:00:01";
 static REAP: Once = Once::new();
 
 /// What a pod is.
@@ -168,6 +170,10 @@ impl World {
             "mcast_snooping",
             "0",
         ])?;
+        // A fixed gateway MAC, so pods can know it (a bridge takes its
+        // lowest port's address otherwise, which changes as pods come).
+        ip(&["-n", &self.hub, "link", "set", "br0", "address", NODE_MAC])?;
+        ip(&["-n", &self.hub, "link", "set", "lo", "up"])?;
         ip(&[
             "-n",
             &self.hub,
@@ -205,6 +211,8 @@ impl World {
         for pod in &self.pods {
             self.hairpin(pod.index)?;
             self.route_via_gateway(&pod.netns)?;
+            let addrs = [format!("{}/24", pod.ipv4), format!("{}/64", pod.ipv6)];
+            self.static_neighbours(&pod.netns, &addrs)?;
         }
         Ok(())
     }
@@ -234,6 +242,51 @@ impl World {
             0,
             u16::from(index),
         )
+    }
+
+    /// Permanent neighbour entries between the node and a pod (both ways),
+    /// so that no probe waits on neighbour discovery: a solicitation lost
+    /// while a namespace is still settling costs a full second otherwise.
+    fn static_neighbours(&self, netns: &str, addrs: &[String]) -> anyhow::Result<()> {
+        let link = in_netns(netns, &["ip", "-o", "link", "show", "eth0"])?;
+        let mac = link
+            .split_whitespace()
+            .skip_while(|w| *w != "link/ether")
+            .nth(1)
+            .context("pod eth0 has no MAC address")?
+            .to_owned();
+        for a in addrs {
+            let addr = a.split('/').next().unwrap_or(a);
+            ip(&[
+                "-n",
+                &self.hub,
+                "neigh",
+                "replace",
+                addr,
+                "lladdr",
+                &mac,
+                "dev",
+                "br0",
+                "nud",
+                "permanent",
+            ])?;
+        }
+        for gw in [self.gateway_v4().to_string(), self.gateway_v6().to_string()] {
+            ip(&[
+                "-n",
+                netns,
+                "neigh",
+                "replace",
+                &gw,
+                "lladdr",
+                NODE_MAC,
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
+            ])?;
+        }
+        Ok(())
     }
 
     /// The bridge port sends frames back where they came from, as CNI bridge
@@ -631,6 +684,7 @@ impl World {
             if addrs.iter().any(|a| a.ends_with("/24")) {
                 self.route_via_gateway(netns)?;
             }
+            self.static_neighbours(netns, addrs)?;
         }
         Ok(())
     }
