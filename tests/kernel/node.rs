@@ -274,12 +274,47 @@ fn services_the_node_loopback_and_udp_replies_work_under_policy() {
         "ok"
     );
 
-    // 4. Endpoints that change re-judge new connections: db's endpoint moves
-    //    from postgres (allowed) to logging:5432 (denied) and back.
+    // 4. Endpoints that change re-judge new connections: a denied endpoint
+    //    is added to db (refused: the backends disagree) and removed again;
+    //    then db's endpoint moves from postgres (allowed) to logging (denied)
+    //    and back.
     assert_eq!(
         probe(&world, "production/payment-service", "tcp", db_vip, 5432),
         "ok"
     );
+    let (db_svc, _) = objects["production/db"].clone();
+    let mut extra = kubeproxy::service_objects(
+        "production",
+        "db",
+        &[db_vip],
+        &[("pg", "TCP", 5432, 9000)],
+        &[v4(&world, "production/logging")],
+    )
+    .1;
+    extra["metadata"]["name"] = json!("db-slice-2");
+    objects.insert("production/db-2".into(), (db_svc, extra));
+    publish(&api, &world, &objects, Mode::Iptables);
+    let took = until(
+        &world,
+        "production/payment-service",
+        "tcp",
+        db_vip,
+        5432,
+        "eperm",
+    );
+    eprintln!("a denied endpoint added → refused after {took:?}");
+    objects.remove("production/db-2");
+    api.delete(Kind::EndpointSlices, "production", "db-slice-2");
+    publish(&api, &world, &objects, Mode::Iptables);
+    let took = until(
+        &world,
+        "production/payment-service",
+        "tcp",
+        db_vip,
+        5432,
+        "ok",
+    );
+    eprintln!("the denied endpoint removed → allowed after {took:?}");
     objects.insert(
         "production/db".into(),
         kubeproxy::service_objects(
