@@ -43,6 +43,9 @@ pub struct Observation {
 pub struct Planner {
     config: Config,
     host_traffic: HostTraffic,
+    /// What a cgroup not classified yet may do (`kubernetes.unknownPods`,
+    /// or `unknownWorkloads` on a plain host).
+    unknown: UnknownPods,
     allocator: Allocator,
     /// Identities in the last plan, kept one more round after their last
     /// workload left so that no cgroup is ever looked up under an identity
@@ -65,6 +68,11 @@ impl Planner {
             } else {
                 HostTraffic::Policy
             }),
+            unknown: if kubernetes {
+                config.kubernetes.unknown_pods
+            } else {
+                config.unknown_workloads
+            },
             config,
             allocator: Allocator::default(),
             previous: BTreeMap::new(),
@@ -181,7 +189,7 @@ impl Planner {
         }
         // The node: its addresses (and loopback, for workloads in its
         // namespace) are `reserved:host`, other nodes' `reserved:remote-node`.
-        for id in [reserved::HOST, reserved::REMOTE_NODE] {
+        for id in [reserved::HOST, reserved::REMOTE_NODE, reserved::BROADCAST] {
             identities.entry(id).or_insert_with(|| reserved_info(id));
         }
         addresses.extend(node_addresses(&nodes, &self.config.host_addresses));
@@ -210,10 +218,18 @@ impl Planner {
             addresses: addresses.clone(),
         };
         let mut compiled = policy::compile(&policies.policies, &world);
-        if held.values().any(|id| *id == reserved::PENDING) {
-            hold_pending(&mut compiled, self.config.kubernetes.unknown_pods);
+        // Cgroups not classified yet are `reserved:pending` in the kernel
+        // (an entry missing from the cgroup map reads as pending), held
+        // whether or not any is known now.
+        {
+            hold_pending(&mut compiled, self.unknown);
         }
         let mut ipcache = BTreeMap::new();
+        // Broadcast and multicast first, outside the compiler's view of
+        // addresses: no CIDR rule covers them by accident (`0.0.0.0/0`
+        // does not mean "every pod on the link"); a rule naming exactly
+        // such a block replaces the entry, `reserved:broadcast` names them all.
+        ipcache.extend(broadcast_blocks().map(|net| (net, reserved::BROADCAST)));
         ipcache.extend(compiled.cidr_identities.iter().copied());
         ipcache.extend(addresses);
         let services = service_table(
@@ -265,6 +281,13 @@ fn node_addresses(nodes: &Nodes, host_addresses: &[IpAddr]) -> Vec<(IpNet, u32)>
             .chain(loopback.into_iter().map(|n| (n, reserved::HOST))),
     );
     out
+}
+
+/// Limited broadcast and the multicast ranges.
+fn broadcast_blocks() -> impl Iterator<Item = IpNet> {
+    ["255.255.255.255/32", "224.0.0.0/4", "ff00::/8"]
+        .into_iter()
+        .filter_map(|n| n.parse().ok())
 }
 
 /// The identity the ipcache gives `ip` (longest prefix), `reserved:world` if none.
@@ -442,20 +465,51 @@ fn load_policies(config: &Config) -> Result<PolicySet, policy::LoadError> {
     }
 }
 
-/// Finds the workloads below `root` and their addresses.
+/// Finds the workloads below `root` and their addresses. A cgroup below a
+/// workload's is that workload (a process cannot leave its policy by making
+/// a child cgroup); any other cgroup below the root, and the root itself,
+/// is unmanaged (returned as held cgroups).
 fn observe_workloads(
     root: &std::path::Path,
     classifier: &Classifier,
-) -> anyhow::Result<Vec<Workload>> {
+) -> anyhow::Result<(Vec<Workload>, BTreeMap<u64, u32>)> {
     let cgroups = discovery::scan(root)?;
-    Ok(cgroups
-        .iter()
-        .filter_map(|cg| classifier.classify(cg))
-        .map(|mut w| {
+    let mut held = BTreeMap::new();
+    if let Ok(meta) = std::fs::metadata(root) {
+        held.insert(
+            std::os::unix::fs::MetadataExt::ino(&meta),
+            reserved::UNMANAGED,
+        );
+    }
+    let mut workloads: Vec<Workload> = Vec::new();
+    // Sorted by path: an ancestor comes before its descendants.
+    for cg in &cgroups {
+        if let Some(mut w) = classifier.classify(cg) {
             (w.own_netns, w.ips) = discovery::workload_network(&root.join(&w.cgroup_path));
-            w
-        })
-        .collect())
+            workloads.push(w);
+            continue;
+        }
+        let ancestor = workloads
+            .iter()
+            .filter(|w| {
+                cg.rel_path
+                    .strip_prefix(w.cgroup_path.as_str())
+                    .is_some_and(|rest| rest.starts_with('/'))
+            })
+            .max_by_key(|w| w.cgroup_path.len())
+            .cloned();
+        match ancestor {
+            Some(mut w) => {
+                w.cgroup_id = cg.id;
+                w.cgroup_path = cg.rel_path.clone();
+                workloads.push(w);
+            }
+            None => {
+                held.insert(cg.id, reserved::UNMANAGED);
+            }
+        }
+    }
+    Ok((workloads, held))
 }
 
 fn describe_ips(ips: &[IpAddr]) -> String {
@@ -586,6 +640,9 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
     for point in datapath.attach_points() {
         info!(attach = %point, "attached");
     }
+    for gap in &datapath.posture().gaps {
+        warn!("protection missing: {gap}");
+    }
     let sink = audit::Sink::open(&config.audit.output)
         .with_context(|| format!("opening audit output {}", config.audit.output))?;
     let snapshot: SharedSnapshot = Arc::new(RwLock::new(Arc::new(Snapshot::default())));
@@ -600,6 +657,7 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
     if let Ok(mut s) = status.lock() {
         s.version = env!("CARGO_PKG_VERSION");
         s.attach_points = datapath.attach_points().to_vec();
+        s.posture = datapath.posture().clone();
         s.policy_list = policy_list(&policies);
     }
     let (events_tx, _) = tokio::sync::broadcast::channel(4096);
@@ -682,7 +740,8 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
                     policies_version = Some((file_version, 0));
                 }
                 match observe_workloads(&root, classifier) {
-                    Ok(workloads) => Inputs {
+                    Ok((workloads, held)) => Inputs {
+                        held,
                         services: crate::inventory::resolve_services(&config.services, &workloads),
                         nodes: Nodes {
                             local: crate::inventory::interface_addresses(),
@@ -750,6 +809,12 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
                     &cgroups,
                     config.kubernetes.unknown_pods,
                 );
+                if let Ok(meta) = std::fs::metadata(&root) {
+                    input.held.insert(
+                        std::os::unix::fs::MetadataExt::ino(&meta),
+                        reserved::UNMANAGED,
+                    );
+                }
                 input.services = crate::kubernetes::services(
                     &cluster.services.state(),
                     &cluster.endpoint_slices.state(),
@@ -807,14 +872,14 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
             Ok(report) => {
                 for (id, w) in &now_known {
                     if known.get(id) != Some(w) {
-                        info!(workload = %format!("{}/{}", w.namespace, w.name), cgroup = %w.cgroup_path,
+                        info!(workload = %crate::text::escape(&format!("{}/{}", w.namespace, w.name)), cgroup = %crate::text::escape(&w.cgroup_path),
                               identity = obs.desired.cgroups.get(id).copied().unwrap_or_default(),
                               addresses = %describe_ips(&w.ips), "workload enforced");
                     }
                 }
                 for (id, w) in &known {
                     if !now_known.contains_key(id) {
-                        info!(workload = %format!("{}/{}", w.namespace, w.name), "workload gone");
+                        info!(workload = %crate::text::escape(&format!("{}/{}", w.namespace, w.name)), "workload gone");
                     }
                 }
                 if let Some((ring, sink, stop_rx)) = reader_parts.take() {

@@ -149,6 +149,16 @@ pub fn render(ev: &AuditEvent, snap: &Snapshot, boot: Duration) -> Value {
         reason::SERVICE_TOO_MANY_BACKENDS => Some(
             "the Service has more distinct backend identities and ports than the kernel judges (4); the connection is refused (fail closed)",
         ),
+        reason::SOURCE_ROUTED => Some(
+            "the packet carries a source route (IPv6 routing header or IPv4 options) that would take it past the judged destination; dropped",
+        ),
+        reason::FORGED_SOURCE => {
+            Some("the packet's source address is not the workload's own; dropped")
+        }
+        reason::UNPARSEABLE => Some("the packet could not be parsed; dropped"),
+        reason::PACKET_SOCKET => {
+            Some("a packet (AF_PACKET) socket would bypass every hook; refused")
+        }
         _ => None,
     };
     let mut record = json!({

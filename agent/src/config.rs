@@ -74,6 +74,11 @@ pub struct Config {
     /// processes (and localhost for workloads in the host's namespace) are
     /// peers like others.
     pub host_traffic: Option<HostTraffic>,
+    /// A cgroup below the root that no rule has classified yet — created a
+    /// moment ago, or while the agent was stopped: `denyEgress` (default),
+    /// `denyAll` or `allow`. (Kubernetes mode: `kubernetes.unknownPods`.)
+    #[serde(default)]
+    pub unknown_workloads: crate::inventory::UnknownPods,
     /// How often the cgroup tree and the policy directory are re-read.
     #[serde(default = "default_rescan_ms")]
     pub rescan_interval_ms: u64,

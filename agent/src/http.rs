@@ -31,6 +31,8 @@ pub struct Status {
     pub counters: Counters,
     /// (map, entries, capacity)
     pub maps: Vec<(&'static str, usize, u32)>,
+    /// Which protections are active on this node.
+    pub posture: crate::datapath::kernel::Posture,
 }
 
 #[derive(Clone, Debug, Default, serde::Serialize)]

@@ -106,6 +106,8 @@ pub fn reserved_name(id: u32) -> Option<&'static str> {
         reserved::WORLD => Some("reserved:world"),
         reserved::UNMANAGED => Some("reserved:unmanaged"),
         reserved::PENDING => Some("reserved:pending-pod"),
+        reserved::REMOTE_NODE => Some("reserved:remote-node"),
+        reserved::BROADCAST => Some("reserved:broadcast"),
         _ => None,
     }
 }

@@ -12,4 +12,5 @@ pub mod inventory;
 pub mod kubernetes;
 pub mod offline;
 pub mod policy;
+pub mod text;
 pub mod yaml;

@@ -207,10 +207,10 @@ fn main() -> anyhow::Result<()> {
                             .collect();
                         println!(
                             "{:<40} {:>9}  {:<30} {}",
-                            w["name"].as_str().unwrap_or(""),
+                            esc(&w["name"]),
                             w["identity"],
                             addrs.join(","),
-                            w["cgroup"].as_str().unwrap_or("")
+                            esc(&w["cgroup"])
                         );
                     }
                 }
@@ -230,15 +230,17 @@ fn main() -> anyhow::Result<()> {
                     Response::Ok(e) if json => println!("{e}"),
                     Response::Ok(e) => println!(
                         "{} {:<10} {:<7} {} → {} {}/{}  {} {}",
-                        e["time"].as_str().unwrap_or(""),
-                        e["verdict"].as_str().unwrap_or(""),
-                        e["direction"].as_str().unwrap_or(""),
-                        e["from"].as_str().unwrap_or(""),
-                        e["to"].as_str().unwrap_or(""),
-                        e["protocol"].as_str().unwrap_or(""),
+                        esc(&e["time"]),
+                        esc(&e["verdict"]),
+                        esc(&e["direction"]),
+                        esc(&e["from"]),
+                        esc(&e["to"]),
+                        esc(&e["protocol"]),
                         e["port"],
-                        e["policy"].as_str().unwrap_or("-"),
-                        e["rule"].as_str().unwrap_or("")
+                        e["policy"]
+                            .as_str()
+                            .map_or("-".into(), palisade::text::escape),
+                        esc(&e["rule"])
                     ),
                     Response::Error(m) => eprintln!("warning: {m}"),
                 }
@@ -301,9 +303,9 @@ fn main() -> anyhow::Result<()> {
                 for p in v.as_array().into_iter().flatten() {
                     println!(
                         "{:<40} {:<22} {}:{}",
-                        p["name"].as_str().unwrap_or(""),
-                        p["kind"].as_str().unwrap_or(""),
-                        p["file"].as_str().unwrap_or(""),
+                        esc(&p["name"]),
+                        esc(&p["kind"]),
+                        esc(&p["file"]),
                         p["line"]
                     );
                 }
@@ -425,6 +427,11 @@ fn ok(r: Response) -> anyhow::Result<serde_json::Value> {
     }
 }
 
+/// A string field of a reply, escaped for the terminal (see `palisade::text`).
+fn esc(v: &serde_json::Value) -> String {
+    palisade::text::escape(v.as_str().unwrap_or("")).into_owned()
+}
+
 fn print_status(v: &serde_json::Value) {
     let n = |k: &str| v[k].as_u64().unwrap_or(0);
     println!(
@@ -445,7 +452,11 @@ fn print_status(v: &serde_json::Value) {
         n("apply_errors")
     );
     if let Some(e) = v["last_error"].as_str() {
-        println!("last refused change:\n  {}", e.replace('\n', "\n  "));
+        let lines: Vec<String> = e
+            .lines()
+            .map(|l| palisade::text::escape(l).into_owned())
+            .collect();
+        println!("last refused change:\n  {}", lines.join("\n  "));
     }
     let c = &v["counters"];
     println!(
@@ -474,6 +485,21 @@ fn print_status(v: &serde_json::Value) {
             cap,
             entries as f64 * 100.0 / cap as f64
         );
+    }
+    println!(
+        "dropped   forged source {}   source routed {}   unparseable {}   packet sockets refused {}",
+        c["forged_source"], c["source_routed"], c["unparseable"], c["packet_sockets_refused"]
+    );
+    let p = &v["posture"];
+    let on = |k: &str| if p[k] == true { "on" } else { "OFF" };
+    println!(
+        "protections  socket hooks {}   packet egress {}   packet sockets refused {}",
+        on("socket_hooks"),
+        on("packet_egress"),
+        on("packet_sockets_refused")
+    );
+    for gap in p["gaps"].as_array().into_iter().flatten() {
+        println!("  ! {}", gap.as_str().unwrap_or(""));
     }
     println!("attached");
     for a in v["attach_points"].as_array().into_iter().flatten() {

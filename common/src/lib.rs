@@ -21,7 +21,7 @@ pub mod maps {
     pub const SERVICES: &str = "PAL_SERVICES_V1";
     pub const SELF_ADDRESSES: &str = "PAL_SELF_V1";
     pub const STATE: &str = "PAL_STATE_V1";
-    pub const COUNTERS: &str = "PAL_COUNTERS_V1";
+    pub const COUNTERS: &str = "PAL_COUNTERS_V2";
     pub const AUDIT: &str = "PAL_AUDIT_V2";
 }
 
@@ -32,6 +32,10 @@ pub mod programs {
     pub const SENDMSG4: &str = "palisade_sendmsg4";
     pub const SENDMSG6: &str = "palisade_sendmsg6";
     pub const INGRESS: &str = "palisade_ingress";
+    /// `cgroup_skb/egress`: what actually leaves a workload.
+    pub const EGRESS_PACKET: &str = "palisade_egress_packet";
+    /// `lsm_cgroup/socket_create`: packet sockets refused (needs BPF LSM).
+    pub const SOCKET_CREATE: &str = "palisade_socket_create";
 }
 
 /// Default capacities; every one can be overridden in the agent's config.
@@ -61,6 +65,9 @@ pub mod identity {
     pub const PENDING: u32 = 4;
     /// Another node of the cluster (its addresses, from Node objects).
     pub const REMOTE_NODE: u32 = 5;
+    /// Broadcast and multicast destinations (255.255.255.255, 224.0.0.0/4,
+    /// ff00::/8): never inside a policy's CIDR, allowed only by name.
+    pub const BROADCAST: u32 = 6;
     /// Identities at or above this value are allocated for label sets.
     pub const FIRST_DYNAMIC: u32 = 256;
 }
@@ -111,7 +118,15 @@ pub mod counter {
     pub const EVENTS_LOST: u32 = 7;
     /// Flow-cache inserts that failed.
     pub const FLOW_INSERT_FAILED: u32 = 8;
-    pub const COUNT: u32 = 9;
+    /// Packets of an enforced workload that could not be parsed (dropped).
+    pub const UNPARSEABLE: u32 = 9;
+    /// Packets leaving a workload with a source address not its own (dropped).
+    pub const FORGED_SOURCE: u32 = 10;
+    /// Packets leaving a workload with a source route (dropped).
+    pub const SOURCE_ROUTED: u32 = 11;
+    /// Packet (AF_PACKET) sockets refused to workloads.
+    pub const PACKET_SOCKETS_REFUSED: u32 = 12;
+    pub const COUNT: u32 = 13;
 }
 
 /// Indices into the `STATE` array (u32 values written by user space).
@@ -145,6 +160,17 @@ pub mod reason {
     /// A connection to a Service with more distinct (identity, port)
     /// backends than the kernel judges (`MAX_SERVICE_BACKENDS`): refused.
     pub const SERVICE_TOO_MANY_BACKENDS: u8 = 2;
+    /// A packet leaving with an IPv6 routing header or IPv4 options (a
+    /// source route would carry it past the judged destination): dropped.
+    pub const SOURCE_ROUTED: u8 = 3;
+    /// A packet leaving with a source address that is not the workload's.
+    pub const FORGED_SOURCE: u8 = 4;
+    /// A packet that cannot be parsed, on an enforced workload: dropped.
+    pub const UNPARSEABLE: u8 = 5;
+    /// A packet (AF_PACKET) socket refused: it would bypass every hook.
+    pub const PACKET_SOCKET: u8 = 6;
+    /// A packet of a raw IP socket, judged by its real destination.
+    pub const RAW_SOCKET: u8 = 7;
 }
 
 /// The ipcache LPM trie's key data is a `[u8; 16]` IPv6 address; IPv4 is stored

@@ -10,7 +10,7 @@ use aya_ebpf::{
 use palisade_common::{DIR_EGRESS, DIR_INGRESS, PROTO_SCTP, PROTO_TCP, PROTO_UDP, v4_mapped};
 
 use crate::{
-    CGROUP_IDENTITY,
+    cgroup_identity,
     verdict::{
         Flow, Known, PASS, active_slot, as_first_judged, enforced, flow_state, judge_egress,
         judge_ingress, remember_flow,
@@ -50,10 +50,7 @@ fn judge(ctx: &SockAddrContext, family: u8, sendmsg: bool) -> i32 {
     }
     // SAFETY: helper without arguments; process context.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    // SAFETY: the value is copied out at once.
-    let Some(local) = (unsafe { CGROUP_IDENTITY.get(&cgroup_id) }).copied() else {
-        return PASS; // not a workload Palisade manages
-    };
+    let local = cgroup_identity(cgroup_id);
     // Early exit: egress is open for this identity. UDP goes on when our
     // ingress is enforced: an allowed datagram flow is remembered so that its
     // replies pass that ingress.

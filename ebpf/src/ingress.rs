@@ -13,27 +13,22 @@ use aya_ebpf::{
     macros::cgroup_skb,
     programs::SkBuffContext,
 };
-use palisade_common::{DIR_EGRESS, DIR_INGRESS, PROTO_SCTP, PROTO_TCP, PROTO_UDP, v4_mapped};
+use palisade_common::{
+    DIR_EGRESS, DIR_INGRESS, PROTO_SCTP, PROTO_TCP, PROTO_UDP, counter, identity, reason,
+    verdict as v,
+};
 
 use crate::{
-    CGROUP_IDENTITY,
+    cgroup_identity,
+    packet::parse,
     verdict::{
-        DROP, Flow, Known, PASS, active_slot, as_first_judged, enforced, flow_state, judge_egress,
-        judge_ingress, own_address, own_loopback, remember_flow,
+        DROP, Decision, Flow, Known, PASS, active_slot, as_first_judged, conclude, count, enforced,
+        flow_state, judge_egress, judge_ingress, own_address, own_loopback, remember_flow,
     },
 };
 
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
 const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_ICMPV6: u8 = 58;
-/// IPv6 extension headers walked to find the transport header.
-const IPV6_HOPOPTS: u8 = 0;
-const IPV6_ROUTING: u8 = 43;
-const IPV6_DSTOPTS: u8 = 60;
-/// At most this many IPv6 extension headers are walked; a packet with more is
-/// dropped when ingress is enforced (it cannot be judged).
-const MAX_IPV6_EXT_HEADERS: usize = 4;
 /// `lo` has this index in every network namespace.
 const LOOPBACK_IFINDEX: u32 = 1;
 const TCP_FLAG_SYN: u8 = 0x02;
@@ -45,14 +40,6 @@ pub fn palisade_ingress(ctx: SkBuffContext) -> i32 {
     match try_ingress(&ctx) {
         Ok(verdict) | Err(verdict) => verdict,
     }
-}
-
-/// Transport facts of a packet.
-struct Packet {
-    family: u8,
-    src: [u8; 16],
-    protocol: u8,
-    l4_offset: usize,
 }
 
 #[inline(always)]
@@ -70,10 +57,7 @@ fn try_ingress(ctx: &SkBuffContext) -> Result<i32, i32> {
     }
     // SAFETY: the context pointer is valid for the program's run.
     let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.as_ptr().cast()) };
-    // SAFETY: the value is copied out at once.
-    let Some(local) = (unsafe { CGROUP_IDENTITY.get(&cgroup_id) }).copied() else {
-        return Ok(PASS); // not a workload Palisade manages
-    };
+    let local = cgroup_identity(cgroup_id);
     let slot = active_slot();
     let ingress_enforced = enforced(slot, DIR_INGRESS, local).is_some();
     // A datagram to a workload whose egress is enforced is remembered even
@@ -85,7 +69,31 @@ fn try_ingress(ctx: &SkBuffContext) -> Result<i32, i32> {
     }
     // Any packet we cannot parse on an enforced workload is dropped: it cannot
     // be judged, and passing it would be a bypass.
-    let packet = parsed.map_err(|()| DROP)?;
+    let Ok(packet) = parsed else {
+        count(counter::UNPARSEABLE);
+        let flow = Flow {
+            direction: DIR_INGRESS,
+            protocol: 0,
+            local_identity: local,
+            cgroup_id,
+            peer_addr: [0; 16],
+            family: 0,
+            port: 0,
+            peer_port: 0,
+            socket_cookie: 0,
+            in_process: false,
+        };
+        let decision = Decision {
+            verdict: v::DENY,
+            rule_id: 0,
+            policy_rule_id: 0,
+            peer_identity: identity::WORLD,
+            service_id: 0,
+            reason: reason::UNPARSEABLE,
+        };
+        conclude(&flow, &decision);
+        return Err(DROP);
+    };
     if ingress_ifindex(ctx) == LOOPBACK_IFINDEX
         && (own_address(cgroup_id, &packet.src) || own_loopback(cgroup_id, &packet.src))
     {
@@ -167,49 +175,4 @@ fn ingress_ifindex(ctx: &SkBuffContext) -> u32 {
     let skb: *const __sk_buff = ctx.as_ptr().cast();
     // SAFETY: the context pointer is valid; cgroup_skb programs may read this field.
     unsafe { (*skb).ingress_ifindex }
-}
-
-#[inline(always)]
-fn parse(ctx: &SkBuffContext) -> Result<Packet, ()> {
-    // SAFETY: the context pointer is valid for the program's run.
-    let skb: *const __sk_buff = ctx.as_ptr().cast();
-    // SAFETY: as above; `protocol` is readable by cgroup_skb programs.
-    let proto = u16::from_be(unsafe { (*skb).protocol } as u16);
-    if proto == ETH_P_IP {
-        let head: [u8; 20] = ctx.load(0).map_err(|_| ())?;
-        let ihl = usize::from(head[0] & 0x0f) * 4;
-        if ihl < 20 {
-            return Err(());
-        }
-        Ok(Packet {
-            family: 4,
-            src: v4_mapped([head[12], head[13], head[14], head[15]]),
-            protocol: head[9],
-            l4_offset: ihl,
-        })
-    } else if proto == ETH_P_IPV6 {
-        let head: [u8; 8] = ctx.load(0).map_err(|_| ())?;
-        let src: [u8; 16] = ctx.load(8).map_err(|_| ())?;
-        let mut next = head[6];
-        let mut offset = 40usize;
-        for _ in 0..MAX_IPV6_EXT_HEADERS {
-            if next != IPV6_HOPOPTS && next != IPV6_ROUTING && next != IPV6_DSTOPTS {
-                break;
-            }
-            let ext: [u8; 2] = ctx.load(offset).map_err(|_| ())?;
-            next = ext[0];
-            offset += (usize::from(ext[1]) + 1) * 8;
-        }
-        if next == IPV6_HOPOPTS || next == IPV6_ROUTING || next == IPV6_DSTOPTS {
-            return Err(());
-        }
-        Ok(Packet {
-            family: 6,
-            src,
-            protocol: next,
-            l4_offset: offset,
-        })
-    } else {
-        Err(())
-    }
 }

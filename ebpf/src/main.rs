@@ -8,7 +8,10 @@
 #![no_main]
 
 mod egress;
+mod egress_packet;
 mod ingress;
+mod packet;
+mod socket;
 mod verdict;
 
 use aya_ebpf::{
@@ -59,12 +62,25 @@ static SERVICES: HashMap<ServiceKey, ServiceValue> =
 static STATE: Array<u32> = Array::with_max_entries(state::COUNT, 0);
 
 /// Verdict and audit counters; see `palisade_common::counter`.
-#[map(name = "PAL_COUNTERS_V1")]
+#[map(name = "PAL_COUNTERS_V2")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
 /// Audit events for denied (and would-be denied) connections.
 #[map(name = "PAL_AUDIT_V2")]
 static AUDIT: RingBuf = RingBuf::with_byte_size(capacity::AUDIT_RING_BYTES, 0);
+
+/// The identity of a cgroup below the root. One the agent has not
+/// classified yet (created a moment ago, or while no agent ran) is held at
+/// `reserved:pending`, which the agent keeps fail-closed (egress denied by
+/// default): never more open than its eventual classification.
+#[inline(always)]
+pub fn cgroup_identity(cgroup_id: u64) -> u32 {
+    // SAFETY: the value is copied out at once.
+    match unsafe { CGROUP_IDENTITY.get(&cgroup_id) } {
+        Some(id) => *id,
+        None => palisade_common::identity::PENDING,
+    }
+}
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -995,12 +995,19 @@ fn killing_and_restarting_the_agent_never_stops_enforcement() {
     assert!(wrong.is_empty(), "{wrong:#?}");
     let log = s.agent.log();
     let attached: Vec<&String> = log.iter().filter(|l| l.contains(" attached ")).collect();
+    // Every program is attached once (at the first start); every later
+    // start adopts them all.
+    let programs: std::collections::BTreeSet<&str> = attached
+        .iter()
+        .filter_map(|l| l.split("attach=").nth(1)?.split_whitespace().next())
+        .collect();
+    assert!(programs.len() >= 6, "{programs:?}");
     assert_eq!(
         attached
             .iter()
             .filter(|l| !l.contains("adopted from"))
             .count(),
-        5,
+        programs.len(),
         "attached once, at the first start only"
     );
     // The event of the denial while the agent was down is delivered, with names.
@@ -1140,7 +1147,9 @@ fn the_cli_drives_a_running_agent_through_its_control_socket() {
     let (_, json, _) = cli(&s.agent, &["status", "--json"]);
     let v: Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v["workloads"], 6);
-    assert_eq!(v["attach_points"].as_array().unwrap().len(), 5);
+    // Socket hooks (4), ingress and egress packets; the packet-socket guard
+    // too where the kernel has the BPF LSM.
+    assert!(v["attach_points"].as_array().unwrap().len() >= 6, "{v}");
     let (_, out, _) = cli(&s.agent, &["workloads"]);
     assert!(
         out.contains("production/payment-service") && out.contains(&payment.ipv4.to_string()),

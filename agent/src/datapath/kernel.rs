@@ -51,6 +51,61 @@ pub struct KernelDatapath {
     services: BTreeMap<ServiceFrontend, ServiceBackends>,
     options: u32,
     attach_points: Vec<String>,
+    posture: Posture,
+}
+
+/// Which protections are active on this node, for the log and `palisade status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Posture {
+    /// Socket addresses judged at connect/sendmsg (always).
+    pub socket_hooks: bool,
+    /// What leaves a workload judged per packet: source routes and forged
+    /// sources dropped, raw sockets judged by their real destination.
+    pub packet_egress: bool,
+    /// Packet (AF_PACKET) sockets refused to workloads (needs the BPF LSM).
+    pub packet_sockets_refused: bool,
+    /// Why a protection is missing, and the remedy.
+    pub gaps: Vec<String>,
+}
+
+impl Posture {
+    fn of(packet_sockets: Result<(), String>) -> Posture {
+        let mut posture = Posture {
+            socket_hooks: true,
+            packet_egress: true,
+            packet_sockets_refused: packet_sockets.is_ok(),
+            gaps: Vec::new(),
+        };
+        if let Err(e) = packet_sockets {
+            posture.gaps.push(format!(
+                "packet sockets (AF_PACKET) are not refused: the BPF LSM is not available ({e}); a workload with CAP_NET_RAW can send and receive below every hook. Drop CAP_NET_RAW from workloads (the Pod Security Standards' restricted profile does), or boot with `lsm=...,bpf`"
+            ));
+        }
+        posture
+    }
+}
+
+/// Loads and attaches `lsm_cgroup/socket_create` to the root (kernel ≥ 6.0
+/// with the BPF LSM active). The error says why not.
+fn attach_socket_guard(ebpf: &mut Ebpf, root: &File, pins: Option<&Pins>) -> Result<(), String> {
+    let name = programs::SOCKET_CREATE;
+    let btf = aya::Btf::from_sys_fs().map_err(|e| format!("kernel BTF: {e}"))?;
+    let prog: &mut aya::programs::LsmCgroup = ebpf
+        .program_mut(name)
+        .ok_or_else(|| format!("program {name} missing from the object"))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    prog.load("socket_create", &btf)
+        .map_err(|e| format!("loading {name}: {e}"))?;
+    let id = prog
+        .attach(root)
+        .map_err(|e| format!("attaching {name}: {e}"))?;
+    if let Some(p) = pins {
+        let link = prog.take_link(id).map_err(|e| e.to_string())?;
+        let fd: aya::programs::links::FdLink = link.into();
+        fd.pin(p.link(name)).map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 /// A frontend as the Service map's key.
@@ -398,31 +453,54 @@ impl KernelDatapath {
             }
             attach_points.push(format!("{name} on {}", cgroup_root.display()));
         }
-        let name = programs::INGRESS;
-        if let Some(p) = pins.filter(|p| p.link(name).exists()) {
-            attach_points.push(format!(
-                "{name} on {} (adopted from {})",
-                cgroup_root.display(),
-                p.dir.display()
-            ));
-        } else {
-            let ingress: &mut CgroupSkb = ebpf
+        for (name, attach_type) in [
+            (programs::INGRESS, CgroupSkbAttachType::Ingress),
+            (programs::EGRESS_PACKET, CgroupSkbAttachType::Egress),
+        ] {
+            if let Some(p) = pins.filter(|p| p.link(name).exists()) {
+                attach_points.push(format!(
+                    "{name} on {} (adopted from {})",
+                    cgroup_root.display(),
+                    p.dir.display()
+                ));
+                continue;
+            }
+            let prog: &mut CgroupSkb = ebpf
                 .program_mut(name)
                 .ok_or_else(|| missing(name))?
                 .try_into()
                 .map_err(prog_err(name))?;
-            ingress.load().map_err(prog_err(name))?;
-            let id = ingress
-                .attach(&root, CgroupSkbAttachType::Ingress, ATTACH_MODE)
+            prog.load().map_err(prog_err(name))?;
+            let id = prog
+                .attach(&root, attach_type, ATTACH_MODE)
                 .map_err(prog_err(name))?;
             if let Some(p) = pins {
-                let link = ingress.take_link(id).map_err(prog_err(name))?;
+                let link = prog.take_link(id).map_err(prog_err(name))?;
                 let fd = aya::programs::links::FdLink::try_from(link)
                     .map_err(|e| prog_err(name)(e.into()))?;
                 fd.pin(p.link(name)).map_err(pin_err(name))?;
             }
             attach_points.push(format!("{name} on {}", cgroup_root.display()));
         }
+        // Packet sockets: refused through the BPF LSM where the kernel has it.
+        let name = programs::SOCKET_CREATE;
+        let packet_sockets = if let Some(p) = pins.filter(|p| p.link(name).exists()) {
+            attach_points.push(format!(
+                "{name} on {} (adopted from {})",
+                cgroup_root.display(),
+                p.dir.display()
+            ));
+            Ok(())
+        } else {
+            match attach_socket_guard(&mut ebpf, &root, pins) {
+                Ok(()) => {
+                    attach_points.push(format!("{name} on {}", cgroup_root.display()));
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            }
+        };
+        let posture = Posture::of(packet_sockets);
         if let Some(p) = pins.filter(|p| !p.layout().exists()) {
             std::fs::create_dir(p.layout()).map_err(|source| DatapathError::Io {
                 what: "creating",
@@ -442,6 +520,7 @@ impl KernelDatapath {
             services: BTreeMap::new(),
             options: 0,
             attach_points,
+            posture,
         };
         if adopted {
             datapath.observe()?;
@@ -552,6 +631,10 @@ impl KernelDatapath {
 
     pub fn attach_points(&self) -> &[String] {
         &self.attach_points
+    }
+
+    pub fn posture(&self) -> &Posture {
+        &self.posture
     }
 
     /// Hands the audit ring buffer to its reader.
@@ -904,6 +987,10 @@ impl Datapath for KernelDatapath {
             events_emitted: sum(counter::EVENTS_EMITTED)?,
             events_lost: sum(counter::EVENTS_LOST)?,
             flow_insert_failed: sum(counter::FLOW_INSERT_FAILED)?,
+            unparseable: sum(counter::UNPARSEABLE)?,
+            forged_source: sum(counter::FORGED_SOURCE)?,
+            source_routed: sum(counter::SOURCE_ROUTED)?,
+            packet_sockets_refused: sum(counter::PACKET_SOCKETS_REFUSED)?,
         })
     }
 }

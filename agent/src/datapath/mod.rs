@@ -93,6 +93,10 @@ pub struct Counters {
     pub events_emitted: u64,
     pub events_lost: u64,
     pub flow_insert_failed: u64,
+    pub unparseable: u64,
+    pub forged_source: u64,
+    pub source_routed: u64,
+    pub packet_sockets_refused: u64,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -522,6 +522,9 @@ pub fn inputs(
     let mut has_cgroup = std::collections::HashSet::new();
     for cg in cgroups {
         let Some(pc) = cgroup::parse(&cg.rel_path) else {
+            // QoS directories and anything else that is not a pod: unmanaged
+            // (a cgroup the agent has not seen yet is pending in the kernel).
+            out.held.insert(cg.id, reserved::UNMANAGED);
             continue;
         };
         match by_uid.get(pc.uid.as_str()) {

@@ -123,7 +123,11 @@ fn local_cgroups_become_pods_host_network_is_host_unknown_is_held() {
         Some(&reserved::PENDING),
         "pod not known yet"
     );
-    assert!(!got.held.contains_key(&10), "a QoS slice is not a pod");
+    assert_eq!(
+        got.held.get(&10),
+        Some(&reserved::UNMANAGED),
+        "a QoS slice is not a pod: unmanaged (not left pending)"
+    );
     // Remote: every other running pod with an address, hostNetwork excluded.
     let mut remote: Vec<&str> = got.remote.iter().map(|r| r.name.as_str()).collect();
     remote.sort();

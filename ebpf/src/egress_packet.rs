@@ -1,0 +1,155 @@
+//! Egress at the packet: `cgroup_skb/egress` on what actually leaves a
+//! workload, whatever the socket address said. The socket hooks judged the
+//! address a socket was connected or sent to; three things can make the
+//! packet go elsewhere or claim to be someone else, and they are judged here:
+//!
+//! - a source route (an IPv6 routing header with segments left, set with
+//!   `IPV6_RTHDR` — no capability needed — or IPv4 options): dropped;
+//! - a source address that is not the workload's own (a raw socket, or an
+//!   address the workload added to its interface): dropped;
+//! - a raw IP socket's packets, which no socket hook saw: judged by their
+//!   real destination (and ports, for TCP and UDP).
+//!
+//! The common case costs no map lookup: a TCP segment that does not open a
+//! connection and carries no source route passes at once.
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::__sk_buff,
+    helpers::generated::{bpf_sk_fullsock, bpf_skb_cgroup_id},
+    macros::cgroup_skb,
+    programs::SkBuffContext,
+};
+use palisade_common::{
+    DIR_EGRESS, LOOPBACK_MARK, PROTO_TCP, PROTO_UDP, counter, identity, is_loopback, reason,
+    verdict as v,
+};
+
+use crate::{
+    cgroup_identity,
+    packet::{Packet, parse},
+    verdict::{DROP, Decision, Flow, PASS, conclude, count, judge_egress, own_address},
+};
+
+const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_ACK: u8 = 0x10;
+const SOCK_RAW: u32 = 3;
+
+#[cgroup_skb(egress)]
+pub fn palisade_egress_packet(ctx: SkBuffContext) -> i32 {
+    match try_egress(&ctx) {
+        Ok(verdict) | Err(verdict) => verdict,
+    }
+}
+
+#[inline(always)]
+fn try_egress(ctx: &SkBuffContext) -> Result<i32, i32> {
+    let parsed = parse(ctx);
+    if let Ok(p) = &parsed
+        && !p.source_routed
+        && p.protocol == PROTO_TCP
+        && let Ok(tcp_flags) = ctx.load::<u8>(p.l4_offset + 13)
+        && (tcp_flags & TCP_FLAG_SYN == 0 || tcp_flags & TCP_FLAG_ACK != 0)
+    {
+        return Ok(PASS); // a segment of a connection judged at its connect()
+    }
+    // SAFETY: the context pointer is valid for the program's run.
+    let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.as_ptr().cast()) };
+    let local = cgroup_identity(cgroup_id);
+    if local == identity::HOST || local == identity::UNMANAGED {
+        return Ok(PASS); // the node's own processes (hostNetwork pods), or unmanaged
+    }
+    let Ok(packet) = parsed else {
+        count(counter::UNPARSEABLE);
+        return Err(refuse(&unknown_flow(cgroup_id, local), reason::UNPARSEABLE));
+    };
+    let mut flow = Flow {
+        direction: DIR_EGRESS,
+        protocol: packet.protocol,
+        local_identity: local,
+        cgroup_id,
+        peer_addr: packet.dst,
+        family: packet.family,
+        port: 0,
+        peer_port: 0,
+        socket_cookie: 0,
+        in_process: true,
+    };
+    if (packet.protocol == PROTO_TCP || packet.protocol == PROTO_UDP)
+        && let Ok(ports) = ctx.load::<[u8; 4]>(packet.l4_offset)
+    {
+        flow.port = u16::from_be_bytes([ports[2], ports[3]]);
+        flow.peer_port = flow.port;
+    }
+    if packet.source_routed {
+        count(counter::SOURCE_ROUTED);
+        return Ok(refuse(&flow, reason::SOURCE_ROUTED));
+    }
+    if forged(cgroup_id, &packet) {
+        count(counter::FORGED_SOURCE);
+        return Ok(refuse(&flow, reason::FORGED_SOURCE));
+    }
+    if raw_socket(ctx) {
+        // No socket hook saw this destination: judge it now, every packet.
+        return Ok(judge_egress(&flow));
+    }
+    Ok(PASS)
+}
+
+/// Does the packet claim an address that is not the workload's? Checked for
+/// workloads with a network namespace of their own (their addresses are
+/// known); loopback and IPv6 link-local sources stay on their link.
+#[inline(always)]
+fn forged(cgroup_id: u64, packet: &Packet) -> bool {
+    if is_loopback(&packet.src) || (packet.src[0] == 0xfe && packet.src[1] & 0xc0 == 0x80) {
+        return false;
+    }
+    own_address(cgroup_id, &LOOPBACK_MARK) && !own_address(cgroup_id, &packet.src)
+}
+
+#[inline(always)]
+fn raw_socket(ctx: &SkBuffContext) -> bool {
+    let skb: *const __sk_buff = ctx.as_ptr().cast();
+    // SAFETY: reading the socket pointer of a valid context.
+    let sk = unsafe { (*skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: a socket pointer from the context is a valid helper argument.
+    let full = unsafe { bpf_sk_fullsock(sk) };
+    if full.is_null() {
+        return false;
+    }
+    // SAFETY: a full socket's `type` is readable.
+    unsafe { (*full).type_ == SOCK_RAW }
+}
+
+#[inline(always)]
+fn unknown_flow(cgroup_id: u64, local: u32) -> Flow {
+    Flow {
+        direction: DIR_EGRESS,
+        protocol: 0,
+        local_identity: local,
+        cgroup_id,
+        peer_addr: [0; 16],
+        family: 0,
+        port: 0,
+        peer_port: 0,
+        socket_cookie: 0,
+        in_process: true,
+    }
+}
+
+/// Drops the packet with an audit event giving `why`.
+#[inline(always)]
+fn refuse(flow: &Flow, why: u8) -> i32 {
+    let decision = Decision {
+        verdict: v::DENY,
+        rule_id: 0,
+        policy_rule_id: 0,
+        peer_identity: identity::WORLD,
+        service_id: 0,
+        reason: why,
+    };
+    conclude(flow, &decision);
+    DROP
+}
