@@ -14,6 +14,7 @@ use palisade_tests::{
 };
 use serde_json::Value;
 
+mod attacks;
 mod node;
 
 /// `Some(())` when kernel tests can run here; otherwise explains, and fails under CI.

@@ -6,6 +6,7 @@
 //! namespaces it creates, joined by a bridge with no route out; everything it
 //! makes is removed on drop, also when a test fails.
 pub mod agent;
+pub mod attack;
 pub mod bench;
 pub mod conformance;
 pub mod corpus;

@@ -343,6 +343,37 @@ impl World {
         Ok(())
     }
 
+    /// Counts the TCP and UDP packets that reach `pod`'s network namespace
+    /// (an nftables counter at prerouting, before any socket): what a denied
+    /// peer "saw" is measured where it arrives, not at the sender.
+    pub fn count_arrivals(&self, pod: &Pod) -> anyhow::Result<()> {
+        let rules = "add table inet palisade_count\n\
+                     add chain inet palisade_count pre { type filter hook prerouting priority -400; policy accept; }\n\
+                     add rule inet palisade_count pre meta l4proto { tcp, udp } counter\n";
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &pod.netns, "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()?;
+        std::io::Write::write_all(&mut child.stdin.take().context("stdin")?, rules.as_bytes())?;
+        if !child.wait()?.success() {
+            bail!("installing the arrival counter in {}", pod.netns);
+        }
+        Ok(())
+    }
+
+    /// Packets counted by [`World::count_arrivals`] so far.
+    pub fn arrivals(&self, pod: &Pod) -> anyhow::Result<u64> {
+        let out = in_netns(
+            &pod.netns,
+            &["nft", "list", "chain", "inet", "palisade_count", "pre"],
+        )?;
+        out.split_whitespace()
+            .skip_while(|w| *w != "packets")
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .context("no counter in the arrival chain")
+    }
+
     /// Runs a command in the hub (the node's network namespace), as a
     /// process outside every pod cgroup; fails with its stderr.
     pub fn on_node(&self, args: &[&str]) -> anyhow::Result<String> {
@@ -569,6 +600,16 @@ impl World {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `palisade-testbed ARGS` in any cgroup and a pod's namespace; its
+    /// stdout whatever its exit status (the word is the answer).
+    pub fn testbed_in(&self, cgroup: &Path, netns: &str, args: &[&str]) -> anyhow::Result<String> {
+        let mut cmd = Command::new(crate::bin_dir().join("palisade-testbed"));
+        cmd.args(args);
+        enter(&mut cmd, cgroup, netns)?;
+        let out = cmd.output().context("running palisade-testbed")?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 

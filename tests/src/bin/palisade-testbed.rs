@@ -10,6 +10,10 @@
 //! `palisade-testbed udp-session ADDR PORT FILE` keeps one connected UDP
 //! socket talking to ADDR:PORT (a `ping` every 20 ms, each answer awaited
 //! 300 ms) and keeps `answered lost` in FILE, until killed.
+//! `palisade-testbed attack TECHNIQUE ARGS… [--nobody]` tries one bypass
+//! (see `palisade_tests::attack`) and prints `sent`, `eperm` or `error …`;
+//! `burst ADDR PORT MS` tries a TCP connect every millisecond for MS ms and
+//! prints `ok N eperm N other N`.
 //! `bench-serve` and `bench-client` are the benchmark's echo server and load
 //! generator.
 use std::{
@@ -20,7 +24,7 @@ use std::{
 
 fn usage() -> ! {
     eprintln!(
-        "usage: palisade-testbed serve [--tcp P,P..] [--udp P,P..] | probe tcp|udp ADDR PORT [--timeout-ms N] | flood ADDR PORT COUNT | udp-session ADDR PORT FILE | bench-serve [--tcp P] [--udp P] | bench-client crr|rr|udp ADDR PORT CLIENTS MS"
+        "usage: palisade-testbed serve [--tcp P,P..] [--udp P,P..] | probe tcp|udp ADDR PORT [--timeout-ms N] | flood ADDR PORT COUNT | udp-session ADDR PORT FILE | attack raw-udp|raw-udp-hdrincl|raw-syn|lsrr|rthdr|broadcast|packet-socket ARGS [--nobody] | burst ADDR PORT MS | bench-serve [--tcp P] [--udp P] | bench-client crr|rr|udp ADDR PORT CLIENTS MS"
     );
     std::process::exit(64);
 }
@@ -384,6 +388,60 @@ fn udp_session(args: &[String]) {
     }
 }
 
+fn attack(args: &[String]) {
+    use palisade_tests::attack as a;
+    let nobody = args.iter().any(|x| x == "--nobody");
+    let args: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|x| *x != "--nobody")
+        .collect();
+    if nobody && let Err(e) = a::become_nobody() {
+        println!("error dropping privileges: {e}");
+        std::process::exit(5);
+    }
+    let v4 = |s: &str| s.parse::<std::net::Ipv4Addr>().unwrap_or_else(|_| usage());
+    let v6 = |s: &str| s.parse::<std::net::Ipv6Addr>().unwrap_or_else(|_| usage());
+    let port = |s: &str| s.parse::<u16>().unwrap_or_else(|_| usage());
+    let result = match args.as_slice() {
+        ["raw-udp", dst, p] => a::raw_udp(v4(dst), port(p), None),
+        ["raw-udp-hdrincl", src, dst, p] => a::raw_udp(v4(dst), port(p), Some(v4(src))),
+        ["raw-syn", src, dst, p] => a::raw_syn(v4(src), v4(dst), port(p)),
+        ["lsrr", allowed, denied, p] => a::lsrr_udp(v4(allowed), v4(denied), port(p)),
+        ["rthdr", allowed, denied, p] => a::rthdr_udp(v6(allowed), v6(denied), port(p)),
+        ["broadcast", p] => a::broadcast_udp(port(p)),
+        ["packet-socket"] => a::packet_socket(),
+        _ => usage(),
+    };
+    let (word, code) = match result {
+        Ok(()) => ("sent".to_owned(), 0),
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => ("eperm".to_owned(), 2),
+        Err(e) => (format!("error {e}"), 5),
+    };
+    println!("{word}");
+    std::process::exit(code);
+}
+
+fn burst(args: &[String]) {
+    let [addr, port, ms] = args else { usage() };
+    let addr = SocketAddr::new(
+        addr.parse().unwrap_or_else(|_| usage()),
+        port.parse().unwrap_or_else(|_| usage()),
+    );
+    let ms: u64 = ms.parse().unwrap_or_else(|_| usage());
+    let start = std::time::Instant::now();
+    let (mut ok, mut eperm, mut other) = (0u32, 0u32, 0u32);
+    while start.elapsed() < Duration::from_millis(ms) {
+        match TcpStream::connect_timeout(&addr, Duration::from_millis(20)) {
+            Ok(_) => ok += 1,
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => eperm += 1,
+            Err(_) => other += 1,
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    println!("ok {ok} eperm {eperm} other {other}");
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
@@ -393,6 +451,8 @@ fn main() {
         Some("flood") => flood(&args[1..]),
         Some("probe") => probe(&args[1..]),
         Some("udp-session") => udp_session(&args[1..]),
+        Some("attack") => attack(&args[1..]),
+        Some("burst") => burst(&args[1..]),
         _ => usage(),
     }
 }

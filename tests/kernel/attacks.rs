@@ -1,0 +1,328 @@
+//! An attacker inside an enforced workload. Every technique is first tried
+//! without policy, to prove it delivers packets in this world (counted where
+//! they arrive: an nftables counter in the target's namespace, before any
+//! socket); then under policy, where the denied peer must see nothing.
+use std::{path::Path, time::Duration};
+
+use palisade_tests::{
+    agent::{Agent, config_for},
+    world::{PodSpec, World},
+};
+use serde_json::Value;
+
+use super::{cli, kernel_tests_enabled};
+
+const T: Duration = Duration::from_millis(800);
+
+fn write(dir: &Path, name: &str, text: &str) {
+    std::fs::write(dir.join(name), text).unwrap();
+}
+
+/// Runs `palisade-testbed attack ARGS` in the attacker's network namespace
+/// and cgroup (`managed`), or in a cgroup outside the agent's root (the
+/// control: the same technique where Palisade does not enforce); returns
+/// its word. The attacker runs as root (CAP_NET_RAW, CAP_NET_ADMIN), or as
+/// nobody where the technique says `--nobody`.
+fn attack(world: &World, managed: bool, args: &[&str]) -> String {
+    let mut full = vec!["attack"];
+    full.extend(args);
+    let pod = world.pod("prod/attacker");
+    let cgroup = if managed {
+        pod.cgroup.clone()
+    } else {
+        world.outside_root.clone()
+    };
+    world
+        .testbed_in(&cgroup, &pod.netns, &full)
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn an_attacker_in_a_workload_reaches_nothing_that_policy_denies() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    let mut world = World::new().unwrap();
+    world
+        .add_pod(PodSpec::new("prod", "attacker", &[], &[]))
+        .unwrap();
+    world
+        .add_pod(PodSpec::new("prod", "allowed", &[80], &[80]))
+        .unwrap();
+    world
+        .add_pod(PodSpec::new("prod", "victim", &[80], &[80]))
+        .unwrap();
+    let (attacker, allowed, victim) = (
+        world.pod("prod/attacker"),
+        world.pod("prod/allowed"),
+        world.pod("prod/victim"),
+    );
+    palisade_tests::world::ip(&[
+        "-n",
+        &attacker.netns,
+        "route",
+        "add",
+        "255.255.255.255",
+        "dev",
+        "eth0",
+    ])
+    .unwrap();
+    world.count_arrivals(victim).unwrap();
+    let (a4, l4, v4) = (
+        attacker.ipv4.to_string(),
+        allowed.ipv4.to_string(),
+        victim.ipv4.to_string(),
+    );
+    let (l6, v6) = (allowed.ipv6.to_string(), victim.ipv6.to_string());
+    let techniques: Vec<(&str, Vec<&str>)> = vec![
+        ("raw UDP socket", vec!["raw-udp", &v4, "80"]),
+        (
+            "raw socket with IP_HDRINCL",
+            vec!["raw-udp-hdrincl", &a4, &v4, "80"],
+        ),
+        ("TCP SYN from a raw socket", vec!["raw-syn", &a4, &v4, "80"]),
+        (
+            "forged source (as the allowed pod)",
+            vec!["raw-udp-hdrincl", &l4, &v4, "80"],
+        ),
+        ("IPv4 loose source route", vec!["lsrr", &l4, &v4, "80"]),
+        (
+            "IPv6 routing header, no capability",
+            vec!["rthdr", &l6, &v6, "80", "--nobody"],
+        ),
+        ("limited broadcast", vec!["broadcast", "80"]),
+    ];
+
+    let audit = dir.path().join("audit.jsonl");
+    let config = config_for(&world, &policies, &audit, "");
+    let mut agent = Agent::start(dir.path(), &config).unwrap();
+    agent.wait_enforcing(&world).unwrap();
+
+    // Outside Palisade's reach, from the same namespace, every technique
+    // delivers: the test can fail.
+    for (name, args) in &techniques {
+        let before = world.arrivals(victim).unwrap();
+        let word = attack(&world, false, args);
+        std::thread::sleep(Duration::from_millis(100));
+        let after = world.arrivals(victim).unwrap();
+        assert_eq!(word, "sent", "{name} outside the root");
+        assert!(after > before, "{name} reaches the victim outside the root");
+    }
+
+    // The attacker may reach `allowed` on port 80 and anything outside the
+    // pods' subnet; the victim admits only `allowed`.
+    write(
+        &policies,
+        "policy.yaml",
+        &format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: attacker, namespace: prod}}\n\
+             spec:\n  podSelector: {{matchLabels: {{app: attacker}}}}\n  policyTypes: [Egress]\n  egress:\n\
+             \x20   - to: [{{podSelector: {{matchLabels: {{app: allowed}}}}}}]\n      ports: [{{protocol: TCP, port: 80}}, {{protocol: UDP, port: 80}}]\n\
+             \x20   - to: [{{ipBlock: {{cidr: 0.0.0.0/0, except: [{}/24]}}}}]\n---\n\
+             apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: victim, namespace: prod}}\n\
+             spec:\n  podSelector: {{matchLabels: {{app: victim}}}}\n  policyTypes: [Ingress]\n  ingress:\n\
+             \x20   - from: [{{podSelector: {{matchLabels: {{app: allowed}}}}}}]\n",
+            world.ipv4(0)
+        ),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while world
+        .probe(attacker, "tcp", victim.ipv4.into(), 80, T)
+        .unwrap()
+        != "eperm"
+    {
+        assert!(std::time::Instant::now() < deadline, "policy applied");
+    }
+    assert_eq!(
+        world
+            .probe(attacker, "udp", allowed.ipv4.into(), 80, T)
+            .unwrap(),
+        "ok",
+        "the allowed path works"
+    );
+    for (name, args) in &techniques {
+        let before = world.arrivals(victim).unwrap();
+        let word = attack(&world, true, args);
+        std::thread::sleep(Duration::from_millis(100));
+        let after = world.arrivals(victim).unwrap();
+        assert_eq!(
+            after, before,
+            "{name}: the victim saw nothing (attacker: {word})"
+        );
+    }
+    for why in ["source route", "not the workload's own"] {
+        agent
+            .wait_for_event(
+                |e| e["reason"].as_str().is_some_and(|r| r.contains(why)),
+                Duration::from_secs(3),
+            )
+            .unwrap_or_else(|e| panic!("an audit event says {why:?}: {e}"));
+    }
+    let ev = agent
+        .wait_for_event(
+            |e| {
+                e["local"]["workload"] == "prod/attacker"
+                    && e["peer"]["ip"] == v4.as_str()
+                    && e["protocol"] == "UDP"
+            },
+            Duration::from_secs(3),
+        )
+        .unwrap();
+    assert_eq!(ev["verdict"], "deny", "{ev}");
+
+    // Packet sockets: refused where the kernel has the BPF LSM; otherwise
+    // the agent says plainly that this protection is missing.
+    let (_, json, _) = cli(&agent, &["status", "--json"]);
+    let status: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(
+        attack(&world, false, &["packet-socket"]),
+        "sent",
+        "outside the root"
+    );
+    let word = attack(&world, true, &["packet-socket"]);
+    if status["posture"]["packet_sockets_refused"] == true {
+        assert_eq!(word, "eperm", "packet socket refused");
+    } else {
+        assert_eq!(word, "sent", "without the BPF LSM the socket opens");
+        let gaps = status["posture"]["gaps"].to_string();
+        assert!(gaps.contains("CAP_NET_RAW"), "{gaps}");
+        let (_, text, _) = cli(&agent, &["status"]);
+        assert!(text.contains("packet sockets refused OFF"), "{text}");
+    }
+    let (_, text, _) = cli(&agent, &["status"]);
+    assert!(
+        text.contains("forged source") && text.contains("source routed"),
+        "{text}"
+    );
+    assert!(agent.stop().unwrap());
+}
+
+/// Reads `ok N eperm N other N` from `burst`.
+fn burst_counts(out: &str) -> (u32, u32) {
+    let n: Vec<u32> = out
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    (
+        n.first().copied().unwrap_or(0),
+        n.get(1).copied().unwrap_or(0),
+    )
+}
+
+#[test]
+fn a_new_or_child_cgroup_is_never_more_open_than_its_workload() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    let mut world = World::new().unwrap();
+    world
+        .add_pod(PodSpec::new("prod", "client", &[], &[]))
+        .unwrap();
+    world
+        .add_pod(PodSpec::new("other", "victim", &[80], &[]))
+        .unwrap();
+    let victim = world.pod("other/victim");
+    world.count_arrivals(victim).unwrap();
+    let client_ns = world.pod("prod/client").netns.clone();
+    let vip = victim.ipv4.to_string();
+    // A crafted cgroup name: escape sequences must not reach a terminal.
+    let evil = world
+        .cgroup_root
+        .join("prod/evil\u{1b}[2J\u{1b}]0;owned\u{7}");
+    std::fs::create_dir_all(&evil).unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let config = config_for(&world, &policies, &audit, "");
+    let mut agent = Agent::start(dir.path(), &config).unwrap();
+    agent.wait_enforcing(&world).unwrap();
+
+    let burst_in = |world: &World, cgroup: &Path| -> String {
+        std::fs::create_dir_all(cgroup).unwrap();
+        world
+            .testbed_in(cgroup, &client_ns, &["burst", &vip, "80", "300"])
+            .unwrap()
+    };
+
+    // Without policy: a brand-new cgroup connects as soon as it is
+    // classified, and a child cgroup of the client connects.
+    let (ok, _) = burst_counts(&burst_in(&world, &world.cgroup_root.join("prod/fresh-a")));
+    assert!(ok > 0, "connections go through without policy");
+    let child = world.cgroup_root.join("prod/client/sub");
+    std::fs::create_dir_all(&child).unwrap();
+    agent
+        .wait_for_log(
+            &["workload enforced", "prod/client/sub"],
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    assert_eq!(
+        world
+            .probe_in(&child, &client_ns, "tcp", victim.ipv4.into(), 80, T)
+            .unwrap(),
+        "ok"
+    );
+
+    // Namespace prod may not send anywhere.
+    write(
+        &policies,
+        "deny.yaml",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: no-egress, namespace: prod}\n\
+         spec: {podSelector: {}, policyTypes: [Egress]}\n",
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while world
+        .probe(world.pod("prod/client"), "tcp", victim.ipv4.into(), 80, T)
+        .unwrap()
+        != "eperm"
+    {
+        assert!(std::time::Instant::now() < deadline, "policy applied");
+    }
+    let before = world.arrivals(victim).unwrap();
+    // A child cgroup is its workload.
+    assert_eq!(
+        world
+            .probe_in(&child, &client_ns, "tcp", victim.ipv4.into(), 80, T)
+            .unwrap(),
+        "eperm",
+        "prod/client/sub is prod/client"
+    );
+    // A cgroup made a moment ago, connecting every millisecond from its
+    // first instruction, gets nothing through (agent running).
+    let (ok, eperm) = burst_counts(&burst_in(&world, &world.cgroup_root.join("prod/fresh-b")));
+    assert_eq!(ok, 0, "nothing through while being classified");
+    assert!(eperm > 50, "refused at once, every time ({eperm})");
+    // …and with the agent stopped (its pinned programs and tables stay).
+    agent.kill();
+    let (ok, eperm) = burst_counts(&burst_in(&world, &world.cgroup_root.join("prod/fresh-c")));
+    assert_eq!(ok, 0, "nothing through while no agent runs");
+    assert!(eperm > 50, "held fail-closed ({eperm})");
+    assert_eq!(
+        world.arrivals(victim).unwrap(),
+        before,
+        "the victim saw nothing"
+    );
+    agent.spawn().unwrap();
+    agent
+        .wait_for_log(&["workload enforced", "fresh-c"], Duration::from_secs(10))
+        .unwrap();
+
+    // The crafted name reaches neither the CLI nor the log raw.
+    let (_, out, _) = cli(&agent, &["workloads"]);
+    assert!(out.contains("evil\\u{1b}[2J"), "{out}");
+    assert!(
+        !out.contains('\u{1b}'),
+        "no raw escape in `palisade workloads`"
+    );
+    assert!(
+        agent.log().iter().all(|l| !l.contains('\u{1b}')),
+        "no raw escape in the log"
+    );
+    assert!(agent.stop().unwrap());
+}
