@@ -97,6 +97,26 @@ pub fn render_metrics(status: &Status, audit: &AuditStats) -> String {
             "Changes refused; the previous state stayed in force.",
             status.apply_errors,
         ),
+        (
+            "palisade_packets_unparseable_total",
+            "Packets of enforced workloads that could not be parsed (dropped).",
+            c.unparseable,
+        ),
+        (
+            "palisade_packets_forged_source_total",
+            "Packets leaving a workload with a source address not its own (dropped).",
+            c.forged_source,
+        ),
+        (
+            "palisade_packets_source_routed_total",
+            "Packets leaving a workload with a source route (dropped).",
+            c.source_routed,
+        ),
+        (
+            "palisade_packet_sockets_refused_total",
+            "Packet (AF_PACKET) sockets refused to workloads.",
+            c.packet_sockets_refused,
+        ),
     ] {
         let _ = writeln!(
             out,

@@ -441,8 +441,12 @@ fn figure_programs(b: &Bench) -> anyhow::Result<Value> {
                 } else {
                     "sendmsg6"
                 }
-            } else {
+            } else if name.starts_with("palisade_egress") {
+                "egress"
+            } else if name.starts_with("palisade_ingres") {
                 "ingress"
+            } else {
+                continue; // the packet-socket guard runs at socket creation only
             };
             let baseline = format!("noop_{label}");
             let base = noop(&baseline);

@@ -17,9 +17,10 @@ const BPF_F_ALLOW_MULTI: u32 = 2;
 
 /// (program type, attach type, name) of each baseline: one per Palisade
 /// program, same type, same attach point.
-pub const BASELINES: [(u32, u32, &str); 5] = [
-    // BPF_PROG_TYPE_CGROUP_SKB at BPF_CGROUP_INET_INGRESS
+pub const BASELINES: [(u32, u32, &str); 6] = [
+    // BPF_PROG_TYPE_CGROUP_SKB at BPF_CGROUP_INET_INGRESS and INET_EGRESS
     (8, 0, "noop_ingress"),
+    (8, 1, "noop_egress"),
     // BPF_PROG_TYPE_CGROUP_SOCK_ADDR at BPF_CGROUP_INET4_CONNECT, INET6_CONNECT,
     // UDP4_SENDMSG, UDP6_SENDMSG
     (18, 10, "noop_connect4"),

@@ -260,7 +260,8 @@ pub fn markdown(r: &Value) -> String {
         md,
         "## 2. Cost per program invocation (kernel run_time_ns / run_cnt)\n\n\
          Traffic while the statistics run: the new-connection load over IPv4 and \
-         IPv6 (connect4/6, ingress) and DNS-like UDP request/response over both \
+         IPv6 (connect4/6, ingress, egress: every packet that leaves) and DNS-like \
+         UDP request/response over both \
          families with `sendto()` on unconnected sockets, a fresh socket every \
          100 exchanges (sendmsg4/6). Each no-op is attached at the same cgroup \
          as the program it is compared with and sees the same invocations.\n"
