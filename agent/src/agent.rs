@@ -465,6 +465,47 @@ fn load_policies(config: &Config) -> Result<PolicySet, policy::LoadError> {
     }
 }
 
+/// Rounds between two looks for sockets from outside the root.
+const FOREIGN_SOCKET_ROUNDS: u64 = 10;
+
+/// Looks for sockets the workloads use that were created outside the root
+/// (no hook judges them): each new one is logged, all are in the status.
+fn report_foreign_sockets(
+    root: &std::path::Path,
+    known: &BTreeMap<u64, Workload>,
+    desired: &Desired,
+    seen: &mut BTreeSet<crate::sockets::ForeignSocket>,
+    status: &crate::http::SharedStatus,
+) {
+    let processes: Vec<(String, u32)> = known
+        .values()
+        .flat_map(|w| {
+            let name = format!("{}/{}", w.namespace, w.name);
+            crate::sockets::pids(&root.join(&w.cgroup_path))
+                .into_iter()
+                .map(move |pid| (name.clone(), pid))
+        })
+        .collect();
+    let managed: BTreeSet<u64> = desired.cgroups.keys().copied().collect();
+    let found: BTreeSet<_> = crate::sockets::find_foreign(&processes, &managed)
+        .into_iter()
+        .collect();
+    for f in found.difference(seen) {
+        warn!(
+            workload = %crate::text::escape(&f.workload),
+            pid = f.pid,
+            socket_inode = f.inode,
+            socket_cgroup = f.cgroup_id,
+            protocol = f.protocol,
+            "a workload uses a socket created outside the cgroup root: its traffic is not judged (close it, or create it inside the workload)"
+        );
+    }
+    if let Ok(mut s) = status.lock() {
+        s.foreign_sockets = found.iter().cloned().collect();
+    }
+    *seen = found;
+}
+
 /// Finds the workloads below `root` and their addresses. A cgroup below a
 /// workload's is that workload (a process cannot leave its policy by making
 /// a child cgroup); any other cgroup below the root, and the root itself,
@@ -702,6 +743,9 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
     let mut last_inputs: Option<(Inputs, (u64, u64))> = None;
     let mut steady = false;
     let mut known: BTreeMap<u64, Workload> = BTreeMap::new();
+    // Sockets from outside the root, looked for every few seconds.
+    let mut foreign_round: u64 = 0;
+    let mut foreign_seen: BTreeSet<crate::sockets::ForeignSocket> = BTreeSet::new();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -841,6 +885,12 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
                 s.maps = datapath.fill();
             }
         };
+        foreign_round += 1;
+        if foreign_round % FOREIGN_SOCKET_ROUNDS == 1
+            && let Some(desired) = &applied
+        {
+            report_foreign_sockets(&root, &known, desired, &mut foreign_seen, &status);
+        }
         // Planning is pure: the inputs of the last round again, after a round
         // whose plan changed nothing, give that plan again. Skipping it keeps
         // an idle agent with a large policy idle.

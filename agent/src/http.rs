@@ -33,6 +33,8 @@ pub struct Status {
     pub maps: Vec<(&'static str, usize, u32)>,
     /// Which protections are active on this node.
     pub posture: crate::datapath::kernel::Posture,
+    /// Sockets workloads use that were created outside the root (not judged).
+    pub foreign_sockets: Vec<crate::sockets::ForeignSocket>,
 }
 
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -75,6 +77,11 @@ pub fn render_metrics(status: &Status, audit: &AuditStats) -> String {
             "palisade_verdicts_total{{direction=\"{dir}\",verdict=\"{verdict}\"}} {v}"
         );
     }
+    let _ = writeln!(
+        out,
+        "# HELP palisade_foreign_sockets Sockets in use by workloads that were created outside the cgroup root (not judged).\n# TYPE palisade_foreign_sockets gauge\npalisade_foreign_sockets {}",
+        status.foreign_sockets.len()
+    );
     let delivered = audit.delivered.load(Ordering::Relaxed);
     for (name, help, v) in [
         (

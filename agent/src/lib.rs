@@ -12,5 +12,6 @@ pub mod inventory;
 pub mod kubernetes;
 pub mod offline;
 pub mod policy;
+pub mod sockets;
 pub mod text;
 pub mod yaml;

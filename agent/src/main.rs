@@ -501,6 +501,15 @@ fn print_status(v: &serde_json::Value) {
     for gap in p["gaps"].as_array().into_iter().flatten() {
         println!("  ! {}", gap.as_str().unwrap_or(""));
     }
+    for f in v["foreign_sockets"].as_array().into_iter().flatten() {
+        println!(
+            "  ! {} (pid {}) uses a {} socket created outside the cgroup root (cgroup id {}): not judged",
+            esc(&f["workload"]),
+            f["pid"],
+            esc(&f["protocol"]),
+            f["cgroup_id"]
+        );
+    }
     println!("attached");
     for a in v["attach_points"].as_array().into_iter().flatten() {
         println!("  {}", a.as_str().unwrap_or(""));

@@ -326,3 +326,53 @@ fn a_new_or_child_cgroup_is_never_more_open_than_its_workload() {
     );
     assert!(agent.stop().unwrap());
 }
+
+#[test]
+fn a_socket_created_outside_the_root_and_used_by_a_workload_is_reported() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    let mut world = World::new().unwrap();
+    world
+        .add_pod(PodSpec::new("prod", "client", &[8080], &[]))
+        .unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let config = config_for(&world, &policies, &audit, "");
+    let mut agent = Agent::start(dir.path(), &config).unwrap();
+    agent.wait_enforcing(&world).unwrap();
+    let client = world.pod("prod/client");
+    // Made outside the root, then carried into the workload's cgroup.
+    let procs = client.cgroup.join("cgroup.procs");
+    let outside = world.outside_root.clone();
+    let _carrier = world
+        .spawn_testbed_in(
+            &outside,
+            &client.netns,
+            &["foreign-socket", procs.to_str().unwrap()],
+        )
+        .unwrap();
+    agent
+        .wait_for_log(
+            &["socket created outside the cgroup root", "prod/client"],
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    let (_, json, _) = cli(&agent, &["status", "--json"]);
+    let status: Value = serde_json::from_str(&json).unwrap();
+    let found = status["foreign_sockets"].as_array().unwrap();
+    let protocols: std::collections::BTreeSet<&str> = found
+        .iter()
+        .filter_map(|f| f["protocol"].as_str())
+        .collect();
+    assert_eq!(
+        protocols,
+        ["TCP", "UDP"].into(),
+        "both carried sockets, and not the pod's own listener: {status}"
+    );
+    let (_, text, _) = cli(&agent, &["status"]);
+    assert!(text.contains("created outside the cgroup root"), "{text}");
+    assert!(agent.stop().unwrap());
+}

@@ -24,7 +24,7 @@ use std::{
 
 fn usage() -> ! {
     eprintln!(
-        "usage: palisade-testbed serve [--tcp P,P..] [--udp P,P..] | probe tcp|udp ADDR PORT [--timeout-ms N] | flood ADDR PORT COUNT | udp-session ADDR PORT FILE | attack raw-udp|raw-udp-hdrincl|raw-syn|lsrr|rthdr|broadcast|packet-socket ARGS [--nobody] | burst ADDR PORT MS | bench-serve [--tcp P] [--udp P] | bench-client crr|rr|udp ADDR PORT CLIENTS MS"
+        "usage: palisade-testbed serve [--tcp P,P..] [--udp P,P..] | probe tcp|udp ADDR PORT [--timeout-ms N] | flood ADDR PORT COUNT | udp-session ADDR PORT FILE | attack raw-udp|raw-udp-hdrincl|raw-syn|lsrr|rthdr|broadcast|packet-socket ARGS [--nobody] | burst ADDR PORT MS | foreign-socket CGROUP_PROCS | bench-serve [--tcp P] [--udp P] | bench-client crr|rr|udp ADDR PORT CLIENTS MS"
     );
     std::process::exit(64);
 }
@@ -422,6 +422,31 @@ fn attack(args: &[String]) {
     std::process::exit(code);
 }
 
+/// Creates a UDP socket and a TCP listener where it starts, then moves
+/// itself into the cgroup whose `cgroup.procs` is given, keeping them: a
+/// socket handed to a workload from outside.
+fn foreign_socket(args: &[String]) {
+    let [procs] = args else { usage() };
+    let udp = UdpSocket::bind(("::", 0)).unwrap_or_else(|e| {
+        eprintln!("bind: {e}");
+        std::process::exit(1)
+    });
+    let tcp = TcpListener::bind(("::", 0)).unwrap_or_else(|e| {
+        eprintln!("bind: {e}");
+        std::process::exit(1)
+    });
+    if let Err(e) = std::fs::write(procs, std::process::id().to_string()) {
+        eprintln!("joining {procs}: {e}");
+        std::process::exit(1);
+    }
+    println!("ready");
+    let _ = std::io::stdout().flush();
+    let _keep = (udp, tcp);
+    loop {
+        std::thread::park();
+    }
+}
+
 fn burst(args: &[String]) {
     let [addr, port, ms] = args else { usage() };
     let addr = SocketAddr::new(
@@ -453,6 +478,7 @@ fn main() {
         Some("udp-session") => udp_session(&args[1..]),
         Some("attack") => attack(&args[1..]),
         Some("burst") => burst(&args[1..]),
+        Some("foreign-socket") => foreign_socket(&args[1..]),
         _ => usage(),
     }
 }
