@@ -163,20 +163,21 @@ fn services_the_node_loopback_and_udp_replies_work_under_policy() {
             &[v4(&world, "kube-system/dns")],
         ),
     );
-    // db: its endpoint moves between pods under probes below.
-    objects.insert(
-        "production/db".into(),
-        kubeproxy::service_objects(
-            "production",
-            "db",
-            &[db_vip],
-            &[("pg", "TCP", 5432, 5432)],
-            &[v4(&world, "production/postgres")],
-        ),
+    // db: its endpoint moves between pods under probes below; also a
+    // NodePort (30432 on every node address).
+    let (mut db_svc, db_slice) = kubeproxy::service_objects(
+        "production",
+        "db",
+        &[db_vip],
+        &[("pg", "TCP", 5432, 5432)],
+        &[v4(&world, "production/postgres")],
     );
+    db_svc["spec"]["type"] = json!("NodePort");
+    db_svc["spec"]["ports"][0]["nodePort"] = json!(30432);
+    objects.insert("production/db".into(), (db_svc, db_slice));
     // mixed: two backends, one payment-service may reach (postgres:5432),
     // one it may not (logging:9000), as two slices with their target ports.
-    let (mixed_svc, mixed_pg) = kubeproxy::service_objects(
+    let (mut mixed_svc, mixed_pg) = kubeproxy::service_objects(
         "production",
         "mixed",
         &[mixed_vip],
@@ -192,6 +193,8 @@ fn services_the_node_loopback_and_udp_replies_work_under_policy() {
     )
     .1;
     mixed_log["metadata"]["name"] = json!("mixed-slice-2");
+    mixed_svc["spec"]["type"] = json!("NodePort");
+    mixed_svc["spec"]["ports"][0]["nodePort"] = json!(30700);
     objects.insert("production/mixed".into(), (mixed_svc.clone(), mixed_pg));
     objects.insert("production/mixed-2".into(), (mixed_svc, mixed_log));
     publish(&api, &world, &objects, Mode::Iptables);
