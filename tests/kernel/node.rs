@@ -414,6 +414,53 @@ fn services_the_node_loopback_and_udp_replies_work_under_policy() {
         );
     }
 
+    // 6b. An address the pod adds to its own interface (CAP_NET_ADMIN) is
+    //     not its own: its addresses come from the API server, and a packet
+    //     from the added one is dropped as it leaves.
+    let dns = world.pod("kube-system/dns");
+    world.count_arrivals(dns).unwrap();
+    let payment_pod = world.pod("production/payment-service");
+    let added = world.ipv4(250).to_string();
+    palisade_tests::world::ip(&[
+        "-n",
+        &payment_pod.netns,
+        "addr",
+        "add",
+        &format!("{added}/32"),
+        "dev",
+        "eth0",
+    ])
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(400)); // a rescan or two
+    let send_from = |src: &str| {
+        let before = world.arrivals(dns).unwrap();
+        let word = world
+            .testbed_in(
+                &payment_pod.cgroup,
+                &payment_pod.netns,
+                &["attack", "bound-udp", src, &dns.ipv4.to_string(), "53"],
+            )
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        (
+            word.trim().to_owned(),
+            world.arrivals(dns).unwrap() - before,
+        )
+    };
+    let own = payment_pod.ipv4.to_string();
+    assert_eq!(
+        send_from(&own),
+        ("sent".to_owned(), 1),
+        "from its own address"
+    );
+    let (word, arrived) = send_from(&added);
+    assert_eq!(arrived, 0, "from an added address nothing arrives ({word})");
+    let (_, out, _) = super::cli(&agent, &["workloads"]);
+    assert!(
+        !out.contains(&added),
+        "the added address is not the pod's: {out}"
+    );
+
     // 7. A UDP server whose egress is denied answers the clients its ingress
     //    admits, directly and through its Service.
     api.apply(

@@ -190,6 +190,22 @@ pub fn rthdr_udp(allowed: Ipv6Addr, denied: Ipv6Addr, port: u16) -> io::Result<(
     .map(|_| ())
 }
 
+/// A datagram from `src` — an address the workload added to its own
+/// interface (CAP_NET_ADMIN), or its real one — through an ordinary socket.
+pub fn bound_udp(src: Ipv4Addr, dst: Ipv4Addr, port: u16) -> io::Result<()> {
+    let fd = socket(libc::AF_INET, libc::SOCK_DGRAM, 0)?;
+    let local = sockaddr4(src, 0);
+    // SAFETY: a valid address for its length.
+    check(unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&raw const local).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    })?;
+    send_to4(&fd, b"bound", dst, port)
+}
+
 /// A datagram to the limited broadcast address.
 pub fn broadcast_udp(port: u16) -> io::Result<()> {
     let fd = socket(libc::AF_INET, libc::SOCK_DGRAM, 0)?;
