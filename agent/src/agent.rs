@@ -733,13 +733,12 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let mut rejected: Option<Desired> = None;
 
     let interval = Duration::from_millis(config.rescan_interval_ms);
     let mut planner = Planner::new(config.clone(), matches!(mode, Mode::Kubernetes { .. }));
     let (adopted_cgroups, adopted_nets) = datapath.adopted_identities();
     planner.hint(adopted_cgroups, adopted_nets);
-    let mut applied: Option<Desired> = None;
+    let mut reconciler = crate::reconcile::Reconciler::default();
     let mut last_inputs: Option<(Inputs, (u64, u64))> = None;
     let mut steady = false;
     let mut known: BTreeMap<u64, Workload> = BTreeMap::new();
@@ -887,7 +886,7 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
         };
         foreign_round += 1;
         if foreign_round % FOREIGN_SOCKET_ROUNDS == 1
-            && let Some(desired) = &applied
+            && let Some(desired) = reconciler.applied()
         {
             report_foreign_sockets(&root, &known, desired, &mut foreign_seen, &status);
         }
@@ -909,17 +908,17 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
         }
         let obs = planner.plan(input, &policies);
         refresh_counters(&datapath);
-        steady = applied.as_ref() == Some(&obs.desired) || rejected.as_ref() == Some(&obs.desired);
-        if steady {
-            continue;
-        }
-        let now_known: BTreeMap<u64, Workload> = obs
-            .workloads
-            .iter()
-            .map(|w| (w.cgroup_id, w.clone()))
-            .collect();
-        match datapath.apply(&obs.desired) {
-            Ok(report) => {
+        let first = reconciler.applied().is_none();
+        let outcome = reconciler.reconcile(&mut datapath, &obs.desired);
+        steady = matches!(outcome, crate::reconcile::Outcome::Unchanged);
+        match outcome {
+            crate::reconcile::Outcome::Unchanged => continue,
+            crate::reconcile::Outcome::Applied(report) => {
+                let now_known: BTreeMap<u64, Workload> = obs
+                    .workloads
+                    .iter()
+                    .map(|w| (w.cgroup_id, w.clone()))
+                    .collect();
                 for (id, w) in &now_known {
                     if known.get(id) != Some(w) {
                         info!(workload = %crate::text::escape(&format!("{}/{}", w.namespace, w.name)), cgroup = %crate::text::escape(&w.cgroup_path),
@@ -950,7 +949,7 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
                         stop_rx,
                     )));
                 }
-                if applied.is_none() {
+                if first {
                     info!(
                         workloads = now_known.len(),
                         identities = obs.identities.len(),
@@ -991,16 +990,20 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
                     s.maps = datapath.fill();
                 }
                 known = now_known;
-                applied = Some(obs.desired);
-                rejected = None;
             }
-            Err(e) => {
+            crate::reconcile::Outcome::Refused(e) => {
                 warn!("applying the new state failed, the previous state stays in force: {e}");
                 if let Ok(mut s) = status.lock() {
                     s.apply_errors += 1;
                     s.last_error = Some(e.to_string());
                 }
-                rejected = Some(obs.desired);
+            }
+            crate::reconcile::Outcome::Partial(e) => {
+                warn!("applying the new state failed part way; applying it again next round: {e}");
+                if let Ok(mut s) = status.lock() {
+                    s.apply_errors += 1;
+                    s.last_error = Some(e.to_string());
+                }
             }
         }
     }

@@ -12,6 +12,7 @@ pub mod inventory;
 pub mod kubernetes;
 pub mod offline;
 pub mod policy;
+pub mod reconcile;
 pub mod sockets;
 pub mod text;
 pub mod yaml;

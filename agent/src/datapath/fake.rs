@@ -1,13 +1,30 @@
-//! An in-memory `Datapath` for unit tests: records what was applied.
-use super::{ApplyReport, Counters, Datapath, DatapathError, Desired};
+//! An in-memory `Datapath` for unit tests: records what was applied, and
+//! fails the applies it is told to.
+use std::collections::VecDeque;
+
+use super::{ApplyError, ApplyReport, Counters, Datapath, DatapathError, Desired};
 
 #[derive(Debug, Default)]
 pub struct FakeDatapath {
     pub applied: Vec<Desired>,
+    /// The next applies fail: `true` partially (after the table swap),
+    /// `false` refused (nothing changed).
+    pub failures: VecDeque<bool>,
+    /// Every apply tried, successful or not.
+    pub attempts: usize,
 }
 
 impl Datapath for FakeDatapath {
-    fn apply(&mut self, desired: &Desired) -> Result<ApplyReport, DatapathError> {
+    fn apply(&mut self, desired: &Desired) -> Result<ApplyReport, ApplyError> {
+        self.attempts += 1;
+        if let Some(partial) = self.failures.pop_front() {
+            let error = DatapathError::MissingMap("injected failure");
+            return Err(if partial {
+                ApplyError::partial(error)
+            } else {
+                ApplyError::refused(error)
+            });
+        }
         let report = ApplyReport {
             policy_swapped: self
                 .applied

@@ -20,7 +20,8 @@ use palisade_common::{
 };
 
 use super::{
-    ApplyReport, Counters, Datapath, DatapathError, Desired, ServiceBackends, ServiceFrontend, diff,
+    ApplyError, ApplyReport, Counters, Datapath, DatapathError, Desired, ServiceBackends,
+    ServiceFrontend, diff,
 };
 use crate::{config::MapCapacities, policy::compile::EntryKey};
 
@@ -835,21 +836,15 @@ fn enforced_map(
     typed_mut(ebpf, maps::ENFORCED)
 }
 
-impl Datapath for KernelDatapath {
-    fn apply(&mut self, desired: &Desired) -> Result<ApplyReport, DatapathError> {
+impl KernelDatapath {
+    /// Phase 1: the new policy table into the inactive slot, then the flip.
+    /// An error here leaves the table in force as it was (refused).
+    fn apply_policy(
+        &mut self,
+        desired: &Desired,
+        report: &mut ApplyReport,
+    ) -> Result<bool, DatapathError> {
         self.check_capacity(desired)?;
-        let mut report = ApplyReport::default();
-        // Options first: they hold for the new table as soon as it is live.
-        let options = if desired.host_always_allowed {
-            options::HOST_ALWAYS_ALLOWED
-        } else {
-            0
-        };
-        if options != self.options {
-            self.set_state(state::OPTIONS, options)?;
-            self.options = options;
-        }
-
         let active = &self.slots[usize::from(self.active_slot)];
         if active.entries != desired.policy.entries
             || active.enforced != desired.policy.enforced
@@ -885,6 +880,29 @@ impl Datapath for KernelDatapath {
             report.policy_entries = desired.policy.entries.len();
         }
 
+        Ok(report.policy_swapped)
+    }
+
+    /// Phase 2: options, own addresses, ipcache, Services and cgroups —
+    /// single writes against the live table. An error here leaves the
+    /// kernel behind the desired state (partial: the agent applies it again;
+    /// each map's mirror follows every successful write, so the retry
+    /// writes only what is missing).
+    fn apply_entries(
+        &mut self,
+        desired: &Desired,
+        report: &mut ApplyReport,
+    ) -> Result<(), DatapathError> {
+        // Options with the entries: they hold for the live table.
+        let options = if desired.host_always_allowed {
+            options::HOST_ALWAYS_ALLOWED
+        } else {
+            0
+        };
+        if options != self.options {
+            self.set_state(state::OPTIONS, options)?;
+            self.options = options;
+        }
         {
             let mut own: HashMap<&mut MapData, SelfKey, u8> =
                 typed_mut(&mut self.ebpf, maps::SELF_ADDRESSES)?;
@@ -965,6 +983,17 @@ impl Datapath for KernelDatapath {
                 self.ipcache.remove(net);
             }
         }
+        Ok(())
+    }
+}
+
+impl Datapath for KernelDatapath {
+    fn apply(&mut self, desired: &Desired) -> Result<ApplyReport, ApplyError> {
+        let mut report = ApplyReport::default();
+        self.apply_policy(desired, &mut report)
+            .map_err(ApplyError::refused)?;
+        self.apply_entries(desired, &mut report)
+            .map_err(ApplyError::partial)?;
         Ok(report)
     }
 

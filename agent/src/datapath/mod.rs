@@ -146,10 +146,36 @@ pub struct ApplyReport {
     pub service_updates: usize,
 }
 
+/// An apply that did not complete.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {error}", if *partial { "partially applied, will retry" } else { "refused, nothing changed" })]
+pub struct ApplyError {
+    pub error: DatapathError,
+    /// The new policy table is live but a later write (ipcache, cgroups,
+    /// Services) failed: the kernel is behind the desired state and the same
+    /// state must be applied again. `false`: nothing in force changed.
+    pub partial: bool,
+}
+
+impl ApplyError {
+    pub fn refused(error: DatapathError) -> ApplyError {
+        ApplyError {
+            error,
+            partial: false,
+        }
+    }
+    pub fn partial(error: DatapathError) -> ApplyError {
+        ApplyError {
+            error,
+            partial: true,
+        }
+    }
+}
+
 pub trait Datapath {
-    /// Makes the kernel maps equal `desired`. On error, the policy tables in
-    /// force are unchanged.
-    fn apply(&mut self, desired: &Desired) -> Result<ApplyReport, DatapathError>;
+    /// Makes the kernel maps equal `desired`. A refused apply changed
+    /// nothing in force; a partial one must be retried.
+    fn apply(&mut self, desired: &Desired) -> Result<ApplyReport, ApplyError>;
     fn counters(&self) -> Result<Counters, DatapathError>;
 }
 
