@@ -89,6 +89,8 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
 
+/// GPL-2.0 OR MIT: the kernel reads "Dual MIT/GPL" as GPL-compatible, which
+/// the GPL-only helpers (ring buffer, socket cookies) require.
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
-static LICENSE: [u8; 4] = *b"GPL\0";
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

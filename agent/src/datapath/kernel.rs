@@ -1023,3 +1023,37 @@ impl Datapath for KernelDatapath {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_map_and_program_the_agent_names_is_in_the_embedded_object() {
+        let obj = aya_obj::Object::parse(EBPF_OBJECT).expect("the embedded object parses");
+        for name in [
+            maps::CGROUP_IDENTITY,
+            maps::IPCACHE,
+            maps::POLICY,
+            maps::ENFORCED,
+            maps::FLOWS,
+            maps::SERVICES,
+            maps::SELF_ADDRESSES,
+            maps::STATE,
+            maps::COUNTERS,
+            maps::AUDIT,
+        ] {
+            assert!(obj.maps.contains_key(name), "map {name} is in the object");
+        }
+        for name in SOCK_ADDR_PROGRAMS.into_iter().chain([
+            programs::INGRESS,
+            programs::EGRESS_PACKET,
+            programs::SOCKET_CREATE,
+        ]) {
+            assert!(
+                obj.programs.contains_key(name),
+                "program {name} is in the object"
+            );
+        }
+    }
+}
