@@ -442,13 +442,7 @@ fn policy_list(set: &PolicySet) -> Vec<crate::http::PolicyStatus> {
 fn policy_fingerprint(dir: &Option<PathBuf>) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
     let Some(dir) = dir else { return Vec::new() };
     let mut out = Vec::new();
-    let paths: Vec<PathBuf> = if dir.is_dir() {
-        std::fs::read_dir(dir)
-            .map(|rd| rd.filter_map(Result::ok).map(|e| e.path()).collect())
-            .unwrap_or_default()
-    } else {
-        vec![dir.clone()]
-    };
+    let paths = policy::load::policy_files(dir);
     for p in paths {
         if let Ok(m) = std::fs::metadata(&p) {
             out.push((p, m.modified().ok(), m.len()));
@@ -630,6 +624,13 @@ fn cgroup_root(config: &Config, mode: &Mode) -> anyhow::Result<(PathBuf, PathBuf
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
     let (root, mount) = cgroup_root(&config, &mode)?;
+    if !root.is_dir() && matches!(mode, Mode::Host) && root.starts_with(&mount) {
+        // On a plain host the root is Palisade's to name: an empty cgroup
+        // whose workloads come later (e.g. systemd units with Slice=).
+        std::fs::create_dir_all(&root)
+            .with_context(|| format!("creating the cgroup root {}", root.display()))?;
+        info!(root = %root.display(), "created the cgroup root (it did not exist); workloads go below it");
+    }
     if !root.is_dir() {
         anyhow::bail!(
             "cgroup root {} does not exist: create it (mkdir) or fix cgroupRoot in the config",

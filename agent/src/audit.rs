@@ -5,6 +5,7 @@ use std::{
     collections::BTreeMap,
     io::Write,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path,
     sync::{
         Arc, RwLock,
         atomic::{AtomicU64, Ordering},
@@ -199,6 +200,11 @@ impl Sink {
         if output == "stdout" {
             Ok(Sink::Stdout)
         } else {
+            if let Some(dir) = Path::new(output).parent()
+                && !dir.as_os_str().is_empty()
+            {
+                std::fs::create_dir_all(dir)?;
+            }
             std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)

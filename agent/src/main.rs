@@ -123,7 +123,10 @@ enum Command {
 
 #[derive(Subcommand)]
 enum PolicyCommand {
-    /// Validate policy files or directories; print every problem as file:line:column: field: message.
+    /// Validate policy files or directories (subdirectories included, names
+    /// starting with `.` skipped — as the agent reads `policyDir`); print every
+    /// problem as file:line:column: field: message. Finding no policy file is
+    /// an error.
     Check {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
@@ -390,6 +393,17 @@ fn main() -> anyhow::Result<()> {
         Command::Policy {
             command: PolicyCommand::Check { paths },
         } => match palisade::policy::load_paths(&paths) {
+            Ok(set) if set.files.is_empty() => {
+                eprintln!(
+                    "no policy file (.yaml or .yml) found in {}",
+                    paths
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                std::process::exit(1);
+            }
             Ok(set) => {
                 println!(
                     "ok: {} policies in {} files",

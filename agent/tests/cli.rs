@@ -59,3 +59,33 @@ fn help_explains_the_commands() {
         assert!(out.contains(word), "--help lists {word}:\n{out}");
     }
 }
+
+#[test]
+fn policy_check_reads_subdirectories_and_refuses_to_find_nothing() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    // The repository's own policies live in subdirectories.
+    let (code, out, err) = palisade(&["policy", "check", &format!("{root}/policies")]);
+    assert_eq!(code, 0, "{err}");
+    let files: usize = out
+        .split_whitespace()
+        .nth(4)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(files >= 4, "every file below policies/: {out}");
+
+    // A ConfigMap volume keeps each file twice, once under `..data/`: read once.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("..data");
+    std::fs::create_dir_all(&data).unwrap();
+    let doc = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: x, namespace: y}\nspec: {podSelector: {}}\n";
+    std::fs::write(data.join("p.yaml"), doc).unwrap();
+    std::os::unix::fs::symlink("..data/p.yaml", dir.path().join("p.yaml")).unwrap();
+    let (code, out, err) = palisade(&["policy", "check", dir.path().to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("ok: 1 policies in 1 files"), "{out}");
+
+    let empty = tempfile::tempdir().unwrap();
+    let (code, out, err) = palisade(&["policy", "check", empty.path().to_str().unwrap()]);
+    assert_eq!(code, 1, "finding no policy file is an error");
+    assert!(out.is_empty() && err.contains("no policy file"), "{err}");
+}

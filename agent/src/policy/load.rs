@@ -71,29 +71,58 @@ pub struct PolicySet {
 
 /// Loads every `.yaml`/`.yml` file among `paths` (files, or directories read
 /// non-recursively in name order). All or nothing.
+/// Subdirectories read below a policy directory.
+const MAX_POLICY_DIR_DEPTH: usize = 8;
+
+/// Every `.yaml`/`.yml` file below `dir`, subdirectories included (sorted
+/// per directory). Entries whose name starts with `.` are skipped: a
+/// Kubernetes ConfigMap volume keeps each file twice, once under `..data/`.
+fn collect_dir(dir: &Path, depth: usize, files: &mut Vec<PathBuf>, problems: &mut Vec<Problem>) {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) => {
+            problems.push(file_problem(dir, format!("cannot read directory: {e}")));
+            return;
+        }
+    };
+    let mut found: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .map(|e| e.path())
+        .collect();
+    found.sort();
+    for p in found {
+        if p.is_dir() {
+            if depth < MAX_POLICY_DIR_DEPTH {
+                collect_dir(&p, depth + 1, files, problems);
+            }
+        } else if p.is_file()
+            && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
+        {
+            files.push(p);
+        }
+    }
+}
+
+/// The policy files `load_paths` would read below `dir` (for change detection).
+pub fn policy_files(dir: &Path) -> Vec<PathBuf> {
+    let (mut files, mut problems) = (Vec::new(), Vec::new());
+    if dir.is_dir() {
+        collect_dir(dir, 0, &mut files, &mut problems);
+    } else {
+        files.push(dir.to_owned());
+    }
+    files
+}
+
+/// Loads policy files and directories (`.yaml`/`.yml` files, subdirectories
+/// included; names starting with `.` skipped).
 pub fn load_paths(paths: &[PathBuf]) -> Result<PolicySet, LoadError> {
     let mut files = Vec::new();
     let mut problems = Vec::new();
     for path in paths {
         if path.is_dir() {
-            match std::fs::read_dir(path) {
-                Ok(entries) => {
-                    let mut found: Vec<PathBuf> = entries
-                        .filter_map(Result::ok)
-                        .map(|e| e.path())
-                        .filter(|p| {
-                            p.is_file()
-                                && matches!(
-                                    p.extension().and_then(|e| e.to_str()),
-                                    Some("yaml" | "yml")
-                                )
-                        })
-                        .collect();
-                    found.sort();
-                    files.extend(found);
-                }
-                Err(e) => problems.push(file_problem(path, format!("cannot read directory: {e}"))),
-            }
+            collect_dir(path, 0, &mut files, &mut problems);
         } else {
             files.push(path.clone());
         }
