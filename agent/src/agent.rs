@@ -677,6 +677,11 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
         .bpf_pin_dir
         .clone()
         .map(|dir| crate::datapath::kernel::Pins { dir });
+    // One owner of the pinned state, before anything is adopted or replaced.
+    let _pin_lock = match &pins {
+        Some(p) => Some(p.lock()?),
+        None => None,
+    };
     let mut datapath = KernelDatapath::load(&root, &config.maps, ring_bytes / 8, pins.as_ref())
         .context("starting the datapath")?;
     for point in datapath.attach_points() {

@@ -1535,3 +1535,52 @@ mod kubernetes {
         assert!(agent.stop().unwrap(), "agent exits 0 on SIGTERM");
     }
 }
+
+#[test]
+fn a_second_agent_on_the_same_pins_refuses_to_start_and_names_the_first() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    let mut world = World::new().unwrap();
+    world
+        .add_pod(PodSpec::new("prod", "web", &[80], &[]))
+        .unwrap();
+    let first_dir = dir.path().join("first");
+    let config = config_for(&world, &policies, &first_dir.join("audit.jsonl"), "");
+    let mut first = Agent::start(&first_dir, &config).unwrap();
+    first.wait_enforcing(&world).unwrap();
+    // The same pins, its own control socket and audit file.
+    let second_dir = dir.path().join("second");
+    std::fs::create_dir_all(&second_dir).unwrap();
+    let second_config = config_for(&world, &policies, &second_dir.join("audit.jsonl"), "");
+    std::fs::write(second_dir.join("agent.yaml"), &second_config).unwrap();
+    let out = std::process::Command::new(palisade_tests::bin_dir().join("palisade"))
+        .args(["agent", "--config"])
+        .arg(second_dir.join("agent.yaml"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "the second agent must not run: {err}"
+    );
+    let pid = first.pid().unwrap();
+    assert!(
+        err.contains(&format!(
+            "another palisade agent (pid {pid}) owns the pinned state"
+        )),
+        "{err}"
+    );
+    // The first agent is untouched: its socket answers, it is ready.
+    let (code, status, _) = cli(&first, &["status"]);
+    assert_eq!(code, 0);
+    assert!(status.contains("ready"), "{status}");
+    assert!(first.stop().unwrap());
+    // Once it stopped, the pins are free for a new agent.
+    let mut next = Agent::start(&second_dir, &second_config).unwrap();
+    next.wait_enforcing(&world).unwrap();
+    assert!(next.stop().unwrap());
+}

@@ -5,6 +5,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs::File,
     net::IpAddr,
+    os::fd::AsRawFd as _,
     path::Path,
 };
 
@@ -245,6 +246,79 @@ impl Pins {
     }
     fn link(&self, program: &str) -> std::path::PathBuf {
         self.dir.join(format!("link_{program}"))
+    }
+}
+
+/// Where agents take their pin-directory locks (bpffs holds no regular
+/// files); the DaemonSet mounts it from the host, as the control socket's.
+pub const LOCK_DIR: &str = "/run/palisade/locks";
+
+/// The exclusive claim of one agent on a pin directory, held while it runs:
+/// a second agent with the same `bpfPinDir` would adopt the first one's
+/// programs and rewrite its tables under it.
+pub struct PinLock {
+    file: File,
+    path: std::path::PathBuf,
+}
+
+impl Pins {
+    /// Takes the lock, or says which process holds it.
+    pub fn lock(&self) -> Result<PinLock, DatapathError> {
+        let name: String = self
+            .dir
+            .display()
+            .to_string()
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let path = Path::new(LOCK_DIR).join(format!("{name}.lock"));
+        let io = |what: &'static str, source| DatapathError::Io {
+            what,
+            path: path.display().to_string(),
+            source,
+        };
+        std::fs::create_dir_all(LOCK_DIR).map_err(|e| io("creating the lock directory of", e))?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| io("opening the pin lock", e))?;
+        // SAFETY: a zeroed flock is a valid argument; fcntl reads/writes it.
+        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = libc::F_WRLCK as libc::c_short;
+        fl.l_whence = libc::SEEK_SET as libc::c_short;
+        // SAFETY: valid descriptor and flock.
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLK, &fl) } != 0 {
+            // SAFETY: as above; F_GETLK fills in the holder.
+            let holder = if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETLK, &mut fl) } == 0
+                && fl.l_type != libc::F_UNLCK as libc::c_short
+            {
+                fl.l_pid
+            } else {
+                0
+            };
+            return Err(DatapathError::PinsInUse {
+                dir: self.dir.display().to_string(),
+                pid: holder,
+                lock: path.display().to_string(),
+            });
+        }
+        Ok(PinLock { file, path })
+    }
+}
+
+impl Drop for PinLock {
+    fn drop(&mut self) {
+        // Removed before the descriptor (and with it the lock) goes.
+        let _ = std::fs::remove_file(&self.path);
+        let _ = &self.file;
     }
 }
 

@@ -134,6 +134,10 @@ pub enum DatapathError {
     },
     #[error("map {0} is missing from the eBPF object")]
     MissingMap(&'static str),
+    #[error(
+        "another palisade agent (pid {pid}) owns the pinned state in {dir} (lock {lock}): stop it first, or give this agent its own bpfPinDir"
+    )]
+    PinsInUse { dir: String, pid: i32, lock: String },
 }
 
 /// What an apply changed.
