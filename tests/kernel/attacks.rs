@@ -376,3 +376,79 @@ fn a_socket_created_outside_the_root_and_used_by_a_workload_is_reported() {
     assert!(text.contains("created outside the cgroup root"), "{text}");
     assert!(agent.stop().unwrap());
 }
+
+#[test]
+fn a_packet_the_ingress_program_cannot_parse_is_dropped_counted_and_audited() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    let mut world = World::new().unwrap();
+    world
+        .add_pod(PodSpec::new("prod", "victim", &[], &[9000]))
+        .unwrap();
+    let (sender_ns, sender_ix) = world.add_bare_netns("sender").unwrap();
+    let sender6 = world.ipv6(sender_ix).to_string();
+    let victim6 = world.pod("prod/victim").ipv6.to_string();
+    // The victim admits anyone on UDP 9000: only parsing can stop a datagram.
+    write(
+        &policies,
+        "victim.yaml",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: victim, namespace: prod}\n\
+         spec:\n  podSelector: {matchLabels: {app: victim}}\n  policyTypes: [Ingress]\n  ingress:\n\
+         \x20   - ports: [{protocol: UDP, port: 9000}]\n",
+    );
+    let audit = dir.path().join("audit.jsonl");
+    let config = config_for(&world, &policies, &audit, "");
+    let mut agent = Agent::start(dir.path(), &config).unwrap();
+    agent.wait_enforcing(&world).unwrap();
+    let outside = world.outside_root.clone();
+    let send = |headers: &str| {
+        world
+            .testbed_in(
+                &outside,
+                &sender_ns,
+                &[
+                    "attack",
+                    "deep-ipv6-udp",
+                    &sender6,
+                    &victim6,
+                    "9000",
+                    headers,
+                ],
+            )
+            .unwrap()
+    };
+    let counters = |agent: &Agent| -> Value {
+        let (_, json, _) = cli(agent, &["status", "--json"]);
+        serde_json::from_str::<Value>(&json).unwrap()["counters"].clone()
+    };
+    // Two extension headers: parsed, judged, allowed.
+    assert_eq!(send("2").trim(), "sent");
+    std::thread::sleep(Duration::from_millis(300));
+    let before = counters(&agent);
+    assert_eq!(before["unparseable"], 0, "{before}");
+    assert!(
+        before["ingress_allow"].as_u64().unwrap_or(0) >= 1,
+        "{before}"
+    );
+    // Six: more than the bounded walk reads — dropped, counted, audited.
+    assert_eq!(send("6").trim(), "sent");
+    let ev = agent
+        .wait_for_event(
+            |e| {
+                e["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("could not be parsed"))
+            },
+            Duration::from_secs(3),
+        )
+        .unwrap();
+    assert_eq!(ev["local"]["workload"], "prod/victim", "{ev}");
+    assert_eq!(ev["verdict"], "deny", "{ev}");
+    let after = counters(&agent);
+    assert_eq!(after["unparseable"], 1, "{after}");
+    assert!(agent.stop().unwrap());
+}

@@ -206,6 +206,71 @@ pub fn bound_udp(src: Ipv4Addr, dst: Ipv4Addr, port: u16) -> io::Result<()> {
     send_to4(&fd, b"bound", dst, port)
 }
 
+/// A UDP datagram over IPv6 behind `ext_headers` destination-options
+/// headers (a raw IPv6 socket writes the whole packet): more than a parser
+/// with a bounded walk reads.
+pub fn deep_ipv6_udp(
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    port: u16,
+    ext_headers: usize,
+) -> io::Result<()> {
+    let mut udp = udp(40002, port, b"deep");
+    // The UDP checksum over the IPv6 pseudo-header (mandatory over IPv6).
+    let mut pseudo = Vec::new();
+    pseudo.extend(src.octets());
+    pseudo.extend(dst.octets());
+    pseudo.extend((udp.len() as u32).to_be_bytes());
+    pseudo.extend([0, 0, 0, libc::IPPROTO_UDP as u8]);
+    pseudo.extend(&udp);
+    let sum = checksum(&pseudo);
+    udp[6..8].copy_from_slice(&sum.to_be_bytes());
+    let mut ext = Vec::new();
+    for i in 0..ext_headers {
+        let next = if i + 1 == ext_headers {
+            libc::IPPROTO_UDP as u8
+        } else {
+            60 // another destination-options header
+        };
+        ext.extend([next, 0, 1, 4, 0, 0, 0, 0]); // PadN to 8 bytes
+    }
+    let payload_len = (ext.len() + udp.len()) as u16;
+    let mut packet = vec![0x60, 0, 0, 0];
+    packet.extend(payload_len.to_be_bytes());
+    packet.push(if ext_headers == 0 {
+        libc::IPPROTO_UDP as u8
+    } else {
+        60
+    });
+    packet.push(64);
+    packet.extend(src.octets());
+    packet.extend(dst.octets());
+    packet.extend(ext);
+    packet.extend(udp);
+    let fd = socket(libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_RAW)?;
+    let addr = libc::sockaddr_in6 {
+        sin6_family: libc::AF_INET6 as libc::sa_family_t,
+        sin6_port: 0,
+        sin6_flowinfo: 0,
+        sin6_addr: libc::in6_addr {
+            s6_addr: dst.octets(),
+        },
+        sin6_scope_id: 0,
+    };
+    // SAFETY: valid buffer and address for their lengths.
+    check(unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            packet.as_ptr().cast(),
+            packet.len(),
+            0,
+            (&raw const addr).cast(),
+            std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+        ) as libc::c_int
+    })
+    .map(|_| ())
+}
+
 /// A datagram to the limited broadcast address.
 pub fn broadcast_udp(port: u16) -> io::Result<()> {
     let fd = socket(libc::AF_INET, libc::SOCK_DGRAM, 0)?;

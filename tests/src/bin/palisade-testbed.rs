@@ -24,7 +24,7 @@ use std::{
 
 fn usage() -> ! {
     eprintln!(
-        "usage: palisade-testbed serve [--tcp P,P..] [--udp P,P..] | probe tcp|udp ADDR PORT [--timeout-ms N] | flood ADDR PORT COUNT | udp-session ADDR PORT FILE | attack raw-udp|raw-udp-hdrincl|raw-syn|lsrr|rthdr|broadcast|bound-udp|packet-socket ARGS [--nobody] | burst ADDR PORT MS | foreign-socket CGROUP_PROCS | bench-serve [--tcp P] [--udp P] | bench-client crr|rr|udp ADDR PORT CLIENTS MS"
+        "usage: palisade-testbed serve [--tcp P,P..] [--udp P,P..] | probe tcp|udp ADDR PORT [--timeout-ms N] | flood ADDR PORT COUNT | udp-session ADDR PORT FILE | attack raw-udp|raw-udp-hdrincl|raw-syn|lsrr|rthdr|broadcast|bound-udp|deep-ipv6-udp|packet-socket ARGS [--nobody] | burst ADDR PORT MS | foreign-socket CGROUP_PROCS | bench-serve [--tcp P] [--udp P] | bench-client crr|rr|udp ADDR PORT CLIENTS MS"
     );
     std::process::exit(64);
 }
@@ -411,6 +411,12 @@ fn attack(args: &[String]) {
         ["rthdr", allowed, denied, p] => a::rthdr_udp(v6(allowed), v6(denied), port(p)),
         ["broadcast", p] => a::broadcast_udp(port(p)),
         ["bound-udp", src, dst, p] => a::bound_udp(v4(src), v4(dst), port(p)),
+        ["deep-ipv6-udp", src, dst, p, n] => a::deep_ipv6_udp(
+            v6(src),
+            v6(dst),
+            port(p),
+            n.parse().unwrap_or_else(|_| usage()),
+        ),
         ["packet-socket"] => a::packet_socket(),
         _ => usage(),
     };
