@@ -313,9 +313,49 @@ pub fn call(
     let mut line = serde_json::to_string(request)?;
     line.push('\n');
     stream.write_all(line.as_bytes())?;
+    let mut answered = false;
     for line in BufReader::new(stream).lines() {
-        let line = line?;
+        let line = line.context("reading the agent's answer")?;
+        answered = true;
         each(serde_json::from_str(&line).with_context(|| format!("bad response: {line}"))?)?;
     }
+    // A closed connection without an answer is the agent dying mid-request:
+    // whatever was asked may or may not have happened.
+    anyhow::ensure!(
+        answered,
+        "the agent at {} closed the connection without answering (did it stop or crash?); check `palisade status` and the agent's log",
+        socket.display()
+    );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_agent_that_closes_without_answering_is_an_error_not_silence() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        // An "agent" that reads the request and dies before answering.
+        let server = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut line = String::new();
+            let _ = BufReader::new(&stream).read_line(&mut line);
+        });
+        let mut calls = 0;
+        let e = call(&path, &Request::Status, |_| {
+            calls += 1;
+            Ok(())
+        })
+        .unwrap_err();
+        server.join().unwrap();
+        assert_eq!(calls, 0);
+        assert!(
+            e.to_string()
+                .contains("closed the connection without answering"),
+            "{e}"
+        );
+    }
 }
