@@ -427,8 +427,13 @@ fn a_packet_the_ingress_program_cannot_parse_is_dropped_counted_and_audited() {
     };
     // Two extension headers: parsed, judged, allowed.
     assert_eq!(send("2").trim(), "sent");
-    std::thread::sleep(Duration::from_millis(300));
-    let before = counters(&agent);
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    let mut before = counters(&agent);
+    while before["ingress_allow"].as_u64().unwrap_or(0) < 1 && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+        before = counters(&agent);
+    }
     assert_eq!(before["unparseable"], 0, "{before}");
     assert!(
         before["ingress_allow"].as_u64().unwrap_or(0) >= 1,
@@ -448,7 +453,13 @@ fn a_packet_the_ingress_program_cannot_parse_is_dropped_counted_and_audited() {
         .unwrap();
     assert_eq!(ev["local"]["workload"], "prod/victim", "{ev}");
     assert_eq!(ev["verdict"], "deny", "{ev}");
-    let after = counters(&agent);
+    // The status refreshes its counters every rescan (100 ms here).
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    let mut after = counters(&agent);
+    while after["unparseable"] != 1 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        after = counters(&agent);
+    }
     assert_eq!(after["unparseable"], 1, "{after}");
     assert!(agent.stop().unwrap());
 }

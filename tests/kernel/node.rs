@@ -566,7 +566,7 @@ fn services_the_node_loopback_and_udp_replies_work_under_policy() {
     api.apply(Kind::NetworkPolicies, order_egress(false));
     std::thread::sleep(Duration::from_secs(2));
     let denied = session(&counts);
-    std::thread::sleep(Duration::from_secs(1));
+    std::thread::sleep(Duration::from_millis(2500));
     let later = session(&counts);
     assert_eq!(
         later.0, denied.0,
