@@ -14,14 +14,18 @@ use clap::{Parser, Subcommand};
 /// The toolchain pinned in rust-toolchain.toml; bpf-linker is built with it.
 const TOOLCHAIN: &str = "1.98.0";
 /// Debian packages: LLVM 22 for bpf-linker (same major version as rustc's LLVM),
-/// and iproute2 for the test world.
+/// and iproute2, procps, util-linux, iptables and nftables for the test world.
 const DEBIAN_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
     "zlib1g-dev",
     "iproute2",
-    // The benchmark's comparison points and its chart's font.
+    // sysctl in the test world's node namespaces; nsenter for an agent inside one.
+    "procps",
+    "util-linux",
+    // The benchmark's comparison points (and the tests' kube-proxy rules and
+    // arrival counters), and the chart's font.
     "iptables",
     "nftables",
     "fonts-dejavu-core",
