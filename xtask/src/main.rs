@@ -363,6 +363,11 @@ fn test_artifacts() -> BTreeSet<String> {
         all.extend(names(&mount, &|n| n.starts_with("palisade-"), "cgroup"));
     }
     all.extend(names(
+        Path::new("/run/palisade/locks"),
+        &|n| n.contains("palisade-test-"),
+        "pin lock file",
+    ));
+    all.extend(names(
         Path::new("/sys/fs/bpf"),
         &|n| n.starts_with("palisade-test-"),
         "bpffs pin directory",

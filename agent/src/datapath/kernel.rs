@@ -359,7 +359,21 @@ pub fn ensure_bpffs() -> Result<(), DatapathError> {
 
 /// Removes every pin under `pins.dir`: links (which detaches the programs,
 /// unless something else holds them) and maps. Returns what was removed.
+/// `palisade cleanup`: every pin under `pins.dir` (see `remove_pins`), and
+/// the directory's lock file when no agent holds it (a killed agent leaves it).
 pub fn cleanup(pins: &Pins) -> Result<Vec<String>, DatapathError> {
+    let removed = remove_pins(pins)?;
+    // Taking and dropping the lock removes its file; held by a running
+    // agent, it stays.
+    if let Ok(lock) = pins.lock() {
+        drop(lock);
+    }
+    Ok(removed)
+}
+
+/// Removes every pin under `pins.dir` (the agent itself, replacing pins of
+/// another layout while it holds the directory's lock).
+fn remove_pins(pins: &Pins) -> Result<Vec<String>, DatapathError> {
     let mut removed = Vec::new();
     let entries = match std::fs::read_dir(&pins.dir) {
         Ok(e) => e,
@@ -450,7 +464,7 @@ impl KernelDatapath {
                     expected = PIN_LAYOUT,
                     "pinned state of an incompatible layout; replacing it: enforcement restarts from empty tables"
                 );
-                cleanup(p)?;
+                remove_pins(p)?;
             }
             p.create_dir()?;
         }
@@ -463,7 +477,7 @@ impl KernelDatapath {
                 Some(p),
             ) => {
                 tracing::warn!(pins = %p.dir.display(), "pinned maps have an incompatible layout or capacity ({e}); replacing them: enforcement restarts from empty tables");
-                cleanup(p)?;
+                remove_pins(p)?;
                 p.create_dir()?;
                 load().map_err(|e| DatapathError::Load(Box::new(e)))?
             }
