@@ -21,13 +21,12 @@ use aya_ebpf::{
 };
 use palisade_common::{
     DIR_EGRESS, LOOPBACK_MARK, PROTO_TCP, PROTO_UDP, counter, identity, is_loopback, reason,
-    verdict as v,
 };
 
 use crate::{
     cgroup_identity,
     packet::{Packet, parse},
-    verdict::{DROP, Decision, Flow, PASS, conclude, count, judge_egress, own_address},
+    verdict::{Flow, PASS, count, judge_egress, own_address, refuse},
 };
 
 const TCP_FLAG_SYN: u8 = 0x02;
@@ -60,7 +59,10 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, i32> {
     }
     let Ok(packet) = parsed else {
         count(counter::UNPARSEABLE);
-        return Err(refuse(&unknown_flow(cgroup_id, local), reason::UNPARSEABLE));
+        return Err(refuse(
+            &Flow::without_peer(DIR_EGRESS, cgroup_id, local),
+            reason::UNPARSEABLE,
+        ));
     };
     let mut flow = Flow {
         direction: DIR_EGRESS,
@@ -121,35 +123,4 @@ fn raw_socket(ctx: &SkBuffContext) -> bool {
     }
     // SAFETY: a full socket's `type` is readable.
     unsafe { (*full).type_ == SOCK_RAW }
-}
-
-#[inline(always)]
-fn unknown_flow(cgroup_id: u64, local: u32) -> Flow {
-    Flow {
-        direction: DIR_EGRESS,
-        protocol: 0,
-        local_identity: local,
-        cgroup_id,
-        peer_addr: [0; 16],
-        family: 0,
-        port: 0,
-        peer_port: 0,
-        socket_cookie: 0,
-        in_process: true,
-    }
-}
-
-/// Drops the packet with an audit event giving `why`.
-#[inline(always)]
-fn refuse(flow: &Flow, why: u8) -> i32 {
-    let decision = Decision {
-        verdict: v::DENY,
-        rule_id: 0,
-        policy_rule_id: 0,
-        peer_identity: identity::WORLD,
-        service_id: 0,
-        reason: why,
-    };
-    conclude(flow, &decision);
-    DROP
 }

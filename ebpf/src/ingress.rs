@@ -13,17 +13,14 @@ use aya_ebpf::{
     macros::cgroup_skb,
     programs::SkBuffContext,
 };
-use palisade_common::{
-    DIR_EGRESS, DIR_INGRESS, PROTO_SCTP, PROTO_TCP, PROTO_UDP, counter, identity, reason,
-    verdict as v,
-};
+use palisade_common::{DIR_EGRESS, DIR_INGRESS, PROTO_SCTP, PROTO_TCP, PROTO_UDP, counter, reason};
 
 use crate::{
     cgroup_identity,
     packet::parse,
     verdict::{
-        DROP, Decision, Flow, Known, PASS, active_slot, as_first_judged, conclude, count, enforced,
-        flow_state, judge_egress, judge_ingress, own_address, own_loopback, remember_flow,
+        DROP, Flow, Known, PASS, active_slot, as_first_judged, count, enforced, flow_state,
+        judge_egress, judge_ingress, own_address, own_loopback, refuse, remember_flow,
     },
 };
 
@@ -71,28 +68,10 @@ fn try_ingress(ctx: &SkBuffContext) -> Result<i32, i32> {
     // be judged, and passing it would be a bypass.
     let Ok(packet) = parsed else {
         count(counter::UNPARSEABLE);
-        let flow = Flow {
-            direction: DIR_INGRESS,
-            protocol: 0,
-            local_identity: local,
-            cgroup_id,
-            peer_addr: [0; 16],
-            family: 0,
-            port: 0,
-            peer_port: 0,
-            socket_cookie: 0,
-            in_process: false,
-        };
-        let decision = Decision {
-            verdict: v::DENY,
-            rule_id: 0,
-            policy_rule_id: 0,
-            peer_identity: identity::WORLD,
-            service_id: 0,
-            reason: reason::UNPARSEABLE,
-        };
-        conclude(&flow, &decision);
-        return Err(DROP);
+        return Err(refuse(
+            &Flow::without_peer(DIR_INGRESS, cgroup_id, local),
+            reason::UNPARSEABLE,
+        ));
     };
     if ingress_ifindex(ctx) == LOOPBACK_IFINDEX
         && (own_address(cgroup_id, &packet.src) || own_loopback(cgroup_id, &packet.src))

@@ -6,11 +6,11 @@
 use aya_ebpf::{
     helpers::generated::bpf_get_current_cgroup_id, macros::lsm_cgroup, programs::LsmContext,
 };
-use palisade_common::{DIR_EGRESS, counter, identity, reason, verdict as v};
+use palisade_common::{DIR_EGRESS, counter, identity, reason};
 
 use crate::{
     cgroup_identity,
-    verdict::{Decision, Flow, conclude, count},
+    verdict::{Flow, count, refuse},
 };
 
 const AF_PACKET: i32 = 17;
@@ -33,26 +33,9 @@ pub fn palisade_socket_create(ctx: LsmContext) -> i32 {
         return ALLOW;
     }
     count(counter::PACKET_SOCKETS_REFUSED);
-    let flow = Flow {
-        direction: DIR_EGRESS,
-        protocol: 0,
-        local_identity: local,
-        cgroup_id,
-        peer_addr: [0; 16],
-        family: 0,
-        port: 0,
-        peer_port: 0,
-        socket_cookie: 0,
-        in_process: true,
-    };
-    let decision = Decision {
-        verdict: v::DENY,
-        rule_id: 0,
-        policy_rule_id: 0,
-        peer_identity: identity::WORLD,
-        service_id: 0,
-        reason: reason::PACKET_SOCKET,
-    };
-    conclude(&flow, &decision);
+    refuse(
+        &Flow::without_peer(DIR_EGRESS, cgroup_id, local),
+        reason::PACKET_SOCKET,
+    );
     REFUSE
 }

@@ -298,6 +298,42 @@ pub fn judge_ingress(flow: &Flow) -> i32 {
     conclude(flow, &decision)
 }
 
+impl Flow {
+    /// Traffic of `local` with no peer to name (a packet that could not be
+    /// parsed, a socket refused): only the workload and the direction.
+    #[inline(always)]
+    pub fn without_peer(direction: u8, cgroup_id: u64, local: u32) -> Flow {
+        Flow {
+            direction,
+            protocol: 0,
+            local_identity: local,
+            cgroup_id,
+            peer_addr: [0; 16],
+            family: 0,
+            port: 0,
+            peer_port: 0,
+            socket_cookie: 0,
+            in_process: direction == DIR_EGRESS,
+        }
+    }
+}
+
+/// Refuses `flow` for a reason other than a policy rule (`reason::*`):
+/// counted as a deny, with an audit event giving `why`. Returns `DROP`.
+#[inline(always)]
+pub fn refuse(flow: &Flow, why: u8) -> i32 {
+    let decision = Decision {
+        verdict: v::DENY,
+        rule_id: 0,
+        policy_rule_id: 0,
+        peer_identity: identity::WORLD,
+        service_id: 0,
+        reason: why,
+    };
+    conclude(flow, &decision);
+    DROP
+}
+
 /// Counts the decision and, for a deny or would-deny, writes an audit event.
 /// Returns what the program must answer.
 #[inline(always)]
