@@ -10,7 +10,7 @@ use palisade_tests::{
 };
 use serde_json::Value;
 
-use super::{cli, kernel_tests_enabled};
+use super::{cli, kernel_tests_enabled, node::until, temp_policy_dir};
 
 const T: Duration = Duration::from_millis(800);
 
@@ -44,9 +44,7 @@ fn an_attacker_in_a_workload_reaches_nothing_that_policy_denies() {
     if !kernel_tests_enabled() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let policies = dir.path().join("policies");
-    std::fs::create_dir_all(&policies).unwrap();
+    let (dir, policies) = temp_policy_dir();
     let mut world = World::new().unwrap();
     world
         .add_pod(PodSpec::new("prod", "attacker", &[], &[]))
@@ -130,14 +128,14 @@ fn an_attacker_in_a_workload_reaches_nothing_that_policy_denies() {
             world.ipv4(0)
         ),
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while world
-        .probe(attacker, "tcp", victim.ipv4.into(), 80, T)
-        .unwrap()
-        != "eperm"
-    {
-        assert!(std::time::Instant::now() < deadline, "policy applied");
-    }
+    until(
+        &world,
+        "prod/attacker",
+        "tcp",
+        victim.ipv4.into(),
+        80,
+        "eperm",
+    );
     assert_eq!(
         world
             .probe(attacker, "udp", allowed.ipv4.into(), 80, T)
@@ -219,9 +217,7 @@ fn a_new_or_child_cgroup_is_never_more_open_than_its_workload() {
     if !kernel_tests_enabled() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let policies = dir.path().join("policies");
-    std::fs::create_dir_all(&policies).unwrap();
+    let (dir, policies) = temp_policy_dir();
     let mut world = World::new().unwrap();
     world
         .add_pod(PodSpec::new("prod", "client", &[], &[]))
@@ -276,14 +272,14 @@ fn a_new_or_child_cgroup_is_never_more_open_than_its_workload() {
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: no-egress, namespace: prod}\n\
          spec: {podSelector: {}, policyTypes: [Egress]}\n",
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while world
-        .probe(world.pod("prod/client"), "tcp", victim.ipv4.into(), 80, T)
-        .unwrap()
-        != "eperm"
-    {
-        assert!(std::time::Instant::now() < deadline, "policy applied");
-    }
+    until(
+        &world,
+        "prod/client",
+        "tcp",
+        victim.ipv4.into(),
+        80,
+        "eperm",
+    );
     let before = world.arrivals(victim).unwrap();
     // A child cgroup is its workload.
     assert_eq!(
@@ -332,9 +328,7 @@ fn a_socket_created_outside_the_root_and_used_by_a_workload_is_reported() {
     if !kernel_tests_enabled() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let policies = dir.path().join("policies");
-    std::fs::create_dir_all(&policies).unwrap();
+    let (dir, policies) = temp_policy_dir();
     let mut world = World::new().unwrap();
     world
         .add_pod(PodSpec::new("prod", "client", &[8080], &[]))
@@ -382,9 +376,7 @@ fn a_packet_the_ingress_program_cannot_parse_is_dropped_counted_and_audited() {
     if !kernel_tests_enabled() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let policies = dir.path().join("policies");
-    std::fs::create_dir_all(&policies).unwrap();
+    let (dir, policies) = temp_policy_dir();
     let mut world = World::new().unwrap();
     world
         .add_pod(PodSpec::new("prod", "victim", &[], &[9000]))
@@ -421,19 +413,22 @@ fn a_packet_the_ingress_program_cannot_parse_is_dropped_counted_and_audited() {
             )
             .unwrap()
     };
-    let counters = |agent: &Agent| -> Value {
-        let (_, json, _) = cli(agent, &["status", "--json"]);
-        serde_json::from_str::<Value>(&json).unwrap()["counters"].clone()
+    // The status refreshes its counters every rescan (100 ms here): wait
+    // (at most 3 s) for them to show `done`.
+    let counters_when = |agent: &Agent, done: &dyn Fn(&Value) -> bool| -> Value {
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        loop {
+            let (_, json, _) = cli(agent, &["status", "--json"]);
+            let c = serde_json::from_str::<Value>(&json).unwrap()["counters"].clone();
+            if done(&c) || std::time::Instant::now() >= deadline {
+                return c;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     };
     // Two extension headers: parsed, judged, allowed.
     assert_eq!(send("2").trim(), "sent");
-    let deadline = std::time::Instant::now() + Duration::from_secs(3);
-    let mut before = counters(&agent);
-    while before["ingress_allow"].as_u64().unwrap_or(0) < 1 && std::time::Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(50));
-        before = counters(&agent);
-    }
+    let before = counters_when(&agent, &|c| c["ingress_allow"].as_u64().unwrap_or(0) >= 1);
     assert_eq!(before["unparseable"], 0, "{before}");
     assert!(
         before["ingress_allow"].as_u64().unwrap_or(0) >= 1,
@@ -453,13 +448,7 @@ fn a_packet_the_ingress_program_cannot_parse_is_dropped_counted_and_audited() {
         .unwrap();
     assert_eq!(ev["local"]["workload"], "prod/victim", "{ev}");
     assert_eq!(ev["verdict"], "deny", "{ev}");
-    // The status refreshes its counters every rescan (100 ms here).
-    let deadline = std::time::Instant::now() + Duration::from_secs(3);
-    let mut after = counters(&agent);
-    while after["unparseable"] != 1 && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-        after = counters(&agent);
-    }
+    let after = counters_when(&agent, &|c| c["unparseable"] == 1);
     assert_eq!(after["unparseable"], 1, "{after}");
     assert!(agent.stop().unwrap());
 }

@@ -17,6 +17,14 @@ use serde_json::Value;
 mod attacks;
 mod node;
 
+/// A temporary directory with an empty `policies/` directory in it.
+pub(crate) fn temp_policy_dir() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    (dir, policies)
+}
+
 /// `Some(())` when kernel tests can run here; otherwise explains, and fails under CI.
 fn kernel_tests_enabled() -> bool {
     match palisade_tests::can_run_kernel_tests() {
@@ -1262,11 +1270,11 @@ mod kubernetes {
 
     const NODE: &str = "node-test";
 
-    fn fixtures() -> std::path::PathBuf {
+    pub(crate) fn fixtures() -> std::path::PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("kubernetes/fixtures")
     }
 
-    fn uid(index: usize) -> String {
+    pub(crate) fn uid(index: usize) -> String {
         format!("{index:08x}-5a1d-4e2f-9b3c-{:012x}", index * 7919)
     }
 
@@ -1287,7 +1295,7 @@ mod kubernetes {
     }
 
     /// A Pod object shaped like the recorded one, for a pod of the world.
-    fn pod_object(
+    pub(crate) fn pod_object(
         template: &Value,
         index: usize,
         spec: &PodSpec,
@@ -1541,9 +1549,7 @@ fn a_second_agent_on_the_same_pins_refuses_to_start_and_names_the_first() {
     if !kernel_tests_enabled() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let policies = dir.path().join("policies");
-    std::fs::create_dir_all(&policies).unwrap();
+    let (dir, policies) = temp_policy_dir();
     let mut world = World::new().unwrap();
     world
         .add_pod(PodSpec::new("prod", "web", &[80], &[]))

@@ -21,18 +21,14 @@ use palisade_tests::{
 };
 use serde_json::{Value, json};
 
-use super::{assert_all_hold, kernel_tests_enabled};
+use super::{
+    assert_all_hold, kernel_tests_enabled,
+    kubernetes::{fixtures, pod_object, uid},
+    temp_policy_dir,
+};
 
 const NODE: &str = "node-test";
 const T: Duration = Duration::from_millis(800);
-
-fn fixtures() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("kubernetes/fixtures")
-}
-
-fn uid(index: usize) -> String {
-    format!("{index:08x}-7c1d-4e2f-9b3c-{:012x}", index * 104_729)
-}
 
 /// kubelet's cgroupfs-driver cgroup for container 0 of pod `index`
 /// (relative to the world's root, under `kubepods`), cycling through the QoS
@@ -44,20 +40,6 @@ fn kubelet_cgroupfs(index: usize) -> String {
         2 => format!("kubepods/burstable/pod{}/{id}", uid(index)),
         _ => format!("kubepods/besteffort/pod{}/crio-{id}", uid(index)),
     }
-}
-
-fn pod_object(template: &Value, index: usize, spec: &PodSpec, ips: &[String]) -> Value {
-    let mut p = template.clone();
-    p["metadata"]["name"] = json!(spec.name);
-    p["metadata"]["namespace"] = json!(spec.namespace);
-    p["metadata"]["uid"] = json!(uid(index));
-    p["metadata"]["labels"] = json!({"app": spec.name});
-    p["spec"]["nodeName"] = json!(NODE);
-    p["spec"]["serviceAccountName"] = json!(spec.name);
-    p["spec"]["serviceAccount"] = json!(spec.name);
-    p["status"]["podIP"] = json!(ips[0]);
-    p["status"]["podIPs"] = json!(ips.iter().map(|ip| json!({"ip": ip})).collect::<Vec<_>>());
-    p
 }
 
 fn node_object(world: &World) -> Value {
@@ -85,8 +67,16 @@ fn probe(world: &World, from: &str, proto: &str, to: IpAddr, port: u16) -> Strin
     world.probe(world.pod(from), proto, to, port, T).unwrap()
 }
 
-/// Probes until the word is `want`; returns how long that took.
-fn until(world: &World, from: &str, proto: &str, to: IpAddr, port: u16, want: &str) -> Duration {
+/// Probes `from` → `to:port` until the word is `want` (at most 5 s);
+/// returns how long that took.
+pub(super) fn until(
+    world: &World,
+    from: &str,
+    proto: &str,
+    to: IpAddr,
+    port: u16,
+    want: &str,
+) -> Duration {
     let start = Instant::now();
     loop {
         let word = probe(world, from, proto, to, port);
@@ -145,7 +135,7 @@ fn services_the_node_loopback_and_udp_replies_work_under_policy() {
         spec.cgroup = Some(kubelet_cgroupfs(i));
         let pod = world.add_pod(spec.clone()).unwrap();
         let ips = [pod.ipv4.to_string(), pod.ipv6.to_string()];
-        api.apply(Kind::Pods, pod_object(&template, i, &spec, &ips));
+        api.apply(Kind::Pods, pod_object(&template, i, &spec, &ips, NODE));
     }
 
     // Services, as the API server serves them and kube-proxy programs them.
@@ -550,7 +540,10 @@ fn services_the_node_loopback_and_udp_replies_work_under_policy() {
             };
             let pod = world.add_pod(spec.clone()).unwrap();
             let ips = [pod.ipv4.to_string(), pod.ipv6.to_string()];
-            api.apply(Kind::Pods, pod_object(&template, 40 + round, &spec, &ips));
+            api.apply(
+                Kind::Pods,
+                pod_object(&template, 40 + round, &spec, &ips, NODE),
+            );
             churn.push(spec);
         }
         std::thread::sleep(Duration::from_millis(150));
@@ -641,9 +634,7 @@ fn on_a_plain_host_loopback_is_the_workload_itself_or_the_host() {
     if !kernel_tests_enabled() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let policies = dir.path().join("policies");
-    std::fs::create_dir_all(&policies).unwrap();
+    let (dir, policies) = temp_policy_dir();
     let mut world = World::new().unwrap();
     world.make_node().unwrap();
     world

@@ -7,7 +7,7 @@ use std::{
     net::{Ipv4Addr, Ipv6Addr},
     os::{fd::AsRawFd, unix::process::CommandExt as _},
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    process::{Child, Command, Stdio},
     sync::{
         Once,
         atomic::{AtomicU32, Ordering},
@@ -350,15 +350,7 @@ impl World {
         let rules = "add table inet palisade_count\n\
                      add chain inet palisade_count pre { type filter hook prerouting priority -400; policy accept; }\n\
                      add rule inet palisade_count pre meta l4proto { tcp, udp } counter\n";
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &pod.netns, "nft", "-f", "-"])
-            .stdin(Stdio::piped())
-            .spawn()?;
-        std::io::Write::write_all(&mut child.stdin.take().context("stdin")?, rules.as_bytes())?;
-        if !child.wait()?.success() {
-            bail!("installing the arrival counter in {}", pod.netns);
-        }
-        Ok(())
+        in_netns_with_input(&pod.netns, &["nft", "-f", "-"], rules)
     }
 
     /// Packets counted by [`World::count_arrivals`] so far.
@@ -382,24 +374,7 @@ impl World {
 
     /// Runs a command in the hub with `input` on its stdin (iptables-restore, nft -f -).
     pub fn on_node_with_input(&self, args: &[&str], input: &str) -> anyhow::Result<()> {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.hub])
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("running {args:?} in the node"))?;
-        std::io::Write::write_all(&mut child.stdin.take().context("stdin")?, input.as_bytes())?;
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            bail!(
-                "{}: {}\ninput:\n{input}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(())
+        in_netns_with_input(&self.hub, args, input)
     }
 
     /// Adds a pod: namespace, veth into the bridge, addresses, cgroup, and
@@ -650,18 +625,13 @@ impl World {
         port: u16,
         timeout: Duration,
     ) -> anyhow::Result<String> {
-        let mut cmd = Command::new(crate::bin_dir().join("palisade-testbed"));
-        cmd.args([
-            "probe",
-            proto,
-            &to.to_string(),
-            &port.to_string(),
-            "--timeout-ms",
-            &timeout.as_millis().to_string(),
-        ]);
-        enter(&mut cmd, cgroup, netns)?;
-        let Output { stdout, .. } = cmd.output().context("running palisade-testbed probe")?;
-        Ok(String::from_utf8_lossy(&stdout).trim().to_owned())
+        let (to, port, ms) = (
+            to.to_string(),
+            port.to_string(),
+            timeout.as_millis().to_string(),
+        );
+        let args = ["probe", proto, &to, &port, "--timeout-ms", &ms];
+        Ok(self.testbed_in(cgroup, netns, &args)?.trim().to_owned())
     }
 
     /// Adds a network namespace on the bridge without a pod cgroup (for
@@ -729,6 +699,29 @@ impl World {
         }
         Ok(())
     }
+}
+
+/// Runs `args` in network namespace `netns` with `input` on its stdin
+/// (iptables-restore, nft -f -); fails with its stderr and the input.
+fn in_netns_with_input(netns: &str, args: &[&str], input: &str) -> anyhow::Result<()> {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", netns])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {args:?} in {netns}"))?;
+    std::io::Write::write_all(&mut child.stdin.take().context("stdin")?, input.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "{} (in {netns}): {}\ninput:\n{input}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
 }
 
 /// Runs `args` in network namespace `netns` (`ip netns exec`: for tools
