@@ -459,6 +459,107 @@ fn load_policies(config: &Config) -> Result<PolicySet, policy::LoadError> {
     }
 }
 
+/// How often the kernel state is compared with the agent's (`guard`).
+const SELF_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// One self-check: repairs logged, unrepaired mismatches make the agent
+/// not ready until they are gone.
+fn self_check(datapath: &mut KernelDatapath, status: &crate::http::SharedStatus) {
+    let health = datapath.verify();
+    for r in &health.repaired {
+        warn!("self-check repaired: {r}");
+    }
+    if let Ok(mut s) = status.lock() {
+        if s.enforcement_problems != health.problems {
+            for p in &health.problems {
+                warn!("self-check: enforcement does not match (not ready): {p}");
+            }
+            if health.problems.is_empty() {
+                info!("self-check: enforcement matches the agent's state again");
+            }
+        }
+        s.enforcement_problems = health.problems;
+        s.repairs = datapath.repairs().clone();
+        s.update_ready();
+    }
+}
+
+/// Reloads the policy directory after a change. `None`: the previous
+/// policy stays — the change is invalid, or the source vanished or turned
+/// empty (an unmounted volume, a dangling symlink) while it had policies.
+fn reload_policies(
+    config: &Config,
+    previous: &PolicySet,
+    status: &crate::http::SharedStatus,
+) -> Option<PolicySet> {
+    let revision = status.lock().map(|mut s| {
+        s.policy_revision += 1;
+        s.policy_revision
+    });
+    let revision = revision.unwrap_or_default();
+    let dir = config.policy_dir.as_deref()?;
+    let gone = if !dir.is_dir() {
+        Some(format!(
+            "the policy directory {} is missing or not a directory (a dangling symlink, an unmounted volume?)",
+            dir.display()
+        ))
+    } else if let Err(e) = std::fs::read_dir(dir) {
+        Some(format!(
+            "the policy directory {} cannot be read: {e}",
+            dir.display()
+        ))
+    } else {
+        None
+    };
+    let result = match gone {
+        Some(problem) => Err((problem, true)),
+        None => match load_policies(config) {
+            Ok(p) if p.files.is_empty() && !previous.files.is_empty() => Err((
+                format!(
+                    "the policy directory {} has no policy files any more (an empty or unmounted volume?)",
+                    dir.display()
+                ),
+                true,
+            )),
+            Ok(p) => Ok(p),
+            Err(e) => Err((e.to_string(), false)),
+        },
+    };
+    let Ok(mut s) = status.lock() else {
+        return result.ok();
+    };
+    match result {
+        Ok(p) => {
+            info!(
+                policies = p.policies.len(),
+                files = p.files.len(),
+                "policy reloaded"
+            );
+            if s.policy_source_problem.take().is_some() {
+                info!("the policy directory is back; its policy is applied");
+            }
+            s.last_error = None;
+            s.policy_revision_loaded = revision;
+            Some(p)
+        }
+        Err((problem, source)) => {
+            if source {
+                warn!(
+                    "{problem}: the {} policies loaded before stay in force (to enforce no policy, leave a policy file without policies in it)",
+                    previous.policies.len()
+                );
+                s.policy_source_problem = Some(problem.clone());
+            } else {
+                warn!("policy change rejected, the previous policy stays in force:\n{problem}");
+            }
+            s.apply_errors += 1;
+            s.last_error = Some(problem);
+            s.policy_revision_refused = revision;
+            None
+        }
+    }
+}
+
 /// Rounds between two looks for sockets from outside the root.
 const FOREIGN_SOCKET_ROUNDS: u64 = 10;
 
@@ -640,6 +741,12 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
     if root == mount {
         warn!(root = %root.display(), "cgroupRoot is the machine's root cgroup: every process on the host is subject to policy");
     }
+    if let Some(dir) = config.policy_dir.as_deref().filter(|d| !d.is_dir()) {
+        anyhow::bail!(
+            "policyDir {} does not exist or is not a directory (a dangling symlink, an unmounted volume?): create it with the policy files, or fix policyDir in the config",
+            dir.display()
+        );
+    }
     let mut file_policies = load_policies(&config)
         .map_err(|e| anyhow::anyhow!("{e}"))
         .context("policy is invalid; nothing was loaded")?;
@@ -717,7 +824,6 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
                 listener,
                 crate::control::Context {
                     status: status.clone(),
-                    audit: stats.clone(),
                     events: events_tx.clone(),
                     policy_dir: config.policy_dir.clone(),
                 },
@@ -731,11 +837,7 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("binding httpAddress {addr}"))?;
             info!(address = %addr, "serving /healthz, /readyz and /metrics");
-            Some(tokio::spawn(crate::http::serve(
-                listener,
-                status.clone(),
-                stats.clone(),
-            )))
+            Some(tokio::spawn(crate::http::serve(listener, status.clone())))
         }
         None => None,
     };
@@ -751,6 +853,31 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
     // Sockets from outside the root, looked for every few seconds.
     let mut foreign_round: u64 = 0;
     let mut foreign_seen: BTreeSet<crate::sockets::ForeignSocket> = BTreeSet::new();
+    let mut last_check = std::time::Instant::now();
+    let adopted_entries = datapath.active_entries();
+    // Pinned policy in force and an empty policy directory: an unmounted
+    // volume looks like that. Keep what the kernel enforces until the
+    // directory has policy files again.
+    let mut held_for_source = config.policy_dir.is_some()
+        && file_policies.files.is_empty()
+        && datapath.active_entries() > 0;
+    if held_for_source {
+        let problem = format!(
+            "the policy directory {} has no policy files, but the pinned state enforces {} policy entries: keeping them, not ready, until the directory has policy files (to enforce no policy, put a file without policies there)",
+            config
+                .policy_dir
+                .as_deref()
+                .unwrap_or(std::path::Path::new(""))
+                .display(),
+            datapath.active_entries()
+        );
+        warn!("{problem}");
+        if let Ok(mut s) = status.lock() {
+            s.policy_source_problem = Some(problem.clone());
+            s.last_error = Some(problem);
+            s.update_ready();
+        }
+    }
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -761,26 +888,21 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
             _ = ticker.tick() => {}
             _ = source.changed() => {}
         }
+        if last_check.elapsed() >= SELF_CHECK_EVERY {
+            last_check = std::time::Instant::now();
+            self_check(&mut datapath, &status);
+        }
         let now = policy_fingerprint(&config.policy_dir);
         if now != fingerprint {
             fingerprint = now;
-            match load_policies(&config) {
-                Ok(p) => {
-                    info!(policies = p.policies.len(), "policy reloaded");
-                    if let Ok(mut s) = status.lock() {
-                        s.last_error = None;
-                    }
-                    file_policies = p;
-                    file_version += 1;
-                }
-                Err(e) => {
-                    warn!("policy change rejected, the previous policy stays in force:\n{e}");
-                    if let Ok(mut s) = status.lock() {
-                        s.apply_errors += 1;
-                        s.last_error = Some(e.to_string());
-                    }
-                }
+            if let Some(p) = reload_policies(&config, &file_policies, &status) {
+                file_policies = p;
+                file_version += 1;
+                held_for_source = false;
             }
+        }
+        if held_for_source {
+            continue;
         }
         let input = match &mut source {
             Source::Host(classifier) => {
@@ -884,8 +1006,13 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
         };
         let refresh_counters = |datapath: &KernelDatapath| {
             if let Ok(mut s) = status.lock() {
+                // Delivered first: every event delivered was emitted before
+                // the counters are read, so one report never shows more
+                // delivered than emitted.
+                let delivered = stats.delivered.load(std::sync::atomic::Ordering::Acquire);
                 if let Ok(c) = datapath.counters() {
                     s.counters = c;
+                    s.events_delivered = delivered;
                 }
                 s.maps = datapath.fill();
             }
@@ -916,9 +1043,25 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
         refresh_counters(&datapath);
         let first = reconciler.applied().is_none();
         let outcome = reconciler.reconcile(&mut datapath, &obs.desired);
-        steady = matches!(outcome, crate::reconcile::Outcome::Unchanged);
+        steady = matches!(
+            outcome,
+            crate::reconcile::Outcome::Unchanged | crate::reconcile::Outcome::StillRefused
+        );
+        if let Ok(mut s) = status.lock() {
+            match outcome {
+                crate::reconcile::Outcome::Unchanged | crate::reconcile::Outcome::Applied(_) => {
+                    s.policy_revision_applied = s.policy_revision_loaded;
+                }
+                crate::reconcile::Outcome::Refused(_) => {
+                    s.policy_revision_refused = s.policy_revision_loaded;
+                }
+                _ => {}
+            }
+        }
         match outcome {
-            crate::reconcile::Outcome::Unchanged => continue,
+            crate::reconcile::Outcome::Unchanged | crate::reconcile::Outcome::StillRefused => {
+                continue;
+            }
             crate::reconcile::Outcome::Applied(report) => {
                 let now_known: BTreeMap<u64, Workload> = obs
                     .workloads
@@ -974,7 +1117,9 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
                     *guard = Arc::new(snap);
                 }
                 if let Ok(mut s) = status.lock() {
-                    s.ready = true;
+                    s.applied = true;
+                    s.last_error = None;
+                    s.update_ready();
                     s.generation += 1;
                     s.workloads = now_known.len();
                     s.workload_list = now_known
@@ -996,6 +1141,21 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
                     s.maps = datapath.fill();
                 }
                 known = now_known;
+            }
+            crate::reconcile::Outcome::Refused(e) if first => {
+                warn!(
+                    "the first state cannot be applied; not ready until it can ({}): {e}",
+                    if adopted_entries > 0 {
+                        "the adopted pinned tables stay in force"
+                    } else {
+                        "no policy is enforced"
+                    }
+                );
+                if let Ok(mut s) = status.lock() {
+                    s.apply_errors += 1;
+                    s.last_error = Some(e.to_string());
+                    s.update_ready();
+                }
             }
             crate::reconcile::Outcome::Refused(e) => {
                 warn!("applying the new state failed, the previous state stays in force: {e}");

@@ -13,7 +13,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
 
-use crate::{audit::AuditStats, http::SharedStatus, policy};
+use crate::{http::SharedStatus, policy};
 
 pub const DEFAULT_SOCKET: &str = "/run/palisade/palisade.sock";
 
@@ -25,14 +25,25 @@ pub enum Request {
     PolicyList,
     PolicyApply {
         files: Vec<PolicyFile>,
+        /// How long to wait for the kernel to enforce the change.
+        #[serde(default = "default_timeout_ms")]
+        timeout_ms: u64,
     },
     PolicyDelete {
         name: String,
+        #[serde(default = "default_timeout_ms")]
+        timeout_ms: u64,
     },
     AuditFollow {
         workload: Option<String>,
         verdict: Option<String>,
     },
+}
+
+pub const DEFAULT_TIMEOUT_MS: u64 = 30_000;
+
+fn default_timeout_ms() -> u64 {
+    DEFAULT_TIMEOUT_MS
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -53,7 +64,6 @@ pub enum Response {
 #[derive(Clone)]
 pub struct Context {
     pub status: SharedStatus,
-    pub audit: Arc<AuditStats>,
     pub events: tokio::sync::broadcast::Sender<Arc<serde_json::Value>>,
     pub policy_dir: Option<PathBuf>,
 }
@@ -117,14 +127,9 @@ async fn send(w: &mut tokio::net::unix::OwnedWriteHalf, r: &Response) -> std::io
 }
 
 fn status_json(cx: &Context) -> serde_json::Value {
+    // One snapshot: the counters and the delivered count were read together.
     let s = cx.status.lock().map(|s| s.clone()).unwrap_or_default();
-    let mut v = serde_json::to_value(&s).unwrap_or_default();
-    v["events_delivered"] = cx
-        .audit
-        .delivered
-        .load(std::sync::atomic::Ordering::Relaxed)
-        .into();
-    v
+    serde_json::to_value(&s).unwrap_or_default()
 }
 
 async fn handle(
@@ -138,12 +143,12 @@ async fn handle(
             send(w, &Response::Ok(status_json(cx)["workload_list"].clone())).await
         }
         Request::PolicyList => send(w, &Response::Ok(status_json(cx)["policy_list"].clone())).await,
-        Request::PolicyApply { files } => {
-            let r = apply(cx, files).await;
+        Request::PolicyApply { files, timeout_ms } => {
+            let r = apply(cx, files, Duration::from_millis(timeout_ms)).await;
             send(w, &r).await
         }
-        Request::PolicyDelete { name } => {
-            let r = delete(cx, &name).await;
+        Request::PolicyDelete { name, timeout_ms } => {
+            let r = delete(cx, &name, Duration::from_millis(timeout_ms)).await;
             send(w, &r).await
         }
         Request::AuditFollow { workload, verdict } => {
@@ -174,41 +179,65 @@ async fn handle(
     }
 }
 
-fn generation(cx: &Context) -> (u64, u64) {
+fn revision(cx: &Context) -> u64 {
     cx.status
         .lock()
-        .map(|s| (s.generation, s.apply_errors))
+        .map(|s| s.policy_revision)
         .unwrap_or_default()
 }
 
-/// Waits until the agent applied a change or refused one.
-async fn settle(cx: &Context, before: (u64, u64)) -> Response {
-    for _ in 0..60 {
-        let now = generation(cx);
-        if now.1 > before.1 {
-            let e = cx
-                .status
-                .lock()
-                .ok()
-                .and_then(|s| s.last_error.clone())
-                .unwrap_or_default();
-            return Response::Error(format!(
-                "the agent refused the change; the previous state stays in force:\n{e}"
-            ));
+/// How a written change ended.
+enum Settled {
+    /// The kernel enforces it (generation).
+    Applied(u64),
+    /// The agent refused it (why); nothing of it is in force.
+    Refused(String),
+    /// Not decided within the timeout.
+    Pending(u64),
+}
+
+/// Waits until the agent read the directory after `before` and either the
+/// kernel enforces what it read or the agent refused it.
+async fn settle(cx: &Context, before: u64, timeout: Duration) -> Settled {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let s = cx.status.lock().map(|s| s.clone()).unwrap_or_default();
+        if s.policy_revision > before {
+            if s.policy_revision_refused >= s.policy_revision {
+                return Settled::Refused(s.last_error.unwrap_or_default());
+            }
+            if s.policy_revision_applied >= s.policy_revision {
+                return Settled::Applied(s.generation);
+            }
         }
-        if now.0 > before.0 {
-            return Response::Ok(serde_json::json!({"generation": now.0}));
+        if tokio::time::Instant::now() >= deadline {
+            return Settled::Pending(s.generation);
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    Response::Ok(
-        serde_json::json!({"generation": generation(cx).0, "note": "written; nothing changed in the kernel"}),
-    )
+}
+
+fn pending(generation: u64, timeout: Duration) -> Response {
+    Response::Ok(serde_json::json!({
+        "pending": true,
+        "generation": generation,
+        "note": format!("written, but the kernel did not enforce it within {} s (the agent may be waiting for the API server, or busy); `palisade status` shows when it does", timeout.as_secs_f64()),
+    }))
+}
+
+/// Puts files back as they were (content, or absent).
+fn restore(previous: &[(PathBuf, Option<Vec<u8>>)]) {
+    for (path, content) in previous {
+        let _ = match content {
+            Some(c) => std::fs::write(path, c),
+            None => std::fs::remove_file(path),
+        };
+    }
 }
 
 /// Validates the directory with the new files in place, all or nothing, then
 /// writes them (temp file + rename each) for the watcher to apply.
-async fn apply(cx: &Context, files: Vec<PolicyFile>) -> Response {
+async fn apply(cx: &Context, files: Vec<PolicyFile>, timeout: Duration) -> Response {
     let Some(dir) = cx.policy_dir.clone().filter(|d| d.is_dir()) else {
         return Response::Error(
             "the agent has no policy directory (policyDir) to apply into".into(),
@@ -253,24 +282,44 @@ async fn apply(cx: &Context, files: Vec<PolicyFile>) -> Response {
             .replace(&format!("{}/", staging.path().display()), "");
         return Response::Error(format!("nothing was applied:\n{text}"));
     }
-    let before = generation(cx);
+    let before = revision(cx);
+    let previous: Vec<(PathBuf, Option<Vec<u8>>)> = names
+        .iter()
+        .map(|b| (dir.join(b), std::fs::read(dir.join(b)).ok()))
+        .collect();
     for (f, base) in files.iter().zip(&names) {
         let tmp = dir.join(format!(".{base}.tmp"));
         if let Err(e) =
             std::fs::write(&tmp, &f.content).and_then(|()| std::fs::rename(&tmp, dir.join(base)))
         {
-            return Response::Error(format!("writing {base} into {}: {e}", dir.display()));
+            restore(&previous);
+            return Response::Error(format!(
+                "writing {base} into {}: {e}; nothing was left behind",
+                dir.display()
+            ));
         }
     }
-    settle(cx, before).await
+    match settle(cx, before, timeout).await {
+        Settled::Applied(generation) => Response::Ok(serde_json::json!({"generation": generation})),
+        Settled::Refused(why) => {
+            // A refused push leaves nothing behind: a restart would
+            // otherwise meet the same refusal.
+            restore(&previous);
+            Response::Error(format!(
+                "the agent refused the change and it was taken out of {} again; the previous policy stays in force:\n{why}",
+                dir.display()
+            ))
+        }
+        Settled::Pending(generation) => pending(generation, timeout),
+    }
 }
 
 /// Removes the file that holds policy `name` (`namespace/name`).
-async fn delete(cx: &Context, name: &str) -> Response {
+async fn delete(cx: &Context, name: &str, timeout: Duration) -> Response {
     let Some(dir) = cx.policy_dir.clone() else {
         return Response::Error("the agent has no policy directory (policyDir)".into());
     };
-    let set = match policy::load_paths(&[dir]) {
+    let set = match policy::load_paths(&[dir.clone()]) {
         Ok(s) => s,
         Err(e) => return Response::Error(format!("the policy directory is invalid:\n{e}")),
     };
@@ -290,12 +339,38 @@ async fn delete(cx: &Context, name: &str) -> Response {
             others - 1
         ));
     }
-    let before = generation(cx);
+    let before = revision(cx);
+    let content = std::fs::read(&p.origin.file).ok();
     if let Err(e) = std::fs::remove_file(&p.origin.file) {
         return Response::Error(format!("removing {}: {e}", p.origin.file));
     }
-    settle(cx, before).await
+    let mut previous = vec![(PathBuf::from(&p.origin.file), content)];
+    if set.files.len() == 1 {
+        // The last policy file: an empty directory reads as a vanished
+        // source (the agent keeps the last policy), so say "none" on purpose.
+        let none = dir.join(NONE_FILE);
+        if let Err(e) = std::fs::write(&none, NONE_CONTENT) {
+            restore(&previous);
+            return Response::Error(format!("writing {}: {e}", none.display()));
+        }
+        previous.push((none, None));
+    }
+    match settle(cx, before, timeout).await {
+        Settled::Applied(generation) => Response::Ok(serde_json::json!({"generation": generation})),
+        Settled::Refused(why) => {
+            restore(&previous);
+            Response::Error(format!(
+                "the agent refused the change; {} was put back:\n{why}",
+                p.origin.file
+            ))
+        }
+        Settled::Pending(generation) => pending(generation, timeout),
+    }
 }
+
+/// What `policy delete` leaves when it removes the last policy file.
+pub const NONE_FILE: &str = "no-policies.yaml";
+const NONE_CONTENT: &str = "# No policies: the last one was removed with `palisade policy delete`.\n# An empty policy directory is read as a vanished source (the agent keeps\n# the policy it had); this file says \"no policies\" on purpose.\n";
 
 /// Client side: sends `request`, calls `each` with every response line.
 pub fn call(

@@ -1,15 +1,15 @@
 //! Health and metrics over HTTP (for DaemonSet probes and Prometheus):
-//! `GET /healthz` (alive), `GET /readyz` (programs attached and policy
-//! synced), `GET /metrics` (Prometheus text format). A deliberately tiny
+//! `GET /healthz` (alive), `GET /readyz` (the kernel enforces the policy
+//! the agent says it does; 503 says why not), `GET /metrics` (Prometheus text format). A deliberately tiny
 //! HTTP/1.1 responder: one request per connection, GET only.
 use std::{
     fmt::Write as _,
-    sync::{Arc, Mutex, atomic::Ordering},
+    sync::{Arc, Mutex},
 };
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use crate::{audit::AuditStats, datapath::Counters};
+use crate::datapath::Counters;
 
 /// What the agent reports, refreshed by its loop.
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -35,6 +35,45 @@ pub struct Status {
     pub posture: crate::datapath::kernel::Posture,
     /// Sockets workloads use that were created outside the root (not judged).
     pub foreign_sockets: Vec<crate::sockets::ForeignSocket>,
+    /// Audit events delivered, read just before `counters` (so that
+    /// delivered + lost never exceeds emitted in one report).
+    pub events_delivered: u64,
+    /// A state was applied at least once.
+    pub applied: bool,
+    /// Why the kernel does not enforce what the agent says (self-check),
+    /// or why nothing is applied yet.
+    pub enforcement_problems: Vec<String>,
+    /// Repairs of the kernel state by the self-check, by kind.
+    pub repairs: std::collections::BTreeMap<&'static str, u64>,
+    /// The policy directory vanished, turned empty or unreadable: the last
+    /// good policy stays in force.
+    pub policy_source_problem: Option<String>,
+    /// Policy-directory changes seen (loads tried), the last one loaded,
+    /// the last one whose policy is in the kernel, and the last one refused.
+    pub policy_revision: u64,
+    pub policy_revision_loaded: u64,
+    pub policy_revision_applied: u64,
+    pub policy_revision_refused: u64,
+}
+
+impl Status {
+    /// Why the agent is not ready (empty: ready). Ready means the kernel
+    /// enforces the policy the agent says it does.
+    pub fn not_ready_because(&self) -> Vec<String> {
+        let mut why = self.enforcement_problems.clone();
+        if !self.applied {
+            why.push(match &self.last_error {
+                Some(e) => format!("nothing applied yet: {e}"),
+                None => "programs not attached or policy not synced yet".to_owned(),
+            });
+        }
+        why
+    }
+
+    /// Sets `ready` from the rest.
+    pub fn update_ready(&mut self) {
+        self.ready = self.not_ready_because().is_empty();
+    }
 }
 
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -56,7 +95,7 @@ pub struct PolicyStatus {
 pub type SharedStatus = Arc<Mutex<Status>>;
 
 /// The Prometheus text exposition of `status`.
-pub fn render_metrics(status: &Status, audit: &AuditStats) -> String {
+pub fn render_metrics(status: &Status) -> String {
     let mut out = String::new();
     let c = &status.counters;
     let _ = writeln!(
@@ -82,7 +121,14 @@ pub fn render_metrics(status: &Status, audit: &AuditStats) -> String {
         "# HELP palisade_foreign_sockets Sockets in use by workloads that were created outside the cgroup root (not judged).\n# TYPE palisade_foreign_sockets gauge\npalisade_foreign_sockets {}",
         status.foreign_sockets.len()
     );
-    let delivered = audit.delivered.load(Ordering::Relaxed);
+    let delivered = status.events_delivered;
+    let _ = writeln!(
+        out,
+        "# HELP palisade_repairs_total Kernel state the self-check found wrong and repaired (attachment, link-pin, map-pin, state, table, adoption).\n# TYPE palisade_repairs_total counter"
+    );
+    for (what, n) in &status.repairs {
+        let _ = writeln!(out, "palisade_repairs_total{{what=\"{what}\"}} {n}");
+    }
     for (name, help, v) in [
         (
             "palisade_audit_events_emitted_total",
@@ -153,8 +199,18 @@ pub fn render_metrics(status: &Status, audit: &AuditStats) -> String {
         ),
         (
             "palisade_ready",
-            "1 once programs are attached and policy is synced.",
+            "1 while the kernel enforces the policy the agent says it does.",
             f64::from(u8::from(status.ready)),
+        ),
+        (
+            "palisade_policy_source_problem",
+            "1 while the policy directory is missing, empty or unreadable (the last good policy stays).",
+            f64::from(u8::from(status.policy_source_problem.is_some())),
+        ),
+        (
+            "palisade_enforcement_problems",
+            "Mismatches between the kernel and the agent's state that could not be repaired.",
+            status.enforcement_problems.len() as f64,
         ),
     ] {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
@@ -185,17 +241,12 @@ pub fn render_metrics(status: &Status, audit: &AuditStats) -> String {
 }
 
 /// Serves until the task is dropped.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    status: SharedStatus,
-    audit: Arc<AuditStats>,
-) {
+pub async fn serve(listener: tokio::net::TcpListener, status: SharedStatus) {
     loop {
         let Ok((mut stream, _)) = listener.accept().await else {
             continue;
         };
         let status = status.clone();
-        let audit = audit.clone();
         tokio::spawn(async move {
             let mut buf = [0u8; 2048];
             let mut len = 0;
@@ -226,12 +277,12 @@ pub async fn serve(
                 }
                 ("GET", "/readyz") => (
                     "503 Service Unavailable",
-                    "not ready: programs not attached or policy not synced yet\n".to_owned(),
+                    format!("not ready: {}\n", snapshot.not_ready_because().join("; ")),
                     "text/plain",
                 ),
                 ("GET", "/metrics") => (
                     "200 OK",
-                    render_metrics(&snapshot, &audit),
+                    render_metrics(&snapshot),
                     "text/plain; version=0.0.4",
                 ),
                 ("GET", _) => (
@@ -271,11 +322,10 @@ mod tests {
                 ..Default::default()
             },
             maps: vec![("PAL_POLICY_V1", 64, 256)],
+            events_delivered: 7,
             ..Default::default()
         };
-        let audit = AuditStats::default();
-        audit.delivered.store(7, Ordering::Relaxed);
-        let text = render_metrics(&status, &audit);
+        let text = render_metrics(&status);
         for line in [
             "palisade_verdicts_total{direction=\"ingress\",verdict=\"deny\"} 7",
             "palisade_audit_events_emitted_total 9",

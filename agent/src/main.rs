@@ -43,8 +43,10 @@ enum Command {
         #[arg(long, default_value = "info", env = "RUST_LOG")]
         log: String,
     },
-    /// What the running agent is doing: workloads, identities, policies and their
-    /// generation, map fill, events lost, attach points, version.
+    /// What the running agent is doing: readiness and why not, workloads,
+    /// identities, policies and their generation, map fill, events lost,
+    /// self-check repairs, attach points, version. Exit status 2 when the
+    /// agent is not ready (the kernel does not enforce what it says).
     Status {
         /// Print JSON instead of text.
         #[arg(long)]
@@ -132,18 +134,31 @@ enum PolicyCommand {
         paths: Vec<PathBuf>,
     },
     /// Validate, then hand policy files to the running agent; all or nothing.
+    /// Waits until the kernel enforces them. Exit status: 0 enforced, 1
+    /// refused or invalid (nothing is left behind in the agent's policyDir),
+    /// 3 still pending when the timeout ran out.
     Apply {
         /// Policy file or directory (repeatable).
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<PathBuf>,
+        /// How long to wait for the kernel to enforce the change.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        timeout: std::time::Duration,
     },
     /// The policies the running agent enforces.
     List {
         #[arg(long)]
         json: bool,
     },
-    /// Remove a policy (`namespace/name`, or `name` for a cluster-wide one) from the running agent.
-    Delete { name: String },
+    /// Remove a policy (`namespace/name`, or `name` for a cluster-wide one)
+    /// from the running agent and wait until the kernel no longer enforces
+    /// it (exit status as for `apply`). Removing the last policy file leaves
+    /// `no-policies.yaml`: an empty policyDir is read as a vanished source.
+    Delete {
+        name: String,
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        timeout: std::time::Duration,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -182,15 +197,23 @@ fn main() -> anyhow::Result<()> {
                 .build()?;
             runtime.block_on(palisade::agent::run(config, mode))
         }
-        Command::Status { json } => palisade::control::call(&cli.socket, &Request::Status, |r| {
-            let v = ok(r)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                print_status(&v);
+        Command::Status { json } => {
+            let mut ready = false;
+            palisade::control::call(&cli.socket, &Request::Status, |r| {
+                let v = ok(r)?;
+                ready = v["ready"] == true;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                } else {
+                    print_status(&v);
+                }
+                Ok(())
+            })?;
+            if !ready {
+                std::process::exit(2);
             }
             Ok(())
-        }),
+        }
         Command::Workloads { json } => {
             palisade::control::call(&cli.socket, &Request::Workloads, |r| {
                 let v = ok(r)?;
@@ -252,7 +275,7 @@ fn main() -> anyhow::Result<()> {
             },
         ),
         Command::Policy {
-            command: PolicyCommand::Apply { files },
+            command: PolicyCommand::Apply { files, timeout },
         } => {
             let mut payload = Vec::new();
             for f in &files {
@@ -286,10 +309,14 @@ fn main() -> anyhow::Result<()> {
                 std::process::exit(1);
             }
             let count = payload.len();
-            palisade::control::call(&cli.socket, &Request::PolicyApply { files: payload }, |r| {
-                let v = ok(r)?;
+            let request = Request::PolicyApply {
+                files: payload,
+                timeout_ms: timeout.as_millis() as u64,
+            };
+            palisade::control::call(&cli.socket, &request, |r| {
+                let v = settled(r)?;
                 println!(
-                    "applied {count} file(s); policy generation {}",
+                    "applied {count} file(s); the kernel enforces them (policy generation {})",
                     v["generation"]
                 );
                 Ok(())
@@ -316,13 +343,19 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }),
         Command::Policy {
-            command: PolicyCommand::Delete { name },
+            command: PolicyCommand::Delete { name, timeout },
         } => palisade::control::call(
             &cli.socket,
-            &Request::PolicyDelete { name: name.clone() },
+            &Request::PolicyDelete {
+                name: name.clone(),
+                timeout_ms: timeout.as_millis() as u64,
+            },
             |r| {
-                let v = ok(r)?;
-                println!("deleted {name}; policy generation {}", v["generation"]);
+                let v = settled(r)?;
+                println!(
+                    "deleted {name}; the kernel no longer enforces it (policy generation {})",
+                    v["generation"]
+                );
                 Ok(())
             },
         ),
@@ -441,6 +474,32 @@ fn ok(r: Response) -> anyhow::Result<serde_json::Value> {
     }
 }
 
+/// An apply/delete reply: exits 1 when refused, 3 when still pending.
+fn settled(r: Response) -> anyhow::Result<serde_json::Value> {
+    let v = ok(r)?;
+    if v["pending"] == true {
+        eprintln!("still pending: {}", v["note"].as_str().unwrap_or(""));
+        std::process::exit(3);
+    }
+    Ok(v)
+}
+
+/// `30s`, `500ms`, `2m` or plain seconds.
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let (number, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?}: a duration is a number with ms, s or m (e.g. 30s)"))?;
+    match unit {
+        "ms" => Ok(std::time::Duration::from_millis(n)),
+        "s" => Ok(std::time::Duration::from_secs(n)),
+        "m" => Ok(std::time::Duration::from_secs(n * 60)),
+        _ => Err(format!("{s:?}: unknown unit {unit:?}; use ms, s or m")),
+    }
+}
+
 /// A string field of a reply, escaped for the terminal (see `palisade::text`).
 fn esc(v: &serde_json::Value) -> String {
     palisade::text::escape(v.as_str().unwrap_or("")).into_owned()
@@ -465,6 +524,24 @@ fn print_status(v: &serde_json::Value) {
         n("generation"),
         n("apply_errors")
     );
+    if v["ready"] != true {
+        for why in v["enforcement_problems"].as_array().into_iter().flatten() {
+            println!("  ! {}", esc(why));
+        }
+        if v["applied"] != true {
+            println!("  ! nothing applied yet");
+        }
+    }
+    if let Some(p) = v["policy_source_problem"].as_str() {
+        println!(
+            "  ! {}: the last good policy stays in force",
+            palisade::text::escape(p)
+        );
+    }
+    if let Some(r) = v["repairs"].as_object().filter(|r| !r.is_empty()) {
+        let list: Vec<String> = r.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        println!("self-check repairs  {}", list.join("   "));
+    }
     if let Some(e) = v["last_error"].as_str() {
         let lines: Vec<String> = e
             .lines()

@@ -14,8 +14,10 @@ pub struct Reconciler {
 /// What one reconcile did.
 #[derive(Debug)]
 pub enum Outcome {
-    /// The state in force (or the last refused one) is the planned one.
+    /// The state in force is the planned one.
     Unchanged,
+    /// The planned state is the one refused last time (not tried again).
+    StillRefused,
     Applied(ApplyReport),
     /// Nothing in force changed; not retried until the plan changes.
     Refused(ApplyError),
@@ -30,8 +32,11 @@ impl Reconciler {
     }
 
     pub fn reconcile<D: Datapath>(&mut self, datapath: &mut D, desired: &Desired) -> Outcome {
-        if self.applied.as_ref() == Some(desired) || self.refused.as_ref() == Some(desired) {
+        if self.applied.as_ref() == Some(desired) {
             return Outcome::Unchanged;
+        }
+        if self.refused.as_ref() == Some(desired) {
+            return Outcome::StillRefused;
         }
         match datapath.apply(desired) {
             Ok(report) => {
@@ -92,7 +97,10 @@ mod tests {
             r.reconcile(&mut dp, &too_big),
             Outcome::Refused(_)
         ));
-        assert!(matches!(r.reconcile(&mut dp, &too_big), Outcome::Unchanged));
+        assert!(matches!(
+            r.reconcile(&mut dp, &too_big),
+            Outcome::StillRefused
+        ));
         assert_eq!(dp.attempts, 1, "not hammered while the plan is the same");
         let smaller = state(&[(8, 301)]);
         assert!(matches!(

@@ -12,7 +12,6 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
-    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr},
 };
 use ipnet::IpNet;
 use palisade_common::{
@@ -26,10 +25,8 @@ use super::{
 };
 use crate::{config::MapCapacities, policy::compile::EntryKey};
 
-/// Programs attach through BPF links (kernel ≥ 5.7), which always coexist with
-/// other programs on the same cgroup — multi-attach without the
-/// `BPF_F_ALLOW_MULTI` flag, which the link API rejects with EINVAL.
-const ATTACH_MODE: CgroupAttachMode = CgroupAttachMode::Single;
+mod guard;
+pub use guard::Health;
 
 /// The eBPF object built by `build.rs`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/palisade"));
@@ -54,6 +51,17 @@ pub struct KernelDatapath {
     options: u32,
     attach_points: Vec<String>,
     posture: Posture,
+    /// The cgroup root, an open descriptor of it and its cgroup id.
+    root: std::path::PathBuf,
+    root_fd: File,
+    root_ino: u64,
+    pins: Option<Pins>,
+    /// The links the agent enforces through (see `guard`).
+    links: Vec<guard::HeldLink>,
+    /// Ids of the pinned maps in use, by name.
+    map_ids: BTreeMap<&'static str, u32>,
+    repairs: BTreeMap<&'static str, u64>,
+    checks: u64,
 }
 
 /// Which protections are active on this node, for the log and `palisade status`.
@@ -403,13 +411,6 @@ fn remove_pins(pins: &Pins) -> Result<Vec<String>, DatapathError> {
     Ok(removed)
 }
 
-const SOCK_ADDR_PROGRAMS: [&str; 4] = [
-    programs::CONNECT4,
-    programs::CONNECT6,
-    programs::SENDMSG4,
-    programs::SENDMSG6,
-];
-
 impl KernelDatapath {
     /// Loads the programs and attaches them to `cgroup_root`. With `pins`,
     /// maps and links are pinned; what is already pinned there is adopted —
@@ -432,20 +433,8 @@ impl KernelDatapath {
                 .map_max_entries(maps::SELF_ADDRESSES, capacities.ipcache)
                 .map_max_entries(maps::SERVICES, capacities.services)
                 .map_max_entries(maps::AUDIT, capacities.audit_ring_bytes);
-            let names = [
-                maps::CGROUP_IDENTITY,
-                maps::IPCACHE,
-                maps::POLICY,
-                maps::ENFORCED,
-                maps::FLOWS,
-                maps::SELF_ADDRESSES,
-                maps::SERVICES,
-                maps::STATE,
-                maps::COUNTERS,
-                maps::AUDIT,
-            ];
             let paths: Vec<(&str, std::path::PathBuf)> = match pins {
-                Some(p) => names.iter().map(|n| (*n, p.map(n))).collect(),
+                Some(p) => guard::PINNED_MAPS.iter().map(|n| (*n, p.map(n))).collect(),
                 None => Vec::new(),
             };
             for (name, path) in &paths {
@@ -500,78 +489,13 @@ impl KernelDatapath {
             path: cgroup_root.display().to_string(),
             source,
         })?;
-        let prog_err = |name: &'static str| {
-            move |e: aya::programs::ProgramError| DatapathError::Program {
-                name,
-                source: Box::new(e),
-            }
-        };
-        let pin_err = |name: &'static str| {
-            move |e: aya::pin::PinError| DatapathError::Io {
-                what: "pinning link of",
-                path: name.into(),
-                source: std::io::Error::other(e.to_string()),
-            }
-        };
-        let mut attach_points = Vec::new();
-        let missing = |name: &'static str| DatapathError::Program {
-            name,
-            source: Box::new(aya::programs::ProgramError::NotLoaded),
-        };
-        for name in SOCK_ADDR_PROGRAMS {
-            if let Some(p) = pins.filter(|p| p.link(name).exists()) {
-                attach_points.push(format!(
-                    "{name} on {} (adopted from {})",
-                    cgroup_root.display(),
-                    p.dir.display()
-                ));
-                continue;
-            }
-            let prog: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or_else(|| missing(name))?
-                .try_into()
-                .map_err(prog_err(name))?;
-            prog.load().map_err(prog_err(name))?;
-            let id = prog.attach(&root, ATTACH_MODE).map_err(prog_err(name))?;
-            if let Some(p) = pins {
-                let link = prog.take_link(id).map_err(prog_err(name))?;
-                let fd = aya::programs::links::FdLink::try_from(link)
-                    .map_err(|e| prog_err(name)(e.into()))?;
-                fd.pin(p.link(name)).map_err(pin_err(name))?;
-            }
-            attach_points.push(format!("{name} on {}", cgroup_root.display()));
-        }
-        for (name, attach_type) in [
-            (programs::INGRESS, CgroupSkbAttachType::Ingress),
-            (programs::EGRESS_PACKET, CgroupSkbAttachType::Egress),
-        ] {
-            if let Some(p) = pins.filter(|p| p.link(name).exists()) {
-                attach_points.push(format!(
-                    "{name} on {} (adopted from {})",
-                    cgroup_root.display(),
-                    p.dir.display()
-                ));
-                continue;
-            }
-            let prog: &mut CgroupSkb = ebpf
-                .program_mut(name)
-                .ok_or_else(|| missing(name))?
-                .try_into()
-                .map_err(prog_err(name))?;
-            prog.load().map_err(prog_err(name))?;
-            let id = prog
-                .attach(&root, attach_type, ATTACH_MODE)
-                .map_err(prog_err(name))?;
-            if let Some(p) = pins {
-                let link = prog.take_link(id).map_err(prog_err(name))?;
-                let fd = aya::programs::links::FdLink::try_from(link)
-                    .map_err(|e| prog_err(name)(e.into()))?;
-                fd.pin(p.link(name)).map_err(pin_err(name))?;
-            }
-            attach_points.push(format!("{name} on {}", cgroup_root.display()));
-        }
+        let root_ino = guard::cgroup_id(cgroup_root).map_err(|source| DatapathError::Io {
+            what: "reading the cgroup id of",
+            path: cgroup_root.display().to_string(),
+            source,
+        })?;
         // Packet sockets: refused through the BPF LSM where the kernel has it.
+        let mut attach_points = Vec::new();
         let name = programs::SOCKET_CREATE;
         let packet_sockets = if let Some(p) = pins.filter(|p| p.link(name).exists()) {
             attach_points.push(format!(
@@ -581,22 +505,9 @@ impl KernelDatapath {
             ));
             Ok(())
         } else {
-            match attach_socket_guard(&mut ebpf, &root, pins) {
-                Ok(()) => {
-                    attach_points.push(format!("{name} on {}", cgroup_root.display()));
-                    Ok(())
-                }
-                Err(e) => Err(e),
-            }
+            attach_socket_guard(&mut ebpf, &root, pins)
+                .map(|()| attach_points.push(format!("{name} on {}", cgroup_root.display())))
         };
-        let posture = Posture::of(packet_sockets);
-        if let Some(p) = pins.filter(|p| !p.layout().exists()) {
-            std::fs::create_dir(p.layout()).map_err(|source| DatapathError::Io {
-                what: "creating",
-                path: p.layout().display().to_string(),
-                source,
-            })?;
-        }
         let mut datapath = KernelDatapath {
             ebpf,
             capacities: capacities.clone(),
@@ -608,9 +519,48 @@ impl KernelDatapath {
             own_addresses: BTreeSet::new(),
             services: BTreeMap::new(),
             options: 0,
-            attach_points,
-            posture,
+            attach_points: Vec::new(),
+            posture: Posture::of(packet_sockets),
+            root: cgroup_root.to_owned(),
+            root_fd: root,
+            root_ino,
+            pins: pins.cloned(),
+            links: Vec::new(),
+            map_ids: BTreeMap::new(),
+            repairs: BTreeMap::new(),
+            checks: 0,
         };
+        datapath.record_map_ids();
+        for (name, attach_type) in guard::ENFORCING {
+            let link = match datapath.adopt_link(name, attach_type) {
+                Some(link) => {
+                    let from = pins
+                        .map(|p| p.dir.display().to_string())
+                        .unwrap_or_default();
+                    datapath.attach_points.push(format!(
+                        "{name} on {} (adopted from {from})",
+                        cgroup_root.display()
+                    ));
+                    link
+                }
+                None => {
+                    let link = datapath.attach_fresh(name, attach_type)?;
+                    datapath
+                        .attach_points
+                        .push(format!("{name} on {}", cgroup_root.display()));
+                    link
+                }
+            };
+            datapath.links.push(link);
+        }
+        datapath.attach_points.append(&mut attach_points);
+        if let Some(p) = pins.filter(|p| !p.layout().exists()) {
+            std::fs::create_dir(p.layout()).map_err(|source| DatapathError::Io {
+                what: "creating",
+                path: p.layout().display().to_string(),
+                source,
+            })?;
+        }
         if adopted {
             datapath.observe()?;
         }
@@ -630,22 +580,8 @@ impl KernelDatapath {
             .get(&state::GENERATION, 0)
             .map_err(map_err(maps::STATE))?
             .max(2);
-        let policy: LpmTrie<&MapData, PolicyKeyData, PolicyValue> =
-            typed(&self.ebpf, maps::POLICY)?;
-        for item in policy.iter() {
-            let (key, value) = item.map_err(map_err(maps::POLICY))?;
-            let data = key.data();
-            let entry = EntryKey {
-                direction: data.direction,
-                protocol: data.protocol,
-                local: data.local_identity,
-                peer: data.peer_identity,
-                port: u16::from_be_bytes(data.port_be),
-                port_bits: (key.prefix_len() - palisade_common::POLICY_PREFIX_ANY_PORT) as u8,
-            };
-            self.slots[usize::from(data.slot & 1)]
-                .entries
-                .insert(entry, value);
+        for slot in 0..2 {
+            self.slots[usize::from(slot)].entries = self.read_policy_slot(slot)?;
         }
         let enforced: HashMap<&MapData, EnforcedKey, EnforcedValue> =
             typed(&self.ebpf, maps::ENFORCED)?;
@@ -713,9 +649,81 @@ impl KernelDatapath {
         Ok(())
     }
 
+    /// The policy entries of `slot` as the kernel holds them.
+    fn read_policy_slot(&self, slot: u8) -> Result<BTreeMap<EntryKey, PolicyValue>, DatapathError> {
+        let policy: LpmTrie<&MapData, PolicyKeyData, PolicyValue> =
+            typed(&self.ebpf, maps::POLICY)?;
+        let mut out = BTreeMap::new();
+        for item in policy.iter() {
+            let (key, value) = item.map_err(map_err(maps::POLICY))?;
+            let data = key.data();
+            if data.slot & 1 != slot {
+                continue;
+            }
+            let entry = EntryKey {
+                direction: data.direction,
+                protocol: data.protocol,
+                local: data.local_identity,
+                peer: data.peer_identity,
+                port: u16::from_be_bytes(data.port_be),
+                port_bits: (key.prefix_len() - palisade_common::POLICY_PREFIX_ANY_PORT) as u8,
+            };
+            out.insert(entry, value);
+        }
+        Ok(out)
+    }
+
+    /// Makes the kernel's active slot equal what the agent wrote into it
+    /// (after something else changed it).
+    fn rewrite_active(&mut self) -> Result<(), DatapathError> {
+        let slot = self.active_slot;
+        let kernel = self.read_policy_slot(slot)?;
+        let ours = self.slots[usize::from(slot)].entries.clone();
+        let mut policy = policy_map(&mut self.ebpf)?;
+        for key in kernel.keys().filter(|k| !ours.contains_key(k)) {
+            let (prefix, data) = key.to_kernel(slot);
+            policy
+                .remove(&Key::new(prefix, data))
+                .map_err(map_err(maps::POLICY))?;
+        }
+        for (key, value) in ours.iter().filter(|(k, v)| kernel.get(k) != Some(v)) {
+            let (prefix, data) = key.to_kernel(slot);
+            policy
+                .insert(&Key::new(prefix, data), value, 0)
+                .map_err(map_err(maps::POLICY))?;
+        }
+        let ours = self.slots[usize::from(slot)].enforced.clone();
+        let mut enforced = enforced_map(&mut self.ebpf)?;
+        let keys: Vec<EnforcedKey> = enforced
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.slot == slot && !ours.contains_key(&(k.direction, k.identity)))
+            .collect();
+        for k in keys {
+            enforced.remove(&k).map_err(map_err(maps::ENFORCED))?;
+        }
+        for (&(direction, identity), value) in &ours {
+            let key = EnforcedKey {
+                slot,
+                direction,
+                _pad: [0; 2],
+                identity,
+            };
+            enforced
+                .insert(&key, value, 0)
+                .map_err(map_err(maps::ENFORCED))?;
+        }
+        Ok(())
+    }
+
     /// What the kernel maps held when the agent started (empty unless adopted).
     pub fn adopted_identities(&self) -> (BTreeMap<u64, u32>, BTreeMap<IpNet, u32>) {
         (self.cgroups.clone(), self.ipcache.clone())
+    }
+
+    /// Policy entries in the active table (adopted or written).
+    pub fn active_entries(&self) -> usize {
+        self.slots[usize::from(self.active_slot)].entries.len()
     }
 
     pub fn attach_points(&self) -> &[String] {
@@ -1119,25 +1127,14 @@ mod tests {
     #[test]
     fn every_map_and_program_the_agent_names_is_in_the_embedded_object() {
         let obj = aya_obj::Object::parse(EBPF_OBJECT).expect("the embedded object parses");
-        for name in [
-            maps::CGROUP_IDENTITY,
-            maps::IPCACHE,
-            maps::POLICY,
-            maps::ENFORCED,
-            maps::FLOWS,
-            maps::SERVICES,
-            maps::SELF_ADDRESSES,
-            maps::STATE,
-            maps::COUNTERS,
-            maps::AUDIT,
-        ] {
+        for name in guard::PINNED_MAPS {
             assert!(obj.maps.contains_key(name), "map {name} is in the object");
         }
-        for name in SOCK_ADDR_PROGRAMS.into_iter().chain([
-            programs::INGRESS,
-            programs::EGRESS_PACKET,
-            programs::SOCKET_CREATE,
-        ]) {
+        for name in guard::ENFORCING
+            .map(|(name, _)| name)
+            .into_iter()
+            .chain([programs::SOCKET_CREATE])
+        {
             assert!(
                 obj.programs.contains_key(name),
                 "program {name} is in the object"

@@ -12,6 +12,7 @@
 //!    its last workload moved away, so both old and new are present in the
 //!    table that is live while the single-entry updates land);
 //! 3. stale ipcache and cgroup entries are deleted last.
+pub mod bpfsys;
 pub mod fake;
 pub mod kernel;
 
