@@ -15,6 +15,7 @@ use palisade_tests::{
 use serde_json::Value;
 
 mod attacks;
+mod faults;
 mod node;
 
 /// A temporary directory with an empty `policies/` directory in it.

@@ -217,6 +217,46 @@ impl Agent {
         Ok(())
     }
 
+    /// `palisade status --json` through the control socket (any exit
+    /// status: 2 only means "not ready").
+    pub fn status(&self) -> anyhow::Result<serde_json::Value> {
+        let out = Command::new(crate::bin_dir().join("palisade"))
+            .args(["status", "--json"])
+            .env("PALISADE_SOCKET", self.dir.join("palisade.sock"))
+            .output()?;
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "palisade status --json: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+
+    /// Polls the status until `pred` holds; the last status on timeout.
+    pub fn wait_status(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> anyhow::Result<serde_json::Value> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let status = self.status();
+            if let Ok(s) = &status
+                && pred(s)
+            {
+                return status;
+            }
+            if std::time::Instant::now() > deadline {
+                anyhow::bail!(
+                    "status never showed {what} within {timeout:?}; last: {}",
+                    status.map_or_else(|e| e.to_string(), |s| s.to_string())
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Audit events written so far, parsed.
     pub fn audit_events(&self) -> anyhow::Result<Vec<serde_json::Value>> {
         let text = match std::fs::read_to_string(&self.audit_path) {

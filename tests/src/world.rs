@@ -417,27 +417,35 @@ impl World {
         self.plug(&netns, index, &addrs)?;
         std::fs::create_dir_all(&cgroup).with_context(|| format!("mkdir {}", cgroup.display()))?;
         let pod = self.pods.last_mut().context("pod just added")?;
-        let mut args = vec!["serve".to_owned()];
-        if !pod.spec.tcp.is_empty() {
-            args.push("--tcp".into());
-            args.push(join(&pod.spec.tcp));
-        }
-        if !pod.spec.udp.is_empty() {
-            args.push("--udp".into());
-            args.push(join(&pod.spec.udp));
-        }
-        let mut cmd = Command::new(crate::bin_dir().join("palisade-testbed"));
-        cmd.args(&args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        enter(&mut cmd, &pod.cgroup, &pod.netns)?;
-        let mut child = cmd.spawn().context("starting palisade-testbed serve")?;
-        // Wait for "ready": the listeners are bound.
-        let mut stdout = child.stdout.take().context("server stdout")?;
-        let mut buf = [0u8; 6];
-        std::io::Read::read_exact(&mut stdout, &mut buf).context("server did not start")?;
-        pod.server = Some(child);
+        start_server(pod)?;
         self.pods.last().context("pod just added")
+    }
+
+    /// Deletes the cgroup root and every pod cgroup and makes them again,
+    /// as a runtime rebuilding the hierarchy would: the pods' processes stop
+    /// and start again in the new cgroups (a socket keeps the cgroup it was
+    /// made in, so a process moved back would keep listening from the
+    /// deleted one). `between` runs while the root does not exist.
+    pub fn recreate_cgroups(&mut self, between: impl FnOnce()) -> anyhow::Result<()> {
+        for pod in &mut self.pods {
+            if let Some(child) = &mut pod.server {
+                kill(child);
+            }
+            pod.server = None;
+        }
+        remove_cgroup_tree(&self.cgroup_root);
+        anyhow::ensure!(
+            !self.cgroup_root.exists(),
+            "{} still exists",
+            self.cgroup_root.display()
+        );
+        between();
+        for pod in &mut self.pods {
+            std::fs::create_dir_all(&pod.cgroup)
+                .with_context(|| format!("mkdir {}", pod.cgroup.display()))?;
+            start_server(pod)?;
+        }
+        Ok(())
     }
 
     /// On-link routes from every pod to every other pod's address (for pods
@@ -777,6 +785,32 @@ fn enter(cmd: &mut Command, cgroup: &Path, netns: &str) -> anyhow::Result<()> {
             Ok(())
         });
     }
+    Ok(())
+}
+
+/// Starts the pod's listeners (`palisade-testbed serve`) in its cgroup and
+/// namespace and waits until they are bound.
+fn start_server(pod: &mut Pod) -> anyhow::Result<()> {
+    let mut args = vec!["serve".to_owned()];
+    if !pod.spec.tcp.is_empty() {
+        args.push("--tcp".into());
+        args.push(join(&pod.spec.tcp));
+    }
+    if !pod.spec.udp.is_empty() {
+        args.push("--udp".into());
+        args.push(join(&pod.spec.udp));
+    }
+    let mut cmd = Command::new(crate::bin_dir().join("palisade-testbed"));
+    cmd.args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    enter(&mut cmd, &pod.cgroup, &pod.netns)?;
+    let mut child = cmd.spawn().context("starting palisade-testbed serve")?;
+    // Wait for "ready": the listeners are bound.
+    let mut stdout = child.stdout.take().context("server stdout")?;
+    let mut buf = [0u8; 6];
+    std::io::Read::read_exact(&mut stdout, &mut buf).context("server did not start")?;
+    pod.server = Some(child);
     Ok(())
 }
 
