@@ -850,6 +850,64 @@ fn a_change_that_does_not_fit_a_map_is_refused_whole() {
         1,
         "refused once, not retried every rescan"
     );
+    // Pushed through the CLI: refused, exit 1, and nothing left behind.
+    let push = tempfile::tempdir().unwrap();
+    let wide_too = push.path().join("wide-too.yaml");
+    std::fs::write(
+        &wide_too,
+        std::fs::read_to_string(policies.path().join("wide.yaml"))
+            .unwrap()
+            .replace("name: wide,", "name: wide-too,"),
+    )
+    .unwrap();
+    let (code, out, err) = cli(
+        &s.agent,
+        &["policy", "apply", "-f", wide_too.to_str().unwrap()],
+    );
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("refused") && err.contains("raise maps.policy"),
+        "{err}"
+    );
+    assert!(
+        !policies.path().join("wide-too.yaml").exists(),
+        "a refused push leaves nothing in policyDir"
+    );
+    // A restart with the refused file still there (written by hand): the
+    // adopted tables stay in force, and the agent is not ready and says why.
+    s.agent.kill();
+    s.agent.spawn().unwrap();
+    s.agent
+        .wait_for_log(
+            &[
+                "the first state cannot be applied",
+                "the adopted pinned tables stay in force",
+            ],
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    let (code, body) = http_get(port, "/readyz");
+    assert_eq!(code, "HTTP/1.1 503 Service Unavailable");
+    assert!(
+        body.contains("nothing applied yet") && body.contains("raise maps.policy"),
+        "{body}"
+    );
+    let (code, text, _) = cli(&s.agent, &["status"]);
+    assert_eq!(code, 2, "status exits 2 when not ready:\n{text}");
+    assert!(text.contains("NOT READY"), "{text}");
+    assert_eq!(
+        s.world
+            .probe(logging, "tcp", payment.ipv4.into(), 443, t)
+            .unwrap(),
+        "timeout",
+        "the adopted policy stays in force"
+    );
+    std::fs::remove_file(policies.path().join("wide.yaml")).unwrap();
+    s.agent
+        .wait_status("ready once the state fits", Duration::from_secs(5), |v| {
+            v["ready"] == true
+        })
+        .unwrap();
     assert!(s.agent.stop().unwrap());
 }
 
@@ -1247,6 +1305,35 @@ fn the_cli_drives_a_running_agent_through_its_control_socket() {
     let (code, _, err) = cli(&s.agent, &["policy", "delete", "production/nope"]);
     assert_eq!(code, 1);
     assert!(err.contains("no policy \"production/nope\""), "{err}");
+    // The kernel did not enforce it before the timeout ran out: exit 3, said
+    // plainly; it is applied later all the same.
+    let before = s.agent.status().unwrap()["policy_revision"]
+        .as_u64()
+        .unwrap();
+    let (code, out, err) = cli(
+        &s.agent,
+        &[
+            "policy",
+            "apply",
+            "--timeout",
+            "1ms",
+            "-f",
+            good.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 3, "{out}{err}");
+    assert!(err.contains("still pending"), "{err}");
+    s.agent
+        .wait_status("the pending change applied", Duration::from_secs(5), |v| {
+            v["policy_revision_applied"].as_u64().unwrap_or(0) > before
+        })
+        .unwrap();
+    assert_eq!(
+        s.world
+            .probe(logging, "tcp", payment.ipv4.into(), 443, t)
+            .unwrap(),
+        "ok"
+    );
     assert!(s.agent.stop().unwrap());
     assert!(!socket.exists(), "socket removed on exit");
 }
