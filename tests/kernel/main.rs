@@ -765,17 +765,31 @@ fn a_full_audit_ring_counts_every_event_it_could_not_keep() {
         }
     });
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    // Sampled live while the reader drains: every sample is one snapshot,
+    // so delivered + lost never exceeds emitted.
+    let (mut samples, mut inconsistent) = (0, Vec::new());
     let (emitted, delivered, lost) = loop {
         let (_, m) = http_get(port, "/metrics");
         let e = metric(&m, "palisade_audit_events_emitted_total");
         let d = metric(&m, "palisade_audit_events_delivered_total");
         let l = metric(&m, "palisade_audit_events_lost_total");
+        samples += 1;
+        if d + l > e {
+            inconsistent.push((e, d, l));
+        }
         if (e == d + l && e >= 5000) || std::time::Instant::now() > deadline {
             break (e, d, l);
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(10));
     };
-    eprintln!("audit ring: emitted {emitted}, delivered {delivered}, lost {lost}");
+    eprintln!(
+        "audit ring: emitted {emitted}, delivered {delivered}, lost {lost}; {samples} samples, {} inconsistent",
+        inconsistent.len()
+    );
+    assert!(
+        inconsistent.is_empty(),
+        "(emitted, delivered, lost): {inconsistent:?}"
+    );
     assert_eq!(emitted, 5000, "one event per denied connect");
     assert_eq!(
         emitted,
