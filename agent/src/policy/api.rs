@@ -99,7 +99,36 @@ pub struct IpBlock {
 pub struct NetworkPolicyPort {
     pub protocol: Option<S<String>>,
     pub port: Option<S<IntOrString>>,
-    pub end_port: Option<S<i64>>,
+    pub end_port: Option<S<Integer>>,
+}
+
+/// An integer field: as in the API server, a quoted `"90"` is a string and
+/// is refused, not converted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Integer(pub i64);
+
+impl<'de> Deserialize<'de> for Integer {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Integer;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an integer")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Integer, E> {
+                Ok(Integer(v))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Integer, E> {
+                Ok(Integer(i64::try_from(v).unwrap_or(i64::MAX)))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Integer, E> {
+                Err(E::custom(format!(
+                    "expected an integer, found the string {v:?} (write the number without quotes)"
+                )))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// Kubernetes `IntOrString`: a port number or a port name.

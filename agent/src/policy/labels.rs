@@ -66,8 +66,24 @@ impl LabelSelector {
 
     /// Problems an API server would reject, as (field, message).
     pub fn validate(&self) -> Vec<(String, String)> {
-        let mut problems = Vec::new();
+        let mut problems: Vec<(String, String)> = labels_problems(&self.match_labels)
+            .into_iter()
+            .map(|(_, m)| ("matchLabels".to_owned(), m))
+            .collect();
         for (i, r) in self.match_expressions.iter().enumerate() {
+            let kp = key_problems(&r.key);
+            if !kp.is_empty() {
+                problems.push((format!("matchExpressions[{i}].key"), invalid(&r.key, &kp)));
+            }
+            for (j, v) in r.values.iter().enumerate() {
+                let vp = value_problems(v);
+                if !vp.is_empty() {
+                    problems.push((
+                        format!("matchExpressions[{i}].values[{j}]"),
+                        invalid(v, &vp),
+                    ));
+                }
+            }
             let field = format!("matchExpressions[{i}].values");
             match r.operator {
                 Operator::In | Operator::NotIn if r.values.is_empty() => problems.push((
@@ -97,6 +113,166 @@ impl Requirement {
             Operator::DoesNotExist => value.is_none(),
         }
     }
+}
+
+// ----------------------------------------------------------- validation
+// The API server's checks (apimachinery's IsQualifiedName,
+// IsValidLabelValue, IsDNS1123Label, IsDNS1123Subdomain), with its messages.
+
+const QUALIFIED_NAME_FMT: &str = "([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]";
+const LABEL_VALUE_FMT: &str = "(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?";
+const DNS1123_LABEL_FMT: &str = "[a-z0-9]([-a-z0-9]*[a-z0-9])?";
+const DNS1123_SUBDOMAIN_FMT: &str =
+    "[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*";
+
+fn regex_error(msg: &str, fmt: &str, examples: &[&str]) -> String {
+    let examples: Vec<String> = examples.iter().map(|e| format!("'{e}', ")).collect();
+    format!(
+        "{msg} (e.g. {}regex used for validation is '{fmt}')",
+        examples.join(" or ")
+    )
+}
+
+fn max_len(n: usize) -> String {
+    format!("must be no more than {n} characters")
+}
+
+/// `[A-Za-z0-9]` at both ends, `[-A-Za-z0-9_.]` between.
+fn is_qualified_name_part(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+}
+
+fn is_dns1123_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && (b[b.len() - 1].is_ascii_lowercase() || b[b.len() - 1].is_ascii_digit())
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+}
+
+/// IsDNS1123Label: namespace names.
+pub fn dns1123_label_problems(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    if s.len() > 63 {
+        out.push(max_len(63));
+    }
+    if !is_dns1123_label(s) {
+        out.push(regex_error(
+            "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character",
+            DNS1123_LABEL_FMT,
+            &["my-name", "123-abc"],
+        ));
+    }
+    out
+}
+
+/// IsDNS1123Subdomain: object names, label key prefixes.
+pub fn dns1123_subdomain_problems(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    if s.len() > 253 {
+        out.push(max_len(253));
+    }
+    if !s.split('.').all(is_dns1123_label) {
+        out.push(regex_error(
+            "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character",
+            DNS1123_SUBDOMAIN_FMT,
+            &["example.com"],
+        ));
+    }
+    out
+}
+
+/// IsQualifiedName: label keys (`[prefix/]name`).
+pub fn key_problems(key: &str) -> Vec<String> {
+    let name_error = || {
+        regex_error(
+            "must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character",
+            QUALIFIED_NAME_FMT,
+            &["MyName", "my.name", "123-abc"],
+        )
+    };
+    let mut out = Vec::new();
+    let parts: Vec<&str> = key.split('/').collect();
+    let name = match parts[..] {
+        [name] => name,
+        [prefix, name] => {
+            if prefix.is_empty() {
+                out.push("prefix part must be non-empty".to_owned());
+            } else {
+                out.extend(
+                    dns1123_subdomain_problems(prefix)
+                        .into_iter()
+                        .map(|m| format!("prefix part {m}")),
+                );
+            }
+            name
+        }
+        _ => {
+            return vec![format!(
+                "a qualified name {} with an optional DNS subdomain prefix and '/' (e.g. 'example.com/MyName')",
+                name_error()
+            )];
+        }
+    };
+    if name.is_empty() {
+        out.push("name part must be non-empty".to_owned());
+    } else if name.len() > 63 {
+        out.push(format!("name part {}", max_len(63)));
+    }
+    if !is_qualified_name_part(name) {
+        out.push(format!("name part {}", name_error()));
+    }
+    out
+}
+
+/// IsValidLabelValue.
+pub fn value_problems(value: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    if value.len() > 63 {
+        out.push(max_len(63));
+    }
+    if !value.is_empty() && !is_qualified_name_part(value) {
+        out.push(regex_error(
+            "a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character",
+            LABEL_VALUE_FMT,
+            &["MyValue", "my_value", "12345"],
+        ));
+    }
+    out
+}
+
+/// `Invalid value: "…": m1, m2` as the API server words it (the value cut
+/// short when long: a 3 MB label value is not echoed back).
+pub fn invalid(value: &str, problems: &[String]) -> String {
+    let shown: String = value.chars().take(80).collect();
+    let shown = if shown.len() < value.len() {
+        format!("{shown}… ({} bytes)", value.len())
+    } else {
+        shown
+    };
+    format!("Invalid value: {shown:?}: {}", problems.join(", "))
+}
+
+/// Problems of a label set, as (field, message).
+pub fn labels_problems(labels: &Labels) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (k, v) in labels {
+        let kp = key_problems(k);
+        if !kp.is_empty() {
+            out.push((String::new(), invalid(k, &kp)));
+        }
+        let vp = value_problems(v);
+        if !vp.is_empty() {
+            out.push((String::new(), invalid(v, &vp)));
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 
 use super::{
     api::{self, IntOrString, NetworkPolicyPeer, NetworkPolicyPort, ObjectMeta},
-    labels::LabelSelector,
+    labels::{self, LabelSelector},
     model::{
         Action, Direction, Mode, NamespaceScope, Origin, Peer, Policy, PortRange, Protocol, Rule,
     },
@@ -21,6 +21,24 @@ use super::{
 
 /// Files larger than this are refused before parsing.
 pub const MAX_FILE_BYTES: u64 = 4 * 1024 * 1024;
+/// The budget over everything loaded at once (a policy directory): files,
+/// bytes, and rule terms (each rule's peers × ports).
+pub const MAX_FILES: usize = 5_000;
+pub const MAX_TOTAL_BYTES: u64 = 64 * 1024 * 1024;
+pub const MAX_RULE_TERMS: usize = 200_000;
+
+/// A rule's terms: what it costs the compiler (peers × port ranges).
+fn rule_terms(p: &Policy) -> usize {
+    p.ingress
+        .iter()
+        .chain(p.egress.iter())
+        .flatten()
+        .map(|r| {
+            r.peers.as_ref().map_or(1, |v| v.len().max(1))
+                * (r.ports.as_ref().map_or(0, Vec::len) + r.named_ports.len()).max(1)
+        })
+        .sum()
+}
 
 /// One located problem.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -128,10 +146,39 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<PolicySet, LoadError> {
         }
     }
     let mut set = PolicySet::default();
+    if files.len() > MAX_FILES {
+        problems.push(file_problem(
+            &files[MAX_FILES],
+            format!(
+                "more than {MAX_FILES} policy files ({} found): the budget of one agent; merge files or remove unused ones",
+                files.len()
+            ),
+        ));
+        return Err(LoadError { problems });
+    }
+    let (mut bytes, mut terms) = (0u64, 0usize);
     for file in &files {
+        bytes += std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+        if bytes > MAX_TOTAL_BYTES {
+            problems.push(file_problem(
+                file,
+                format!("the policy files up to this one hold more than {MAX_TOTAL_BYTES} bytes: the budget of one agent"),
+            ));
+            break;
+        }
         match read_file(file) {
             Ok(text) => match parse_str(&file.display().to_string(), &text) {
-                Ok(policies) => set.policies.extend(policies),
+                Ok(policies) => {
+                    terms += policies.iter().map(rule_terms).sum::<usize>();
+                    set.policies.extend(policies);
+                    if terms > MAX_RULE_TERMS {
+                        problems.push(file_problem(
+                            file,
+                            format!("the policies up to this file have more than {MAX_RULE_TERMS} rule terms (peers × ports, {terms} so far): the budget of one agent; use selectors that cover more workloads per rule, or port ranges"),
+                        ));
+                        break;
+                    }
+                }
                 Err(mut e) => problems.append(&mut e.problems),
             },
             Err(p) => problems.push(p),
@@ -390,16 +437,25 @@ impl Validator<'_> {
             Some(n) => {
                 if n.value.is_empty() {
                     self.problem_at(&n.referenced, "metadata.name", "is required");
-                } else if !is_dns_subdomain(&n.value) {
-                    self.problem_at(
-                        &n.referenced,
-                        "metadata.name",
-                        format!("{:?} must be a DNS subdomain: lower-case letters, digits, '-' and '.', at most 253 characters", n.value),
-                    );
+                } else {
+                    let p = labels::dns1123_subdomain_problems(&n.value);
+                    if !p.is_empty() {
+                        self.problem_at(
+                            &n.referenced,
+                            "metadata.name",
+                            labels::invalid(&n.value, &p),
+                        );
+                    }
                 }
                 n.value.clone()
             }
         };
+        if let Some(ns) = &meta.namespace {
+            let p = labels::dns1123_label_problems(ns);
+            if !p.is_empty() {
+                self.problem("metadata.namespace", labels::invalid(ns, &p));
+            }
+        }
         let namespace = if namespaced {
             Some(
                 meta.namespace
@@ -656,29 +712,29 @@ impl Validator<'_> {
             };
             let last = match &p.end_port {
                 None => first,
-                Some(e) if !(1..=65535).contains(&e.value) => {
+                Some(e) if !(1..=65535).contains(&e.value.0) => {
                     self.problem_at(
                         &e.referenced,
                         &format!("{f}.endPort"),
                         format!(
                             "{} is out of range: must be between 1 and 65535, inclusive",
-                            e.value
+                            e.value.0
                         ),
                     );
                     continue;
                 }
-                Some(e) if e.value < i64::from(first) => {
+                Some(e) if e.value.0 < i64::from(first) => {
                     self.problem_at(
                         &e.referenced,
                         &format!("{f}.endPort"),
                         format!(
                             "{} must be greater than or equal to port ({first})",
-                            e.value
+                            e.value.0
                         ),
                     );
                     continue;
                 }
-                Some(e) => e.value as u16,
+                Some(e) => e.value.0 as u16,
             };
             out.push(PortRange {
                 protocol,
@@ -874,16 +930,4 @@ fn is_port_name(s: &str) -> bool {
         && !s.starts_with('-')
         && !s.ends_with('-')
         && !s.contains("--")
-}
-
-fn is_dns_subdomain(s: &str) -> bool {
-    s.len() <= 253
-        && s.split('.').all(|label| {
-            !label.is_empty()
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-        })
 }

@@ -361,7 +361,7 @@ fn bad_input_is_reported_with_file_line_and_field() {
         (np("  ingress:\n  - from: [{podSelector: {matchExpressions: [{key: a, operator: Exists, values: [x]}]}}]\n"), "7:", "must be empty when operator is Exists"),
         (np("  ingress:\n  - from: [{podSelector: {matchExpressions: [{key: a, operator: Equals}]}}]\n"), "7:", "Equals"),
         ("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {namespace: y}\nspec: {}\n".into(), "1:1", "metadata.name: is required"),
-        ("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: Web_Policy}\nspec: {}\n".into(), "3:18", "metadata.name: \"Web_Policy\" must be a DNS subdomain"),
+        ("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: Web_Policy}\nspec: {}\n".into(), "3:18", "metadata.name: Invalid value: \"Web_Policy\": a lowercase RFC 1123 subdomain"),
         ("apiVersion: v1\nkind: Pod\n".into(), "1:1", "unsupported document apiVersion=v1 kind=Pod"),
         ("kind: NetworkPolicy\n".into(), "1:1", "apiVersion: unsupported document apiVersion=(missing)"),
         ("apiVersion: [\n".into(), "1:13", "expected string"),
@@ -514,4 +514,124 @@ spec:
     assert_eq!(v(DIR_EGRESS, id["logging"], PROTO_TCP, 443), verdict::DENY);
     // A name no workload declares for UDP matches nothing.
     assert_eq!(v(DIR_EGRESS, id["logging"], PROTO_UDP, 443), verdict::DENY);
+}
+
+fn problems_of(text: &str) -> Vec<String> {
+    match parse_str("p.yaml", text) {
+        Ok(_) => Vec::new(),
+        Err(e) => e.problems.iter().map(ToString::to_string).collect(),
+    }
+}
+
+#[test]
+fn names_labels_and_integers_are_validated_as_the_api_server_does() {
+    let np = |meta: &str, selector: &str, ports: &str| {
+        format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {meta}\nspec:\n  podSelector: {selector}\n  ingress:\n  - ports: [{ports}]\n"
+        )
+    };
+    // Upstream's own wording (apimachinery validation), field by field.
+    let p = problems_of(&np("{name: a, namespace: Bad_NS}", "{}", "{port: 80}"));
+    assert_eq!(
+        p,
+        [
+            "p.yaml:1:1: metadata.namespace: Invalid value: \"Bad_NS\": a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')"
+        ]
+    );
+    let p = problems_of(&np("{name: a.B, namespace: ok}", "{}", "{port: 80}"));
+    assert!(
+        p[0].contains("metadata.name: Invalid value: \"a.B\": a lowercase RFC 1123 subdomain"),
+        "{p:?}"
+    );
+    let p = problems_of(&np(
+        "{name: a, namespace: ok}",
+        "{matchLabels: {\"example.com/ok\": \"x y\", \"-bad\": v, \"a/b/c\": v}}",
+        "{port: 80}",
+    ));
+    assert_eq!(p.len(), 3, "{p:?}");
+    assert!(p.iter().any(|m| m.contains("spec.podSelector.matchLabels: Invalid value: \"x y\": a valid label must be an empty string")), "{p:?}");
+    assert!(
+        p.iter().any(|m| m.contains(
+            "Invalid value: \"-bad\": name part must consist of alphanumeric characters"
+        )),
+        "{p:?}"
+    );
+    assert!(
+        p.iter()
+            .any(|m| m.contains("Invalid value: \"a/b/c\": a qualified name must consist")),
+        "{p:?}"
+    );
+    let long = "v".repeat(64);
+    let p = problems_of(&np(
+        "{name: a, namespace: ok}",
+        &format!("{{matchExpressions: [{{key: app, operator: In, values: [ok, {long}]}}]}}"),
+        "{port: 80}",
+    ));
+    assert!(
+        p[0].contains("spec.podSelector.matchExpressions[0].values[1]: Invalid value")
+            && p[0].contains("must be no more than 63 characters"),
+        "{p:?}"
+    );
+    // A namespace of a megabyte is refused without echoing it back.
+    let huge = "n".repeat(1 << 20);
+    let p = problems_of(&np(
+        &format!("{{name: a, namespace: {huge}}}"),
+        "{}",
+        "{port: 80}",
+    ));
+    assert!(
+        p[0].contains("must be no more than 63 characters") && p[0].len() < 1000,
+        "{}",
+        &p[0][..200]
+    );
+    // Integers only where integers belong: a quoted endPort is a string.
+    let p = problems_of(&np(
+        "{name: a, namespace: ok}",
+        "{}",
+        "{port: 80, endPort: \"90\"}",
+    ));
+    assert!(
+        p[0].contains("expected an integer, found the string \"90\""),
+        "{p:?}"
+    );
+    assert!(
+        problems_of(&np(
+            "{name: a, namespace: ok}",
+            "{}",
+            "{port: 80, endPort: 90}"
+        ))
+        .is_empty()
+    );
+}
+
+#[test]
+fn a_policy_directory_over_the_rule_budget_is_refused_at_the_file_that_crosses_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = |i: usize, peers: usize, ports: usize| {
+        let peers: String = (0..peers)
+            .map(|p| format!("    - podSelector: {{matchLabels: {{peer: \"p{p}\"}}}}\n"))
+            .collect();
+        let ports: String = (0..ports)
+            .map(|p| format!("{{port: {}}}, ", p + 1))
+            .collect();
+        format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: p{i}, namespace: ok}}\nspec:\n  podSelector: {{}}\n  ingress:\n  - from:\n{peers}    ports: [{ports}]\n"
+        )
+    };
+    // 100 000 terms each: the first two fit, the third crosses the budget.
+    for i in 0..3 {
+        std::fs::write(dir.path().join(format!("p{i}.yaml")), file(i, 400, 250)).unwrap();
+    }
+    let e = load_paths(&[dir.path().to_owned()])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("p2.yaml:1:1") && e.contains("more than 200000 rule terms"),
+        "{e}"
+    );
+    std::fs::remove_file(dir.path().join("p2.yaml")).unwrap();
+    assert_eq!(
+        load_paths(&[dir.path().to_owned()]).unwrap().policies.len(),
+        2
+    );
 }
