@@ -789,6 +789,8 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
         Some(p) => Some(p.lock()?),
         None => None,
     };
+    crate::datapath::kernel::probe_kernel().context("probing the kernel")?;
+    info!(kernel = %crate::datapath::kernel::kernel_release(), "kernel has what Palisade needs");
     let mut datapath = KernelDatapath::load(&root, &config.maps, ring_bytes / 8, pins.as_ref())
         .context("starting the datapath")?;
     for point in datapath.attach_points() {

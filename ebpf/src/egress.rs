@@ -107,7 +107,7 @@ fn judge(ctx: &SockAddrContext, family: u8, sendmsg: bool) -> i32 {
                 port: local_port,
             } => {
                 let first = as_first_judged(&flow, DIR_INGRESS, local_port);
-                let verdict = judge_ingress(&first);
+                let verdict = judge_ingress::<true>(&first);
                 if verdict == PASS {
                     remember_flow(&flow, DIR_INGRESS, local_port);
                 }
@@ -116,7 +116,7 @@ fn judge(ctx: &SockAddrContext, family: u8, sendmsg: bool) -> i32 {
             _ => {}
         }
     }
-    let verdict = judge_egress(&flow);
+    let verdict = judge_egress::<true>(&flow);
     if udp && verdict == PASS {
         // Remember the peer so that its replies pass our ingress.
         remember_flow(&flow, DIR_EGRESS, port);

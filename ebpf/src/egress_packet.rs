@@ -59,7 +59,7 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, i32> {
     }
     let Ok(packet) = parsed else {
         count(counter::UNPARSEABLE);
-        return Err(refuse(
+        return Err(refuse::<false>(
             &Flow::without_peer(DIR_EGRESS, cgroup_id, local),
             reason::UNPARSEABLE,
         ));
@@ -84,15 +84,15 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, i32> {
     }
     if packet.source_routed {
         count(counter::SOURCE_ROUTED);
-        return Ok(refuse(&flow, reason::SOURCE_ROUTED));
+        return Ok(refuse::<false>(&flow, reason::SOURCE_ROUTED));
     }
     if forged(cgroup_id, &packet) {
         count(counter::FORGED_SOURCE);
-        return Ok(refuse(&flow, reason::FORGED_SOURCE));
+        return Ok(refuse::<false>(&flow, reason::FORGED_SOURCE));
     }
     if raw_socket(ctx) {
         // No socket hook saw this destination: judge it now, every packet.
-        return Ok(judge_egress(&flow));
+        return Ok(judge_egress::<false>(&flow));
     }
     Ok(PASS)
 }

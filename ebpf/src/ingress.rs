@@ -68,7 +68,7 @@ fn try_ingress(ctx: &SkBuffContext) -> Result<i32, i32> {
     // be judged, and passing it would be a bypass.
     let Ok(packet) = parsed else {
         count(counter::UNPARSEABLE);
-        return Err(refuse(
+        return Err(refuse::<false>(
             &Flow::without_peer(DIR_INGRESS, cgroup_id, local),
             reason::UNPARSEABLE,
         ));
@@ -129,7 +129,7 @@ fn try_ingress(ctx: &SkBuffContext) -> Result<i32, i32> {
                 port,
             } => {
                 let first = as_first_judged(&flow, DIR_EGRESS, port);
-                let verdict = judge_egress(&first);
+                let verdict = judge_egress::<false>(&first);
                 if verdict == PASS {
                     remember_flow(&flow, DIR_EGRESS, port);
                 }
@@ -142,7 +142,7 @@ fn try_ingress(ctx: &SkBuffContext) -> Result<i32, i32> {
             return Ok(PASS);
         }
     }
-    let verdict = judge_ingress(&flow);
+    let verdict = judge_ingress::<false>(&flow);
     if udp && verdict == PASS {
         remember_flow(&flow, DIR_INGRESS, dst_port);
     }

@@ -33,7 +33,7 @@ pub fn palisade_socket_create(ctx: LsmContext) -> i32 {
         return ALLOW;
     }
     count(counter::PACKET_SOCKETS_REFUSED);
-    refuse(
+    refuse::<true>(
         &Flow::without_peer(DIR_EGRESS, cgroup_id, local),
         reason::PACKET_SOCKET,
     );

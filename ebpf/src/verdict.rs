@@ -251,7 +251,7 @@ fn decide_service(
 /// connect, a send, or a flow first opened by a send that is judged again
 /// after a table change). Returns what the program must answer.
 #[inline(always)]
-pub fn judge_egress(flow: &Flow) -> i32 {
+pub fn judge_egress<const TASK: bool>(flow: &Flow) -> i32 {
     let slot = active_slot();
     let Some(enforcement) = enforced(slot, DIR_EGRESS, flow.local_identity) else {
         return PASS; // egress open for this identity
@@ -278,12 +278,12 @@ pub fn judge_egress(flow: &Flow) -> i32 {
     if decision.verdict != v::ALLOW && own_address(flow.cgroup_id, &flow.peer_addr) {
         return PASS;
     }
-    conclude(flow, &decision)
+    conclude::<TASK>(flow, &decision)
 }
 
 /// Judges traffic from `flow.peer_addr` to the workload's `flow.port`.
 #[inline(always)]
-pub fn judge_ingress(flow: &Flow) -> i32 {
+pub fn judge_ingress<const TASK: bool>(flow: &Flow) -> i32 {
     let slot = active_slot();
     let Some(enforcement) = enforced(slot, DIR_INGRESS, flow.local_identity) else {
         return PASS;
@@ -295,7 +295,7 @@ pub fn judge_ingress(flow: &Flow) -> i32 {
         flow.port,
         &enforcement,
     );
-    conclude(flow, &decision)
+    conclude::<TASK>(flow, &decision)
 }
 
 impl Flow {
@@ -321,7 +321,7 @@ impl Flow {
 /// Refuses `flow` for a reason other than a policy rule (`reason::*`):
 /// counted as a deny, with an audit event giving `why`. Returns `DROP`.
 #[inline(always)]
-pub fn refuse(flow: &Flow, why: u8) -> i32 {
+pub fn refuse<const TASK: bool>(flow: &Flow, why: u8) -> i32 {
     let decision = Decision {
         verdict: v::DENY,
         rule_id: 0,
@@ -330,14 +330,14 @@ pub fn refuse(flow: &Flow, why: u8) -> i32 {
         service_id: 0,
         reason: why,
     };
-    conclude(flow, &decision);
+    conclude::<TASK>(flow, &decision);
     DROP
 }
 
 /// Counts the decision and, for a deny or would-deny, writes an audit event.
 /// Returns what the program must answer.
 #[inline(always)]
-pub fn conclude(flow: &Flow, decision: &Decision) -> i32 {
+pub fn conclude<const TASK: bool>(flow: &Flow, decision: &Decision) -> i32 {
     let egress = flow.direction == DIR_EGRESS;
     let counter_index = match (decision.verdict, egress) {
         (v::ALLOW, true) => counter::EGRESS_ALLOW,
@@ -351,7 +351,7 @@ pub fn conclude(flow: &Flow, decision: &Decision) -> i32 {
     if decision.verdict == v::ALLOW {
         return PASS;
     }
-    emit(flow, decision);
+    emit::<TASK>(flow, decision);
     if decision.verdict == v::WOULD_DENY {
         PASS
     } else {
@@ -360,9 +360,12 @@ pub fn conclude(flow: &Flow, decision: &Decision) -> i32 {
 }
 
 #[inline(always)]
-fn emit(flow: &Flow, decision: &Decision) {
+fn emit<const TASK: bool>(flow: &Flow, decision: &Decision) {
     count(counter::EVENTS_EMITTED);
-    let (pid, comm) = if flow.in_process {
+    // `TASK`: the program type may call the task helpers (socket hooks and
+    // the LSM; packet programs may not before Linux 6.x — the 6.1 verifier
+    // refuses the call even on a path never taken).
+    let (pid, comm) = if TASK && flow.in_process {
         (
             (bpf_get_current_pid_tgid() >> 32) as u32,
             bpf_get_current_comm().unwrap_or([0; 16]),

@@ -1,7 +1,7 @@
 //! `cargo xtask`: the developer's entry point. Set up the machine, build the
 //! eBPF object and the agent, run the agent, run every test, run the demo.
 //!
-//! Only std and clap: xtask must build before anything else is installed.
+//! Only std, clap and anyhow: xtask must build before anything else is installed.
 use std::{
     collections::BTreeSet,
     path::{Path, PathBuf},
@@ -10,6 +10,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
+
+mod vm;
 
 /// The toolchain pinned in rust-toolchain.toml; bpf-linker is built with it.
 const TOOLCHAIN: &str = "1.98.0";
@@ -29,6 +31,12 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iptables",
     "nftables",
     "fonts-dejavu-core",
+    // The kernel matrix (`cargo xtask vm`): QEMU/KVM, an initramfs shell, the
+    // modules' index and loader, xz for compressed modules.
+    "qemu-system-x86",
+    "busybox-static",
+    "kmod",
+    "xz-utils",
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
@@ -62,6 +70,18 @@ enum Cmd {
     },
     /// Set up, build, and run the payment-service scenario on real workloads (root).
     Demo,
+    /// The kernel matrix: boot Debian's kernel package of a series (6.1, 6.12)
+    /// in QEMU/KVM with this machine's root shared read-only, and run the
+    /// kernel tests inside (root). `host`: the same tests on this kernel.
+    /// Example: `cargo xtask vm --kernel 6.1 -- payment_service`.
+    Vm {
+        /// Kernel series: 6.1, 6.12 (any series apt offers as linux-image-<series>.*-amd64) or host.
+        #[arg(long)]
+        kernel: String,
+        /// Test name filters for the kernel tests (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
     /// Benchmarks (root): none / palisade-seed / palisade-10k / iptables-10k /
     /// nftables-10k interleaved, program cost against no-op programs, policy
     /// apply, audit flood, agent memory. Writes target/bench/report.md,
@@ -399,6 +419,12 @@ fn main() -> ExitCode {
             run(Command::new(release_bin("palisade")).arg("agent").arg("--config").arg(config))
         }),
         Cmd::Test { args } => test(&args),
+        Cmd::Vm { kernel, args } => setup().and_then(|()| build()).and_then(|()| {
+            if !is_root() {
+                bail!("the kernel matrix boots VMs with KVM and runs the kernel tests: run it as root");
+            }
+            checking_leftovers(|| vm::vm(&kernel, &args))
+        }),
         Cmd::Manifests => manifest_tools().and_then(|()| manifests()),
         Cmd::Bench { quick } => setup().and_then(|()| build()).and_then(|()| {
             if !is_root() {

@@ -9,6 +9,7 @@ use std::{
     path::Path,
 };
 
+const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
@@ -49,6 +50,19 @@ fn set_u64(attr: &mut Attr, word: usize, v: u64) {
 fn path_c(path: &Path) -> io::Result<CString> {
     use std::os::unix::ffi::OsStrExt as _;
     CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)
+}
+
+/// `BPF_MAP_CREATE` of a throwaway map (feature probes).
+pub fn map_create(
+    map_type: u32,
+    key: u32,
+    value: u32,
+    max_entries: u32,
+    flags: u32,
+) -> io::Result<OwnedFd> {
+    let mut attr: Attr = [0; 32];
+    attr[..5].copy_from_slice(&[map_type, key, value, max_entries, flags]);
+    bpf(BPF_MAP_CREATE, &mut attr).map(owned)
 }
 
 /// `BPF_LINK_CREATE` for a cgroup attach type: the link lives as long as the

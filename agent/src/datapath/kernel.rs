@@ -330,6 +330,64 @@ impl Drop for PinLock {
     }
 }
 
+/// The kernel's release (`uname -r`).
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+/// Probes what the programs need before loading them, so a kernel that
+/// lacks a feature is refused with its name and the version that has it,
+/// not with a verifier log.
+pub fn probe_kernel() -> Result<(), DatapathError> {
+    use super::bpfsys::map_create;
+    let release = kernel_release();
+    let refuse = |missing: String| DatapathError::Kernel {
+        release: release.clone(),
+        missing,
+    };
+    let version: Vec<u32> = release
+        .split(|c: char| !c.is_ascii_digit())
+        .take(2)
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    if let [major, minor] = version[..]
+        && (major, minor) < (5, 8)
+    {
+        return Err(refuse(
+            "Linux 5.8 or later is needed (BPF ring buffer: 5.8; BPF links for cgroup programs: 5.7; cgroup v2 socket hooks: 4.18)".into(),
+        ));
+    }
+    // BPF_MAP_TYPE_ARRAY: is bpf() there and permitted at all?
+    match map_create(2, 4, 4, 1, 0) {
+        Ok(_) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            return Err(refuse(format!(
+                "the bpf() syscall is not permitted ({e}): run as root, or with CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN and CAP_PERFMON as the DaemonSet grants"
+            )));
+        }
+        Err(e) => {
+            return Err(refuse(format!(
+                "the bpf() syscall fails ({e}): a kernel built with CONFIG_BPF_SYSCALL is needed"
+            )));
+        }
+    }
+    // BPF_MAP_TYPE_RINGBUF (the audit stream) and BPF_MAP_TYPE_LPM_TRIE
+    // (ipcache and policy; BPF_F_NO_PREALLOC).
+    if let Err(e) = map_create(27, 0, 0, 4096, 0) {
+        return Err(refuse(format!(
+            "no BPF ring buffer maps ({e}): Linux 5.8 or later"
+        )));
+    }
+    if let Err(e) = map_create(11, 8, 4, 1, 1) {
+        return Err(refuse(format!(
+            "no BPF LPM trie maps ({e}): Linux 4.11 or later"
+        )));
+    }
+    Ok(())
+}
+
 /// Mounts bpffs at /sys/fs/bpf when nothing is mounted there.
 pub fn ensure_bpffs() -> Result<(), DatapathError> {
     let mounted = std::fs::read_to_string("/proc/self/mountinfo")

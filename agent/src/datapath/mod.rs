@@ -133,6 +133,8 @@ pub enum DatapathError {
         #[source]
         source: std::io::Error,
     },
+    #[error("this kernel ({release}) cannot run Palisade: {missing}")]
+    Kernel { release: String, missing: String },
     #[error("map {0} is missing from the eBPF object")]
     MissingMap(&'static str),
     #[error(
