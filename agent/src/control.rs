@@ -42,6 +42,11 @@ pub enum Request {
 
 pub const DEFAULT_TIMEOUT_MS: u64 = 30_000;
 
+/// A client's timeout, at most an hour (an absurd one must not overflow the deadline).
+fn bounded(timeout_ms: u64) -> Duration {
+    Duration::from_millis(timeout_ms.min(3_600_000))
+}
+
 fn default_timeout_ms() -> u64 {
     DEFAULT_TIMEOUT_MS
 }
@@ -144,11 +149,11 @@ async fn handle(
         }
         Request::PolicyList => send(w, &Response::Ok(status_json(cx)["policy_list"].clone())).await,
         Request::PolicyApply { files, timeout_ms } => {
-            let r = apply(cx, files, Duration::from_millis(timeout_ms)).await;
+            let r = apply(cx, files, bounded(timeout_ms)).await;
             send(w, &r).await
         }
         Request::PolicyDelete { name, timeout_ms } => {
-            let r = delete(cx, &name, Duration::from_millis(timeout_ms)).await;
+            let r = delete(cx, &name, bounded(timeout_ms)).await;
             send(w, &r).await
         }
         Request::AuditFollow { workload, verdict } => {
@@ -319,7 +324,7 @@ async fn delete(cx: &Context, name: &str, timeout: Duration) -> Response {
     let Some(dir) = cx.policy_dir.clone() else {
         return Response::Error("the agent has no policy directory (policyDir)".into());
     };
-    let set = match policy::load_paths(&[dir.clone()]) {
+    let set = match policy::load_paths(std::slice::from_ref(&dir)) {
         Ok(s) => s,
         Err(e) => return Response::Error(format!("the policy directory is invalid:\n{e}")),
     };

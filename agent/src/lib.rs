@@ -6,6 +6,7 @@ pub mod config;
 pub mod control;
 pub mod datapath;
 pub mod discovery;
+pub mod fuzzing;
 pub mod http;
 pub mod identity;
 pub mod inventory;

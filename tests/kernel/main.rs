@@ -1136,10 +1136,12 @@ fn pins_of_an_incompatible_layout_are_replaced_with_a_log_line() {
             Duration::from_secs(10),
         )
         .expect("replacement logged");
+    // On state, not on log lines (the first start logged "attached" too).
     s.agent
-        .wait_for_log(&["attached", "palisade_ingress"], Duration::from_secs(10))
+        .wait_status("the new agent ready", Duration::from_secs(20), |v| {
+            v["ready"] == true
+        })
         .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
         s.world
             .probe(logging, "tcp", payment.ipv4.into(), 443, t)
@@ -1158,7 +1160,11 @@ fn pins_of_an_incompatible_layout_are_replaced_with_a_log_line() {
             Duration::from_secs(10),
         )
         .expect("capacity change logged");
-    std::thread::sleep(Duration::from_millis(800));
+    s.agent
+        .wait_status("the new agent ready", Duration::from_secs(20), |v| {
+            v["ready"] == true
+        })
+        .unwrap();
     assert_eq!(
         s.world
             .probe(logging, "tcp", payment.ipv4.into(), 443, t)

@@ -11,6 +11,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
+mod fuzz;
 mod vm;
 
 /// The toolchain pinned in rust-toolchain.toml; bpf-linker is built with it.
@@ -60,9 +61,11 @@ enum Cmd {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Set up, build, and run every test: unit tests and the kernel tests
-    /// (real programs, real traffic; root). Under CI=true a kernel test that
-    /// cannot run fails.
+    /// Set up, build, and run every test: unit tests, the kernel tests (real
+    /// programs, real traffic; root), the manifests' validation, the kernel
+    /// matrix (seed scenario and self-check on Linux 6.1 and 6.12 in VMs) and
+    /// a fuzzing smoke run. Under CI=true a kernel test that cannot run
+    /// fails. With a filter: only the matching unit and kernel tests.
     Test {
         /// Extra arguments for the test harness (after `--`), e.g. a test name filter.
         #[arg(last = true)]
@@ -70,6 +73,29 @@ enum Cmd {
     },
     /// Set up, build, and run the payment-service scenario on real workloads (root).
     Demo,
+    /// Soak (root): the seed scenario for N minutes under policy churn through
+    /// the CLI, workload churn, continuous allowed and denied probes and an
+    /// audit flood every minute; reports RSS drift, descriptors, threads,
+    /// wrong verdicts and audit exactness to target/soak/report.md.
+    Soak {
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+    },
+    /// Fuzz the parsers (cargo-fuzz): policy YAML through validation,
+    /// compilation and explain; the agent config; control requests; world
+    /// files; audit records. Seeded from policies/ and tests/conformance/; a
+    /// crash is kept under fuzz/regressions/ (a unit test replays it) and fails the run.
+    Fuzz {
+        /// Minutes per target.
+        #[arg(long, default_value_t = 2)]
+        minutes: u64,
+        /// A smoke run: 15 seconds per target (as `cargo xtask test` runs it).
+        #[arg(long)]
+        smoke: bool,
+        /// Only this target.
+        #[arg(long)]
+        target: Option<String>,
+    },
     /// The kernel matrix: boot Debian's kernel package of a series (6.1, 6.12)
     /// in QEMU/KVM with this machine's root shared read-only, and run the
     /// kernel tests inside (root). `host`: the same tests on this kernel.
@@ -211,6 +237,7 @@ fn setup() -> anyhow::Result<()> {
             .env("LLVM_PREFIX", LLVM_PREFIX)
             .env("PATH", path))?;
     }
+    fuzz::ensure_cargo_fuzz()?;
     manifest_tools()
 }
 
@@ -350,7 +377,16 @@ fn test(args: &[String]) -> anyhow::Result<()> {
             .args(["test", "--release", "--"])
             .args(args)
             .env("PALISADE_BIN_DIR", root_dir().join("target/release")))?;
-        manifests()
+        manifests()?;
+        if !args.is_empty() {
+            return Ok(()); // a filtered run: the matrix and fuzzing are not what was asked for
+        }
+        // The kernel matrix: loading and attaching, the seed scenario and
+        // the self-check on the oldest and newest supported series.
+        for kernel in vm::MATRIX {
+            vm::vm(kernel, &vm::MATRIX_TESTS.map(str::to_owned))?;
+        }
+        fuzz::fuzz(15, None)
     })
 }
 
@@ -419,6 +455,24 @@ fn main() -> ExitCode {
             run(Command::new(release_bin("palisade")).arg("agent").arg("--config").arg(config))
         }),
         Cmd::Test { args } => test(&args),
+        Cmd::Soak { minutes } => setup().and_then(|()| build()).and_then(|()| {
+            if !is_root() {
+                bail!("the soak creates network namespaces and cgroups and loads eBPF programs: run it as root");
+            }
+            checking_leftovers(|| {
+                run(Command::new(release_bin("palisade-soak"))
+                    .args(["--minutes", &minutes.to_string()])
+                    .current_dir(root_dir())
+                    .env("PALISADE_BIN_DIR", root_dir().join("target/release")))
+            })
+        }),
+        Cmd::Fuzz {
+            minutes,
+            smoke,
+            target,
+        } => setup().and_then(|()| {
+            fuzz::fuzz(if smoke { 15 } else { minutes * 60 }, target.as_deref())
+        }),
         Cmd::Vm { kernel, args } => setup().and_then(|()| build()).and_then(|()| {
             if !is_root() {
                 bail!("the kernel matrix boots VMs with KVM and runs the kernel tests: run it as root");

@@ -20,6 +20,13 @@ use crate::{root_dir, run, step};
 /// rest are loaded on demand by the kernel through the host's kmod).
 const EARLY_MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p", "overlay"];
 
+/// The series `cargo xtask test` boots, and the tests it runs in each.
+pub const MATRIX: [&str; 2] = ["6.1", "6.12"];
+pub const MATRIX_TESTS: [&str; 2] = [
+    "payment_service_networkpolicy_is_enforced_ipv4_and_ipv6_with_audit",
+    "pins_removed_or_programs_detached_under_a_running_agent_are_repaired",
+];
+
 /// How long one VM may run before it is stopped and the run fails.
 const VM_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 
@@ -40,7 +47,7 @@ fn image_package(series: &str) -> anyhow::Result<String> {
                     .any(|x| n.contains(x))
         })
         .collect();
-    names.sort_by(|a, b| natural(a).cmp(&natural(b)));
+    names.sort_by_key(|a| natural(a));
     names.pop().with_context(|| {
         format!("no linux-image-{series}.*-amd64 package in apt's lists: run `apt-get update`, or pick a series apt offers (6.1, 6.12)")
     })

@@ -337,6 +337,21 @@ pub fn kernel_release() -> String {
         .unwrap_or_else(|_| "unknown".to_owned())
 }
 
+/// Why a kernel release is too old for the programs, if it is.
+fn too_old(release: &str) -> Option<String> {
+    let version: Vec<u32> = release
+        .split(|c: char| !c.is_ascii_digit())
+        .take(2)
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    match version[..] {
+        [major, minor] if (major, minor) < (5, 8) => Some(
+            "Linux 5.8 or later is needed (BPF ring buffer: 5.8; BPF links for cgroup programs: 5.7; cgroup v2 socket hooks: 4.18)".into(),
+        ),
+        _ => None,
+    }
+}
+
 /// Probes what the programs need before loading them, so a kernel that
 /// lacks a feature is refused with its name and the version that has it,
 /// not with a verifier log.
@@ -347,17 +362,8 @@ pub fn probe_kernel() -> Result<(), DatapathError> {
         release: release.clone(),
         missing,
     };
-    let version: Vec<u32> = release
-        .split(|c: char| !c.is_ascii_digit())
-        .take(2)
-        .filter_map(|n| n.parse().ok())
-        .collect();
-    if let [major, minor] = version[..]
-        && (major, minor) < (5, 8)
-    {
-        return Err(refuse(
-            "Linux 5.8 or later is needed (BPF ring buffer: 5.8; BPF links for cgroup programs: 5.7; cgroup v2 socket hooks: 4.18)".into(),
-        ));
+    if let Some(missing) = too_old(&release) {
+        return Err(refuse(missing));
     }
     // BPF_MAP_TYPE_ARRAY: is bpf() there and permitted at all?
     match map_create(2, 4, 4, 1, 0) {
@@ -1181,6 +1187,23 @@ impl Datapath for KernelDatapath {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernels_older_than_5_8_are_refused_naming_what_they_lack() {
+        for old in ["4.19.0-27-amd64", "5.4.0-150-generic", "5.7.19"] {
+            let why = too_old(old).expect(old);
+            assert!(why.contains("5.8") && why.contains("ring buffer"), "{why}");
+        }
+        for ok in [
+            "5.8.0",
+            "5.15.0-91-generic",
+            "6.1.0-57-amd64",
+            "6.12.117+deb12-amd64",
+            "6.18.44",
+        ] {
+            assert_eq!(too_old(ok), None, "{ok}");
+        }
+    }
 
     #[test]
     fn every_map_and_program_the_agent_names_is_in_the_embedded_object() {

@@ -373,7 +373,7 @@ impl KernelDatapath {
                 found.insert((k.direction, k.identity), v);
             }
         }
-        let policy_due = self.checks % POLICY_TABLE_EVERY == 0;
+        let policy_due = self.checks.is_multiple_of(POLICY_TABLE_EVERY);
         let policy_differs = policy_due && self.policy_slot_differs(active)?;
         if found != self.slots[usize::from(active)].enforced || policy_differs {
             self.rewrite_active()?;
