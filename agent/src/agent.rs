@@ -1053,6 +1053,8 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
             match outcome {
                 crate::reconcile::Outcome::Unchanged | crate::reconcile::Outcome::Applied(_) => {
                     s.policy_revision_applied = s.policy_revision_loaded;
+                    s.behind = None;
+                    s.update_ready();
                 }
                 crate::reconcile::Outcome::Refused(_) => {
                     s.policy_revision_refused = s.policy_revision_loaded;
@@ -1160,10 +1162,16 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
                 }
             }
             crate::reconcile::Outcome::Refused(e) => {
-                warn!("applying the new state failed, the previous state stays in force: {e}");
+                warn!(
+                    "applying the new state failed, the previous state stays in force (not ready until a state applies): {e}"
+                );
                 if let Ok(mut s) = status.lock() {
                     s.apply_errors += 1;
                     s.last_error = Some(e.to_string());
+                    s.behind = Some(format!(
+                        "the planned state was refused; the previous one stays in force: {e}"
+                    ));
+                    s.update_ready();
                 }
             }
             crate::reconcile::Outcome::Partial(e) => {
@@ -1171,6 +1179,10 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
                 if let Ok(mut s) = status.lock() {
                     s.apply_errors += 1;
                     s.last_error = Some(e.to_string());
+                    s.behind = Some(format!(
+                        "the kernel is part way to the planned state (retrying): {e}"
+                    ));
+                    s.update_ready();
                 }
             }
         }

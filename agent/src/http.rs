@@ -40,6 +40,9 @@ pub struct Status {
     pub events_delivered: u64,
     /// A state was applied at least once.
     pub applied: bool,
+    /// The kernel does not hold the planned state: it was refused (the
+    /// previous one stays) or is part way there (retried).
+    pub behind: Option<String>,
     /// Why the kernel does not enforce what the agent says (self-check),
     /// or why nothing is applied yet.
     pub enforcement_problems: Vec<String>,
@@ -61,6 +64,11 @@ impl Status {
     /// enforces the policy the agent says it does.
     pub fn not_ready_because(&self) -> Vec<String> {
         let mut why = self.enforcement_problems.clone();
+        if self.applied
+            && let Some(b) = &self.behind
+        {
+            why.push(b.clone());
+        }
         if !self.applied {
             why.push(match &self.last_error {
                 Some(e) => format!("nothing applied yet: {e}"),

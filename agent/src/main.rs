@@ -528,6 +528,9 @@ fn print_status(v: &serde_json::Value) {
         for why in v["enforcement_problems"].as_array().into_iter().flatten() {
             println!("  ! {}", esc(why));
         }
+        if let Some(b) = v["behind"].as_str().filter(|_| v["applied"] == true) {
+            println!("  ! {}", palisade::text::escape(b));
+        }
         if v["applied"] != true {
             println!("  ! nothing applied yet");
         }

@@ -864,6 +864,13 @@ fn a_change_that_does_not_fit_a_map_is_refused_whole() {
         1,
         "refused once, not retried every rescan"
     );
+    // The kernel does not enforce what the agent was told: not ready, and why.
+    let (code, body) = http_get(port, "/readyz");
+    assert_eq!(code, "HTTP/1.1 503 Service Unavailable");
+    assert!(
+        body.contains("the planned state was refused") && body.contains("raise maps.policy"),
+        "{body}"
+    );
     // Pushed through the CLI: refused, exit 1, and nothing left behind.
     let push = tempfile::tempdir().unwrap();
     let wide_too = push.path().join("wide-too.yaml");

@@ -113,7 +113,10 @@ fn main() -> anyhow::Result<()> {
     let (mut probes, mut wrong, mut changes, mut churned, mut floods) =
         (0u64, Vec::new(), 0u64, 0u64, 0u64);
     let mut logging_allowed = false;
-    let (mut last_change, mut last_flood, mut last_sample) = (start, start, start);
+    // The first flood comes after 30 s, so that warm-up (the audit stream's
+    // buffers filled once) is over before the drift is measured.
+    let first_flood = start.checked_sub(Duration::from_secs(30)).unwrap_or(start);
+    let (mut last_change, mut last_flood, mut last_sample) = (start, first_flood, start);
     let churn_parent = world.cgroup_root.join("production");
     while start.elapsed() < duration {
         // Continuous probes: what the policy in force says.
@@ -196,7 +199,7 @@ fn main() -> anyhow::Result<()> {
     agent.stop()?;
     let warm = samples
         .iter()
-        .find(|s| s.secs >= (duration.as_secs_f64() * 0.1).min(60.0))
+        .find(|s| s.secs >= (duration.as_secs_f64() * 0.1).min(180.0))
         .copied()
         .unwrap_or(samples[0]);
     let end = *samples.last().context("samples")?;

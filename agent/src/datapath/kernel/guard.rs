@@ -235,10 +235,9 @@ impl KernelDatapath {
                     return health;
                 }
                 health.repaired.push(format!(
-                    "the cgroup root {} was recreated: attached to the new one",
+                    "the cgroup root {} was recreated: attaching to the new one",
                     self.root.display()
                 ));
-                self.count_repair("attachment");
             }
             Ok(_) => {}
         }
@@ -252,17 +251,15 @@ impl KernelDatapath {
         health
     }
 
+    /// Takes the recreated root as the root; `verify_links` then finds
+    /// every link attached elsewhere and attaches it here (one by one, so a
+    /// failure leaves the rest to the next check).
     fn reopen_root(&mut self, ino: u64) -> Result<(), DatapathError> {
         self.root_fd = File::open(&self.root).map_err(io_err(
             "opening cgroup root",
             self.root.display().to_string(),
         ))?;
         self.root_ino = ino;
-        let old = std::mem::take(&mut self.links);
-        for link in &old {
-            let fresh = self.attach_fresh(link.name, link.attach_type)?;
-            self.links.push(fresh);
-        }
         Ok(())
     }
 
