@@ -27,6 +27,9 @@ pub const MATRIX_TESTS: [&str; 2] = [
     "pins_removed_or_programs_detached_under_a_running_agent_are_repaired",
 ];
 
+// /tmp is not a fresh tmpfs inside: the repository may live there (a CI
+// clone); the overlay's tmpfs upper layer keeps the guest's writes anyway.
+
 /// How long one VM may run before it is stopped and the run fails.
 const VM_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 
@@ -270,7 +273,6 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mount -t tmpfs tmpfs /run
-mount -t tmpfs tmpfs /tmp
 mount -t cgroup2 none /sys/fs/cgroup
 mount -t bpf bpf /sys/fs/bpf
 ip link set lo up
