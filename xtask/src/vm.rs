@@ -259,8 +259,17 @@ pub fn vm(series: &str, filter: &[String]) -> anyhow::Result<()> {
             .args(filter)
             .env("PALISADE_BIN_DIR", &bin_dir));
     }
-    let package = image_package(series)?;
-    let (dir, release) = unpack(&package)?;
+    // apt's lists may be missing or stale (a package version gone from the
+    // mirror): refresh them once and try again.
+    let (dir, release) = match image_package(series).and_then(|p| unpack(&p)) {
+        Ok(found) => found,
+        Err(e) => {
+            step(&format!("{e:#}; refreshing apt's lists and trying again"));
+            run(Command::new("apt-get").args(["update", "-q"]))?;
+            unpack(&image_package(series)?)?
+        }
+    };
+    let package = format!("linux-image-{release}");
     let kernel = dir.join("boot").join(format!("vmlinuz-{release}"));
     let modules = dir.join("lib/modules").join(&release);
     let quoted: Vec<String> = filter
