@@ -53,6 +53,17 @@ fn verdicts(s: &super::Setup) -> Vec<String> {
     wrong
 }
 
+/// logging → payment:443, the scenario's denied-at-ingress pair.
+fn logging_to_payment(s: &super::Setup) -> String {
+    let w = &s.world;
+    let (logging, payment) = (
+        w.pod("production/logging"),
+        w.pod("production/payment-service"),
+    );
+    w.probe(logging, "tcp", payment.ipv4.into(), 443, T)
+        .unwrap()
+}
+
 fn wait_denied_again(s: &super::Setup, within: Duration) -> Duration {
     let start = std::time::Instant::now();
     loop {
@@ -82,15 +93,12 @@ fn pins_removed_or_programs_detached_under_a_running_agent_are_repaired() {
     );
     let pins = pins_of(&s);
     let logging = s.world.pod("production/logging");
-    let payment = s.world.pod("production/payment-service");
     // The technique: with no process holding a link, removing its pin
     // detaches the program and denied traffic flows.
     s.agent.kill();
     std::fs::remove_file(pins.join("link_palisade_ingress")).unwrap();
     assert_eq!(
-        s.world
-            .probe(logging, "tcp", payment.ipv4.into(), 443, T)
-            .unwrap(),
+        logging_to_payment(&s),
         "ok",
         "removing the pin of an unheld link detaches it"
     );
@@ -152,8 +160,7 @@ fn a_swapped_policy_map_pin_is_not_adopted_by_a_restarted_agent() {
     if !kernel_tests_enabled() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let policies = dir.path().join("policies");
+    let (_dir, policies) = super::temp_policy_dir();
     copy_dir(&policy_dir("kubernetes"), &policies);
     let mut s = setup(scenario::pods(), &policies, scenario::NAMESPACES);
     let pins = pins_of(&s);
@@ -184,14 +191,8 @@ fn a_swapped_policy_map_pin_is_not_adopted_by_a_restarted_agent() {
             v["generation"].as_u64().unwrap_or(0) > before
         })
         .unwrap();
-    let (logging, payment) = (
-        s.world.pod("production/logging"),
-        s.world.pod("production/payment-service"),
-    );
     assert_eq!(
-        s.world
-            .probe(logging, "tcp", payment.ipv4.into(), 443, T)
-            .unwrap(),
+        logging_to_payment(&s),
         "ok",
         "a deleted policy does not come back"
     );
@@ -242,12 +243,8 @@ fn a_recreated_cgroup_root_is_enforced_again_running_or_restarted() {
     // gone and attaches new ones instead of "adopting" dead links.
     s.agent.kill();
     s.world.recreate_cgroups(|| {}).unwrap();
-    let logging = s.world.pod("production/logging");
-    let payment = s.world.pod("production/payment-service");
     assert_eq!(
-        s.world
-            .probe(logging, "tcp", payment.ipv4.into(), 443, T)
-            .unwrap(),
+        logging_to_payment(&s),
         "ok",
         "nothing is attached to the new root while no agent runs"
     );
@@ -376,14 +373,8 @@ fn a_vanished_or_emptied_policy_directory_keeps_the_last_good_policy() {
         assert_eq!(code, 0, "{name}: {out}{err}");
     }
     assert!(real.join("no-policies.yaml").exists());
-    let (logging, payment) = (
-        s.world.pod("production/logging"),
-        s.world.pod("production/payment-service"),
-    );
     assert_eq!(
-        s.world
-            .probe(logging, "tcp", payment.ipv4.into(), 443, T)
-            .unwrap(),
+        logging_to_payment(&s),
         "ok",
         "an empty policy set, made on purpose, allows everyone"
     );

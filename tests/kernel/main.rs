@@ -1184,16 +1184,7 @@ fn pins_of_an_incompatible_layout_are_replaced_with_a_log_line() {
 
 /// Runs the `palisade` CLI against an agent's control socket.
 fn cli(agent: &Agent, args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new(palisade_tests::bin_dir().join("palisade"))
-        .args(args)
-        .env("PALISADE_SOCKET", agent.dir.join("palisade.sock"))
-        .output()
-        .expect("palisade runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    agent.cli(args).expect("palisade runs")
 }
 
 #[test]

@@ -217,19 +217,25 @@ impl Agent {
         Ok(())
     }
 
+    /// Runs the `palisade` CLI against this agent's control socket:
+    /// (exit status, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> anyhow::Result<(i32, String, String)> {
+        let out = Command::new(crate::bin_dir().join("palisade"))
+            .args(args)
+            .env("PALISADE_SOCKET", self.dir.join("palisade.sock"))
+            .output()?;
+        Ok((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
     /// `palisade status --json` through the control socket (any exit
     /// status: 2 only means "not ready").
     pub fn status(&self) -> anyhow::Result<serde_json::Value> {
-        let out = Command::new(crate::bin_dir().join("palisade"))
-            .args(["status", "--json"])
-            .env("PALISADE_SOCKET", self.dir.join("palisade.sock"))
-            .output()?;
-        serde_json::from_slice(&out.stdout).with_context(|| {
-            format!(
-                "palisade status --json: {}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })
+        let (_, out, err) = self.cli(&["status", "--json"])?;
+        serde_json::from_str(&out).with_context(|| format!("palisade status --json: {err}"))
     }
 
     /// Polls the status until `pred` holds; the last status on timeout.

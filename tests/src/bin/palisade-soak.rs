@@ -47,21 +47,6 @@ fn sample(pid: u32, start: Instant) -> Sample {
     }
 }
 
-fn cli(agent: &Agent, args: &[&str]) -> anyhow::Result<(i32, String)> {
-    let out = std::process::Command::new(palisade_tests::bin_dir().join("palisade"))
-        .args(args)
-        .env("PALISADE_SOCKET", agent.dir.join("palisade.sock"))
-        .output()?;
-    Ok((
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    ))
-}
-
 fn audit_counts(agent: &Agent) -> anyhow::Result<(u64, u64, u64)> {
     let s = agent.status()?;
     let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
@@ -146,15 +131,15 @@ fn main() -> anyhow::Result<()> {
             last_change = Instant::now();
             let file = dir.path().join("allow-logging.yaml");
             std::fs::write(&file, ALLOW_LOGGING)?;
-            let (code, out) = if logging_allowed {
-                cli(&agent, &["policy", "delete", "production/allow-logging"])?
+            let (code, out, err) = if logging_allowed {
+                agent.cli(&["policy", "delete", "production/allow-logging"])?
             } else {
-                cli(
-                    &agent,
-                    &["policy", "apply", "-f", file.to_str().unwrap_or("")],
-                )?
+                agent.cli(&["policy", "apply", "-f", file.to_str().unwrap_or("")])?
             };
-            anyhow::ensure!(code == 0, "policy change through the CLI failed: {out}");
+            anyhow::ensure!(
+                code == 0,
+                "policy change through the CLI failed: {out}{err}"
+            );
             logging_allowed = !logging_allowed;
             changes += 1;
         }
