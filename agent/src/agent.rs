@@ -56,6 +56,9 @@ pub struct Planner {
     /// → identity), reused for the same workloads and peers.
     hints_by_cgroup: BTreeMap<u64, u32>,
     hints_by_net: BTreeMap<IpNet, u32>,
+    /// The agent's own cgroup when it lies under the root (a DaemonSet pod):
+    /// `reserved:host`, whatever its pod or a workload rule says.
+    own_cgroup: Option<u64>,
 }
 
 impl Planner {
@@ -79,7 +82,15 @@ impl Planner {
             previous_cgroups: BTreeMap::new(),
             hints_by_cgroup: BTreeMap::new(),
             hints_by_net: BTreeMap::new(),
+            own_cgroup: None,
         }
+    }
+
+    /// Keeps `cgroup` (the agent's own) `reserved:host` in every plan: the
+    /// agent's connections to the API server and its probes' answers are
+    /// the node's, and must not wait on the agent knowing its own pod.
+    pub fn exempt(&mut self, cgroup: u64) {
+        self.own_cgroup = Some(cgroup);
     }
 
     /// Numbers already in the kernel (after adopting pinned maps).
@@ -99,6 +110,7 @@ impl Planner {
             services: services_input,
             nodes,
         } = input;
+        workloads.retain(|w| Some(w.cgroup_id) != self.own_cgroup);
         workloads.sort_by(|a, b| a.cgroup_path.cmp(&b.cgroup_path));
         let td = self.config.trust_domain.clone();
         let mut identities: BTreeMap<u32, IdentityInfo> = BTreeMap::new();
@@ -135,6 +147,12 @@ impl Planner {
         for (cgroup, id) in &held {
             cgroups.insert(*cgroup, *id);
             identities.entry(*id).or_insert_with(|| reserved_info(*id));
+        }
+        if let Some(own) = self.own_cgroup {
+            cgroups.insert(own, reserved::HOST);
+            identities
+                .entry(reserved::HOST)
+                .or_insert_with(|| reserved_info(reserved::HOST));
         }
         for r in &remote {
             let key = LabelKey {
@@ -750,23 +768,19 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
     let mut file_policies = load_policies(&config)
         .map_err(|e| anyhow::anyhow!("{e}"))
         .context("policy is invalid; nothing was loaded")?;
-    let mut source = match &mode {
-        Mode::Host => {
-            Source::Host(Classifier::new(&config.workloads).map_err(|m| anyhow::anyhow!(m))?)
-        }
-        Mode::Kubernetes {
-            kubeconfig,
-            node_name,
-        } => {
-            let client = crate::kubernetes::client(kubeconfig.as_deref()).await?;
-            info!(node = %node_name, root = %root.display(), "Kubernetes mode: watching pods, namespaces, NetworkPolicies and Palisade policies");
-            Source::Kubernetes {
-                cluster: Box::new(crate::kubernetes::Cluster::start(client)),
-                node: node_name.clone(),
-                waiting_logged: None,
-            }
+    // The client is made (and its configuration checked) here; the
+    // watchers connect only once the agent's own cgroup is exempt below.
+    let client = match &mode {
+        Mode::Host => None,
+        Mode::Kubernetes { kubeconfig, .. } => {
+            Some(crate::kubernetes::client(kubeconfig.as_deref()).await?)
         }
     };
+    let classifier = match &mode {
+        Mode::Host => Some(Classifier::new(&config.workloads).map_err(|m| anyhow::anyhow!(m))?),
+        Mode::Kubernetes { .. } => None,
+    };
+    let own_cgroup = discovery::own_cgroup(&root, &mount);
     let mut policies = file_policies.clone();
     // Which (policy files, cluster policy objects) versions `policies` holds:
     // rebuilding a large set every round would cost as much as planning.
@@ -796,6 +810,26 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
     for point in datapath.attach_points() {
         info!(attach = %point, "attached");
     }
+    if let Some(own) = &own_cgroup {
+        // Before any connection: the programs (adopted ones already) would
+        // hold an unknown cgroup under the root, the agent's own among them.
+        datapath
+            .exempt(own.id, reserved::HOST)
+            .context("exempting the agent's own cgroup")?;
+        info!(cgroup = %own.rel_path, "the agent runs under the cgroup root (as a pod): its own traffic is the node's (reserved:host)");
+    }
+    let mut source = match (&mode, client, classifier) {
+        (Mode::Kubernetes { node_name, .. }, Some(client), _) => {
+            info!(node = %node_name, root = %root.display(), "Kubernetes mode: watching pods, namespaces, NetworkPolicies and Palisade policies");
+            Source::Kubernetes {
+                cluster: Box::new(crate::kubernetes::Cluster::start(client)),
+                node: node_name.clone(),
+                waiting_logged: None,
+            }
+        }
+        (_, _, Some(classifier)) => Source::Host(classifier),
+        _ => anyhow::bail!("internal: no workload source for this mode"),
+    };
     for gap in &datapath.posture().gaps {
         warn!("protection missing: {gap}");
     }
@@ -846,6 +880,9 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
 
     let interval = Duration::from_millis(config.rescan_interval_ms);
     let mut planner = Planner::new(config.clone(), matches!(mode, Mode::Kubernetes { .. }));
+    if let Some(own) = &own_cgroup {
+        planner.exempt(own.id);
+    }
     let (adopted_cgroups, adopted_nets) = datapath.adopted_identities();
     planner.hint(adopted_cgroups, adopted_nets);
     let mut reconciler = crate::reconcile::Reconciler::default();

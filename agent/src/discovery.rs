@@ -131,6 +131,44 @@ pub fn scan(root: &Path) -> Result<Vec<Cgroup>, DiscoveryError> {
     Ok(out)
 }
 
+/// The cgroup at or below `root` that holds this process, if any: the
+/// agent's own container when it runs as a pod under kubelet's `kubepods`
+/// (a DaemonSet pod is a pod too). Found by the process's pid in
+/// `cgroup.procs` (the kernel writes pids as the reader's pid namespace sees
+/// them, so this works inside a container with its own pid and cgroup
+/// namespaces, where `/proc/self/cgroup` only says `0::/`). `/proc/self/cgroup`
+/// is tried first; the walk is bounded like [`scan`].
+pub fn own_cgroup(root: &Path, mount: &Path) -> Option<Cgroup> {
+    let pid = std::process::id().to_string();
+    let holds_us = |dir: &Path| {
+        std::fs::read_to_string(dir.join("cgroup.procs"))
+            .is_ok_and(|procs| procs.lines().any(|l| l.trim() == pid))
+    };
+    let rel_of = |dir: &Path| {
+        dir.strip_prefix(root)
+            .ok()
+            .map(|r| r.to_string_lossy().into_owned())
+    };
+    let from_proc = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|text| {
+            let path = text.lines().find_map(|l| l.strip_prefix("0::"))?.trim();
+            Some(mount.join(path.trim_start_matches('/')))
+        })
+        .filter(|dir| dir.starts_with(root) && dir != root && holds_us(dir));
+    let dir = from_proc.or_else(|| {
+        scan(root)
+            .ok()?
+            .into_iter()
+            .map(|c| root.join(c.rel_path))
+            .find(|dir| holds_us(dir))
+    })?;
+    Some(Cgroup {
+        rel_path: rel_of(&dir)?,
+        id: std::fs::metadata(&dir).ok()?.ino(),
+    })
+}
+
 /// A compiled `workloads[].path` pattern.
 #[derive(Clone, Debug)]
 pub struct PathPattern {
@@ -311,6 +349,29 @@ fn parse_if_inet6_globals(text: &str) -> Vec<Ipv6Addr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The agent's own container under the root is found by its pid in
+    /// `cgroup.procs` (as inside a container, where `/proc/self/cgroup` says
+    /// `0::/`); another pod's cgroup is not the agent's.
+    #[test]
+    fn the_agents_own_cgroup_is_found_by_its_pid() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("kubepods");
+        let other = root.join("besteffort/podaaaa/c1");
+        let own = root.join("burstable/podbbbb/c2");
+        for (dir, procs) in [
+            (&other, "1\n77\n"),
+            (&own, &format!("5\n{}\n", std::process::id())),
+        ] {
+            std::fs::create_dir_all(dir).unwrap();
+            std::fs::write(dir.join("cgroup.procs"), procs).unwrap();
+        }
+        let found = own_cgroup(&root, tmp.path()).expect("found");
+        assert_eq!(found.rel_path, "burstable/podbbbb/c2");
+        assert_eq!(found.id, std::fs::metadata(&own).unwrap().ino());
+        std::fs::write(own.join("cgroup.procs"), "5\n").unwrap();
+        assert_eq!(own_cgroup(&root, tmp.path()), None, "not under the root");
+    }
 
     #[test]
     fn finds_cgroup2_in_hybrid_and_pure_layouts() {

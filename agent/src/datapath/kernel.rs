@@ -780,6 +780,20 @@ impl KernelDatapath {
         Ok(())
     }
 
+    /// Gives `cgroup` the identity `id` in the kernel now, outside a planned
+    /// apply: the agent's own cgroup when it lies under the root, written
+    /// before the agent opens any connection (adopted programs judge its
+    /// first packets already). Plans keep the entry (see `Planner::exempt`).
+    pub fn exempt(&mut self, cgroup: u64, id: u32) -> Result<(), DatapathError> {
+        let mut cgroups: HashMap<&mut MapData, u64, u32> =
+            typed_mut(&mut self.ebpf, maps::CGROUP_IDENTITY)?;
+        cgroups
+            .insert(&cgroup, &id, 0)
+            .map_err(map_err(maps::CGROUP_IDENTITY))?;
+        self.cgroups.insert(cgroup, id);
+        Ok(())
+    }
+
     /// What the kernel maps held when the agent started (empty unless adopted).
     pub fn adopted_identities(&self) -> (BTreeMap<u64, u32>, BTreeMap<IpNet, u32>) {
         (self.cgroups.clone(), self.ipcache.clone())

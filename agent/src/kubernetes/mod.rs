@@ -449,6 +449,11 @@ pub struct PodInfo {
     pub ips: Vec<IpAddr>,
     pub ports: Vec<NamedPortConfig>,
     pub host_network: bool,
+    /// `metadata.deletionTimestamp` is set: the pod is shutting down and its
+    /// address may already belong to a new pod.
+    pub terminating: bool,
+    /// `metadata.creationTimestamp` (RFC 3339, UTC: orders as text).
+    pub created: String,
 }
 
 /// Reads what identity needs from a Pod object. `None` for a pod without a
@@ -506,7 +511,57 @@ pub fn pod_info(pod: &Pod) -> Option<PodInfo> {
         ips,
         ports,
         host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+        terminating: pod.metadata.deletion_timestamp.is_some(),
+        created: pod
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0.to_string())
+            .unwrap_or_default(),
     })
+}
+
+/// Which pod an address belongs to when several pods name it. Addresses are
+/// recycled: the runtime gives a deleted pod's address to a new pod while the
+/// old Pod object may still be listed (terminating, or deleted later than
+/// the new one is reported). The owner is, in order: a pod not terminating,
+/// a pod whose cgroup is on this node (the runtime made its sandbox here),
+/// the pod created last. Every other claimant loses the address, so no
+/// packet from it is judged with a stale identity.
+fn address_owners<'a>(
+    pods: &'a [PodInfo],
+    with_cgroup: &std::collections::HashSet<&str>,
+) -> HashMap<IpAddr, &'a str> {
+    let rank = |p: &'a PodInfo| {
+        (
+            !p.terminating,
+            with_cgroup.contains(p.uid.as_str()),
+            p.created.as_str(),
+            p.uid.as_str(),
+        )
+    };
+    let mut owners: HashMap<IpAddr, &PodInfo> = HashMap::new();
+    for pod in pods.iter().filter(|p| !p.host_network) {
+        for ip in &pod.ips {
+            let better = owners.get(ip).is_none_or(|cur| rank(pod) > rank(cur));
+            if better {
+                owners.insert(*ip, pod);
+            }
+        }
+    }
+    owners
+        .into_iter()
+        .map(|(ip, p)| (ip, p.uid.as_str()))
+        .collect()
+}
+
+/// `pod`'s addresses that it owns (see [`address_owners`]).
+fn owned_ips(pod: &PodInfo, owners: &HashMap<IpAddr, &str>) -> Vec<IpAddr> {
+    pod.ips
+        .iter()
+        .filter(|ip| owners.get(ip).is_some_and(|o| *o == pod.uid))
+        .copied()
+        .collect()
 }
 
 /// Maps the local cgroups to pods and collects every other pod's addresses.
@@ -518,6 +573,12 @@ pub fn inputs(
     unknown: UnknownPods,
 ) -> Inputs {
     let by_uid: HashMap<&str, &PodInfo> = pods.iter().map(|p| (p.uid.as_str(), p)).collect();
+    let local: std::collections::HashSet<&str> = cgroups
+        .iter()
+        .filter_map(|cg| cgroup::parse(&cg.rel_path))
+        .filter_map(|pc| by_uid.get(pc.uid.as_str()).map(|p| p.uid.as_str()))
+        .collect();
+    let owners = address_owners(pods, &local);
     let mut out = Inputs::default();
     let mut has_cgroup = std::collections::HashSet::new();
     for cg in cgroups {
@@ -540,7 +601,7 @@ pub fn inputs(
                     namespace: pod.namespace.clone(),
                     name: pod.name.clone(),
                     labels: pod.labels.clone(),
-                    ips: pod.ips.clone(),
+                    ips: owned_ips(pod, &owners),
                     ports: pod.ports.clone(),
                     // Pods other than hostNetwork ones have their own network namespace.
                     own_netns: true,
@@ -563,11 +624,15 @@ pub fn inputs(
             // known by address, so its peers see its identity.
             out.local_without_cgroup += 1;
         }
+        let ips = owned_ips(pod, &owners);
+        if ips.is_empty() {
+            continue; // its address belongs to a newer pod now
+        }
         out.remote.push(RemoteWorkload {
             namespace: pod.namespace.clone(),
             name: pod.name.clone(),
             labels: pod.labels.clone(),
-            ips: pod.ips.clone(),
+            ips,
             ports: pod.ports.clone(),
         });
     }

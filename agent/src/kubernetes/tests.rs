@@ -146,6 +146,80 @@ fn local_cgroups_become_pods_host_network_is_host_unknown_is_held() {
     assert!(!allow.held.contains_key(&14));
 }
 
+/// A recycled address: the old pod is still listed (terminating) with the
+/// address the runtime gave a new pod. The new pod owns it wherever it is
+/// judged: on its own node (its cgroup is there) and on every other node.
+#[test]
+fn a_recycled_address_belongs_to_the_new_pod_not_the_terminating_one() {
+    let base = pods();
+    let payment = base.iter().find(|p| p.uid == PAYMENT_UID).unwrap();
+    let reused: IpAddr = "10.244.1.12".parse().unwrap();
+    let mut old = payment.clone();
+    old.terminating = true;
+    old.created = "2026-01-01T00:00:00Z".into();
+    let mut new = payment.clone();
+    new.uid = "99999999-0000-4000-8000-000000000001".into();
+    new.name = "intruder".into();
+    new.labels.insert("app".into(), "logging".into());
+    new.ips = vec![reused];
+    new.created = "2026-01-01T00:05:00Z".into();
+    let node_of_new = vec![cg(
+        21,
+        cgroup::systemd_pod_path(&new.uid, cgroup::Qos::BestEffort),
+    )];
+    for (old_first, cgroups, node) in [
+        (true, node_of_new.clone(), "node-a"),
+        (false, node_of_new, "node-a"),
+        (true, Vec::new(), "node-b"),
+        (false, Vec::new(), "node-b"),
+    ] {
+        let list = if old_first {
+            vec![old.clone(), new.clone()]
+        } else {
+            vec![new.clone(), old.clone()]
+        };
+        let got = inputs(node, &list, &[], &cgroups, UnknownPods::DenyEgress);
+        let claimants: Vec<&str> = got
+            .workloads
+            .iter()
+            .filter(|w| w.ips.contains(&reused))
+            .map(|w| w.name.as_str())
+            .chain(
+                got.remote
+                    .iter()
+                    .filter(|r| r.ips.contains(&reused))
+                    .map(|r| r.name.as_str()),
+            )
+            .collect();
+        assert_eq!(
+            claimants,
+            ["intruder"],
+            "{node}, old listed first: {old_first}"
+        );
+    }
+    // Neither terminating: the pod created last owns the address (the
+    // runtime cannot have given it to the older one after the newer).
+    old.terminating = false;
+    let got = inputs(
+        "node-b",
+        &[new.clone(), old.clone()],
+        &[],
+        &[],
+        UnknownPods::Allow,
+    );
+    let owner: Vec<&str> = got
+        .remote
+        .iter()
+        .filter(|r| r.ips.contains(&reused))
+        .map(|r| r.name.as_str())
+        .collect();
+    assert_eq!(owner, ["intruder"]);
+    // The old pod keeps its other addresses.
+    assert!(got.remote.iter().any(
+        |r| r.name == payment.name && r.ips == ["fd00:10:244:1::c".parse::<IpAddr>().unwrap()]
+    ));
+}
+
 fn store<K>(objects: Vec<K>) -> Store<K>
 where
     K: Resource + Clone + std::fmt::Debug + Send + Sync + 'static,
