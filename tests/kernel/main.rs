@@ -1408,17 +1408,13 @@ mod kubernetes {
         ips: &[String],
         node: &str,
     ) -> Value {
-        let mut p = template.clone();
-        p["metadata"]["name"] = json!(spec.name);
-        p["metadata"]["namespace"] = json!(spec.namespace);
-        p["metadata"]["uid"] = json!(uid(index));
-        p["metadata"]["labels"] = json!({"app": spec.name});
-        p["spec"]["nodeName"] = json!(node);
-        p["spec"]["serviceAccountName"] = json!(spec.name);
-        p["spec"]["serviceAccount"] = json!(spec.name);
-        p["status"]["podIP"] = json!(ips[0]);
-        p["status"]["podIPs"] = json!(ips.iter().map(|ip| json!({"ip": ip})).collect::<Vec<_>>());
-        p
+        palisade_tests::kubeapi::pod_object(
+            template,
+            &uid(index),
+            (&spec.namespace, &spec.name, &spec.name),
+            ips,
+            node,
+        )
     }
 
     /// Probes until the word is `want`; returns how long that took.

@@ -120,6 +120,36 @@ pub struct FakeApiServer {
     pub addr: SocketAddr,
     shared: Arc<Shared>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// The network namespace (under /run/netns) it listens in; `None`: the test's own.
+    netns: Option<String>,
+}
+
+/// Runs `f` on a thread that joined network namespace `netns` (under
+/// /run/netns): a socket made there stays in that namespace wherever it is
+/// used afterwards.
+pub fn in_netns<T: Send>(netns: &str, f: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
+    let file = std::fs::File::open(format!("/run/netns/{netns}"))
+        .with_context(|| format!("opening netns {netns}"))?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns on this (scoped, short-lived) thread only, with
+            // an open namespace file.
+            let rc = unsafe {
+                libc::setns(
+                    std::os::fd::AsRawFd::as_raw_fd(&file),
+                    libc::CLONE_NEWNET,
+                )
+            };
+            anyhow::ensure!(
+                rc == 0,
+                "setns {netns}: {}",
+                std::io::Error::last_os_error()
+            );
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in {netns} panicked"))?
+    })
 }
 
 fn key(obj: &Value) -> (String, String) {
@@ -133,7 +163,17 @@ fn key(obj: &Value) -> (String, String) {
 impl FakeApiServer {
     /// Listens on an ephemeral loopback port.
     pub fn start() -> anyhow::Result<FakeApiServer> {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
+        FakeApiServer::serve(TcpListener::bind("127.0.0.1:0")?, None)
+    }
+
+    /// Listens on `ip` (an ephemeral port) inside network namespace
+    /// `netns`: the control plane's address on a network of nodes.
+    pub fn start_in(netns: &str, ip: std::net::IpAddr) -> anyhow::Result<FakeApiServer> {
+        let listener = in_netns(netns, || TcpListener::bind((ip, 0)))??;
+        FakeApiServer::serve(listener, Some(netns.to_owned()))
+    }
+
+    fn serve(listener: TcpListener, netns: Option<String>) -> anyhow::Result<FakeApiServer> {
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             store: Mutex::new(Store {
@@ -160,6 +200,7 @@ impl FakeApiServer {
             addr,
             shared,
             thread: Some(thread),
+            netns,
         })
     }
 
@@ -266,12 +307,58 @@ impl FakeApiServer {
     }
 }
 
+/// The recorded Pod (tests/kubernetes/fixtures/pods.json, first item):
+/// the shape the API server stores, with managed fields and statuses.
+pub fn pod_template() -> anyhow::Result<Value> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("kubernetes/fixtures/pods.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(serde_json::from_str::<Value>(&text)?["items"][0].clone())
+}
+
+/// A Pod object shaped like `template` for pod `namespace/name` (label and
+/// service account `app`), running on `node` with addresses `ips`.
+pub fn pod_object(
+    template: &Value,
+    uid: &str,
+    (namespace, name, app): (&str, &str, &str),
+    ips: &[String],
+    node: &str,
+) -> Value {
+    let mut p = template.clone();
+    p["metadata"]["name"] = json!(name);
+    p["metadata"]["namespace"] = json!(namespace);
+    p["metadata"]["uid"] = json!(uid);
+    p["metadata"]["labels"] = json!({ "app": app });
+    p["spec"]["nodeName"] = json!(node);
+    p["spec"]["serviceAccountName"] = json!(app);
+    p["spec"]["serviceAccount"] = json!(app);
+    p["status"]["podIP"] = json!(ips[0]);
+    p["status"]["podIPs"] = json!(ips.iter().map(|ip| json!({ "ip": ip })).collect::<Vec<_>>());
+    p
+}
+
 impl Drop for FakeApiServer {
     fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+impl FakeApiServer {
+    /// Ends every watch and the accept loop (also on drop; call it before
+    /// the network namespace it listens in goes).
+    pub fn shutdown(&mut self) {
+        if self.thread.is_none() {
+            return;
+        }
         self.shared.stop.store(true, Ordering::SeqCst);
         self.expire();
-        // Wake the accept loop.
-        let _ = TcpStream::connect(self.addr);
+        // Wake the accept loop (from where it listens).
+        let addr = self.addr;
+        match &self.netns {
+            Some(ns) => drop(in_netns(ns, || TcpStream::connect(addr))),
+            None => drop(TcpStream::connect(addr)),
+        }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

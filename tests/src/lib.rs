@@ -12,6 +12,7 @@ pub mod conformance;
 pub mod corpus;
 pub mod kubeapi;
 pub mod kubeproxy;
+pub mod realnode;
 pub mod scenario;
 pub mod world;
 

@@ -589,11 +589,7 @@ impl World {
     /// `palisade-testbed ARGS` in any cgroup and a pod's namespace; its
     /// stdout whatever its exit status (the word is the answer).
     pub fn testbed_in(&self, cgroup: &Path, netns: &str, args: &[&str]) -> anyhow::Result<String> {
-        let mut cmd = Command::new(crate::bin_dir().join("palisade-testbed"));
-        cmd.args(args);
-        enter(&mut cmd, cgroup, netns)?;
-        let out = cmd.output().context("running palisade-testbed")?;
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        testbed_in(cgroup, netns, args)
     }
 
     /// Starts `palisade-testbed ARGS` in `pod`'s cgroup and namespace and
@@ -822,7 +818,7 @@ fn kill(child: &mut Child) {
 
 /// Removes a cgroup directory tree bottom-up, waiting briefly for killed
 /// processes to leave.
-fn remove_cgroup_tree(dir: &Path) {
+pub fn remove_cgroup_tree(dir: &Path) {
     if !dir.exists() {
         return;
     }
@@ -853,6 +849,17 @@ impl Drop for World {
         remove_cgroup_tree(&self.cgroup_root);
         remove_cgroup_tree(&self.outside_root);
     }
+}
+
+/// `palisade-testbed ARGS` in any cgroup and network namespace (under
+/// /run/netns), as a process the pod's runtime would have started there; its
+/// stdout whatever its exit status (the word is the answer).
+pub fn testbed_in(cgroup: &Path, netns: &str, args: &[&str]) -> anyhow::Result<String> {
+    let mut cmd = Command::new(crate::bin_dir().join("palisade-testbed"));
+    cmd.args(args);
+    enter(&mut cmd, cgroup, netns)?;
+    let out = cmd.output().context("running palisade-testbed")?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// A process started in a pod; killed (by its pid) when dropped.

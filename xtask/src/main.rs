@@ -38,7 +38,19 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "busybox-static",
     "kmod",
     "xz-utils",
+    // The real-node tests and `cargo xtask image`: a container runtime
+    // (podman with runc and netavark; catatonit is its pod's pause process),
+    // buildah for the image, musl for the static agent binary.
+    "podman",
+    "buildah",
+    "runc",
+    "netavark",
+    "catatonit",
+    "musl-tools",
+    "ca-certificates",
 ];
+/// The agent image's binary: static, for an image with nothing else in it.
+const STATIC_TARGET: &str = "x86_64-unknown-linux-musl";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 #[derive(Parser)]
@@ -73,6 +85,15 @@ enum Cmd {
     },
     /// Set up, build, and run the payment-service scenario on real workloads (root).
     Demo,
+    /// Build the agent's container image locally (root): the static (musl)
+    /// agent on scratch, from deploy/image/Containerfile, with buildah into
+    /// the system's container storage; no registry needed. The real-node
+    /// tests build and run the same image.
+    Image {
+        /// The image's name and tag.
+        #[arg(long, default_value = concat!("localhost/palisade:", env!("CARGO_PKG_VERSION")))]
+        tag: String,
+    },
     /// Soak (root): the seed scenario for N minutes under policy churn through
     /// the CLI, workload churn, continuous allowed and denied probes and an
     /// audit flood every minute; reports RSS drift, descriptors, threads,
@@ -237,6 +258,18 @@ fn setup() -> anyhow::Result<()> {
             .env("LLVM_PREFIX", LLVM_PREFIX)
             .env("PATH", path))?;
     }
+    let targets = Command::new("rustup")
+        .args(["target", "list", "--installed", "--toolchain", TOOLCHAIN])
+        .output()
+        .context("rustup target list")?;
+    if String::from_utf8_lossy(&targets.stdout).contains(STATIC_TARGET) {
+        step(&format!("Rust target {STATIC_TARGET}: present"));
+    } else {
+        step(&format!(
+            "installing the Rust target {STATIC_TARGET} (the image's static agent)"
+        ));
+        run(Command::new("rustup").args(["target", "add", "--toolchain", TOOLCHAIN, STATIC_TARGET]))?;
+    }
     fuzz::ensure_cargo_fuzz()?;
     manifest_tools()
 }
@@ -362,6 +395,53 @@ fn build() -> anyhow::Result<()> {
     ]))
 }
 
+/// The static (musl) agent, the one file of the image.
+fn build_static() -> anyhow::Result<PathBuf> {
+    step(&format!(
+        "building the static agent for the image ({STATIC_TARGET}, release)"
+    ));
+    run(Command::new("cargo").current_dir(root_dir()).args([
+        "build",
+        "--release",
+        "-p",
+        "palisade",
+        "--target",
+        STATIC_TARGET,
+    ]))?;
+    Ok(root_dir()
+        .join("target")
+        .join(STATIC_TARGET)
+        .join("release/palisade"))
+}
+
+/// Builds the agent's image with buildah from deploy/image/Containerfile
+/// (the static binary on scratch) into the local container storage.
+fn image(tag: &str) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("building the image into the system's container storage needs root (buildah)");
+    }
+    let binary = build_static()?;
+    let context = root_dir().join("target/image");
+    std::fs::create_dir_all(&context)?;
+    std::fs::copy(&binary, context.join("palisade"))
+        .with_context(|| format!("copying {}", binary.display()))?;
+    std::fs::copy(
+        "/etc/ssl/certs/ca-certificates.crt",
+        context.join("ca-certificates.crt"),
+    )
+    .context("the CA bundle /etc/ssl/certs/ca-certificates.crt (Debian's ca-certificates)")?;
+    step(&format!("building the image {tag} (buildah, FROM scratch)"));
+    run(Command::new("buildah")
+        .args(["bud", "--quiet", "-f"])
+        .arg(root_dir().join("deploy/image/Containerfile"))
+        .args(["-t", tag])
+        .arg(&context))?;
+    step(&format!(
+        "built {tag}: `podman run --rm {tag} --version`; deploy/kubernetes/daemonset.yaml names the image a cluster pulls"
+    ));
+    Ok(())
+}
+
 fn release_bin(name: &str) -> PathBuf {
     root_dir().join("target/release").join(name)
 }
@@ -369,6 +449,8 @@ fn release_bin(name: &str) -> PathBuf {
 fn test(args: &[String]) -> anyhow::Result<()> {
     setup()?;
     build()?;
+    // The real-node tests build the agent's image from it.
+    let static_agent = build_static()?;
     checking_leftovers(|| {
         step("running unit and kernel tests");
         run(Command::new("cargo")
@@ -376,7 +458,8 @@ fn test(args: &[String]) -> anyhow::Result<()> {
             // Default members: every crate but the eBPF one, which only builds for the bpf target.
             .args(["test", "--release", "--"])
             .args(args)
-            .env("PALISADE_BIN_DIR", root_dir().join("target/release")))?;
+            .env("PALISADE_BIN_DIR", root_dir().join("target/release"))
+            .env("PALISADE_STATIC_AGENT", &static_agent))?;
         manifests()?;
         if !args.is_empty() {
             return Ok(()); // a filtered run: the matrix and fuzzing are not what was asked for
@@ -479,6 +562,7 @@ fn main() -> ExitCode {
             }
             checking_leftovers(|| vm::vm(&kernel, &args))
         }),
+        Cmd::Image { tag } => setup().and_then(|()| image(&tag)),
         Cmd::Manifests => manifest_tools().and_then(|()| manifests()),
         Cmd::Bench { quick } => setup().and_then(|()| build()).and_then(|()| {
             if !is_root() {

@@ -1,7 +1,8 @@
 //! The workload processes of the test world.
 //!
-//! `palisade-testbed serve --tcp 443,8080 --udp 53` answers every TCP
-//! connection and UDP datagram with `pong`. `palisade-testbed probe tcp|udp
+//! `palisade-testbed serve --tcp 443,8080 --udp 53 [--count FILE]` answers
+//! every TCP connection and UDP datagram with `pong` (and keeps how many it
+//! accepted and received in FILE). `palisade-testbed probe tcp|udp
 //! ADDR PORT [--timeout-ms N]` tries once and prints one word, with the same
 //! word as its exit status: `ok` (0), `eperm` (2: refused by the local
 //! kernel, as Palisade's egress hook does), `refused` (3), `timeout` (4),
@@ -24,7 +25,7 @@ use std::{
 
 fn usage() -> ! {
     eprintln!(
-        "usage: palisade-testbed serve [--tcp P,P..] [--udp P,P..] | probe tcp|udp ADDR PORT [--timeout-ms N] | flood ADDR PORT COUNT | udp-session ADDR PORT FILE | attack raw-udp|raw-udp-hdrincl|raw-syn|lsrr|rthdr|broadcast|bound-udp|deep-ipv6-udp|packet-socket ARGS [--nobody] | burst ADDR PORT MS | foreign-socket CGROUP_PROCS | bench-serve [--tcp P] [--udp P] | bench-client crr|rr|udp ADDR PORT CLIENTS MS"
+        "usage: palisade-testbed serve [--tcp P,P..] [--udp P,P..] [--count FILE] | probe tcp|udp ADDR PORT [--timeout-ms N] | flood ADDR PORT COUNT | udp-session ADDR PORT FILE | attack raw-udp|raw-udp-hdrincl|raw-syn|lsrr|rthdr|broadcast|bound-udp|deep-ipv6-udp|packet-socket ARGS [--nobody] | burst ADDR PORT MS | foreign-socket CGROUP_PROCS | bench-serve [--tcp P] [--udp P] | bench-client crr|rr|udp ADDR PORT CLIENTS MS"
     );
     std::process::exit(64);
 }
@@ -36,17 +37,45 @@ fn ports(list: &str) -> Vec<u16> {
         .collect()
 }
 
+/// Connections accepted and datagrams received so far, kept in a file
+/// (`serve --count FILE`): what a listener saw, counted where it arrives.
+struct Arrivals {
+    file: Option<String>,
+    count: std::sync::atomic::AtomicU64,
+    write: std::sync::Mutex<()>,
+}
+
+impl Arrivals {
+    fn one(&self) {
+        let n = self.count.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        if let Some(file) = &self.file {
+            let _guard = self.write.lock();
+            let tmp = format!("{file}.tmp");
+            if std::fs::write(&tmp, format!("{n}\n")).is_ok() {
+                let _ = std::fs::rename(&tmp, file);
+            }
+        }
+    }
+}
+
 fn serve(args: &[String]) {
     let mut tcp = Vec::new();
     let mut udp = Vec::new();
+    let mut file = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--tcp" => tcp = ports(it.next().unwrap_or_else(|| usage())),
             "--udp" => udp = ports(it.next().unwrap_or_else(|| usage())),
+            "--count" => file = Some(it.next().unwrap_or_else(|| usage()).clone()),
             _ => usage(),
         }
     }
+    let arrivals = std::sync::Arc::new(Arrivals {
+        file,
+        count: 0.into(),
+        write: std::sync::Mutex::new(()),
+    });
     let mut threads = Vec::new();
     for port in tcp {
         // `[::]` accepts IPv4 too (v4-mapped), so one socket serves both families.
@@ -54,8 +83,10 @@ fn serve(args: &[String]) {
             eprintln!("bind tcp {port}: {e}");
             std::process::exit(1)
         });
+        let arrivals = arrivals.clone();
         threads.push(std::thread::spawn(move || {
             for mut stream in listener.incoming().flatten() {
+                arrivals.one();
                 let mut buf = [0u8; 64];
                 let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
                 let _ = stream.read(&mut buf);
@@ -68,9 +99,11 @@ fn serve(args: &[String]) {
             eprintln!("bind udp {port}: {e}");
             std::process::exit(1)
         });
+        let arrivals = arrivals.clone();
         threads.push(std::thread::spawn(move || {
             let mut buf = [0u8; 64];
             while let Ok((_, from)) = socket.recv_from(&mut buf) {
+                arrivals.one();
                 let _ = socket.send_to(b"pong", from);
             }
         }));
