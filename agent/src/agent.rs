@@ -7,7 +7,7 @@ use std::{
     net::IpAddr,
     path::PathBuf,
     sync::{Arc, RwLock},
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::Context as _;
@@ -59,7 +59,24 @@ pub struct Planner {
     /// The agent's own cgroup when it lies under the root (a DaemonSet pod):
     /// `reserved:host`, whatever its pod or a workload rule says.
     own_cgroup: Option<u64>,
+    /// The identity each pod address had in the last plans, and when.
+    address_history: std::collections::HashMap<IpAddr, (u32, Instant)>,
+    /// Local workloads held `reserved:pending` until the instant, because
+    /// their address belonged to another identity moments ago.
+    reuse_holds: BTreeMap<u64, Instant>,
 }
+
+/// How long a local pod whose address belonged to a pod of another identity
+/// moments ago ([`ADDRESS_RECENT`]) stays held (egress refused, as a pod
+/// not known yet): every other node must have seen the change before the
+/// pod's packets reach it, or they would judge them with the old pod's
+/// identity. Measured by the real-node test: agents on two nodes apply the
+/// same API event within tens of milliseconds of each other.
+pub const ADDRESS_REUSE_HOLD: Duration = Duration::from_secs(1);
+
+/// An address whose previous owner left the plans more than this long ago
+/// is no longer "recently reused": every node has long removed the old owner.
+pub const ADDRESS_RECENT: Duration = Duration::from_secs(10);
 
 impl Planner {
     /// `kubernetes` picks the defaults of Kubernetes mode (traffic with the
@@ -83,6 +100,63 @@ impl Planner {
             hints_by_cgroup: BTreeMap::new(),
             hints_by_net: BTreeMap::new(),
             own_cgroup: None,
+            address_history: std::collections::HashMap::new(),
+            reuse_holds: BTreeMap::new(),
+        }
+    }
+
+    /// Some local pod is held because its address was reused: plan again
+    /// every round until the holds end, even with unchanged inputs.
+    pub fn holding(&self) -> bool {
+        !self.reuse_holds.is_empty()
+    }
+
+    /// Holds every local workload that has just got its identity and whose
+    /// address had another identity within [`ADDRESS_RECENT`]; releases
+    /// holds that ran out; records this plan's address owners.
+    fn hold_reused_addresses(
+        &mut self,
+        workloads: &[Workload],
+        cgroups: &mut BTreeMap<u64, u32>,
+        addresses: &[(IpNet, u32)],
+    ) {
+        let now = Instant::now();
+        for w in workloads {
+            let Some(&id) = cgroups.get(&w.cgroup_id) else {
+                continue;
+            };
+            // Only a pod that is new here (or was not known until now): a
+            // relabelled pod keeps its traffic.
+            let fresh = matches!(
+                self.previous_cgroups.get(&w.cgroup_id),
+                None | Some(&reserved::PENDING)
+            );
+            if !fresh || id == reserved::PENDING || self.reuse_holds.contains_key(&w.cgroup_id) {
+                continue;
+            }
+            let reused = w.ips.iter().find_map(|ip| {
+                let (old, seen) = self.address_history.get(ip)?;
+                (*old != id && now.duration_since(*seen) < ADDRESS_RECENT).then_some((*ip, *old))
+            });
+            if let Some((ip, old)) = reused {
+                info!(workload = %format!("{}/{}", w.namespace, w.name), address = %ip, previous_identity = old,
+                      hold_ms = ADDRESS_REUSE_HOLD.as_millis() as u64,
+                      "address reused from a pod of another identity: holding the new pod's egress until every node has seen the change");
+                self.reuse_holds
+                    .insert(w.cgroup_id, now + ADDRESS_REUSE_HOLD);
+            }
+        }
+        self.reuse_holds
+            .retain(|cg, until| *until > now && cgroups.contains_key(cg));
+        for cg in self.reuse_holds.keys() {
+            cgroups.insert(*cg, reserved::PENDING);
+        }
+        self.address_history
+            .retain(|_, (_, seen)| now.duration_since(*seen) < ADDRESS_RECENT);
+        for (net, id) in addresses {
+            if net.prefix_len() == net.max_prefix_len() {
+                self.address_history.insert(net.addr(), (*id, now));
+            }
         }
     }
 
@@ -218,6 +292,12 @@ impl Planner {
             {
                 identities.insert(*id, info.clone());
             }
+        }
+        self.hold_reused_addresses(&workloads, &mut cgroups, &addresses);
+        if self.holding() {
+            identities
+                .entry(reserved::PENDING)
+                .or_insert_with(|| reserved_info(reserved::PENDING));
         }
         let namespaces = policy::labels::namespace_labels(
             self.config
@@ -1068,7 +1148,7 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
         let same_inputs = last_inputs
             .as_ref()
             .is_some_and(|(i, v)| *i == input && Some(*v) == policies_version);
-        if same_inputs && steady {
+        if same_inputs && steady && !planner.holding() {
             refresh_counters(&datapath);
             continue;
         }
@@ -1330,6 +1410,58 @@ mod tests {
             dp.applied[1], dp.applied[2],
             "dropping the old identity is a change"
         );
+    }
+
+    /// A new local pod gets an address a pod of another identity (on
+    /// another node's view: a remote pod) had a moment ago: it is held as
+    /// pending for ADDRESS_REUSE_HOLD, then gets its identity. A relabelled
+    /// pod and a pod on a fresh address are not held.
+    #[test]
+    fn a_pod_on_a_just_reused_address_is_held_until_every_node_has_seen_it() {
+        let config = Config::parse(Path::new("t.yaml"), "cgroupRoot: x\n").unwrap();
+        let none = policy::PolicySet::default();
+        let mut planner = Planner::new(config, true);
+        let old_owner = crate::inventory::RemoteWorkload {
+            namespace: "prod".into(),
+            name: "old".into(),
+            labels: [("app".to_owned(), "db".to_owned())].into(),
+            ips: vec!["10.1.0.7".parse().unwrap()],
+            ports: Vec::new(),
+        };
+        let with_old = Inputs {
+            workloads: vec![workload(8, "web")],
+            remote: vec![old_owner],
+            ..Inputs::default()
+        };
+        let first = planner.plan(with_old, &none);
+        assert!(!planner.holding());
+        let web = first.desired.cgroups[&8];
+        // The old pod is gone; a new pod on this node has its address.
+        let reused = || host(vec![workload(8, "api"), workload(7, "cache")]);
+        let second = planner.plan(reused(), &none);
+        assert_eq!(second.desired.cgroups[&7], reserved::PENDING, "held");
+        assert!(planner.holding());
+        assert_ne!(
+            second.desired.cgroups[&8],
+            reserved::PENDING,
+            "relabelled, not held"
+        );
+        assert_ne!(second.desired.cgroups[&8], web);
+        std::thread::sleep(ADDRESS_REUSE_HOLD + Duration::from_millis(50));
+        let third = planner.plan(reused(), &none);
+        assert!(!planner.holding());
+        let cache = third.desired.cgroups[&7];
+        assert!(cache != reserved::PENDING && cache != web);
+        // A pod on an address nobody had is not held.
+        let fourth = planner.plan(
+            host(vec![
+                workload(8, "api"),
+                workload(7, "cache"),
+                workload(9, "q"),
+            ]),
+            &none,
+        );
+        assert_ne!(fourth.desired.cgroups[&9], reserved::PENDING);
     }
 
     #[test]

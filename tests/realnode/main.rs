@@ -63,7 +63,8 @@ fn node_of(key: &str) -> usize {
 fn seed_cluster(image: &str) -> Cluster {
     let mut c = Cluster::new(2).expect("cluster");
     for node in 0..2 {
-        c.build_image(node, image).expect("image built with buildah");
+        c.build_image(node, image)
+            .expect("image built with buildah");
     }
     c.publish_basics().unwrap();
     c.api
@@ -76,7 +77,9 @@ fn seed_cluster(image: &str) -> Cluster {
     for spec in scenario::pods() {
         let node = node_of(&spec.key());
         let app = spec.name.clone();
-        let pod = c.run_pod(node, spec, &app, None).expect("pod made by podman");
+        let pod = c
+            .run_pod(node, spec, &app, None)
+            .expect("pod made by podman");
         c.publish_pod(&pod);
     }
     for node in 0..2 {
@@ -151,7 +154,9 @@ fn the_image_with_the_daemonsets_grants_enforces_runtime_made_pods_on_two_nodes(
     if !enabled() {
         return;
     }
-    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let image = "localhost/palisade:realnode";
     let c = seed_cluster(image);
 
@@ -161,7 +166,10 @@ fn the_image_with_the_daemonsets_grants_enforces_runtime_made_pods_on_two_nodes(
         .expect("the image runs");
     assert!(version.contains(env!("CARGO_PKG_VERSION")), "{version}");
     let grants = realnode::daemonset_grants().unwrap();
-    assert_eq!(grants.caps_add, ["BPF", "NET_ADMIN", "SYS_ADMIN", "PERFMON"]);
+    assert_eq!(
+        grants.caps_add,
+        ["BPF", "NET_ADMIN", "SYS_ADMIN", "PERFMON"]
+    );
     let inspect: Value = serde_json::from_str(
         &c.nodes[0]
             .podman_run(&["inspect", &c.agents[0].name])
@@ -193,9 +201,16 @@ fn the_image_with_the_daemonsets_grants_enforces_runtime_made_pods_on_two_nodes(
             .as_array()
             .unwrap()
             .iter()
-            .filter(|w| w["name"].as_str().is_some_and(|n| n.contains("palisade-agent")))
+            .filter(|w| {
+                w["name"]
+                    .as_str()
+                    .is_some_and(|n| n.contains("palisade-agent"))
+            })
             .collect();
-        assert!(own.is_empty(), "the agent's own pod is not a workload: {own:?}");
+        assert!(
+            own.is_empty(),
+            "the agent's own pod is not a workload: {own:?}"
+        );
         let log = c.agent_log(node).unwrap();
         assert!(
             log.contains("the agent runs under the cgroup root (as a pod)"),
@@ -205,7 +220,12 @@ fn the_image_with_the_daemonsets_grants_enforces_runtime_made_pods_on_two_nodes(
 
     // The seed scenario across the two nodes, IPv4 and IPv6.
     let (total, wrong) = scenario_mismatches(&c);
-    assert!(wrong.is_empty(), "{} of {total} wrong:\n{}", wrong.len(), wrong.join("\n"));
+    assert!(
+        wrong.is_empty(),
+        "{} of {total} wrong:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
     eprintln!("seed scenario on two nodes: {total} probes as expected");
 
     // Denied peers received nothing at their listeners...
@@ -213,7 +233,10 @@ fn the_image_with_the_daemonsets_grants_enforces_runtime_made_pods_on_two_nodes(
     let denied = denied_attempts(&c);
     for (pair, word, arrived) in &denied {
         assert_ne!(word, "ok", "{pair}");
-        assert_eq!(*arrived, 0, "{pair} reached the listener while denied ({word})");
+        assert_eq!(
+            *arrived, 0,
+            "{pair} reached the listener while denied ({word})"
+        );
     }
     // ...and the agents' audit events (their containers' stdout) name the pods.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -221,22 +244,33 @@ fn the_image_with_the_daemonsets_grants_enforces_runtime_made_pods_on_two_nodes(
     // (spiffe://cluster.local/ns/<ns>/sa/<service account>).
     let named = |ev: &Value, from: &str, to: &str| {
         ev["verdict"] == "deny"
-            && ev["from"].as_str().is_some_and(|f| f.ends_with(&format!("/{from}")))
-            && ev["to"].as_str().is_some_and(|t| t.ends_with(&format!("/{to}")))
+            && ev["from"]
+                .as_str()
+                .is_some_and(|f| f.ends_with(&format!("/{from}")))
+            && ev["to"]
+                .as_str()
+                .is_some_and(|t| t.ends_with(&format!("/{to}")))
     };
     loop {
         let a = Cluster::events_in(&c.agent_log(0).unwrap());
         // logging (node b) → payment-service:443, dropped at node a's ingress;
         // payment-service → logging:9000, refused at node a's egress.
-        let ingress = a.iter().any(|e| named(e, "logging", "payment-service") && e["direction"] == "ingress");
-        let egress = a.iter().any(|e| named(e, "payment-service", "logging") && e["direction"] == "egress");
+        let ingress = a
+            .iter()
+            .any(|e| named(e, "logging", "payment-service") && e["direction"] == "ingress");
+        let egress = a
+            .iter()
+            .any(|e| named(e, "payment-service", "logging") && e["direction"] == "egress");
         if ingress && egress {
             break;
         }
         assert!(
             Instant::now() < deadline,
             "node-a's audit events do not name the pods (ingress {ingress}, egress {egress}):\n{}",
-            a.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n")
+            a.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n")
         );
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -245,7 +279,11 @@ fn the_image_with_the_daemonsets_grants_enforces_runtime_made_pods_on_two_nodes(
     // A policy change reaches both nodes: without the policy every denied
     // pair connects and its listener counts it (the technique works)...
     c.api
-        .delete(Kind::NetworkPolicies, "production", "payment-service-policy")
+        .delete(
+            Kind::NetworkPolicies,
+            "production",
+            "payment-service-policy",
+        )
         .then_some(())
         .expect("the policy was served");
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -254,7 +292,10 @@ fn the_image_with_the_daemonsets_grants_enforces_runtime_made_pods_on_two_nodes(
         if open.iter().all(|(_, w, n)| w == "ok" && *n > 0) {
             break;
         }
-        assert!(Instant::now() < deadline, "policy deletion not enforced on both nodes: {open:?}");
+        assert!(
+            Instant::now() < deadline,
+            "policy deletion not enforced on both nodes: {open:?}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     eprintln!("without the policy every denied pair connects; serving it again");
@@ -272,7 +313,10 @@ fn the_image_with_the_daemonsets_grants_enforces_runtime_made_pods_on_two_nodes(
         if wrong.is_empty() {
             break;
         }
-        assert!(Instant::now() < deadline, "policy not enforced again: {wrong:?}");
+        assert!(
+            Instant::now() < deadline,
+            "policy not enforced again: {wrong:?}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -319,11 +363,20 @@ fn reuse(c: &mut Cluster, old_key: &str, target: &str, port: u16) -> (usize, usi
     // 2. The runtime removes its sandbox: the address is free.
     c.remove_pod(old_key).unwrap();
     // 3. The IPAM gives the address to a new pod with other labels.
-    let spec = palisade_tests::world::PodSpec::new("production", &format!("{}-new", old.name), &[7000], &[]);
+    let spec = palisade_tests::world::PodSpec::new(
+        "production",
+        &format!("{}-new", old.name),
+        &[7000],
+        &[],
+    );
     let new = c
         .run_pod(old.node, spec, "logging", Some((old.ipv4, old.ipv6)))
         .unwrap();
-    assert_eq!((new.ipv4, new.ipv6), (old.ipv4, old.ipv6), "the runtime reused the address");
+    assert_eq!(
+        (new.ipv4, new.ipv6),
+        (old.ipv4, old.ipv6),
+        "the runtime reused the address"
+    );
     let to = c.pod(target).addr(false);
     let stop = AtomicBool::new(false);
     let published = Arc::new(Mutex::new(None));
@@ -346,7 +399,10 @@ fn reuse(c: &mut Cluster, old_key: &str, target: &str, port: u16) -> (usize, usi
     let after: Vec<&Record> = records.iter().filter(|(t, _)| *t >= t1).collect();
     let stale = after.iter().filter(|(_, w)| w == "ok").count();
     let stale_before = records.iter().filter(|(t, w)| *t < t1 && w == "ok").count();
-    assert_eq!(stale_before, 0, "the new pod, not known yet, was judged as {old_key}");
+    assert_eq!(
+        stale_before, 0,
+        "the new pod, not known yet, was judged as {old_key}"
+    );
     let first_new = after
         .iter()
         .find(|(_, w)| w == "timeout")
@@ -359,24 +415,48 @@ fn a_recycled_pod_address_is_never_judged_with_the_old_pods_identity() {
     if !enabled() {
         return;
     }
-    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut c = seed_cluster("localhost/palisade:realnode");
     // Other node: prometheus (node b) may reach payment-service:8080 (node
     // a, judged at its ingress by address); its address goes to a pod that
     // may not.
-    let (before, after, stale, window) = reuse(&mut c, "monitoring/prometheus", "production/payment-service", 8080);
+    let (before, after, stale, window) = reuse(
+        &mut c,
+        "monitoring/prometheus",
+        "production/payment-service",
+        8080,
+    );
     eprintln!(
         "address reuse judged on the other node: {before} probes before the API server had the new pod, {after} after, {stale} with the old identity; new identity {window} ms after"
     );
-    assert_eq!(stale, 0, "probes judged with the old identity after the API server had the new pod");
-    assert!(after > 0 && window < 5000, "the new pod's identity never applied");
+    assert_eq!(
+        stale, 0,
+        "probes judged with the old identity after the API server had the new pod"
+    );
+    assert!(
+        after > 0 && window < 5000,
+        "the new pod's identity never applied"
+    );
     // Same node: order-service (node a) may reach payment-service:443 (node a).
-    let (before, after, stale, window) = reuse(&mut c, "production/order-service", "production/payment-service", 443);
+    let (before, after, stale, window) = reuse(
+        &mut c,
+        "production/order-service",
+        "production/payment-service",
+        443,
+    );
     eprintln!(
         "address reuse judged on the same node: {before} probes before the API server had the new pod, {after} after, {stale} with the old identity; new identity {window} ms after"
     );
-    assert_eq!(stale, 0, "probes judged with the old identity after the API server had the new pod");
-    assert!(after > 0 && window < 5000, "the new pod's identity never applied");
+    assert_eq!(
+        stale, 0,
+        "probes judged with the old identity after the API server had the new pod"
+    );
+    assert!(
+        after > 0 && window < 5000,
+        "the new pod's identity never applied"
+    );
 }
 
 #[test]
@@ -384,16 +464,39 @@ fn replacing_the_agent_container_keeps_every_verdict_and_delivers_the_gaps_event
     if !enabled() {
         return;
     }
-    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut c = seed_cluster("localhost/palisade:realnode");
-    c.build_image(0, "localhost/palisade:realnode-next").unwrap();
+    c.build_image(0, "localhost/palisade:realnode-next")
+        .unwrap();
     // Continuous probes on node a's pairs: allowed and denied, egress and
     // ingress, same node and cross node.
     let pairs: Vec<(RealPod, IpAddr, u16, &str)> = vec![
-        (c.pod("production/order-service").clone(), c.pod("production/payment-service").addr(false), 443, "ok"),
-        (c.pod("monitoring/prometheus").clone(), c.pod("production/payment-service").addr(false), 8080, "ok"),
-        (c.pod("production/logging").clone(), c.pod("production/payment-service").addr(false), 443, "timeout"),
-        (c.pod("production/payment-service").clone(), c.pod("production/logging").addr(false), 9000, "eperm"),
+        (
+            c.pod("production/order-service").clone(),
+            c.pod("production/payment-service").addr(false),
+            443,
+            "ok",
+        ),
+        (
+            c.pod("monitoring/prometheus").clone(),
+            c.pod("production/payment-service").addr(false),
+            8080,
+            "ok",
+        ),
+        (
+            c.pod("production/logging").clone(),
+            c.pod("production/payment-service").addr(false),
+            443,
+            "timeout",
+        ),
+        (
+            c.pod("production/payment-service").clone(),
+            c.pod("production/logging").addr(false),
+            9000,
+            "eperm",
+        ),
     ];
     let stop = AtomicBool::new(false);
     let (records, gap, old_log) = std::thread::scope(|s| {
@@ -406,7 +509,8 @@ fn replacing_the_agent_container_keeps_every_verdict_and_delivers_the_gaps_event
         // starts from the new tag and adopts the pinned state.
         let gap_start = Instant::now();
         let old_log = c.stop_agent(0).unwrap();
-        c.start_agent(0, "localhost/palisade:realnode-next").unwrap();
+        c.start_agent(0, "localhost/palisade:realnode-next")
+            .unwrap();
         c.wait_agent_ready(0, Duration::from_secs(30)).unwrap();
         let gap_end = Instant::now();
         std::thread::sleep(Duration::from_secs(2));
@@ -452,12 +556,25 @@ fn replacing_the_agent_container_keeps_every_verdict_and_delivers_the_gaps_event
             eprintln!(
                 "{refused} refused connects: {old_events} events from the old container, {new_events} from the new one"
             );
-            assert!(new_events > 0, "the gap's events were not delivered by the new agent");
+            assert_eq!(
+                old_events + new_events,
+                refused,
+                "one event per refused connect"
+            );
+            assert!(
+                new_events > 0,
+                "the gap's events were not delivered by the new agent"
+            );
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "{refused} refused connects but {old_events} + {new_events} events"
+            "{refused} refused connects but {old_events} + {new_events} events; the old agent's last lines:\n{}\nthe new agent's counters: {}",
+            old_log.lines().rev().take(5).collect::<Vec<_>>().join("\n"),
+            c.nodes[0]
+                .status()
+                .map(|s| s["counters"].to_string())
+                .unwrap_or_default()
         );
         std::thread::sleep(Duration::from_millis(200));
     }

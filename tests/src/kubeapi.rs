@@ -134,12 +134,8 @@ pub fn in_netns<T: Send>(netns: &str, f: impl FnOnce() -> T + Send) -> anyhow::R
         s.spawn(|| {
             // SAFETY: setns on this (scoped, short-lived) thread only, with
             // an open namespace file.
-            let rc = unsafe {
-                libc::setns(
-                    std::os::fd::AsRawFd::as_raw_fd(&file),
-                    libc::CLONE_NEWNET,
-                )
-            };
+            let rc =
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
             anyhow::ensure!(
                 rc == 0,
                 "setns {netns}: {}",

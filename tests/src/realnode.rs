@@ -71,9 +71,7 @@ pub fn can_run() -> Result<(), String> {
 
 /// Runs a command; its stdout, or an error with its stderr.
 fn run(cmd: &mut Command) -> anyhow::Result<String> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("running {cmd:?}"))?;
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
         bail!(
             "{:?} {:?} failed: {}",
@@ -192,7 +190,10 @@ impl Node {
         let text = kubeapi::in_netns(&self.netns, || -> anyhow::Result<String> {
             let mut s = std::net::TcpStream::connect_timeout(&addr.into(), Duration::from_secs(2))?;
             s.set_read_timeout(Some(Duration::from_secs(2)))?;
-            write!(s, "GET {path} HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")?;
+            write!(
+                s,
+                "GET {path} HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n"
+            )?;
             let mut text = String::new();
             s.read_to_string(&mut text)?;
             Ok(text)
@@ -202,7 +203,10 @@ impl Node {
             .nth(1)
             .and_then(|c| c.parse().ok())
             .context("no HTTP status line")?;
-        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
+        let body = text
+            .split_once("\r\n\r\n")
+            .map_or("", |(_, b)| b)
+            .to_owned();
         Ok((code, body))
     }
 }
@@ -290,10 +294,16 @@ impl Cluster {
         world::reap_stale_worlds();
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let tag = format!("pal{}x{n}rn", std::process::id());
-        let subnet = (std::process::id() as u8).wrapping_mul(13).wrapping_add(n as u8) % 200 + 20;
+        let subnet = (std::process::id() as u8)
+            .wrapping_mul(13)
+            .wrapping_add(n as u8)
+            % 200
+            + 20;
         let fabric = format!("{tag}-fab");
         ip(&["netns", "add", &fabric])?;
-        let dir = tempfile::Builder::new().prefix("palisade-realnode-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("palisade-realnode-")
+            .tempdir()?;
         let rootfs = dir.path().join("rootfs");
         let mut cluster = Cluster {
             api: FakeApiServer::start()?, // replaced below, once the fabric exists
@@ -313,7 +323,15 @@ impl Cluster {
         ip(&["-n", &fabric, "link", "set", "br0", "up"])?;
         ip(&["-n", &fabric, "link", "set", "lo", "up"])?;
         let api_ip = Ipv4Addr::new(10, 76, subnet, 1);
-        ip(&["-n", &fabric, "addr", "add", &format!("{api_ip}/24"), "dev", "br0"])?;
+        ip(&[
+            "-n",
+            &fabric,
+            "addr",
+            "add",
+            &format!("{api_ip}/24"),
+            "dev",
+            "br0",
+        ])?;
         cluster.api = FakeApiServer::start_in(&fabric, api_ip.into())?;
         std::fs::write(
             cluster.dir.path().join("containers.conf"),
@@ -331,8 +349,25 @@ impl Cluster {
                     continue;
                 }
                 let (v4, v6) = b.pod_subnets();
-                ip(&["-n", &a.netns, "route", "add", &v4, "via", &b.address_v4.to_string()])?;
-                ip(&["-n", &a.netns, "-6", "route", "add", &v6, "via", &b.address_v6.to_string()])?;
+                ip(&[
+                    "-n",
+                    &a.netns,
+                    "route",
+                    "add",
+                    &v4,
+                    "via",
+                    &b.address_v4.to_string(),
+                ])?;
+                ip(&[
+                    "-n",
+                    &a.netns,
+                    "-6",
+                    "route",
+                    "add",
+                    &v6,
+                    "via",
+                    &b.address_v6.to_string(),
+                ])?;
             }
         }
         cluster.make_rootfs()?;
@@ -346,12 +381,28 @@ impl Cluster {
             index,
             netns: format!("{}-n{letter}", self.tag),
             address_v4: Ipv4Addr::new(10, 76, self.subnet, 10 + index),
-            address_v6: Ipv6Addr::new(0xfd76, 0, 0, u16::from(self.subnet), 0, 0, 0, 10 + u16::from(index)),
+            address_v6: Ipv6Addr::new(
+                0xfd76,
+                0,
+                0,
+                u16::from(self.subnet),
+                0,
+                0,
+                0,
+                10 + u16::from(index),
+            ),
             kubelet_root: format!("palisade-test-{}/node-{letter}", self.tag),
             dir: self.dir.path().join(format!("node-{letter}")),
             subnet: self.subnet,
         };
-        for d in ["storage", "run", "networks", "libpod", "run-palisade", "etc-palisade"] {
+        for d in [
+            "storage",
+            "run",
+            "networks",
+            "libpod",
+            "run-palisade",
+            "etc-palisade",
+        ] {
             std::fs::create_dir_all(node.dir.join(d))?;
         }
         let ns = node.netns.clone();
@@ -359,22 +410,93 @@ impl Cluster {
         self.nodes.push(node);
         let node = self.nodes.last().context("node just added")?;
         let port = format!("f{}{letter}", self.subnet);
-        ip(&["-n", &self.fabric, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
-        ip(&["-n", &self.fabric, "link", "set", &port, "master", "br0", "up"])?;
+        ip(&[
+            "-n",
+            &self.fabric,
+            "link",
+            "add",
+            &port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &ns,
+        ])?;
+        ip(&[
+            "-n",
+            &self.fabric,
+            "link",
+            "set",
+            &port,
+            "master",
+            "br0",
+            "up",
+        ])?;
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-        ip(&["-n", &ns, "addr", "add", &format!("{}/24", node.address_v4), "dev", "eth0"])?;
-        ip(&["-n", &ns, "addr", "add", &format!("{}/64", node.address_v6), "dev", "eth0", "nodad"])?;
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{}/24", node.address_v4),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{}/64", node.address_v6),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
         ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-        run(Command::new("ip").args(["netns", "exec", &ns, "sysctl", "-qw",
-            "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1",
-            "net.ipv6.conf.default.accept_dad=0", "net.ipv6.conf.all.accept_dad=0"]))?;
+        run(Command::new("ip").args([
+            "netns",
+            "exec",
+            &ns,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+            "net.ipv6.conf.all.forwarding=1",
+            "net.ipv6.conf.default.accept_dad=0",
+            "net.ipv6.conf.all.accept_dad=0",
+        ]))?;
         // Pod-to-pod traffic keeps its addresses between nodes (what
         // ip-masq-agent's non-masquerade CIDRs do), ahead of netavark's rule.
         for (tool, cidr) in [("iptables", "10.80.0.0/12"), ("ip6tables", "fd80::/16")] {
-            run(Command::new("ip").args(["netns", "exec", &ns, tool, "-t", "nat", "-I", "POSTROUTING", "1", "-d", cidr, "-j", "RETURN"]))?;
+            run(Command::new("ip").args([
+                "netns",
+                "exec",
+                &ns,
+                tool,
+                "-t",
+                "nat",
+                "-I",
+                "POSTROUTING",
+                "1",
+                "-d",
+                cidr,
+                "-j",
+                "RETURN",
+            ]))?;
         }
         let (v4, v6) = node.pod_subnets();
-        node.podman_run(&["network", "create", "--disable-dns", "--subnet", &v4, "--ipv6", "--subnet", &v6, "palisade"])?;
+        node.podman_run(&[
+            "network",
+            "create",
+            "--disable-dns",
+            "--subnet",
+            &v4,
+            "--ipv6",
+            "--subnet",
+            &v6,
+            "palisade",
+        ])?;
         Ok(())
     }
 
@@ -474,20 +596,48 @@ impl Cluster {
             n.kubelet_root,
             qos_dir(self.next_pod)
         );
-        let mut create = vec!["pod", "create", "--name", &pod_name, "--cgroup-parent", &parent, "--network", "palisade"];
+        let mut create = vec![
+            "pod",
+            "create",
+            "--name",
+            &pod_name,
+            "--cgroup-parent",
+            &parent,
+            "--network",
+            "palisade",
+        ];
         let (v4, v6);
         if let Some((a4, a6)) = at {
             (v4, v6) = (a4.to_string(), a6.to_string());
             create.extend(["--ip", &v4, "--ip6", &v6]);
         }
         n.podman_run(&create)?;
-        let join = |p: &[u16]| p.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
+        let join = |p: &[u16]| {
+            p.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        };
         let (tcp, udp) = (join(&spec.tcp), join(&spec.udp));
         let ctr = format!("{pod_name}-main");
-        let mut args = vec!["run", "-d", "--pod", &pod_name, "--name", &ctr, "--read-only", "--rootfs"];
+        let mut args = vec![
+            "run",
+            "-d",
+            "--pod",
+            &pod_name,
+            "--name",
+            &ctr,
+            "--read-only",
+            "--rootfs",
+        ];
         let rootfs = self.rootfs.display().to_string();
         args.push(&rootfs);
-        args.extend(["/usr/bin/palisade-testbed", "serve", "--count", "/tmp/arrivals"]);
+        args.extend([
+            "/usr/bin/palisade-testbed",
+            "serve",
+            "--count",
+            "/tmp/arrivals",
+        ]);
         if !tcp.is_empty() {
             args.extend(["--tcp", &tcp]);
         }
@@ -510,7 +660,10 @@ impl Cluster {
             .to_owned();
         let net = &c["NetworkSettings"]["Networks"]["palisade"];
         let ipv4: Ipv4Addr = net["IPAddress"].as_str().context("no IPv4")?.parse()?;
-        let ipv6: Ipv6Addr = net["GlobalIPv6Address"].as_str().context("no IPv6")?.parse()?;
+        let ipv6: Ipv6Addr = net["GlobalIPv6Address"]
+            .as_str()
+            .context("no IPv6")?
+            .parse()?;
         let cgroup_line = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
         let rel = cgroup_line
             .lines()
@@ -553,8 +706,16 @@ impl Cluster {
         obj["metadata"]["creationTimestamp"] = json!(now_rfc3339());
         obj["status"]["hostIP"] = json!(self.nodes[pod.node].address_v4.to_string());
         obj["spec"]["containers"][0]["ports"] = json!(
-            pod.spec.tcp.iter().map(|p| json!({"containerPort": p, "protocol": "TCP"}))
-                .chain(pod.spec.udp.iter().map(|p| json!({"containerPort": p, "protocol": "UDP"})))
+            pod.spec
+                .tcp
+                .iter()
+                .map(|p| json!({"containerPort": p, "protocol": "TCP"}))
+                .chain(
+                    pod.spec
+                        .udp
+                        .iter()
+                        .map(|p| json!({"containerPort": p, "protocol": "UDP"}))
+                )
                 .collect::<Vec<_>>()
         );
         obj
@@ -593,7 +754,9 @@ impl Cluster {
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/configmap.yaml"),
         )?)
         .map_err(|e| anyhow::anyhow!("configmap.yaml: {}", e.message))?;
-        let agent_yaml = cm["data"]["agent.yaml"].as_str().context("no agent.yaml in the ConfigMap")?;
+        let agent_yaml = cm["data"]["agent.yaml"]
+            .as_str()
+            .context("no agent.yaml in the ConfigMap")?;
         anyhow::ensure!(agent_yaml.contains("bpfPinDir: /sys/fs/bpf/palisade\n"));
         let config = agent_yaml.replace(
             "bpfPinDir: /sys/fs/bpf/palisade\n",
@@ -686,8 +849,12 @@ impl Cluster {
 
     /// The agent container's log file (CRI format: `<time> stdout|stderr F <line>`).
     fn agent_log_of(&self, node: usize, name: &str) -> anyhow::Result<String> {
-        let path = self.nodes[node]
-            .podman_run(&["inspect", "--format", "{{.HostConfig.LogConfig.Path}}", name])?;
+        let path = self.nodes[node].podman_run(&[
+            "inspect",
+            "--format",
+            "{{.HostConfig.LogConfig.Path}}",
+            name,
+        ])?;
         Ok(std::fs::read_to_string(path.trim()).unwrap_or_default())
     }
 
@@ -740,24 +907,61 @@ impl Cluster {
     }
 
     /// Audit events in `log` (an agent container's log): its stdout lines.
+    /// The CRI log format splits a line the runtime read in pieces into
+    /// partial (`P`) records ended by a full (`F`) one; they are joined as a
+    /// log shipper joins them.
     pub fn events_in(log: &str) -> Vec<Value> {
-        log.lines()
-            .filter_map(|l| {
-                let mut parts = l.splitn(4, ' ');
-                let (_, stream, _, text) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-                (stream == "stdout").then(|| serde_json::from_str(text).ok())?
-            })
-            .collect()
+        let mut out = Vec::new();
+        let mut pending = String::new();
+        for l in log.lines() {
+            let mut parts = l.splitn(4, ' ');
+            let (Some(_), Some(stream), Some(tag), text) = (
+                parts.next(),
+                parts.next(),
+                parts.next(),
+                parts.next().unwrap_or(""),
+            ) else {
+                continue;
+            };
+            if stream != "stdout" {
+                continue;
+            }
+            pending.push_str(text);
+            if tag == "F" {
+                if let Ok(v) = serde_json::from_str(&pending) {
+                    out.push(v);
+                }
+                pending.clear();
+            }
+        }
+        out
     }
 
     /// A probe from `from` as a process of its workload container (runc
     /// exec): `ok`, `eperm`, `timeout`, `refused`, `error …`.
-    pub fn exec_probe(&self, from: &RealPod, proto: &str, to: IpAddr, port: u16, timeout_ms: u64) -> String {
+    pub fn exec_probe(
+        &self,
+        from: &RealPod,
+        proto: &str,
+        to: IpAddr,
+        port: u16,
+        timeout_ms: u64,
+    ) -> String {
         let n = &self.nodes[from.node];
         let (to, port, ms) = (to.to_string(), port.to_string(), timeout_ms.to_string());
         let out = n
             .podman()
-            .args(["exec", &format!("{}-main", from.pod_name), "/usr/bin/palisade-testbed", "probe", proto, &to, &port, "--timeout-ms", &ms])
+            .args([
+                "exec",
+                &format!("{}-main", from.pod_name),
+                "/usr/bin/palisade-testbed",
+                "probe",
+                proto,
+                &to,
+                &port,
+                "--timeout-ms",
+                &ms,
+            ])
             .output();
         match out {
             Ok(o) => String::from_utf8_lossy(&o.stdout).trim().to_owned(),
@@ -767,10 +971,20 @@ impl Cluster {
 
     /// The same probe started directly in the container's cgroup and network
     /// namespace (a few ms instead of a runc exec's ~200): for continuous probes.
-    pub fn fast_probe(from: &RealPod, proto: &str, to: IpAddr, port: u16, timeout_ms: u64) -> String {
+    pub fn fast_probe(
+        from: &RealPod,
+        proto: &str,
+        to: IpAddr,
+        port: u16,
+        timeout_ms: u64,
+    ) -> String {
         let (to, port, ms) = (to.to_string(), port.to_string(), timeout_ms.to_string());
-        world::testbed_in(&from.cgroup, &from.netns, &["probe", proto, &to, &port, "--timeout-ms", &ms])
-            .map_or_else(|e| format!("error {e}"), |s| s.trim().to_owned())
+        world::testbed_in(
+            &from.cgroup,
+            &from.netns,
+            &["probe", proto, &to, &port, "--timeout-ms", &ms],
+        )
+        .map_or_else(|e| format!("error {e}"), |s| s.trim().to_owned())
     }
 }
 
@@ -822,10 +1036,17 @@ pub fn daemonset_grants() -> anyhow::Result<Grants> {
     let pod = &ds["spec"]["template"]["spec"];
     let c = &pod["containers"][0];
     let sc = &c["securityContext"];
-    anyhow::ensure!(sc["privileged"] != json!(true), "the DaemonSet runs the agent privileged");
+    anyhow::ensure!(
+        sc["privileged"] != json!(true),
+        "the DaemonSet runs the agent privileged"
+    );
     let strings = |v: &Value| -> Vec<String> {
         v.as_array()
-            .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(str::to_owned))
+                    .collect()
+            })
             .unwrap_or_default()
     };
     let volumes: BTreeMap<String, Value> = pod["volumes"]
@@ -837,7 +1058,9 @@ pub fn daemonset_grants() -> anyhow::Result<Grants> {
     let mut mounts = Vec::new();
     for m in c["volumeMounts"].as_array().context("no volumeMounts")? {
         let name = m["name"].as_str().context("volumeMount without name")?;
-        let volume = volumes.get(name).with_context(|| format!("no volume {name}"))?;
+        let volume = volumes
+            .get(name)
+            .with_context(|| format!("no volume {name}"))?;
         mounts.push((
             name.to_owned(),
             volume["hostPath"]["path"].as_str().map(str::to_owned),
@@ -850,7 +1073,12 @@ pub fn daemonset_grants() -> anyhow::Result<Grants> {
         .as_array()
         .map(|a| {
             a.iter()
-                .filter_map(|e| Some((e["name"].as_str()?.to_owned(), e["value"].as_str()?.to_owned())))
+                .filter_map(|e| {
+                    Some((
+                        e["name"].as_str()?.to_owned(),
+                        e["value"].as_str()?.to_owned(),
+                    ))
+                })
                 .collect()
         })
         .unwrap_or_default();
@@ -862,7 +1090,9 @@ pub fn daemonset_grants() -> anyhow::Result<Grants> {
         no_new_privileges: sc["allowPrivilegeEscalation"] == json!(false),
         seccomp_unconfined: sc["seccompProfile"]["type"] == json!("Unconfined"),
         apparmor_unconfined: sc["appArmorProfile"]["type"] == json!("Unconfined"),
-        memory_limit: c["resources"]["limits"]["memory"].as_str().map(str::to_owned),
+        memory_limit: c["resources"]["limits"]["memory"]
+            .as_str()
+            .map(str::to_owned),
         mounts,
         args: strings(&c["args"]),
         env,
@@ -907,13 +1137,18 @@ impl Grants {
         for (name, host, mount, ro, propagation) in &self.mounts {
             let source = match host_paths.get(mount.as_str()) {
                 Some(dir) => dir.display().to_string(),
-                None => host.clone().with_context(|| format!("volume {name} is neither a hostPath nor provided"))?,
+                None => host
+                    .clone()
+                    .with_context(|| format!("volume {name} is neither a hostPath nor provided"))?,
             };
             let mut opts = vec![if *ro { "ro" } else { "rw" }];
             if propagation.as_deref() == Some("HostToContainer") {
                 opts.push("rslave");
             }
-            out.extend(["--volume".into(), format!("{source}:{mount}:{}", opts.join(","))]);
+            out.extend([
+                "--volume".into(),
+                format!("{source}:{mount}:{}", opts.join(",")),
+            ]);
         }
         Ok(out)
     }
@@ -926,7 +1161,10 @@ impl Drop for Cluster {
             let _ = node.podman_run(&["rm", "-a", "-f", "-t", "0"]);
             let _ = node.podman_run(&["pod", "rm", "-a", "-f", "-t", "0"]);
             let _ = node.podman_run(&["network", "rm", "-f", "palisade"]);
-            let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/palisade-test-{}-{}", self.tag, node.name));
+            let _ = std::fs::remove_dir_all(format!(
+                "/sys/fs/bpf/palisade-test-{}-{}",
+                self.tag, node.name
+            ));
         }
         // Storage mounts (overlay layers, the runroot's shm) before the files.
         let prefix = self.dir.path().display().to_string();

@@ -268,7 +268,13 @@ fn setup() -> anyhow::Result<()> {
         step(&format!(
             "installing the Rust target {STATIC_TARGET} (the image's static agent)"
         ));
-        run(Command::new("rustup").args(["target", "add", "--toolchain", TOOLCHAIN, STATIC_TARGET]))?;
+        run(Command::new("rustup").args([
+            "target",
+            "add",
+            "--toolchain",
+            TOOLCHAIN,
+            STATIC_TARGET,
+        ]))?;
     }
     fuzz::ensure_cargo_fuzz()?;
     manifest_tools()
