@@ -1011,6 +1011,17 @@ fn now_rfc3339() -> String {
     )
 }
 
+/// One volumeMount of the DaemonSet with its volume.
+pub struct Mount {
+    pub volume: String,
+    /// The hostPath; `None` for a configMap.
+    pub host_path: Option<String>,
+    pub mount_path: String,
+    pub read_only: bool,
+    /// `HostToContainer` and the like.
+    pub propagation: Option<String>,
+}
+
 /// What deploy/kubernetes/daemonset.yaml grants the agent's container,
 /// read from the file.
 pub struct Grants {
@@ -1022,8 +1033,7 @@ pub struct Grants {
     pub seccomp_unconfined: bool,
     pub apparmor_unconfined: bool,
     pub memory_limit: Option<String>,
-    /// (volume, hostPath or None for a configMap, mountPath, readOnly, propagation)
-    pub mounts: Vec<(String, Option<String>, String, bool, Option<String>)>,
+    pub mounts: Vec<Mount>,
     pub args: Vec<String>,
     pub env: BTreeMap<String, String>,
 }
@@ -1061,13 +1071,13 @@ pub fn daemonset_grants() -> anyhow::Result<Grants> {
         let volume = volumes
             .get(name)
             .with_context(|| format!("no volume {name}"))?;
-        mounts.push((
-            name.to_owned(),
-            volume["hostPath"]["path"].as_str().map(str::to_owned),
-            m["mountPath"].as_str().context("no mountPath")?.to_owned(),
-            m["readOnly"] == json!(true),
-            m["mountPropagation"].as_str().map(str::to_owned),
-        ));
+        mounts.push(Mount {
+            volume: name.to_owned(),
+            host_path: volume["hostPath"]["path"].as_str().map(str::to_owned),
+            mount_path: m["mountPath"].as_str().context("no mountPath")?.to_owned(),
+            read_only: m["readOnly"] == json!(true),
+            propagation: m["mountPropagation"].as_str().map(str::to_owned),
+        });
     }
     let env = c["env"]
         .as_array()
@@ -1134,20 +1144,20 @@ impl Grants {
         for (k, v) in &self.env {
             out.extend(["--env".into(), format!("{k}={v}")]);
         }
-        for (name, host, mount, ro, propagation) in &self.mounts {
-            let source = match host_paths.get(mount.as_str()) {
+        for m in &self.mounts {
+            let source = match host_paths.get(m.mount_path.as_str()) {
                 Some(dir) => dir.display().to_string(),
-                None => host
-                    .clone()
-                    .with_context(|| format!("volume {name} is neither a hostPath nor provided"))?,
+                None => m.host_path.clone().with_context(|| {
+                    format!("volume {} is neither a hostPath nor provided", m.volume)
+                })?,
             };
-            let mut opts = vec![if *ro { "ro" } else { "rw" }];
-            if propagation.as_deref() == Some("HostToContainer") {
+            let mut opts = vec![if m.read_only { "ro" } else { "rw" }];
+            if m.propagation.as_deref() == Some("HostToContainer") {
                 opts.push("rslave");
             }
             out.extend([
                 "--volume".into(),
-                format!("{source}:{mount}:{}", opts.join(",")),
+                format!("{source}:{}:{}", m.mount_path, opts.join(",")),
             ]);
         }
         Ok(out)
