@@ -74,7 +74,9 @@ enum Cmd {
         config: PathBuf,
     },
     /// Set up, build, and run every test: unit tests, the kernel tests (real
-    /// programs, real traffic; root), the manifests' validation, the kernel
+    /// programs, real traffic; root), the real-node tests (the agent's image
+    /// under podman with the DaemonSet's grants, runtime-made pods on two
+    /// nodes; root), the manifests' validation, the kernel
     /// matrix (seed scenario and self-check on Linux 6.1 and 6.12 in VMs) and
     /// a fuzzing smoke run. Under CI=true a kernel test that cannot run
     /// fails. With a filter: only the matching unit and kernel tests.
@@ -443,7 +445,7 @@ fn image(tag: &str) -> anyhow::Result<()> {
         .args(["-t", tag])
         .arg(&context))?;
     step(&format!(
-        "built {tag}: `podman run --rm {tag} --version`; deploy/kubernetes/daemonset.yaml names the image a cluster pulls"
+        "built {tag} (`podman images`); deploy/kubernetes/daemonset.yaml names the image a cluster pulls from a registry"
     ));
     Ok(())
 }
