@@ -929,6 +929,23 @@ pub fn reap_stale_worlds() {
             reaped.push(dir.display().to_string());
         }
     }
+    // Hierarchies of a hybrid layout that podman (the real-node tests) wrote to.
+    if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
+        for hierarchy in rd.flatten() {
+            let Ok(dirs) = std::fs::read_dir(hierarchy.path()) else {
+                continue;
+            };
+            for e in dirs.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if tag_pid(&name, "palisade-test-").is_some_and(owner_gone)
+                    && !cgroup_tree_has_processes(&e.path())
+                {
+                    remove_cgroup_tree(&e.path());
+                    reaped.push(e.path().display().to_string());
+                }
+            }
+        }
+    }
     for name in leftover_netns() {
         if tag_pid(&name, "").is_some_and(owner_gone) && ip(&["netns", "del", &name]).is_ok() {
             reaped.push(format!("netns {name}"));

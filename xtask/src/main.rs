@@ -519,6 +519,23 @@ fn test_artifacts() -> BTreeSet<String> {
         &|n| n.starts_with("palisade-test-"),
         "bpffs pin directory",
     ));
+    // The real-node tests: podman writes every hierarchy of a hybrid layout,
+    // and keeps its storage in a temporary directory.
+    if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
+        for hierarchy in rd.flatten() {
+            let kind = format!("cgroup ({})", hierarchy.file_name().to_string_lossy());
+            all.extend(names(
+                &hierarchy.path(),
+                &|n| n.starts_with("palisade-test-"),
+                &kind,
+            ));
+        }
+    }
+    all.extend(names(
+        &std::env::temp_dir(),
+        &|n| n.starts_with("palisade-realnode-"),
+        "real-node storage",
+    ));
     all
 }
 
