@@ -59,6 +59,8 @@ pub struct Planner {
     /// The agent's own cgroup when it lies under the root (a DaemonSet pod):
     /// `reserved:host`, whatever its pod or a workload rule says.
     own_cgroup: Option<u64>,
+    /// Kubernetes mode: other nodes judge this node's pods by address.
+    kubernetes: bool,
     /// The identity each pod address had in the last plans, and when.
     address_history: std::collections::HashMap<IpAddr, (u32, Instant)>,
     /// Local workloads held `reserved:pending` until the instant, because
@@ -100,6 +102,7 @@ impl Planner {
             hints_by_cgroup: BTreeMap::new(),
             hints_by_net: BTreeMap::new(),
             own_cgroup: None,
+            kubernetes,
             address_history: std::collections::HashMap::new(),
             reuse_holds: BTreeMap::new(),
         }
@@ -111,8 +114,9 @@ impl Planner {
         !self.reuse_holds.is_empty()
     }
 
-    /// Holds every local workload that has just got its identity and whose
-    /// address had another identity within [`ADDRESS_RECENT`]; releases
+    /// Kubernetes mode: holds every local workload that has just got its
+    /// identity and whose address had another identity within
+    /// [`ADDRESS_RECENT`] that no longer holds it; releases
     /// holds that ran out; records this plan's address owners.
     fn hold_reused_addresses(
         &mut self,
@@ -121,7 +125,15 @@ impl Planner {
         addresses: &[(IpNet, u32)],
     ) {
         let now = Instant::now();
-        for w in workloads {
+        // Who holds each address in this plan: an address two workloads
+        // share (processes of several cgroups in one network namespace on a
+        // plain host) is not a reused one.
+        let current: BTreeSet<(IpAddr, u32)> = addresses
+            .iter()
+            .filter(|(net, _)| net.prefix_len() == net.max_prefix_len())
+            .map(|(net, id)| (net.addr(), *id))
+            .collect();
+        for w in workloads.iter().filter(|_| self.kubernetes) {
             let Some(&id) = cgroups.get(&w.cgroup_id) else {
                 continue;
             };
@@ -136,7 +148,10 @@ impl Planner {
             }
             let reused = w.ips.iter().find_map(|ip| {
                 let (old, seen) = self.address_history.get(ip)?;
-                (*old != id && now.duration_since(*seen) < ADDRESS_RECENT).then_some((*ip, *old))
+                (*old != id
+                    && !current.contains(&(*ip, *old))
+                    && now.duration_since(*seen) < ADDRESS_RECENT)
+                    .then_some((*ip, *old))
             });
             if let Some((ip, old)) = reused {
                 info!(workload = %format!("{}/{}", w.namespace, w.name), address = %ip, previous_identity = old,
@@ -1462,6 +1477,21 @@ mod tests {
             &none,
         );
         assert_ne!(fourth.desired.cgroups[&9], reserved::PENDING);
+        // A new cgroup sharing an address its owner still holds (one
+        // network namespace, two cgroups) is not on a reused address.
+        let mut sharing = workload(10, "sidecar");
+        sharing.ips = workload(8, "api").ips;
+        let fifth = planner.plan(
+            host(vec![
+                workload(8, "api"),
+                workload(7, "cache"),
+                workload(9, "q"),
+                sharing,
+            ]),
+            &none,
+        );
+        assert_ne!(fifth.desired.cgroups[&10], reserved::PENDING);
+        assert!(!planner.holding());
     }
 
     #[test]
