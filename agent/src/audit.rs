@@ -14,7 +14,7 @@ use std::{
 };
 
 use palisade_common::{AuditEvent, DIR_EGRESS, identity as reserved, reason, verdict};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::{
     datapath::ServiceTable,
@@ -77,8 +77,126 @@ fn comm(bytes: &[u8; 16]) -> String {
     String::from_utf8_lossy(&bytes[..end]).into_owned()
 }
 
+/// One audit event as written to the audit log (one JSON object per line).
+/// `palisade schema audit` prints its JSON Schema; the kernel tests check
+/// real events against this type (every field known, nothing missing).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuditRecord {
+    /// When the kernel judged the packet or call (RFC 3339, UTC, microseconds).
+    pub time: String,
+    pub verdict: AuditVerdict,
+    pub direction: AuditDirection,
+    /// `TCP`, `UDP`, `SCTP`, or the IP protocol number.
+    pub protocol: String,
+    /// The port the connection is to (the local one for ingress).
+    pub port: u16,
+    /// The sender: a local workload as `namespace/name`, a peer by its identity's name.
+    pub from: String,
+    /// The receiver, named like `from`.
+    pub to: String,
+    pub local: AuditLocal,
+    pub peer: AuditPeer,
+    /// The policy whose rules decided (`namespace/name`), if any selected the workload.
+    pub policy: Option<String>,
+    /// `NetworkPolicy`, `PalisadePolicy` or `ClusterPalisadePolicy`.
+    pub policy_kind: Option<String>,
+    /// The rule that decided, or `default-deny` when no rule allowed.
+    pub rule: Option<String>,
+    /// The Service the connection was addressed to (judged as its backends).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<AuditService>,
+    /// Why, when the verdict is not a policy's (a forged source, a source
+    /// route, a packet socket, a Service whose backends disagree, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuditVerdict {
+    Allow,
+    /// Audit mode: the verdict a policy in audit mode would have given.
+    WouldDeny,
+    Deny,
+}
+
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditDirection {
+    Egress,
+    Ingress,
+}
+
+/// The workload on this node.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuditLocal {
+    /// `namespace/name`, or the identity's name when the cgroup is not a workload.
+    pub workload: String,
+    pub identity: u32,
+    pub identity_name: String,
+    pub namespace: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    /// The cgroup, relative to the agent's cgroup root.
+    pub cgroup: Option<String>,
+    /// The calling process (egress from a socket call only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+}
+
+/// The other end.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuditPeer {
+    /// The peer's identity name, or its address when it has none (`reserved:world`).
+    pub name: String,
+    pub identity: u32,
+    pub identity_name: String,
+    pub namespace: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub ip: String,
+    /// The peer's port (its source port for ingress).
+    pub port: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuditService {
+    /// `namespace/name`.
+    pub name: String,
+    pub address: String,
+    pub port: u16,
+    pub protocol: String,
+    pub backends: Vec<AuditBackend>,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuditBackend {
+    pub identity: u32,
+    pub name: String,
+    pub port: u16,
+}
+
+/// The JSON Schema of [`AuditRecord`] (`palisade schema audit`).
+pub fn audit_schema() -> String {
+    serde_json::to_string_pretty(&schemars::schema_for!(AuditRecord)).unwrap_or_default()
+}
+
 /// Renders an event as the JSON object written to the audit log.
 pub fn render(ev: &AuditEvent, snap: &Snapshot, boot: Duration) -> Value {
+    serde_json::to_value(record(ev, snap, boot)).unwrap_or_default()
+}
+
+/// The typed audit record of a kernel event, named with `snap`.
+pub fn record(ev: &AuditEvent, snap: &Snapshot, boot: Duration) -> AuditRecord {
     let time = UNIX_EPOCH + boot + Duration::from_nanos(ev.timestamp_ns);
     let egress = ev.direction == DIR_EGRESS;
     let identity_name = |id: u32| -> String {
@@ -92,18 +210,23 @@ pub fn render(ev: &AuditEvent, snap: &Snapshot, boot: Duration) -> Value {
     let local_name = workload
         .map(|w| format!("{}/{}", w.namespace, w.name))
         .unwrap_or_else(|| identity_name(ev.local_identity));
-    let mut local = json!({
-        "workload": local_name,
-        "identity": ev.local_identity,
-        "identityName": identity_name(ev.local_identity),
-        "namespace": workload.map(|w| w.namespace.clone()),
-        "labels": workload.map(|w| w.labels.clone()).unwrap_or_default(),
-        "cgroup": workload.map(|w| w.cgroup_path.clone()),
-    });
-    if egress {
-        local["pid"] = json!(ev.pid);
-        local["command"] = json!(comm(&ev.comm));
-    }
+    let local = AuditLocal {
+        workload: local_name.clone(),
+        identity: ev.local_identity,
+        identity_name: identity_name(ev.local_identity),
+        namespace: workload.map(|w| w.namespace.clone()),
+        labels: workload
+            .map(|w| {
+                w.labels
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        cgroup: workload.map(|w| w.cgroup_path.clone()),
+        pid: egress.then_some(ev.pid),
+        command: egress.then(|| comm(&ev.comm)),
+    };
     let peer_ip = ip_of(ev.peer_addr, ev.family);
     let peer_info = snap.identities.get(&ev.peer_identity);
     let peer_name = match peer_info {
@@ -111,37 +234,46 @@ pub fn render(ev: &AuditEvent, snap: &Snapshot, boot: Duration) -> Value {
         None if ev.peer_identity == reserved::WORLD => peer_ip.to_string(),
         None => identity_name(ev.peer_identity),
     };
-    let peer = json!({
-        "name": peer_name,
-        "identity": ev.peer_identity,
-        "identityName": identity_name(ev.peer_identity),
-        "namespace": peer_info.and_then(|i| i.namespace.clone()),
-        "labels": peer_info.map(|i| i.labels.clone()).unwrap_or_default(),
-        "ip": peer_ip.to_string(),
-        "port": ev.peer_port,
-    });
+    let peer = AuditPeer {
+        name: peer_name.clone(),
+        identity: ev.peer_identity,
+        identity_name: identity_name(ev.peer_identity),
+        namespace: peer_info.and_then(|i| i.namespace.clone()),
+        labels: peer_info
+            .map(|i| {
+                i.labels
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        ip: peer_ip.to_string(),
+        port: ev.peer_port,
+    };
     let decided = snap.policy.rule(if ev.rule_id != 0 {
         ev.rule_id
     } else {
         ev.policy_rule_id
     });
     let (from, to) = if egress {
-        (local_name.clone(), peer_name.clone())
+        (local_name, peer_name)
     } else {
-        (peer_name.clone(), local_name.clone())
+        (peer_name, local_name)
     };
-    let service = snap.services.info(ev.service_id).map(|svc| {
-        json!({
-            "name": svc.name,
-            "address": peer_ip.to_string(),
-            "port": svc.port,
-            "protocol": svc.protocol.as_str(),
-            "backends": svc.backends.iter().map(|(id, port)| json!({
-                "identity": id,
-                "name": identity_name(*id),
-                "port": port,
-            })).collect::<Vec<_>>(),
-        })
+    let service = snap.services.info(ev.service_id).map(|svc| AuditService {
+        name: svc.name.clone(),
+        address: peer_ip.to_string(),
+        port: svc.port,
+        protocol: svc.protocol.as_str().to_owned(),
+        backends: svc
+            .backends
+            .iter()
+            .map(|(id, port)| AuditBackend {
+                identity: *id,
+                name: identity_name(*id),
+                port: *port,
+            })
+            .collect(),
     });
     let why = match ev.reason {
         reason::SERVICE_BACKENDS_DISAGREE => Some(
@@ -162,31 +294,35 @@ pub fn render(ev: &AuditEvent, snap: &Snapshot, boot: Duration) -> Value {
         }
         _ => None,
     };
-    let mut record = json!({
-        "time": humantime::format_rfc3339_micros(time).to_string(),
-        "verdict": match ev.verdict {
-            verdict::ALLOW => "allow",
-            verdict::WOULD_DENY => "would-deny",
-            _ => "deny",
+    AuditRecord {
+        time: humantime::format_rfc3339_micros(time).to_string(),
+        verdict: match ev.verdict {
+            verdict::ALLOW => AuditVerdict::Allow,
+            verdict::WOULD_DENY => AuditVerdict::WouldDeny,
+            _ => AuditVerdict::Deny,
         },
-        "direction": if egress { "egress" } else { "ingress" },
-        "protocol": Protocol::from_number(ev.protocol).map_or_else(|| ev.protocol.to_string(), |p| p.as_str().to_owned()),
-        "port": ev.port,
-        "from": from,
-        "to": to,
-        "local": local,
-        "peer": peer,
-        "policy": decided.map(|r| r.policy.clone()),
-        "policyKind": decided.map(|r| r.kind),
-        "rule": if ev.rule_id == 0 { Some("default-deny".to_owned()) } else { decided.map(|r| r.rule.clone()) },
-    });
-    if let Some(service) = service {
-        record["service"] = service;
+        direction: if egress {
+            AuditDirection::Egress
+        } else {
+            AuditDirection::Ingress
+        },
+        protocol: Protocol::from_number(ev.protocol)
+            .map_or_else(|| ev.protocol.to_string(), |p| p.as_str().to_owned()),
+        port: ev.port,
+        from,
+        to,
+        local,
+        peer,
+        policy: decided.map(|r| r.policy.clone()),
+        policy_kind: decided.map(|r| r.kind.to_owned()),
+        rule: if ev.rule_id == 0 {
+            Some("default-deny".to_owned())
+        } else {
+            decided.map(|r| r.rule.clone())
+        },
+        service,
+        reason: why.map(str::to_owned),
     }
-    if let Some(why) = why {
-        record["reason"] = json!(why);
-    }
-    record
 }
 
 /// Where events go.
@@ -286,6 +422,75 @@ pub async fn run_reader(
             guard = fd.readable_mut() => { guard?.clear_ready(); }
             _ = tokio::time::sleep(poll) => {}
             _ = stop.changed() => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every field the typed record writes is in the published schema, and
+    /// a rendered event reads back as the same record (nothing unknown,
+    /// nothing missing); an egress event names its process, an ingress one
+    /// does not.
+    #[test]
+    fn rendered_events_match_the_published_schema() {
+        let schema: Value = serde_json::from_str(&audit_schema()).unwrap();
+        let properties = |v: &Value| -> Vec<String> {
+            let mut p: Vec<String> = v["properties"]
+                .as_object()
+                .map(|o| o.keys().cloned().collect())
+                .unwrap_or_default();
+            p.sort();
+            p
+        };
+        for direction in [DIR_EGRESS, palisade_common::DIR_INGRESS] {
+            let mut bytes = vec![0u8; std::mem::size_of::<AuditEvent>()];
+            bytes[0] = 1;
+            let mut ev = decode(&bytes).unwrap();
+            ev.direction = direction;
+            ev.family = 4;
+            ev.protocol = 6;
+            ev.port = 443;
+            ev.pid = 42;
+            let value = render(&ev, &Snapshot::default(), Duration::ZERO);
+            let back: AuditRecord = serde_json::from_value(value.clone()).unwrap();
+            assert_eq!(serde_json::to_value(&back).unwrap(), value);
+            let mut keys: Vec<String> = value.as_object().unwrap().keys().cloned().collect();
+            keys.sort();
+            let known = properties(&schema);
+            assert!(
+                keys.iter().all(|k| known.contains(k)),
+                "{keys:?} vs {known:?}"
+            );
+            assert_eq!(value["local"]["pid"].is_null(), direction != DIR_EGRESS);
+        }
+        let committed = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../docs/audit-record.schema.json"),
+        )
+        .unwrap();
+        assert_eq!(
+            committed.trim_end(),
+            audit_schema(),
+            "docs/audit-record.schema.json is stale: `palisade schema audit > docs/audit-record.schema.json`"
+        );
+        for required in [
+            "time",
+            "verdict",
+            "direction",
+            "from",
+            "to",
+            "local",
+            "peer",
+        ] {
+            assert!(
+                schema["required"]
+                    .as_array()
+                    .is_some_and(|r| r.iter().any(|x| x == required)),
+                "{required} is required"
+            );
         }
     }
 }

@@ -83,6 +83,13 @@ enum Command {
     /// ClusterPalisadePolicy) as YAML, generated from the agent's types; the
     /// committed deploy/kubernetes/crds.yaml is this output.
     Crds,
+    /// Print the JSON Schema of a record the agent writes. `audit`: one
+    /// line of the audit log (and of `palisade audit`), generated from the
+    /// agent's type; the kernel tests check real events against it.
+    Schema {
+        #[arg(value_enum)]
+        record: SchemaRecord,
+    },
     /// Work with policy files offline.
     Policy {
         #[command(subcommand)]
@@ -121,6 +128,13 @@ enum Command {
         #[arg(long, short)]
         output: Option<PathBuf>,
     },
+}
+
+/// Records whose JSON Schema `palisade schema` prints.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum SchemaRecord {
+    /// An audit event (a line of the audit log).
+    Audit,
 }
 
 #[derive(Subcommand)]
@@ -361,6 +375,12 @@ fn main() -> anyhow::Result<()> {
         ),
         Command::Crds => {
             print!("{}", palisade::kubernetes::crd::crds_yaml());
+            Ok(())
+        }
+        Command::Schema {
+            record: SchemaRecord::Audit,
+        } => {
+            println!("{}", palisade::audit::audit_schema());
             Ok(())
         }
         Command::Cleanup { config } => {

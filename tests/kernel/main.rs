@@ -173,6 +173,9 @@ fn payment_service_networkpolicy_is_enforced_ipv4_and_ipv6_with_audit() {
             .iter()
             .any(|e| e["from"] == "production/order-service" && e["port"] == 443)
     );
+    // Every real event is an `AuditRecord` (the type `palisade schema audit`
+    // publishes): nothing unknown, nothing missing, read back unchanged.
+    palisade_tests::assert_audit_records(&events);
     assert!(
         s.agent.stop().expect("agent stops"),
         "agent exits 0 on SIGTERM"

@@ -47,3 +47,19 @@ pub fn can_run_kernel_tests() -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Every event is a `palisade::audit::AuditRecord` (the type whose schema
+/// `palisade schema audit` prints): it deserializes with no unknown field and
+/// no missing one, and serializes back to the same JSON.
+pub fn assert_audit_records(events: &[serde_json::Value]) {
+    assert!(!events.is_empty(), "no audit events to check");
+    for ev in events {
+        let record: palisade::audit::AuditRecord = serde_json::from_value(ev.clone())
+            .unwrap_or_else(|e| panic!("an audit event is not an AuditRecord ({e}): {ev}"));
+        assert_eq!(
+            &serde_json::to_value(&record).unwrap_or_default(),
+            ev,
+            "an audit event does not read back unchanged"
+        );
+    }
+}
