@@ -215,14 +215,7 @@ pub fn record(ev: &AuditEvent, snap: &Snapshot, boot: Duration) -> AuditRecord {
         identity: ev.local_identity,
         identity_name: identity_name(ev.local_identity),
         namespace: workload.map(|w| w.namespace.clone()),
-        labels: workload
-            .map(|w| {
-                w.labels
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect()
-            })
-            .unwrap_or_default(),
+        labels: workload.map(|w| w.labels.clone()).unwrap_or_default(),
         cgroup: workload.map(|w| w.cgroup_path.clone()),
         pid: egress.then_some(ev.pid),
         command: egress.then(|| comm(&ev.comm)),
@@ -239,14 +232,7 @@ pub fn record(ev: &AuditEvent, snap: &Snapshot, boot: Duration) -> AuditRecord {
         identity: ev.peer_identity,
         identity_name: identity_name(ev.peer_identity),
         namespace: peer_info.and_then(|i| i.namespace.clone()),
-        labels: peer_info
-            .map(|i| {
-                i.labels
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect()
-            })
-            .unwrap_or_default(),
+        labels: peer_info.map(|i| i.labels.clone()).unwrap_or_default(),
         ip: peer_ip.to_string(),
         port: ev.peer_port,
     };

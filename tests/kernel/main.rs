@@ -639,17 +639,8 @@ fn free_port() -> u16 {
 
 /// GET on loopback; returns (status line, body).
 fn http_get(port: u16, path: &str) -> (String, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))
-        .expect("connect to the agent's HTTP endpoint");
-    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    (
-        head.lines().next().unwrap_or("").to_owned(),
-        body.to_owned(),
-    )
+    palisade_tests::http_get(([127, 0, 0, 1], port).into(), path)
+        .expect("GET from the agent's HTTP endpoint")
 }
 
 fn metric(text: &str, name: &str) -> u64 {

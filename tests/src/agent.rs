@@ -49,6 +49,27 @@ pub fn config_with_rules(
     )
 }
 
+/// Runs the `palisade` CLI against the agent listening on `socket`:
+/// (exit status, stdout, stderr).
+pub fn cli_at(socket: &Path, args: &[&str]) -> anyhow::Result<(i32, String, String)> {
+    let out = Command::new(crate::bin_dir().join("palisade"))
+        .args(args)
+        .env("PALISADE_SOCKET", socket)
+        .output()?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// `palisade status --json` of the agent listening on `socket` (any exit
+/// status: 2 only means "not ready").
+pub fn status_at(socket: &Path) -> anyhow::Result<serde_json::Value> {
+    let (_, out, err) = cli_at(socket, &["status", "--json"])?;
+    serde_json::from_str(&out).with_context(|| format!("palisade status --json: {err}"))
+}
+
 impl Agent {
     /// Starts the agent with `config` in a fresh directory under `dir`.
     pub fn start(dir: &Path, config: &str) -> anyhow::Result<Agent> {
@@ -220,22 +241,13 @@ impl Agent {
     /// Runs the `palisade` CLI against this agent's control socket:
     /// (exit status, stdout, stderr).
     pub fn cli(&self, args: &[&str]) -> anyhow::Result<(i32, String, String)> {
-        let out = Command::new(crate::bin_dir().join("palisade"))
-            .args(args)
-            .env("PALISADE_SOCKET", self.dir.join("palisade.sock"))
-            .output()?;
-        Ok((
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        ))
+        cli_at(&self.dir.join("palisade.sock"), args)
     }
 
     /// `palisade status --json` through the control socket (any exit
     /// status: 2 only means "not ready").
     pub fn status(&self) -> anyhow::Result<serde_json::Value> {
-        let (_, out, err) = self.cli(&["status", "--json"])?;
-        serde_json::from_str(&out).with_context(|| format!("palisade status --json: {err}"))
+        status_at(&self.dir.join("palisade.sock"))
     }
 
     /// Polls the status until `pred` holds; the last status on timeout.

@@ -33,7 +33,7 @@ use serde_json::{Value, json};
 
 use crate::{
     kubeapi::{self, FakeApiServer, Kind},
-    world::{self, PodSpec},
+    world::{self, PodSpec, ip},
 };
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
@@ -81,10 +81,6 @@ fn run(cmd: &mut Command) -> anyhow::Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn ip(args: &[&str]) -> anyhow::Result<()> {
-    world::ip(args)
 }
 
 /// One node: a network namespace (its host network), its podman with its own
@@ -163,50 +159,21 @@ impl Node {
         self.dir.join("run-palisade")
     }
 
-    /// The `palisade` CLI against this node's agent: (exit status, stdout, stderr).
-    pub fn cli(&self, args: &[&str]) -> anyhow::Result<(i32, String, String)> {
-        let out = Command::new(crate::bin_dir().join("palisade"))
-            .args(args)
-            .env("PALISADE_SOCKET", self.run_palisade().join("palisade.sock"))
-            .output()?;
-        Ok((
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        ))
-    }
-
     /// `palisade status --json` of this node's agent.
     pub fn status(&self) -> anyhow::Result<Value> {
-        let (_, out, err) = self.cli(&["status", "--json"])?;
-        serde_json::from_str(&out).with_context(|| format!("palisade status --json: {err}"))
+        crate::agent::status_at(&self.run_palisade().join("palisade.sock"))
     }
 
     /// GET `path` of the agent's HTTP endpoint on the node's address, as
     /// kubelet's probes do: (status code, body).
     pub fn http_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
-        use std::io::{Read as _, Write as _};
-        let addr = (IpAddr::V4(self.address_v4), 9964);
-        let text = kubeapi::in_netns(&self.netns, || -> anyhow::Result<String> {
-            let mut s = std::net::TcpStream::connect_timeout(&addr.into(), Duration::from_secs(2))?;
-            s.set_read_timeout(Some(Duration::from_secs(2)))?;
-            write!(
-                s,
-                "GET {path} HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n"
-            )?;
-            let mut text = String::new();
-            s.read_to_string(&mut text)?;
-            Ok(text)
-        })??;
-        let code = text
+        let addr = (IpAddr::V4(self.address_v4), 9964).into();
+        let (status, body) = kubeapi::in_netns(&self.netns, || crate::http_get(addr, path))??;
+        let code = status
             .split_whitespace()
             .nth(1)
             .and_then(|c| c.parse().ok())
             .context("no HTTP status line")?;
-        let body = text
-            .split_once("\r\n\r\n")
-            .map_or("", |(_, b)| b)
-            .to_owned();
         Ok((code, body))
     }
 }
@@ -978,37 +945,15 @@ impl Cluster {
         port: u16,
         timeout_ms: u64,
     ) -> String {
-        let (to, port, ms) = (to.to_string(), port.to_string(), timeout_ms.to_string());
-        world::testbed_in(
-            &from.cgroup,
-            &from.netns,
-            &["probe", proto, &to, &port, "--timeout-ms", &ms],
-        )
-        .map_or_else(|e| format!("error {e}"), |s| s.trim().to_owned())
+        let timeout = Duration::from_millis(timeout_ms);
+        world::probe_in(&from.cgroup, &from.netns, proto, to, port, timeout)
+            .unwrap_or_else(|e| format!("error {e}"))
     }
 }
 
+/// Now, as the API server writes a creationTimestamp (RFC 3339, seconds, UTC).
 fn now_rfc3339() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    // Civil date from days since the epoch (Howard Hinnant's algorithm).
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
 
 /// One volumeMount of the DaemonSet with its volume.

@@ -629,13 +629,7 @@ impl World {
         port: u16,
         timeout: Duration,
     ) -> anyhow::Result<String> {
-        let (to, port, ms) = (
-            to.to_string(),
-            port.to_string(),
-            timeout.as_millis().to_string(),
-        );
-        let args = ["probe", proto, &to, &port, "--timeout-ms", &ms];
-        Ok(self.testbed_in(cgroup, netns, &args)?.trim().to_owned())
+        probe_in(cgroup, netns, proto, to, port, timeout)
     }
 
     /// Adds a network namespace on the bridge without a pod cgroup (for
@@ -860,6 +854,25 @@ pub fn testbed_in(cgroup: &Path, netns: &str, args: &[&str]) -> anyhow::Result<S
     enter(&mut cmd, cgroup, netns)?;
     let out = cmd.output().context("running palisade-testbed")?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// One `palisade-testbed probe` from any cgroup and network namespace (under
+/// /run/netns); its word (`ok`, `eperm`, `refused`, `timeout`, `error …`).
+pub fn probe_in(
+    cgroup: &Path,
+    netns: &str,
+    proto: &str,
+    to: std::net::IpAddr,
+    port: u16,
+    timeout: Duration,
+) -> anyhow::Result<String> {
+    let (to, port, ms) = (
+        to.to_string(),
+        port.to_string(),
+        timeout.as_millis().to_string(),
+    );
+    let args = ["probe", proto, &to, &port, "--timeout-ms", &ms];
+    Ok(testbed_in(cgroup, netns, &args)?.trim().to_owned())
 }
 
 /// A process started in a pod; killed (by its pid) when dropped.

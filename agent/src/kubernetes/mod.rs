@@ -573,16 +573,23 @@ pub fn inputs(
     unknown: UnknownPods,
 ) -> Inputs {
     let by_uid: HashMap<&str, &PodInfo> = pods.iter().map(|p| (p.uid.as_str(), p)).collect();
-    let local: std::collections::HashSet<&str> = cgroups
+    let parsed: Vec<(&Cgroup, Option<cgroup::PodCgroup>)> = cgroups
         .iter()
-        .filter_map(|cg| cgroup::parse(&cg.rel_path))
-        .filter_map(|pc| by_uid.get(pc.uid.as_str()).map(|p| p.uid.as_str()))
+        .map(|cg| (cg, cgroup::parse(&cg.rel_path)))
         .collect();
-    let owners = address_owners(pods, &local);
+    // Known pods with a cgroup here (hostNetwork ones included).
+    let has_cgroup: std::collections::HashSet<&str> = parsed
+        .iter()
+        .filter_map(|(_, pc)| {
+            by_uid
+                .get(pc.as_ref()?.uid.as_str())
+                .map(|p| p.uid.as_str())
+        })
+        .collect();
+    let owners = address_owners(pods, &has_cgroup);
     let mut out = Inputs::default();
-    let mut has_cgroup = std::collections::HashSet::new();
-    for cg in cgroups {
-        let Some(pc) = cgroup::parse(&cg.rel_path) else {
+    for (cg, pc) in parsed {
+        let Some(pc) = pc else {
             // QoS directories and anything else that is not a pod: unmanaged
             // (a cgroup the agent has not seen yet is pending in the kernel).
             out.held.insert(cg.id, reserved::UNMANAGED);
@@ -591,10 +598,8 @@ pub fn inputs(
         match by_uid.get(pc.uid.as_str()) {
             Some(pod) if pod.host_network => {
                 out.held.insert(cg.id, reserved::HOST);
-                has_cgroup.insert(pod.uid.as_str());
             }
             Some(pod) => {
-                has_cgroup.insert(pod.uid.as_str());
                 out.workloads.push(Workload {
                     cgroup_id: cg.id,
                     cgroup_path: cg.rel_path.clone(),
