@@ -11,6 +11,11 @@ use serde::Deserialize;
 
 use crate::policy::labels::Labels;
 
+/// Where the control socket is unless `controlSocket` says otherwise.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/palisade/palisade.sock";
+
+pub use crate::inventory::NamedPortConfig;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
@@ -159,32 +164,6 @@ pub struct WorkloadRule {
     pub ports: Vec<NamedPortConfig>,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct NamedPortConfig {
-    pub name: String,
-    pub port: u16,
-    /// TCP (default), UDP or SCTP.
-    #[serde(default = "default_tcp")]
-    pub protocol: String,
-}
-
-fn default_tcp() -> String {
-    "TCP".into()
-}
-
-impl NamedPortConfig {
-    pub fn key(&self) -> Option<((crate::policy::model::Protocol, String), u16)> {
-        Some((
-            (
-                crate::policy::model::Protocol::parse(&self.protocol)?,
-                self.name.clone(),
-            ),
-            self.port,
-        ))
-    }
-}
-
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PeerConfig {
@@ -256,7 +235,7 @@ impl Default for MapCapacities {
 }
 
 fn default_control_socket() -> Option<PathBuf> {
-    Some(PathBuf::from(crate::control::DEFAULT_SOCKET))
+    Some(PathBuf::from(DEFAULT_CONTROL_SOCKET))
 }
 
 fn default_pin_dir() -> Option<PathBuf> {
@@ -321,7 +300,7 @@ impl Config {
             }
         }
         for (i, rule) in self.workloads.iter().enumerate() {
-            crate::discovery::PathPattern::new(&rule.path)
+            crate::inventory::PathPattern::new(&rule.path)
                 .map_err(|m| invalid(format!("workloads[{i}].path"), m))?;
             for (j, p) in rule.ports.iter().enumerate() {
                 if p.key().is_none() {
@@ -451,7 +430,7 @@ mod tests {
         );
         assert_eq!(
             config.control_socket.as_deref(),
-            Some(Path::new(crate::control::DEFAULT_SOCKET)),
+            Some(Path::new(DEFAULT_CONTROL_SOCKET)),
             "`kubectl exec … palisade status` finds it without --socket"
         );
     }

@@ -13,9 +13,12 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
 
-use crate::{http::SharedStatus, policy};
+use crate::{
+    policy,
+    status::{Settled, SharedStatus},
+};
 
-pub const DEFAULT_SOCKET: &str = "/run/palisade/palisade.sock";
+pub use crate::config::DEFAULT_CONTROL_SOCKET as DEFAULT_SOCKET;
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "kebab-case")]
@@ -71,6 +74,8 @@ pub struct Context {
     pub status: SharedStatus,
     pub events: tokio::sync::broadcast::Sender<Arc<serde_json::Value>>,
     pub policy_dir: Option<PathBuf>,
+    /// Tells the loop the policy directory was written.
+    pub written: Option<tokio::sync::mpsc::Sender<PolicyWritten>>,
 }
 
 /// Binds the socket: parent directory created 0700, socket 0600, a stale
@@ -191,20 +196,30 @@ fn revision(cx: &Context) -> u64 {
         .unwrap_or_default()
 }
 
-/// How a written change ended.
-enum Settled {
-    /// The kernel enforces it (generation).
-    Applied(u64),
-    /// The agent refused it (why); nothing of it is in force.
-    Refused(String),
-    /// Not decided within the timeout.
-    Pending(u64),
+/// A client wrote the policy directory: the loop reads it at once and
+/// answers how the change ended.
+#[derive(Debug)]
+pub struct PolicyWritten {
+    pub reply: tokio::sync::oneshot::Sender<Settled>,
 }
 
 /// Waits until the agent read the directory after `before` and either the
-/// kernel enforces what it read or the agent refused it.
+/// kernel enforces what it read or the agent refused it: the loop is told
+/// at once, and the status is watched until the deadline if its answer is
+/// "not yet" (waiting for the API server, a busy round).
 async fn settle(cx: &Context, before: u64, timeout: Duration) -> Settled {
     let deadline = tokio::time::Instant::now() + timeout;
+    if let Some(written) = &cx.written {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        if written.send(PolicyWritten { reply }).await.is_ok()
+            && let Ok(Ok(settled)) = tokio::time::timeout_at(deadline, answer).await
+            && !matches!(settled, Settled::Pending(_))
+            // The answer is about this change only if the loop read it.
+            && revision(cx) > before
+        {
+            return settled;
+        }
+    }
     loop {
         let s = cx.status.lock().map(|s| s.clone()).unwrap_or_default();
         if s.policy_revision > before {

@@ -8,9 +8,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use regex::Regex;
-
-use crate::config::WorkloadRule;
+use crate::{config::WorkloadRule, inventory::PathPattern};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
@@ -167,65 +165,6 @@ pub fn own_cgroup(root: &Path, mount: &Path) -> Option<Cgroup> {
         rel_path: rel_of(&dir)?,
         id: std::fs::metadata(&dir).ok()?.ino(),
     })
-}
-
-/// A compiled `workloads[].path` pattern.
-#[derive(Clone, Debug)]
-pub struct PathPattern {
-    regex: Regex,
-}
-
-impl PathPattern {
-    pub fn new(pattern: &str) -> Result<PathPattern, String> {
-        if pattern.is_empty() || pattern.starts_with('/') {
-            return Err(format!(
-                "{pattern:?} must be a non-empty path relative to cgroupRoot"
-            ));
-        }
-        let mut re = String::from("^");
-        let mut rest = pattern;
-        while !rest.is_empty() {
-            if let Some(r) = rest.strip_prefix("**") {
-                re.push_str(".*");
-                rest = r;
-            } else if let Some(r) = rest.strip_prefix('*') {
-                re.push_str("[^/]*");
-                rest = r;
-            } else if let Some(r) = rest.strip_prefix('{') {
-                let end = r
-                    .find('}')
-                    .ok_or_else(|| format!("{pattern:?}: '{{' without a closing '}}'"))?;
-                let name = &r[..end];
-                if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                    return Err(format!(
-                        "{pattern:?}: capture name {name:?} must be letters, digits or '_'"
-                    ));
-                }
-                re.push_str(&format!("(?P<{name}>[^/]+)"));
-                rest = &r[end + 1..];
-            } else {
-                let c = rest.chars().next().unwrap_or_default();
-                re.push_str(&regex::escape(&c.to_string()));
-                rest = &rest[c.len_utf8()..];
-            }
-        }
-        re.push('$');
-        Regex::new(&re)
-            .map(|regex| PathPattern { regex })
-            .map_err(|e| format!("{pattern:?}: {e}"))
-    }
-
-    /// Captures of a matching path.
-    pub fn captures(&self, path: &str) -> Option<BTreeMap<String, String>> {
-        let caps = self.regex.captures(path)?;
-        Some(
-            self.regex
-                .capture_names()
-                .flatten()
-                .filter_map(|n| Some((n.to_owned(), caps.name(n)?.as_str().to_owned())))
-                .collect(),
-        )
-    }
 }
 
 /// Substitutes `{var}` in `template` with captures.

@@ -1,117 +1,57 @@
-//! Health and metrics over HTTP (for DaemonSet probes and Prometheus):
-//! `GET /healthz` (alive), `GET /readyz` (the kernel enforces the policy
-//! the agent says it does; 503 says why not), `GET /metrics` (Prometheus text format). A deliberately tiny
-//! HTTP/1.1 responder: one request per connection, GET only.
-use std::{
-    fmt::Write as _,
-    sync::{Arc, Mutex},
+//! Health and metrics over HTTP (for DaemonSet probes and Prometheus), with
+//! axum: `GET /healthz` (alive), `GET /readyz` (the kernel enforces the
+//! policy the agent says it does; 503 says why not), `GET /metrics`
+//! (OpenMetrics text from prometheus-client, built from one status report).
+use axum::{
+    Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::IntoResponse,
+    routing::get,
+};
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
 };
 
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use crate::status::{SharedStatus, StatusReport};
 
-use crate::datapath::Counters;
-
-/// What the agent reports, refreshed by its loop.
-#[derive(Clone, Debug, Default, serde::Serialize)]
-pub struct Status {
-    pub version: &'static str,
-    pub attach_points: Vec<String>,
-    pub workload_list: Vec<WorkloadStatus>,
-    pub policy_list: Vec<PolicyStatus>,
-    /// Programs attached and the first policy sync done.
-    pub ready: bool,
-    /// Successful applies of a changed state.
-    pub generation: u64,
-    /// Policy or state changes refused (invalid policy, map full, …).
-    pub apply_errors: u64,
-    pub last_error: Option<String>,
-    pub workloads: usize,
-    pub identities: usize,
-    pub policies: usize,
-    pub counters: Counters,
-    /// (map, entries, capacity)
-    pub maps: Vec<(&'static str, usize, u32)>,
-    /// Which protections are active on this node.
-    pub posture: crate::datapath::kernel::Posture,
-    /// Sockets workloads use that were created outside the root (not judged).
-    pub foreign_sockets: Vec<crate::sockets::ForeignSocket>,
-    /// Audit events delivered, read just before `counters` (so that
-    /// delivered + lost never exceeds emitted in one report).
-    pub events_delivered: u64,
-    /// A state was applied at least once.
-    pub applied: bool,
-    /// The kernel does not hold the planned state: it was refused (the
-    /// previous one stays) or is part way there (retried).
-    pub behind: Option<String>,
-    /// Why the kernel does not enforce what the agent says (self-check),
-    /// or why nothing is applied yet.
-    pub enforcement_problems: Vec<String>,
-    /// Repairs of the kernel state by the self-check, by kind.
-    pub repairs: std::collections::BTreeMap<&'static str, u64>,
-    /// The policy directory vanished, turned empty or unreadable: the last
-    /// good policy stays in force.
-    pub policy_source_problem: Option<String>,
-    /// Policy-directory changes seen (loads tried), the last one loaded,
-    /// the last one whose policy is in the kernel, and the last one refused.
-    pub policy_revision: u64,
-    pub policy_revision_loaded: u64,
-    pub policy_revision_applied: u64,
-    pub policy_revision_refused: u64,
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerdictLabels {
+    direction: &'static str,
+    verdict: &'static str,
 }
 
-impl Status {
-    /// Why the agent is not ready (empty: ready). Ready means the kernel
-    /// enforces the policy the agent says it does.
-    pub fn not_ready_because(&self) -> Vec<String> {
-        let mut why = self.enforcement_problems.clone();
-        if self.applied
-            && let Some(b) = &self.behind
-        {
-            why.push(b.clone());
-        }
-        if !self.applied {
-            why.push(match &self.last_error {
-                Some(e) => format!("nothing applied yet: {e}"),
-                None => "programs not attached or policy not synced yet".to_owned(),
-            });
-        }
-        why
-    }
-
-    /// Sets `ready` from the rest.
-    pub fn update_ready(&mut self) {
-        self.ready = self.not_ready_because().is_empty();
-    }
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabels {
+    map: String,
 }
 
-#[derive(Clone, Debug, Default, serde::Serialize)]
-pub struct WorkloadStatus {
-    pub name: String,
-    pub cgroup: String,
-    pub identity: u32,
-    pub addresses: Vec<String>,
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RepairLabels {
+    what: String,
 }
 
-#[derive(Clone, Debug, Default, serde::Serialize)]
-pub struct PolicyStatus {
-    pub name: String,
-    pub kind: &'static str,
-    pub file: String,
-    pub line: usize,
+fn counter(registry: &mut Registry, name: &str, help: &str, value: u64) {
+    let c = Counter::<u64>::default();
+    c.inc_by(value);
+    registry.register(name, help, c);
 }
 
-pub type SharedStatus = Arc<Mutex<Status>>;
+fn gauge(registry: &mut Registry, name: &str, help: &str, value: u64) {
+    let g = Gauge::<i64>::default();
+    g.set(i64::try_from(value).unwrap_or(i64::MAX));
+    registry.register(name, help, g);
+}
 
-/// The Prometheus text exposition of `status`.
-pub fn render_metrics(status: &Status) -> String {
-    let mut out = String::new();
+/// The metrics of one status report (a registry per scrape: every value is
+/// the report's, read together).
+fn registry(status: &StatusReport) -> Registry {
+    let mut r = Registry::default();
     let c = &status.counters;
-    let _ = writeln!(
-        out,
-        "# HELP palisade_verdicts_total Connections judged by the kernel programs."
-    );
-    let _ = writeln!(out, "# TYPE palisade_verdicts_total counter");
-    for (dir, verdict, v) in [
+    let verdicts = Family::<VerdictLabels, Counter>::default();
+    for (direction, verdict, v) in [
         ("egress", "allow", c.egress_allow),
         ("egress", "deny", c.egress_deny),
         ("egress", "would-deny", c.egress_would_deny),
@@ -119,198 +59,199 @@ pub fn render_metrics(status: &Status) -> String {
         ("ingress", "deny", c.ingress_deny),
         ("ingress", "would-deny", c.ingress_would_deny),
     ] {
-        let _ = writeln!(
-            out,
-            "palisade_verdicts_total{{direction=\"{dir}\",verdict=\"{verdict}\"}} {v}"
-        );
+        verdicts
+            .get_or_create(&VerdictLabels { direction, verdict })
+            .inc_by(v);
     }
-    let _ = writeln!(
-        out,
-        "# HELP palisade_foreign_sockets Sockets in use by workloads that were created outside the cgroup root (not judged).\n# TYPE palisade_foreign_sockets gauge\npalisade_foreign_sockets {}",
-        status.foreign_sockets.len()
+    r.register(
+        "palisade_verdicts",
+        "Connections judged by the kernel programs.",
+        verdicts,
     );
-    let delivered = status.events_delivered;
-    let _ = writeln!(
-        out,
-        "# HELP palisade_repairs_total Kernel state the self-check found wrong and repaired (attachment, link-pin, map-pin, state, table, adoption).\n# TYPE palisade_repairs_total counter"
-    );
-    for (what, n) in &status.repairs {
-        let _ = writeln!(out, "palisade_repairs_total{{what=\"{what}\"}} {n}");
-    }
     for (name, help, v) in [
         (
-            "palisade_audit_events_emitted_total",
+            "palisade_audit_events_emitted",
             "Audit events the kernel tried to write.",
             c.events_emitted,
         ),
         (
-            "palisade_audit_events_lost_total",
+            "palisade_audit_events_lost",
             "Audit events dropped because the ring buffer was full.",
             c.events_lost,
         ),
         (
-            "palisade_audit_events_delivered_total",
+            "palisade_audit_events_delivered",
             "Audit events written to the audit output.",
-            delivered,
+            status.events_delivered,
         ),
         (
-            "palisade_policy_apply_errors_total",
+            "palisade_policy_apply_errors",
             "Changes refused; the previous state stayed in force.",
             status.apply_errors,
         ),
         (
-            "palisade_packets_unparseable_total",
+            "palisade_packets_unparseable",
             "Packets of enforced workloads that could not be parsed (dropped).",
             c.unparseable,
         ),
         (
-            "palisade_packets_forged_source_total",
+            "palisade_packets_forged_source",
             "Packets leaving a workload with a source address not its own (dropped).",
             c.forged_source,
         ),
         (
-            "palisade_packets_source_routed_total",
+            "palisade_packets_source_routed",
             "Packets leaving a workload with a source route (dropped).",
             c.source_routed,
         ),
         (
-            "palisade_packet_sockets_refused_total",
+            "palisade_packet_sockets_refused",
             "Packet (AF_PACKET) sockets refused to workloads.",
             c.packet_sockets_refused,
         ),
     ] {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
-        );
+        counter(&mut r, name, help, v);
     }
+    let repairs = Family::<RepairLabels, Counter>::default();
+    for (what, n) in &status.repairs {
+        repairs
+            .get_or_create(&RepairLabels { what: what.clone() })
+            .inc_by(*n);
+    }
+    r.register(
+        "palisade_repairs",
+        "Kernel state the self-check found wrong and repaired (attachment, link-pin, map-pin, state, table, adoption).",
+        repairs,
+    );
     for (name, help, v) in [
         (
             "palisade_policy_generation",
             "Number of state changes applied.",
-            status.generation as f64,
+            status.generation,
         ),
         (
             "palisade_workloads",
             "Workloads found below the cgroup root.",
-            status.workloads as f64,
+            status.workloads as u64,
         ),
         (
             "palisade_identities",
             "Identities in use.",
-            status.identities as f64,
+            status.identities as u64,
         ),
         (
             "palisade_policies",
             "Policies loaded.",
-            status.policies as f64,
+            status.policies as u64,
         ),
         (
             "palisade_ready",
             "1 while the kernel enforces the policy the agent says it does.",
-            f64::from(u8::from(status.ready)),
+            u64::from(status.ready),
         ),
         (
             "palisade_policy_source_problem",
             "1 while the policy directory is missing, empty or unreadable (the last good policy stays).",
-            f64::from(u8::from(status.policy_source_problem.is_some())),
+            u64::from(status.policy_source_problem.is_some()),
         ),
         (
             "palisade_enforcement_problems",
             "Mismatches between the kernel and the agent's state that could not be repaired.",
-            status.enforcement_problems.len() as f64,
+            status.enforcement_problems.len() as u64,
+        ),
+        (
+            "palisade_foreign_sockets",
+            "Sockets in use by workloads that were created outside the cgroup root (not judged).",
+            status.foreign_sockets.len() as u64,
         ),
     ] {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        gauge(&mut r, name, help, v);
     }
-    let _ = writeln!(
-        out,
-        "# HELP palisade_map_entries Entries in each kernel map.\n# TYPE palisade_map_entries gauge"
+    let entries = Family::<MapLabels, Gauge>::default();
+    let capacity = Family::<MapLabels, Gauge>::default();
+    let ratio = Family::<MapLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+    for m in &status.maps {
+        let labels = MapLabels { map: m.map.clone() };
+        entries
+            .get_or_create(&labels)
+            .set(i64::try_from(m.entries).unwrap_or(i64::MAX));
+        capacity.get_or_create(&labels).set(i64::from(m.capacity));
+        ratio.get_or_create(&labels).set(m.ratio());
+    }
+    r.register(
+        "palisade_map_entries",
+        "Entries in each kernel map.",
+        entries,
     );
-    for (map, entries, _) in &status.maps {
-        let _ = writeln!(out, "palisade_map_entries{{map=\"{map}\"}} {entries}");
-    }
-    let _ = writeln!(
-        out,
-        "# HELP palisade_map_capacity Capacity of each kernel map.\n# TYPE palisade_map_capacity gauge"
+    r.register(
+        "palisade_map_capacity",
+        "Capacity of each kernel map.",
+        capacity,
     );
-    for (map, _, capacity) in &status.maps {
-        let _ = writeln!(out, "palisade_map_capacity{{map=\"{map}\"}} {capacity}");
-    }
-    let _ = writeln!(
-        out,
-        "# HELP palisade_map_fill_ratio Entries / capacity of each kernel map.\n# TYPE palisade_map_fill_ratio gauge"
+    r.register(
+        "palisade_map_fill_ratio",
+        "Entries / capacity of each kernel map.",
+        ratio,
     );
-    for (map, entries, capacity) in &status.maps {
-        let ratio = *entries as f64 / f64::from((*capacity).max(1));
-        let _ = writeln!(out, "palisade_map_fill_ratio{{map=\"{map}\"}} {ratio}");
-    }
+    r
+}
+
+/// The OpenMetrics text of `status`.
+pub fn render_metrics(status: &StatusReport) -> String {
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = encode(&mut out, &registry(status));
     out
+}
+
+fn snapshot(status: &SharedStatus) -> StatusReport {
+    status.lock().map(|s| s.clone()).unwrap_or_default()
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(status): State<SharedStatus>) -> (StatusCode, String) {
+    let s = snapshot(&status);
+    if s.ready {
+        (StatusCode::OK, "ready\n".to_owned())
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", s.not_ready_because().join("; ")),
+        )
+    }
+}
+
+async fn metrics(State(status): State<SharedStatus>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        render_metrics(&snapshot(&status)),
+    )
+}
+
+async fn not_found() -> (StatusCode, &'static str) {
+    (StatusCode::NOT_FOUND, "try /healthz, /readyz or /metrics\n")
+}
+
+/// The routes, over the shared status.
+pub fn router(status: SharedStatus) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .with_state(status)
 }
 
 /// Serves until the task is dropped.
 pub async fn serve(listener: tokio::net::TcpListener, status: SharedStatus) {
-    loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let status = status.clone();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 2048];
-            let mut len = 0;
-            // Read the request head (bounded), with a deadline.
-            let read = tokio::time::timeout(std::time::Duration::from_secs(2), async {
-                while len < buf.len() {
-                    match stream.read(&mut buf[len..]).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => len += n,
-                    }
-                    if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-                        break;
-                    }
-                }
-            })
-            .await;
-            if read.is_err() {
-                return;
-            }
-            let head = String::from_utf8_lossy(&buf[..len]);
-            let mut words = head.split_whitespace();
-            let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
-            let snapshot = status.lock().map(|s| s.clone()).unwrap_or_default();
-            let (code, body, kind) = match (method, path) {
-                ("GET", "/healthz") => ("200 OK", "ok\n".to_owned(), "text/plain"),
-                ("GET", "/readyz") if snapshot.ready => {
-                    ("200 OK", "ready\n".to_owned(), "text/plain")
-                }
-                ("GET", "/readyz") => (
-                    "503 Service Unavailable",
-                    format!("not ready: {}\n", snapshot.not_ready_because().join("; ")),
-                    "text/plain",
-                ),
-                ("GET", "/metrics") => (
-                    "200 OK",
-                    render_metrics(&snapshot),
-                    "text/plain; version=0.0.4",
-                ),
-                ("GET", _) => (
-                    "404 Not Found",
-                    "try /healthz, /readyz or /metrics\n".to_owned(),
-                    "text/plain",
-                ),
-                _ => (
-                    "405 Method Not Allowed",
-                    "GET only\n".to_owned(),
-                    "text/plain",
-                ),
-            };
-            let response = format!(
-                "HTTP/1.1 {code}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(response.as_bytes()).await;
-            let _ = stream.shutdown().await;
-        });
+    if let Err(e) = axum::serve(listener, router(status)).await {
+        tracing::warn!("the HTTP server stopped: {e}");
     }
 }
 
@@ -320,16 +261,20 @@ mod tests {
 
     #[test]
     fn metrics_are_prometheus_text() {
-        let status = Status {
+        let status = StatusReport {
             ready: true,
             generation: 3,
-            counters: Counters {
+            counters: crate::datapath::Counters {
                 ingress_deny: 7,
                 events_emitted: 9,
                 events_lost: 2,
                 ..Default::default()
             },
-            maps: vec![("PAL_POLICY_V1", 64, 256)],
+            maps: vec![crate::datapath::MapFill {
+                map: "PAL_POLICY_V1".into(),
+                entries: 64,
+                capacity: 256,
+            }],
             events_delivered: 7,
             ..Default::default()
         };
@@ -345,6 +290,11 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line}:\n{text}");
         }
+        assert_eq!(
+            text.lines().last(),
+            Some("# EOF"),
+            "OpenMetrics ends with # EOF"
+        );
         // Every sample line is `name{labels} value` or `name value`.
         for l in text.lines().filter(|l| !l.starts_with('#')) {
             let (_, value) = l.rsplit_once(' ').unwrap();

@@ -7,14 +7,12 @@ use std::{
     net::IpAddr,
 };
 
+use regex::Regex;
 use serde::Deserialize;
 
-use crate::{
-    config::NamedPortConfig,
-    policy::{
-        labels::{LabelSelector, Labels},
-        model::Protocol,
-    },
+use crate::policy::{
+    labels::{LabelSelector, Labels},
+    model::Protocol,
 };
 
 /// A workload on this node: a cgroup with a name, labels and addresses.
@@ -335,5 +333,87 @@ mod tests {
             eps[2].ports.get(&(Protocol::Tcp, "metrics".into())),
             Some(&9100)
         );
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NamedPortConfig {
+    pub name: String,
+    pub port: u16,
+    /// TCP (default), UDP or SCTP.
+    #[serde(default = "default_tcp")]
+    pub protocol: String,
+}
+
+fn default_tcp() -> String {
+    "TCP".into()
+}
+
+impl NamedPortConfig {
+    pub fn key(&self) -> Option<((Protocol, String), u16)> {
+        Some((
+            (Protocol::parse(&self.protocol)?, self.name.clone()),
+            self.port,
+        ))
+    }
+}
+
+/// A compiled `workloads[].path` pattern.
+#[derive(Clone, Debug)]
+pub struct PathPattern {
+    regex: Regex,
+}
+
+impl PathPattern {
+    pub fn new(pattern: &str) -> Result<PathPattern, String> {
+        if pattern.is_empty() || pattern.starts_with('/') {
+            return Err(format!(
+                "{pattern:?} must be a non-empty path relative to cgroupRoot"
+            ));
+        }
+        let mut re = String::from("^");
+        let mut rest = pattern;
+        while !rest.is_empty() {
+            if let Some(r) = rest.strip_prefix("**") {
+                re.push_str(".*");
+                rest = r;
+            } else if let Some(r) = rest.strip_prefix('*') {
+                re.push_str("[^/]*");
+                rest = r;
+            } else if let Some(r) = rest.strip_prefix('{') {
+                let end = r
+                    .find('}')
+                    .ok_or_else(|| format!("{pattern:?}: '{{' without a closing '}}'"))?;
+                let name = &r[..end];
+                if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    return Err(format!(
+                        "{pattern:?}: capture name {name:?} must be letters, digits or '_'"
+                    ));
+                }
+                re.push_str(&format!("(?P<{name}>[^/]+)"));
+                rest = &r[end + 1..];
+            } else {
+                let c = rest.chars().next().unwrap_or_default();
+                re.push_str(&regex::escape(&c.to_string()));
+                rest = &rest[c.len_utf8()..];
+            }
+        }
+        re.push('$');
+        Regex::new(&re)
+            .map(|regex| PathPattern { regex })
+            .map_err(|e| format!("{pattern:?}: {e}"))
+    }
+
+    /// Captures of a matching path.
+    pub fn captures(&self, path: &str) -> Option<BTreeMap<String, String>> {
+        let caps = self.regex.captures(path)?;
+        Some(
+            self.regex
+                .capture_names()
+                .flatten()
+                .filter_map(|n| Some((n.to_owned(), caps.name(n)?.as_str().to_owned())))
+                .collect(),
+        )
     }
 }

@@ -18,7 +18,17 @@ use std::{
 };
 
 /// A socket in use by a workload whose cgroup is outside the root.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[derive(
+    Clone,
+    Debug,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+)]
 pub struct ForeignSocket {
     pub workload: String,
     pub pid: u32,
@@ -26,7 +36,7 @@ pub struct ForeignSocket {
     /// The cgroup id the socket was created in.
     pub cgroup_id: u64,
     /// `TCP` or `UDP`.
-    pub protocol: &'static str,
+    pub protocol: String,
 }
 
 /// Socket inodes of `pid`'s descriptors.
@@ -185,7 +195,7 @@ pub fn find_foreign(processes: &[(String, u32)], managed: &BTreeSet<u64>) -> Vec
                         pid: *pid,
                         inode,
                         cgroup_id: *cgroup,
-                        protocol,
+                        protocol: (*protocol).to_owned(),
                     });
                 }
             }

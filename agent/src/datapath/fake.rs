@@ -1,8 +1,8 @@
 //! An in-memory `Datapath` for unit tests: records what was applied, and
 //! fails the applies it is told to.
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 
-use super::{ApplyError, ApplyReport, Counters, Datapath, DatapathError, Desired};
+use super::{ApplyError, ApplyReport, Counters, Datapath, DatapathError, Desired, Health, MapFill};
 
 #[derive(Debug, Default)]
 pub struct FakeDatapath {
@@ -12,6 +12,8 @@ pub struct FakeDatapath {
     pub failures: VecDeque<bool>,
     /// Every apply tried, successful or not.
     pub attempts: usize,
+    /// What every self-check reports.
+    pub health: Health,
 }
 
 impl Datapath for FakeDatapath {
@@ -41,5 +43,22 @@ impl Datapath for FakeDatapath {
 
     fn counters(&self) -> Result<Counters, DatapathError> {
         Ok(Counters::default())
+    }
+
+    fn fill(&self) -> Vec<MapFill> {
+        let entries = self.applied.last().map_or(0, |d| d.cgroups.len());
+        vec![MapFill {
+            map: "cgroups".into(),
+            entries,
+            capacity: 1024,
+        }]
+    }
+
+    fn verify(&mut self) -> Health {
+        self.health.clone()
+    }
+
+    fn repairs(&self) -> BTreeMap<String, u64> {
+        BTreeMap::new()
     }
 }

@@ -26,7 +26,7 @@ use super::{
 use crate::{config::MapCapacities, policy::compile::EntryKey};
 
 mod guard;
-pub use guard::Health;
+pub use super::Health;
 
 /// The eBPF object built by `build.rs`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/palisade"));
@@ -65,7 +65,9 @@ pub struct KernelDatapath {
 }
 
 /// Which protections are active on this node, for the log and `palisade status`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(
+    Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 pub struct Posture {
     /// Socket addresses judged at connect/sendmsg (always).
     pub socket_hooks: bool,
@@ -973,10 +975,10 @@ impl KernelDatapath {
         Ok(())
     }
 
-    /// Fill of each map as (name, entries, capacity).
-    pub fn fill(&self) -> Vec<(&'static str, usize, u32)> {
+    /// Fill of each map.
+    pub fn map_fill(&self) -> Vec<super::MapFill> {
         let active = &self.slots[usize::from(self.active_slot)];
-        vec![
+        [
             (
                 maps::CGROUP_IDENTITY,
                 self.cgroups.len(),
@@ -995,6 +997,13 @@ impl KernelDatapath {
                 self.capacities.services,
             ),
         ]
+        .into_iter()
+        .map(|(map, entries, capacity)| super::MapFill {
+            map: map.to_owned(),
+            entries,
+            capacity,
+        })
+        .collect()
     }
 }
 
@@ -1195,6 +1204,21 @@ impl Datapath for KernelDatapath {
             source_routed: sum(counter::SOURCE_ROUTED)?,
             packet_sockets_refused: sum(counter::PACKET_SOCKETS_REFUSED)?,
         })
+    }
+
+    fn fill(&self) -> Vec<super::MapFill> {
+        self.map_fill()
+    }
+
+    fn verify(&mut self) -> Health {
+        self.verify_state()
+    }
+
+    fn repairs(&self) -> BTreeMap<String, u64> {
+        self.repair_counts()
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), *v))
+            .collect()
     }
 }
 

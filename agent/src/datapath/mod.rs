@@ -82,8 +82,36 @@ impl ServiceTable {
     }
 }
 
+/// One kernel map's fill, as `palisade status` and `/metrics` show it.
+#[derive(
+    Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
+#[serde(deny_unknown_fields)]
+pub struct MapFill {
+    pub map: String,
+    pub entries: usize,
+    pub capacity: u32,
+}
+
+impl MapFill {
+    /// entries / capacity (a zero capacity reads as one).
+    pub fn ratio(&self) -> f64 {
+        self.entries as f64 / f64::from(self.capacity.max(1))
+    }
+}
+
 /// Kernel counters, summed over CPUs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+)]
 pub struct Counters {
     pub egress_allow: u64,
     pub egress_deny: u64,
@@ -179,11 +207,28 @@ impl ApplyError {
     }
 }
 
+/// The outcome of one self-check.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Health {
+    /// What does not match and could not be repaired (enforcement is not
+    /// what the agent says): readiness turns false.
+    pub problems: Vec<String>,
+    /// What was found wrong and repaired this time.
+    pub repaired: Vec<String>,
+}
+
+/// What the control loop needs of the kernel side.
 pub trait Datapath {
     /// Makes the kernel maps equal `desired`. A refused apply changed
     /// nothing in force; a partial one must be retried.
     fn apply(&mut self, desired: &Desired) -> Result<ApplyReport, ApplyError>;
     fn counters(&self) -> Result<Counters, DatapathError>;
+    /// How full each map is.
+    fn fill(&self) -> Vec<MapFill>;
+    /// Compares the kernel's state with the agent's and repairs what it can.
+    fn verify(&mut self) -> Health;
+    /// Repairs made so far, by kind.
+    fn repairs(&self) -> BTreeMap<String, u64>;
 }
 
 /// Entries to write and delete to go from `current` to `desired`.

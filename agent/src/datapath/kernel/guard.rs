@@ -17,7 +17,7 @@ use aya::{
 use palisade_common::{EnforcedKey, EnforcedValue, maps, programs, state};
 
 use super::{KernelDatapath, map_err, typed};
-use crate::datapath::{DatapathError, bpfsys};
+use crate::datapath::{DatapathError, Health, bpfsys};
 
 /// The programs that enforce, with their `bpf_attach_type`. They attach
 /// through BPF links (kernel ≥ 5.7), which always coexist with other programs
@@ -54,16 +54,6 @@ pub(super) struct HeldLink {
     pub id: u32,
 }
 
-/// The outcome of one self-check.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Health {
-    /// What does not match and could not be repaired (enforcement is not
-    /// what the agent says): readiness turns false.
-    pub problems: Vec<String>,
-    /// What was found wrong and repaired this time.
-    pub repaired: Vec<String>,
-}
-
 /// Self-checks between two full comparisons of the policy table.
 const POLICY_TABLE_EVERY: u64 = 15;
 
@@ -87,7 +77,7 @@ impl KernelDatapath {
     }
 
     /// Repairs done since start, by kind.
-    pub fn repairs(&self) -> &BTreeMap<&'static str, u64> {
+    pub fn repair_counts(&self) -> &BTreeMap<&'static str, u64> {
         &self.repairs
     }
 
@@ -218,7 +208,7 @@ impl KernelDatapath {
 
     /// Compares the kernel with what the agent holds and wrote; repairs
     /// what it can.
-    pub fn verify(&mut self) -> Health {
+    pub fn verify_state(&mut self) -> Health {
         let mut health = Health::default();
         self.checks += 1;
         match cgroup_id(&self.root) {

@@ -1,0 +1,195 @@
+//! Where the agent's facts come from: a [`Source`] turns the host (cgroups
+//! and workload rules from the config) or the Kubernetes API server (pods,
+//! namespaces, Services, nodes, policy objects) into the domain model
+//! ([`Inputs`]) the planner reads, and says when something changed.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    future::Future,
+    path::{Path, PathBuf},
+};
+
+use palisade_common::identity as reserved;
+
+use crate::{
+    config::Config,
+    discovery::{self, Classifier},
+    inventory::{Inputs, Nodes, Workload},
+    kubernetes::{Cluster, PodInfo},
+    policy::model::Policy,
+};
+
+/// One look at a source.
+#[derive(Debug)]
+pub enum Observed {
+    Ready(Inputs),
+    /// Not everything is listed yet (the API server's kinds named): the
+    /// kernel keeps what it has, because a partial view would drop or admit
+    /// traffic by omission.
+    Waiting(Vec<&'static str>),
+    /// The look failed (a cgroup scan); tried again on the next round.
+    Failed(String),
+}
+
+pub trait Source {
+    /// The workloads, peers, Services and nodes now.
+    fn observe(&mut self) -> Observed;
+    /// Changes whenever the source's own policy objects change (0: none).
+    fn policy_epoch(&self) -> u64 {
+        0
+    }
+    /// The source's own policies (cluster objects) and the problems of
+    /// those that were refused.
+    fn policies(&self) -> (Vec<Policy>, Vec<String>) {
+        (Vec::new(), Vec::new())
+    }
+    /// Resolves when something may have changed before the next tick (a
+    /// watch event); never for a source that can only be looked at.
+    fn changed(&self) -> impl Future<Output = ()> + Send;
+}
+
+/// The cgroup root's own cgroup, unmanaged (its processes are the node's).
+fn hold_root(root: &Path, held: &mut BTreeMap<u64, u32>) {
+    if let Ok(meta) = std::fs::metadata(root) {
+        held.insert(
+            std::os::unix::fs::MetadataExt::ino(&meta),
+            reserved::UNMANAGED,
+        );
+    }
+}
+
+/// A plain host: workloads are cgroups matched by the config's rules,
+/// Services and peers come from the config.
+pub struct HostSource {
+    pub root: PathBuf,
+    pub classifier: Classifier,
+    pub config: Config,
+}
+
+impl Source for HostSource {
+    fn observe(&mut self) -> Observed {
+        match observe_workloads(&self.root, &self.classifier) {
+            Ok((workloads, held)) => Observed::Ready(Inputs {
+                held,
+                services: crate::inventory::resolve_services(&self.config.services, &workloads),
+                nodes: Nodes {
+                    local: crate::inventory::interface_addresses(),
+                    remote: BTreeSet::new(),
+                },
+                workloads,
+                ..Inputs::default()
+            }),
+            Err(e) => Observed::Failed(format!("scanning {}: {e:#}", self.root.display())),
+        }
+    }
+
+    async fn changed(&self) {
+        std::future::pending().await
+    }
+}
+
+/// Finds the workloads below `root` and their addresses. A cgroup below a
+/// workload's is that workload (a process cannot leave its policy by making
+/// a child cgroup); any other cgroup below the root, and the root itself,
+/// is unmanaged (returned as held cgroups).
+fn observe_workloads(
+    root: &Path,
+    classifier: &Classifier,
+) -> anyhow::Result<(Vec<Workload>, BTreeMap<u64, u32>)> {
+    let cgroups = discovery::scan(root)?;
+    let mut held = BTreeMap::new();
+    hold_root(root, &mut held);
+    let mut workloads: Vec<Workload> = Vec::new();
+    // Sorted by path: an ancestor comes before its descendants.
+    for cg in &cgroups {
+        if let Some(mut w) = classifier.classify(cg) {
+            (w.own_netns, w.ips) = discovery::workload_network(&root.join(&w.cgroup_path));
+            workloads.push(w);
+            continue;
+        }
+        let ancestor = workloads
+            .iter()
+            .filter(|w| {
+                cg.rel_path
+                    .strip_prefix(w.cgroup_path.as_str())
+                    .is_some_and(|rest| rest.starts_with('/'))
+            })
+            .max_by_key(|w| w.cgroup_path.len())
+            .cloned();
+        match ancestor {
+            Some(mut w) => {
+                w.cgroup_id = cg.id;
+                w.cgroup_path = cg.rel_path.clone();
+                workloads.push(w);
+            }
+            None => {
+                held.insert(cg.id, reserved::UNMANAGED);
+            }
+        }
+    }
+    Ok((workloads, held))
+}
+
+/// A Kubernetes node: pods (this node's by cgroup, others' by address),
+/// namespaces, Services with their EndpointSlices, nodes and policy objects
+/// from the API server's watches.
+pub struct KubernetesSource {
+    pub cluster: Box<Cluster>,
+    pub node: String,
+    pub root: PathBuf,
+    pub config: Config,
+}
+
+impl Source for KubernetesSource {
+    fn observe(&mut self) -> Observed {
+        if !self.cluster.synced() {
+            return Observed::Waiting(self.cluster.waiting_for());
+        }
+        let cgroups = match discovery::scan(&self.root) {
+            Ok(c) => c,
+            Err(e) => return Observed::Failed(format!("scanning {}: {e:#}", self.root.display())),
+        };
+        let pods: Vec<PodInfo> = self
+            .cluster
+            .pods
+            .state()
+            .iter()
+            .filter_map(|p| crate::kubernetes::pod_info(p))
+            .collect();
+        let mut input = crate::kubernetes::inputs(
+            &self.node,
+            &pods,
+            &self.cluster.namespaces.state(),
+            &cgroups,
+            self.config.kubernetes.unknown_pods,
+        );
+        hold_root(&self.root, &mut input.held);
+        input.services = crate::kubernetes::services(
+            &self.cluster.services.state(),
+            &self.cluster.endpoint_slices.state(),
+        );
+        input.nodes = crate::kubernetes::nodes(&self.node, &self.cluster.nodes.state());
+        input
+            .nodes
+            .local
+            .extend(crate::inventory::interface_addresses());
+        // Pods on the host network use the node's addresses.
+        input.nodes.local.extend(
+            pods.iter()
+                .filter(|p| p.host_network && p.node.as_deref() == Some(self.node.as_str()))
+                .flat_map(|p| p.ips.iter().copied()),
+        );
+        Observed::Ready(input)
+    }
+
+    fn policy_epoch(&self) -> u64 {
+        self.cluster.policy_epoch()
+    }
+
+    fn policies(&self) -> (Vec<Policy>, Vec<String>) {
+        self.cluster.policies()
+    }
+
+    async fn changed(&self) {
+        self.cluster.changed.notified().await
+    }
+}
