@@ -362,7 +362,7 @@ pub async fn run_reader(
     snapshot: SharedSnapshot,
     mut sink: Sink,
     stats: Arc<AuditStats>,
-    events: tokio::sync::broadcast::Sender<Arc<serde_json::Value>>,
+    events: tokio::sync::broadcast::Sender<Arc<AuditRecord>>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let poll = Duration::from_millis(50);
@@ -384,10 +384,10 @@ pub async fn run_reader(
             while let Some(item) = ring.next() {
                 match decode(&item) {
                     Some(ev) => {
-                        let value = render(&ev, &snap, boot);
-                        lines.push(value.to_string());
+                        let rec = record(&ev, &snap, boot);
+                        lines.push(serde_json::to_string(&rec)?);
                         // Followers (`palisade audit --follow`); none is fine.
-                        let _ = events.send(Arc::new(value));
+                        let _ = events.send(Arc::new(rec));
                     }
                     None => {
                         stats.malformed.fetch_add(1, Ordering::Relaxed);

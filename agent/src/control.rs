@@ -14,8 +14,9 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::{
+    audit::AuditRecord,
     policy,
-    status::{Settled, SharedStatus},
+    status::{Settled, SharedStatus, StatusReport},
 };
 
 pub use crate::config::DEFAULT_CONTROL_SOCKET as DEFAULT_SOCKET;
@@ -60,19 +61,34 @@ pub struct PolicyFile {
     pub content: String,
 }
 
-/// One response line: `{"ok": …}` or `{"error": "…"}`.
+/// One response line: `{"ok": …}` or `{"error": "…"}`. `T` is what the
+/// request answers: [`StatusReport`] for `status`, the workload or policy
+/// list, [`PolicyChange`] for apply/delete, an [`AuditRecord`] per line of
+/// `audit-follow`.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Response {
-    Ok(serde_json::Value),
+pub enum Response<T> {
+    Ok(T),
     Error(String),
+}
+
+/// The answer to `policy-apply` and `policy-delete`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct PolicyChange {
+    /// The policy generation in force.
+    pub generation: u64,
+    /// Written, but the kernel did not enforce it within the timeout.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pending: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// What the server needs besides the status.
 #[derive(Clone)]
 pub struct Context {
     pub status: SharedStatus,
-    pub events: tokio::sync::broadcast::Sender<Arc<serde_json::Value>>,
+    pub events: tokio::sync::broadcast::Sender<Arc<AuditRecord>>,
     pub policy_dir: Option<PathBuf>,
     /// Tells the loop the policy directory was written.
     pub written: Option<tokio::sync::mpsc::Sender<PolicyWritten>>,
@@ -108,7 +124,9 @@ pub async fn serve(listener: tokio::net::UnixListener, cx: Context) {
             if !allowed {
                 let _ = send(
                     &mut write,
-                    &Response::Error("permission denied: the control socket is for root".into()),
+                    &Response::<()>::Error(
+                        "permission denied: the control socket is for root".into(),
+                    ),
                 )
                 .await;
                 return;
@@ -121,7 +139,11 @@ pub async fn serve(listener: tokio::net::UnixListener, cx: Context) {
             let request: Request = match serde_json::from_str(&line) {
                 Ok(r) => r,
                 Err(e) => {
-                    let _ = send(&mut write, &Response::Error(format!("bad request: {e}"))).await;
+                    let _ = send(
+                        &mut write,
+                        &Response::<()>::Error(format!("bad request: {e}")),
+                    )
+                    .await;
                     return;
                 }
             };
@@ -130,16 +152,18 @@ pub async fn serve(listener: tokio::net::UnixListener, cx: Context) {
     }
 }
 
-async fn send(w: &mut tokio::net::unix::OwnedWriteHalf, r: &Response) -> std::io::Result<()> {
+async fn send<T: Serialize>(
+    w: &mut tokio::net::unix::OwnedWriteHalf,
+    r: &Response<T>,
+) -> std::io::Result<()> {
     let mut line = serde_json::to_string(r).unwrap_or_else(|_| "{\"error\":\"encoding\"}".into());
     line.push('\n');
     w.write_all(line.as_bytes()).await
 }
 
-fn status_json(cx: &Context) -> serde_json::Value {
-    // One snapshot: the counters and the delivered count were read together.
-    let s = cx.status.lock().map(|s| s.clone()).unwrap_or_default();
-    serde_json::to_value(&s).unwrap_or_default()
+/// One copy of the report: the counters and the delivered count were read together.
+fn report(cx: &Context) -> StatusReport {
+    cx.status.lock().map(|s| s.clone()).unwrap_or_default()
 }
 
 async fn handle(
@@ -148,11 +172,9 @@ async fn handle(
     w: &mut tokio::net::unix::OwnedWriteHalf,
 ) -> std::io::Result<()> {
     match request {
-        Request::Status => send(w, &Response::Ok(status_json(cx))).await,
-        Request::Workloads => {
-            send(w, &Response::Ok(status_json(cx)["workload_list"].clone())).await
-        }
-        Request::PolicyList => send(w, &Response::Ok(status_json(cx)["policy_list"].clone())).await,
+        Request::Status => send(w, &Response::Ok(report(cx))).await,
+        Request::Workloads => send(w, &Response::Ok(report(cx).workload_list)).await,
+        Request::PolicyList => send(w, &Response::Ok(report(cx).policy_list)).await,
         Request::PolicyApply { files, timeout_ms } => {
             let r = apply(cx, files, bounded(timeout_ms)).await;
             send(w, &r).await
@@ -168,9 +190,10 @@ async fn handle(
                     Ok(ev) => {
                         let matches_workload = workload
                             .as_ref()
-                            .is_none_or(|wl| ev["from"] == wl.as_str() || ev["to"] == wl.as_str());
-                        let matches_verdict =
-                            verdict.as_ref().is_none_or(|v| ev["verdict"] == v.as_str());
+                            .is_none_or(|wl| ev.from == *wl || ev.to == *wl);
+                        let matches_verdict = verdict.as_ref().is_none_or(|v| {
+                            serde_json::to_value(ev.verdict).is_ok_and(|e| e == v.as_str())
+                        });
                         if matches_workload && matches_verdict {
                             send(w, &Response::Ok((*ev).clone())).await?;
                         }
@@ -178,7 +201,9 @@ async fn handle(
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         send(
                             w,
-                            &Response::Error(format!("follower too slow: {n} events skipped")),
+                            &Response::<()>::Error(format!(
+                                "follower too slow: {n} events skipped"
+                            )),
                         )
                         .await?;
                     }
@@ -237,12 +262,23 @@ async fn settle(cx: &Context, before: u64, timeout: Duration) -> Settled {
     }
 }
 
-fn pending(generation: u64, timeout: Duration) -> Response {
-    Response::Ok(serde_json::json!({
-        "pending": true,
-        "generation": generation,
-        "note": format!("written, but the kernel did not enforce it within {} s (the agent may be waiting for the API server, or busy); `palisade status` shows when it does", timeout.as_secs_f64()),
-    }))
+fn pending(generation: u64, timeout: Duration) -> Response<PolicyChange> {
+    Response::Ok(PolicyChange {
+        generation,
+        pending: true,
+        note: Some(format!(
+            "written, but the kernel did not enforce it within {} s (the agent may be waiting for the API server, or busy); `palisade status` shows when it does",
+            timeout.as_secs_f64()
+        )),
+    })
+}
+
+fn applied(generation: u64) -> Response<PolicyChange> {
+    Response::Ok(PolicyChange {
+        generation,
+        pending: false,
+        note: None,
+    })
 }
 
 /// Puts files back as they were (content, or absent).
@@ -257,7 +293,7 @@ fn restore(previous: &[(PathBuf, Option<Vec<u8>>)]) {
 
 /// Validates the directory with the new files in place, all or nothing, then
 /// writes them (temp file + rename each) for the watcher to apply.
-async fn apply(cx: &Context, files: Vec<PolicyFile>, timeout: Duration) -> Response {
+async fn apply(cx: &Context, files: Vec<PolicyFile>, timeout: Duration) -> Response<PolicyChange> {
     let Some(dir) = cx.policy_dir.clone().filter(|d| d.is_dir()) else {
         return Response::Error(
             "the agent has no policy directory (policyDir) to apply into".into(),
@@ -320,7 +356,7 @@ async fn apply(cx: &Context, files: Vec<PolicyFile>, timeout: Duration) -> Respo
         }
     }
     match settle(cx, before, timeout).await {
-        Settled::Applied(generation) => Response::Ok(serde_json::json!({"generation": generation})),
+        Settled::Applied(generation) => applied(generation),
         Settled::Refused(why) => {
             // A refused push leaves nothing behind: a restart would
             // otherwise meet the same refusal.
@@ -335,7 +371,7 @@ async fn apply(cx: &Context, files: Vec<PolicyFile>, timeout: Duration) -> Respo
 }
 
 /// Removes the file that holds policy `name` (`namespace/name`).
-async fn delete(cx: &Context, name: &str, timeout: Duration) -> Response {
+async fn delete(cx: &Context, name: &str, timeout: Duration) -> Response<PolicyChange> {
     let Some(dir) = cx.policy_dir.clone() else {
         return Response::Error("the agent has no policy directory (policyDir)".into());
     };
@@ -376,7 +412,7 @@ async fn delete(cx: &Context, name: &str, timeout: Duration) -> Response {
         previous.push((none, None));
     }
     match settle(cx, before, timeout).await {
-        Settled::Applied(generation) => Response::Ok(serde_json::json!({"generation": generation})),
+        Settled::Applied(generation) => applied(generation),
         Settled::Refused(why) => {
             restore(&previous);
             Response::Error(format!(
@@ -392,11 +428,12 @@ async fn delete(cx: &Context, name: &str, timeout: Duration) -> Response {
 pub const NONE_FILE: &str = "no-policies.yaml";
 const NONE_CONTENT: &str = "# No policies: the last one was removed with `palisade policy delete`.\n# An empty policy directory is read as a vanished source (the agent keeps\n# the policy it had); this file says \"no policies\" on purpose.\n";
 
-/// Client side: sends `request`, calls `each` with every response line.
-pub fn call(
+/// Client side: sends `request`, calls `each` with every response line
+/// read as `T` (what the request answers).
+pub fn call<T: serde::de::DeserializeOwned>(
     socket: &Path,
     request: &Request,
-    mut each: impl FnMut(Response) -> anyhow::Result<()>,
+    mut each: impl FnMut(Response<T>) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     use anyhow::Context as _;
     let mut stream = std::os::unix::net::UnixStream::connect(socket).with_context(|| {
@@ -440,7 +477,7 @@ mod tests {
             let _ = BufReader::new(&stream).read_line(&mut line);
         });
         let mut calls = 0;
-        let e = call(&path, &Request::Status, |_| {
+        let e = call(&path, &Request::Status, |_: Response<StatusReport>| {
             calls += 1;
             Ok(())
         })

@@ -3,7 +3,7 @@
 //! their network namespaces. Reads /proc and the cgroup tree; writes nothing.
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::IpAddr,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
 };
@@ -29,45 +29,40 @@ pub enum DiscoveryError {
 /// The cgroup2 mount point (pure v2 at /sys/fs/cgroup, or hybrid at
 /// /sys/fs/cgroup/unified), from /proc/self/mountinfo.
 pub fn cgroup2_mount() -> Result<PathBuf, DiscoveryError> {
-    let text =
-        std::fs::read_to_string("/proc/self/mountinfo").map_err(|source| DiscoveryError::Io {
-            path: "/proc/self/mountinfo".into(),
-            source,
-        })?;
-    parse_cgroup2_mount(&text).ok_or(DiscoveryError::NoCgroup2)
+    cgroup2_mounts()?
+        .into_iter()
+        .next()
+        .ok_or(DiscoveryError::NoCgroup2)
 }
 
 /// Every cgroup2 mount point, in mount order. In a container there may be
 /// two: the container's own view at /sys/fs/cgroup and the host's tree
 /// mounted in from the node (the DaemonSet mounts it at /host/sys/fs/cgroup).
 pub fn cgroup2_mounts() -> Result<Vec<PathBuf>, DiscoveryError> {
-    let text =
-        std::fs::read_to_string("/proc/self/mountinfo").map_err(|source| DiscoveryError::Io {
-            path: "/proc/self/mountinfo".into(),
-            source,
-        })?;
-    let mounts = parse_cgroup2_mounts(&text);
+    let mounts = mounts_of_type("cgroup2")?;
     if mounts.is_empty() {
         return Err(DiscoveryError::NoCgroup2);
     }
     Ok(mounts)
 }
 
-fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
-    parse_cgroup2_mounts(mountinfo).into_iter().next()
+/// Mount points of filesystems of `fstype` in this process's mount
+/// namespace, in mount order (procfs reads /proc/self/mountinfo).
+pub fn mounts_of_type(fstype: &str) -> Result<Vec<PathBuf>, DiscoveryError> {
+    let infos = procfs::process::Process::myself()
+        .and_then(|p| p.mountinfo())
+        .map_err(|e| DiscoveryError::Io {
+            path: "/proc/self/mountinfo".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+    Ok(of_type(infos, fstype))
 }
 
-fn parse_cgroup2_mounts(mountinfo: &str) -> Vec<PathBuf> {
-    mountinfo
-        .lines()
-        .filter_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            let fstype = right.split_whitespace().next()?;
-            if fstype != "cgroup2" {
-                return None;
-            }
-            left.split_whitespace().nth(4).map(PathBuf::from)
-        })
+fn of_type(infos: procfs::process::MountInfos, fstype: &str) -> Vec<PathBuf> {
+    infos
+        .into_iter()
+        .filter(|m| m.fs_type == fstype)
+        .map(|m| m.mount_point)
         .collect()
 }
 
@@ -237,52 +232,10 @@ pub fn workload_network(cgroup_dir: &Path) -> (bool, Vec<IpAddr>) {
     if theirs.is_none() || theirs == netns("/proc/self/ns/net") {
         return (false, Vec::new());
     }
-    let mut ips = Vec::new();
-    if let Ok(fib) = std::fs::read_to_string(format!("/proc/{pid}/net/fib_trie")) {
-        ips.extend(parse_fib_trie_locals(&fib).into_iter().map(IpAddr::V4));
-    }
-    if let Ok(if6) = std::fs::read_to_string(format!("/proc/{pid}/net/if_inet6")) {
-        ips.extend(parse_if_inet6_globals(&if6).into_iter().map(IpAddr::V6));
-    }
-    ips.sort();
-    ips.dedup();
+    // A process that exits meanwhile leaves no addresses this round.
+    let ips = crate::netlink::workload_addresses(Path::new(&format!("/proc/{pid}/ns/net")))
+        .unwrap_or_default();
     (true, ips)
-}
-
-/// Local (`/32 host LOCAL`) IPv4 addresses from /proc/net/fib_trie, without loopback.
-fn parse_fib_trie_locals(text: &str) -> Vec<Ipv4Addr> {
-    let mut out = Vec::new();
-    let mut last: Option<Ipv4Addr> = None;
-    for line in text.lines() {
-        let t = line.trim_start_matches([' ', '|', '+', '-', '`']).trim();
-        if let Ok(ip) = t.parse::<Ipv4Addr>() {
-            last = Some(ip);
-        } else if t.starts_with("/32 host LOCAL")
-            && let Some(ip) = last
-            && !ip.is_loopback()
-        {
-            out.push(ip);
-        }
-    }
-    out.sort();
-    out.dedup();
-    out
-}
-
-/// Global-scope IPv6 addresses from /proc/net/if_inet6.
-fn parse_if_inet6_globals(text: &str) -> Vec<Ipv6Addr> {
-    text.lines()
-        .filter_map(|line| {
-            let mut f = line.split_whitespace();
-            let hex = f.next()?;
-            let scope = f.nth(2)?;
-            if scope != "00" || hex.len() != 32 {
-                return None;
-            }
-            let v = u128::from_str_radix(hex, 16).ok()?;
-            Some(Ipv6Addr::from(v))
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -310,6 +263,12 @@ mod tests {
         assert_eq!(found.id, std::fs::metadata(&own).unwrap().ino());
         std::fs::write(own.join("cgroup.procs"), "5\n").unwrap();
         assert_eq!(own_cgroup(&root, tmp.path()), None, "not under the root");
+    }
+
+    fn parse_cgroup2_mount(text: &str) -> Option<PathBuf> {
+        let infos: procfs::process::MountInfos =
+            procfs::FromBufRead::from_buf_read(text.as_bytes()).unwrap();
+        of_type(infos, "cgroup2").into_iter().next()
     }
 
     #[test]
@@ -350,23 +309,5 @@ mod tests {
         assert_eq!(deep.captures("kubepods/a/b/pod1").unwrap()["pod"], "pod1");
         assert!(PathPattern::new("{ns").is_err());
         assert!(PathPattern::new("/abs").is_err());
-    }
-
-    #[test]
-    fn reads_local_addresses_from_proc() {
-        let fib = "Main:\n  +-- 0.0.0.0/0 3 0 5\n     |-- 10.77.0.2\n        /32 link UNICAST\n     \
-                   +-- 10.77.0.0/24 2 0 2\n        |-- 10.77.0.12\n           /32 host LOCAL\n\
-                   Local:\n  +-- 127.0.0.0/8\n     |-- 127.0.0.1\n        /32 host LOCAL\n";
-        assert_eq!(
-            parse_fib_trie_locals(fib),
-            vec![Ipv4Addr::new(10, 77, 0, 12)]
-        );
-        let if6 = "fd770000000000000000000000000012 02 40 00 80     eth0\n\
-                   fe80000000000000a8c1abfffe000001 02 40 20 80     eth0\n\
-                   00000000000000000000000000000001 01 80 10 80       lo\n";
-        assert_eq!(
-            parse_if_inet6_globals(if6),
-            vec!["fd77::12".parse::<Ipv6Addr>().unwrap()]
-        );
     }
 }

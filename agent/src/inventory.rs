@@ -246,46 +246,6 @@ pub fn resolve_services(configs: &[ServiceConfig], workloads: &[Workload]) -> Ve
         .collect()
 }
 
-/// The addresses of the interfaces in the agent's network namespace (the
-/// node's, as the agent runs in it), loopback excluded.
-pub fn interface_addresses() -> BTreeSet<IpAddr> {
-    let mut out = BTreeSet::new();
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `head` with a list we free below.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return out;
-    }
-    let mut cur = head;
-    while !cur.is_null() {
-        // SAFETY: `cur` is a node of the list getifaddrs returned.
-        let ifa = unsafe { &*cur };
-        if !ifa.ifa_addr.is_null() {
-            // SAFETY: ifa_addr points to a sockaddr of the family it names.
-            let family = i32::from(unsafe { (*ifa.ifa_addr).sa_family });
-            let ip = if family == libc::AF_INET {
-                // SAFETY: AF_INET ⇒ sockaddr_in.
-                let sin = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in>() };
-                Some(IpAddr::from(
-                    u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
-                ))
-            } else if family == libc::AF_INET6 {
-                // SAFETY: AF_INET6 ⇒ sockaddr_in6.
-                let sin6 = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in6>() };
-                Some(IpAddr::from(sin6.sin6_addr.s6_addr))
-            } else {
-                None
-            };
-            if let Some(ip) = ip.filter(|ip| !ip.is_loopback()) {
-                out.insert(ip);
-            }
-        }
-        cur = ifa.ifa_next;
-    }
-    // SAFETY: `head` came from getifaddrs.
-    unsafe { libc::freeifaddrs(head) };
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

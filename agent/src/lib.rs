@@ -11,6 +11,7 @@ pub mod http;
 pub mod identity;
 pub mod inventory;
 pub mod kubernetes;
+pub mod netlink;
 pub mod offline;
 pub mod policy;
 pub mod reconcile;
@@ -125,7 +126,8 @@ mod module_graph {
 
     #[test]
     fn references_are_read_from_paths_and_use_groups() {
-        let text = "use crate::{audit::{self, X}, config::Config, self};\nlet x = crate::status::Y;";
+        let text =
+            "use crate::{audit::{self, X}, config::Config, self};\nlet x = crate::status::Y;";
         let got: Vec<String> = references(text).into_iter().collect();
         assert_eq!(got, ["audit", "config", "status"]);
     }

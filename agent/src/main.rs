@@ -214,12 +214,12 @@ fn main() -> anyhow::Result<()> {
         Command::Status { json } => {
             let mut ready = false;
             palisade::control::call(&cli.socket, &Request::Status, |r| {
-                let v = ok(r)?;
-                ready = v["ready"] == true;
+                let s: StatusReport = ok(r)?;
+                ready = s.ready;
                 if json {
-                    println!("{}", serde_json::to_string_pretty(&v)?);
+                    println!("{}", serde_json::to_string_pretty(&s)?);
                 } else {
-                    print_status(&v);
+                    print_status(&s);
                 }
                 Ok(())
             })?;
@@ -230,29 +230,20 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Workloads { json } => {
             palisade::control::call(&cli.socket, &Request::Workloads, |r| {
-                let v = ok(r)?;
+                let list: Vec<WorkloadStatus> = ok(r)?;
                 if json {
-                    println!("{}", serde_json::to_string_pretty(&v)?);
+                    println!("{}", serde_json::to_string_pretty(&list)?);
                 } else {
-                    println!(
-                        "{:<40} {:>9}  {:<30} CGROUP",
-                        "WORKLOAD", "IDENTITY", "ADDRESSES"
-                    );
-                    for w in v.as_array().into_iter().flatten() {
-                        let addrs: Vec<String> = w["addresses"]
-                            .as_array()
-                            .into_iter()
-                            .flatten()
-                            .filter_map(|a| a.as_str().map(str::to_owned))
-                            .collect();
-                        println!(
-                            "{:<40} {:>9}  {:<30} {}",
-                            esc(&w["name"]),
-                            w["identity"],
-                            addrs.join(","),
-                            esc(&w["cgroup"])
-                        );
+                    let mut t = table(["WORKLOAD", "IDENTITY", "ADDRESSES", "CGROUP"]);
+                    for w in &list {
+                        t.add_row([
+                            esc(&w.name),
+                            w.identity.to_string(),
+                            w.addresses.join(","),
+                            esc(&w.cgroup),
+                        ]);
                     }
+                    println!("{t}");
                 }
                 Ok(())
             })
@@ -265,22 +256,22 @@ fn main() -> anyhow::Result<()> {
         } => palisade::control::call(
             &cli.socket,
             &Request::AuditFollow { workload, verdict },
-            |r| {
+            |r: Response<AuditRecord>| {
                 match r {
-                    Response::Ok(e) if json => println!("{e}"),
+                    Response::Ok(e) if json => println!("{}", serde_json::to_string(&e)?),
                     Response::Ok(e) => println!(
                         "{} {:<10} {:<7} {} → {} {}/{}  {} {}",
-                        esc(&e["time"]),
-                        esc(&e["verdict"]),
-                        esc(&e["direction"]),
-                        esc(&e["from"]),
-                        esc(&e["to"]),
-                        esc(&e["protocol"]),
-                        e["port"],
-                        e["policy"]
-                            .as_str()
+                        esc(&e.time),
+                        word(&e.verdict),
+                        word(&e.direction),
+                        esc(&e.from),
+                        esc(&e.to),
+                        esc(&e.protocol),
+                        e.port,
+                        e.policy
+                            .as_deref()
                             .map_or("-".into(), palisade::text::escape),
-                        esc(&e["rule"])
+                        e.rule.as_deref().map_or("".into(), palisade::text::escape)
                     ),
                     Response::Error(m) => eprintln!("warning: {m}"),
                 }
@@ -328,10 +319,10 @@ fn main() -> anyhow::Result<()> {
                 timeout_ms: timeout.as_millis() as u64,
             };
             palisade::control::call(&cli.socket, &request, |r| {
-                let v = settled(r)?;
+                let change = settled(r)?;
                 println!(
                     "applied {count} file(s); the kernel enforces them (policy generation {})",
-                    v["generation"]
+                    change.generation
                 );
                 Ok(())
             })
@@ -339,20 +330,19 @@ fn main() -> anyhow::Result<()> {
         Command::Policy {
             command: PolicyCommand::List { json },
         } => palisade::control::call(&cli.socket, &Request::PolicyList, |r| {
-            let v = ok(r)?;
+            let list: Vec<PolicyStatus> = ok(r)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
-                println!("{:<40} {:<22} SOURCE", "POLICY", "KIND");
-                for p in v.as_array().into_iter().flatten() {
-                    println!(
-                        "{:<40} {:<22} {}:{}",
-                        esc(&p["name"]),
-                        esc(&p["kind"]),
-                        esc(&p["file"]),
-                        p["line"]
-                    );
+                let mut t = table(["POLICY", "KIND", "SOURCE"]);
+                for p in &list {
+                    t.add_row([
+                        esc(&p.name),
+                        esc(&p.kind),
+                        format!("{}:{}", esc(&p.file), p.line),
+                    ]);
                 }
+                println!("{t}");
             }
             Ok(())
         }),
@@ -365,10 +355,10 @@ fn main() -> anyhow::Result<()> {
                 timeout_ms: timeout.as_millis() as u64,
             },
             |r| {
-                let v = settled(r)?;
+                let change = settled(r)?;
                 println!(
                     "deleted {name}; the kernel no longer enforces it (policy generation {})",
-                    v["generation"]
+                    change.generation
                 );
                 Ok(())
             },
@@ -473,7 +463,11 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-use palisade::control::{Request, Response};
+use palisade::{
+    audit::AuditRecord,
+    control::{PolicyChange, Request, Response},
+    status::{PolicyStatus, StatusReport, WorkloadStatus},
+};
 
 /// The value of an `ok` response; an `error` response ends the command with exit 1.
 /// The kernel's host name (what kubelet names the node by default).
@@ -484,7 +478,7 @@ fn hostname() -> anyhow::Result<String> {
     Ok(name.to_owned())
 }
 
-fn ok(r: Response) -> anyhow::Result<serde_json::Value> {
+fn ok<T>(r: Response<T>) -> anyhow::Result<T> {
     match r {
         Response::Ok(v) => Ok(v),
         Response::Error(m) => {
@@ -495,13 +489,13 @@ fn ok(r: Response) -> anyhow::Result<serde_json::Value> {
 }
 
 /// An apply/delete reply: exits 1 when refused, 3 when still pending.
-fn settled(r: Response) -> anyhow::Result<serde_json::Value> {
-    let v = ok(r)?;
-    if v["pending"] == true {
-        eprintln!("still pending: {}", v["note"].as_str().unwrap_or(""));
+fn settled(r: Response<PolicyChange>) -> anyhow::Result<PolicyChange> {
+    let change = ok(r)?;
+    if change.pending {
+        eprintln!("still pending: {}", change.note.as_deref().unwrap_or(""));
         std::process::exit(3);
     }
-    Ok(v)
+    Ok(change)
 }
 
 /// `30s`, `500ms`, `2m` or plain seconds.
@@ -520,113 +514,111 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     }
 }
 
-/// A string field of a reply, escaped for the terminal (see `palisade::text`).
-fn esc(v: &serde_json::Value) -> String {
-    palisade::text::escape(v.as_str().unwrap_or("")).into_owned()
+/// A string of a reply, escaped for the terminal (see `palisade::text`).
+fn esc(s: &str) -> String {
+    palisade::text::escape(s).into_owned()
 }
 
-fn print_status(v: &serde_json::Value) {
-    let n = |k: &str| v[k].as_u64().unwrap_or(0);
+/// A unit enum as its wire name (`would-deny`, `egress`).
+fn word<T: serde::Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => "?".into(),
+    }
+}
+
+/// A borderless table with a header row (no colours: output is often piped).
+fn table<const N: usize>(header: [&str; N]) -> comfy_table::Table {
+    let mut t = comfy_table::Table::new();
+    t.load_preset(comfy_table::presets::NOTHING)
+        .set_content_arrangement(comfy_table::ContentArrangement::Disabled)
+        .set_header(header);
+    t
+}
+
+fn print_status(s: &StatusReport) {
     println!(
         "palisade {}  {}",
-        v["version"].as_str().unwrap_or("?"),
-        if v["ready"] == true {
-            "ready"
-        } else {
-            "NOT READY"
-        }
+        s.version,
+        if s.ready { "ready" } else { "NOT READY" }
     );
     println!(
         "workloads {}   identities {}   policies {}   policy generation {}   apply errors {}",
-        n("workloads"),
-        n("identities"),
-        n("policies"),
-        n("generation"),
-        n("apply_errors")
+        s.workloads, s.identities, s.policies, s.generation, s.apply_errors
     );
-    if v["ready"] != true {
-        for why in v["enforcement_problems"].as_array().into_iter().flatten() {
-            println!("  ! {}", esc(why));
-        }
-        if let Some(b) = v["behind"].as_str().filter(|_| v["applied"] == true) {
-            println!("  ! {}", palisade::text::escape(b));
-        }
-        if v["applied"] != true {
-            println!("  ! nothing applied yet");
+    if !s.ready {
+        for why in s.not_ready_because() {
+            println!("  ! {}", palisade::text::escape(&why));
         }
     }
-    if let Some(p) = v["policy_source_problem"].as_str() {
+    if let Some(p) = &s.policy_source_problem {
         println!(
             "  ! {}: the last good policy stays in force",
             palisade::text::escape(p)
         );
     }
-    if let Some(r) = v["repairs"].as_object().filter(|r| !r.is_empty()) {
-        let list: Vec<String> = r.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    if !s.repairs.is_empty() {
+        let list: Vec<String> = s.repairs.iter().map(|(k, n)| format!("{k} {n}")).collect();
         println!("self-check repairs  {}", list.join("   "));
     }
-    if let Some(e) = v["last_error"].as_str() {
+    if let Some(e) = &s.last_error {
         let lines: Vec<String> = e
             .lines()
             .map(|l| palisade::text::escape(l).into_owned())
             .collect();
         println!("last refused change:\n  {}", lines.join("\n  "));
     }
-    let c = &v["counters"];
+    let c = &s.counters;
     println!(
         "verdicts  egress allow {} deny {} would-deny {}   ingress allow {} deny {} would-deny {}",
-        c["egress_allow"],
-        c["egress_deny"],
-        c["egress_would_deny"],
-        c["ingress_allow"],
-        c["ingress_deny"],
-        c["ingress_would_deny"]
+        c.egress_allow,
+        c.egress_deny,
+        c.egress_would_deny,
+        c.ingress_allow,
+        c.ingress_deny,
+        c.ingress_would_deny
     );
     println!(
         "audit     emitted {}   delivered {}   lost {}",
-        c["events_emitted"], v["events_delivered"], c["events_lost"]
+        c.events_emitted, s.events_delivered, c.events_lost
     );
-    println!("maps");
-    for m in v["maps"].as_array().into_iter().flatten() {
-        let (entries, cap) = (
-            m[1].as_u64().unwrap_or(0),
-            m[2].as_u64().unwrap_or(1).max(1),
-        );
-        println!(
-            "  {:<18} {:>8} / {:<8} {:>5.1}%",
-            m[0].as_str().unwrap_or(""),
-            entries,
-            cap,
-            entries as f64 * 100.0 / cap as f64
-        );
+    let mut maps = table(["MAP", "ENTRIES", "CAPACITY", "FILL"]);
+    for m in &s.maps {
+        maps.add_row([
+            m.map.clone(),
+            m.entries.to_string(),
+            m.capacity.to_string(),
+            format!("{:.1}%", m.ratio() * 100.0),
+        ]);
     }
+    println!("{maps}");
     println!(
         "dropped   forged source {}   source routed {}   unparseable {}   packet sockets refused {}",
-        c["forged_source"], c["source_routed"], c["unparseable"], c["packet_sockets_refused"]
+        c.forged_source, c.source_routed, c.unparseable, c.packet_sockets_refused
     );
-    let p = &v["posture"];
-    let on = |k: &str| if p[k] == true { "on" } else { "OFF" };
+    let p = &s.posture;
+    let on = |b: bool| if b { "on" } else { "OFF" };
     println!(
         "protections  socket hooks {}   packet egress {}   packet sockets refused {}",
-        on("socket_hooks"),
-        on("packet_egress"),
-        on("packet_sockets_refused")
+        on(p.socket_hooks),
+        on(p.packet_egress),
+        on(p.packet_sockets_refused)
     );
-    for gap in p["gaps"].as_array().into_iter().flatten() {
-        println!("  ! {}", gap.as_str().unwrap_or(""));
+    for gap in &p.gaps {
+        println!("  ! {gap}");
     }
-    for f in v["foreign_sockets"].as_array().into_iter().flatten() {
+    for f in &s.foreign_sockets {
         println!(
             "  ! {} (pid {}) uses a {} socket created outside the cgroup root (cgroup id {}): not judged",
-            esc(&f["workload"]),
-            f["pid"],
-            esc(&f["protocol"]),
-            f["cgroup_id"]
+            esc(&f.workload),
+            f.pid,
+            esc(&f.protocol),
+            f.cgroup_id
         );
     }
     println!("attached");
-    for a in v["attach_points"].as_array().into_iter().flatten() {
-        println!("  {}", a.as_str().unwrap_or(""));
+    for a in &s.attach_points {
+        println!("  {a}");
     }
 }
 

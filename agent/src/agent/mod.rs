@@ -587,7 +587,7 @@ struct Servers {
 async fn start_servers(
     config: &Config,
     status: &SharedStatus,
-    events: &tokio::sync::broadcast::Sender<Arc<serde_json::Value>>,
+    events: &tokio::sync::broadcast::Sender<Arc<audit::AuditRecord>>,
     written: tokio::sync::mpsc::Sender<crate::control::PolicyWritten>,
 ) -> anyhow::Result<Servers> {
     let control = match &config.control_socket {
@@ -649,7 +649,7 @@ struct Reader {
     )>,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     stop: tokio::sync::watch::Sender<bool>,
-    events: tokio::sync::broadcast::Sender<Arc<serde_json::Value>>,
+    events: tokio::sync::broadcast::Sender<Arc<audit::AuditRecord>>,
 }
 
 impl Reader {

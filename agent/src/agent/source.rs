@@ -72,7 +72,7 @@ impl Source for HostSource {
                 held,
                 services: crate::inventory::resolve_services(&self.config.services, &workloads),
                 nodes: Nodes {
-                    local: crate::inventory::interface_addresses(),
+                    local: crate::netlink::node_addresses(),
                     remote: BTreeSet::new(),
                 },
                 workloads,
@@ -168,10 +168,7 @@ impl Source for KubernetesSource {
             &self.cluster.endpoint_slices.state(),
         );
         input.nodes = crate::kubernetes::nodes(&self.node, &self.cluster.nodes.state());
-        input
-            .nodes
-            .local
-            .extend(crate::inventory::interface_addresses());
+        input.nodes.local.extend(crate::netlink::node_addresses());
         // Pods on the host network use the node's addresses.
         input.nodes.local.extend(
             pods.iter()

@@ -398,13 +398,10 @@ pub fn probe_kernel() -> Result<(), DatapathError> {
 
 /// Mounts bpffs at /sys/fs/bpf when nothing is mounted there.
 pub fn ensure_bpffs() -> Result<(), DatapathError> {
-    let mounted = std::fs::read_to_string("/proc/self/mountinfo")
+    let mounted = crate::discovery::mounts_of_type("bpf")
         .unwrap_or_default()
-        .lines()
-        .any(|l| {
-            l.split(" - ").nth(1).is_some_and(|r| r.starts_with("bpf "))
-                && l.split_whitespace().nth(4) == Some("/sys/fs/bpf")
-        });
+        .iter()
+        .any(|m| m == Path::new("/sys/fs/bpf"));
     if mounted {
         return Ok(());
     }
