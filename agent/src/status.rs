@@ -27,6 +27,8 @@ pub struct StatusReport {
     pub counters: crate::datapath::Counters,
     /// How full each kernel map is.
     pub maps: Vec<crate::datapath::MapFill>,
+    /// What was adopted from the pin directory at start, and what replaced.
+    pub adoption: crate::datapath::Adoption,
     /// Which protections are active on this node.
     pub posture: crate::datapath::kernel::Posture,
     /// Sockets workloads use that were created outside the root (not judged).

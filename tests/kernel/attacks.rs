@@ -253,10 +253,7 @@ fn a_new_or_child_cgroup_is_never_more_open_than_its_workload() {
     let child = world.cgroup_root.join("prod/client/sub");
     std::fs::create_dir_all(&child).unwrap();
     agent
-        .wait_for_log(
-            &["workload enforced", "prod/client/sub"],
-            Duration::from_secs(5),
-        )
+        .wait_workload("prod/client/sub", None, Duration::from_secs(5))
         .unwrap();
     assert_eq!(
         world
@@ -306,7 +303,7 @@ fn a_new_or_child_cgroup_is_never_more_open_than_its_workload() {
     );
     agent.spawn().unwrap();
     agent
-        .wait_for_log(&["workload enforced", "fresh-c"], Duration::from_secs(10))
+        .wait_workload("fresh-c", None, Duration::from_secs(10))
         .unwrap();
 
     // The crafted name reaches neither the CLI nor the log raw.
@@ -348,14 +345,19 @@ fn a_socket_created_outside_the_root_and_used_by_a_workload_is_reported() {
             &["foreign-socket", procs.to_str().unwrap()],
         )
         .unwrap();
+    let status = agent
+        .wait_state("a foreign socket", Duration::from_secs(10), |s| {
+            s["foreign_sockets"]
+                .as_array()
+                .is_some_and(|f| !f.is_empty())
+        })
+        .unwrap();
     agent
         .wait_for_log(
             &["socket created outside the cgroup root", "prod/client"],
-            Duration::from_secs(10),
+            Duration::from_secs(2),
         )
-        .unwrap();
-    let (_, json, _) = cli(&agent, &["status", "--json"]);
-    let status: Value = serde_json::from_str(&json).unwrap();
+        .expect("each new foreign socket is logged");
     let found = status["foreign_sockets"].as_array().unwrap();
     let protocols: std::collections::BTreeSet<&str> = found
         .iter()

@@ -171,13 +171,10 @@ fn a_swapped_policy_map_pin_is_not_adopted_by_a_restarted_agent() {
     std::fs::remove_file(pins.join("PAL_POLICY_V1")).unwrap();
     s.agent.spawn().unwrap();
     s.agent
-        .wait_for_log(
-            &[
-                "replacing the pinned link of palisade_ingress",
-                "reads another PAL_POLICY_V1",
-            ],
-            Duration::from_secs(10),
-        )
+        .wait_state("the link replaced", Duration::from_secs(10), |v| {
+            super::replaced(v, "link:palisade_ingress")
+                .is_some_and(|why| why.contains("reads another PAL_POLICY_V1"))
+        })
         .expect("the mismatch is found and the link replaced");
     wait_denied_again(&s, Duration::from_secs(10));
     // A change after the restart is enforced (it would go into a map the
@@ -250,13 +247,10 @@ fn a_recreated_cgroup_root_is_enforced_again_running_or_restarted() {
     );
     s.agent.spawn().unwrap();
     s.agent
-        .wait_for_log(
-            &[
-                "replacing the pinned link of palisade_ingress",
-                "not to the root",
-            ],
-            Duration::from_secs(10),
-        )
+        .wait_state("the link replaced", Duration::from_secs(10), |v| {
+            super::replaced(v, "link:palisade_ingress")
+                .is_some_and(|why| why.contains("not to the root"))
+        })
         .expect("dead links are replaced, not adopted");
     wait_denied_again(&s, Duration::from_secs(10));
     assert!(s.agent.stop().unwrap());
@@ -341,13 +335,14 @@ fn a_vanished_or_emptied_policy_directory_keeps_the_last_good_policy() {
     // not ready, until policy files are back.
     s.agent.kill();
     s.agent.spawn().unwrap();
-    s.agent
-        .wait_for_log(
-            &["has no policy files, but the pinned state enforces"],
-            Duration::from_secs(10),
-        )
+    let status = s
+        .agent
+        .wait_state("the policy source problem", Duration::from_secs(10), |v| {
+            v["policy_source_problem"]
+                .as_str()
+                .is_some_and(|p| p.contains("has no policy files, but the pinned state enforces"))
+        })
         .unwrap();
-    let status = s.agent.status().unwrap();
     assert_eq!(status["ready"], false, "{status}");
     let (code, body) = super::http_get(port, "/readyz");
     assert_eq!(code, "HTTP/1.1 503 Service Unavailable");

@@ -471,15 +471,17 @@ fn a_policy_file_change_applies_and_an_invalid_one_is_rejected() {
     // An invalid file: rejected with its location; the previous policy stays in force.
     std::fs::write(policies.path().join("broken.yaml"), "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: b, namespace: production}\nspec:\n  podSelector: {}\n  ingress:\n  - ports: [{port: 0}]\n").unwrap();
     s.agent
-        .wait_for_log(&["policy change rejected"], Duration::from_secs(5))
-        .expect("rejection logged");
-    assert!(
-        s.agent
-            .log()
-            .iter()
-            .any(|l| l
-                .contains("broken.yaml:7:20: spec.ingress[0].ports[0].port: 0 is out of range"))
-    );
+        .wait_state("the change refused", Duration::from_secs(5), |st| {
+            st["policy_revision_refused"].as_u64() >= Some(1)
+        })
+        .expect("refused");
+    // The log names the file, line and field (read from the agent's pipe).
+    s.agent
+        .wait_for_log(
+            &["broken.yaml:7:20: spec.ingress[0].ports[0].port: 0 is out of range"],
+            Duration::from_secs(2),
+        )
+        .expect("the refusal is logged with its location");
     assert_eq!(
         s.world
             .probe(logging, "tcp", payment.ipv4.into(), 443, t)
@@ -506,9 +508,10 @@ fn a_policy_file_change_applies_and_an_invalid_one_is_rejected() {
     )
     .unwrap();
     s.agent
-        .wait_for_log(&["policy reloaded", "policies=2"], Duration::from_secs(5))
-        .expect("reload logged");
-    std::thread::sleep(Duration::from_millis(300));
+        .wait_state("two policies applied", Duration::from_secs(5), |st| {
+            st["policies"] == 2 && st["policy_revision_applied"] == st["policy_revision"]
+        })
+        .expect("reloaded and applied");
     assert_eq!(
         s.world
             .probe(logging, "tcp", payment.ipv4.into(), 443, t)
@@ -893,12 +896,14 @@ fn a_change_that_does_not_fit_a_map_is_refused_whole() {
     s.agent.kill();
     s.agent.spawn().unwrap();
     s.agent
-        .wait_for_log(
-            &[
-                "the first state cannot be applied",
-                "the adopted pinned tables stay in force",
-            ],
+        .wait_state(
+            "the adopted tables kept, the first state refused",
             Duration::from_secs(10),
+            |v| {
+                v["adoption"]["adopted"] == true
+                    && v["applied"] == false
+                    && v["apply_errors"].as_u64() >= Some(1)
+            },
         )
         .unwrap();
     let (code, body) = http_get(port, "/readyz");
@@ -1129,14 +1134,10 @@ fn pins_of_an_incompatible_layout_are_replaced_with_a_log_line() {
     std::fs::create_dir(pins.join("layout-0")).unwrap();
     s.agent.spawn().unwrap();
     s.agent
-        .wait_for_log(
-            &[
-                "pinned state of an incompatible layout; replacing it",
-                "found=layout-0",
-            ],
-            Duration::from_secs(10),
-        )
-        .expect("replacement logged");
+        .wait_state("the pins replaced", Duration::from_secs(10), |v| {
+            replaced(v, "pins").is_some_and(|why| why.contains("layout-0"))
+        })
+        .expect("the old layout replaced, not adopted");
     // On state, not on log lines (the first start logged "attached" too).
     s.agent
         .wait_status("the new agent ready", Duration::from_secs(20), |v| {
@@ -1156,11 +1157,10 @@ fn pins_of_an_incompatible_layout_are_replaced_with_a_log_line() {
     std::fs::write(s.agent.dir.join("agent.yaml"), config).unwrap();
     s.agent.spawn().unwrap();
     s.agent
-        .wait_for_log(
-            &["incompatible layout or capacity", "PAL_POLICY_V1"],
-            Duration::from_secs(10),
-        )
-        .expect("capacity change logged");
+        .wait_state("the maps replaced", Duration::from_secs(10), |v| {
+            replaced(v, "maps").is_some_and(|why| why.contains("PAL_POLICY_V1"))
+        })
+        .expect("maps of another capacity replaced, not adopted");
     s.agent
         .wait_status("the new agent ready", Duration::from_secs(20), |v| {
             v["ready"] == true
@@ -1685,4 +1685,13 @@ fn a_second_agent_on_the_same_pins_refuses_to_start_and_names_the_first() {
     let mut next = Agent::start(&second_dir, &second_config).unwrap();
     next.wait_enforcing(&world).unwrap();
     assert!(next.stop().unwrap());
+}
+
+/// Why the status says the agent replaced pinned `what` at start, if it did.
+fn replaced<'a>(status: &'a Value, what: &str) -> Option<&'a str> {
+    status["adoption"]["replaced"]
+        .as_array()?
+        .iter()
+        .find(|r| r["what"] == what)?["why"]
+        .as_str()
 }

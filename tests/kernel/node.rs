@@ -667,10 +667,7 @@ fn on_a_plain_host_loopback_is_the_workload_itself_or_the_host() {
     let mut agent = Agent::start_in_netns(dir.path(), &config, &hub).unwrap();
     agent.wait_enforcing(&world).expect("enforcing");
     agent
-        .wait_for_log(
-            &["workload enforced", "hostsvc/web"],
-            Duration::from_secs(5),
-        )
+        .wait_workload("hostsvc/web", None, Duration::from_secs(5))
         .unwrap();
 
     // The pod: its own loopback, under ingress and egress deny-all.

@@ -217,23 +217,89 @@ impl Agent {
         }
     }
 
+    /// Waits until the status shows a first state applied (the kernel
+    /// enforces what the agent planned); fails early if the agent exits.
+    pub fn wait_applied(&mut self, timeout: Duration) -> anyhow::Result<serde_json::Value> {
+        self.wait_state("a state applied", timeout, |s| s["applied"] == true)
+    }
+
+    /// Waits until the status lists a workload whose name or cgroup path
+    /// contains `needle` (with `address` among its addresses, when given).
+    pub fn wait_workload(
+        &mut self,
+        needle: &str,
+        address: Option<&str>,
+        timeout: Duration,
+    ) -> anyhow::Result<serde_json::Value> {
+        let what = format!("workload {needle} {}", address.unwrap_or(""));
+        self.wait_state(&what, timeout, |s| {
+            s["workload_list"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|w| {
+                    let named = [&w["name"], &w["cgroup"]]
+                        .iter()
+                        .any(|v| v.as_str().is_some_and(|t| t.contains(needle)));
+                    let addressed = address.is_none_or(|a| {
+                        w["addresses"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .any(|x| x == a)
+                    });
+                    named && addressed
+                })
+        })
+    }
+
+    /// Polls the status until `pred` holds, failing early if the agent exits.
+    pub fn wait_state(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> anyhow::Result<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.status();
+            if let Ok(s) = &status
+                && pred(s)
+            {
+                return status;
+            }
+            if let Some(child) = &mut self.child
+                && let Some(exit) = child.try_wait()?
+            {
+                bail!(
+                    "agent exited ({exit}) before its status showed {what}:\n{}",
+                    self.log().join("\n")
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the agent's status did not show {what} within {timeout:?}; last: {}\n{}",
+                    status.map_or_else(|e| e.to_string(), |s| s.to_string()),
+                    self.log().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits until the agent enforces every pod of `world` with its addresses.
     pub fn wait_enforcing(&mut self, world: &World) -> anyhow::Result<()> {
-        self.wait_for_log(&["palisade is enforcing"], Duration::from_secs(20))?;
+        self.wait_applied(Duration::from_secs(20))?;
         for pod in &world.pods {
             if pod.spec.namespace == "-" {
                 continue;
             }
-            let name = format!("workload={}", pod.spec.key());
             let addr = if pod.ipv4.is_unspecified() {
                 pod.ipv6.to_string()
             } else {
                 pod.ipv4.to_string()
             };
-            self.wait_for_log(
-                &["workload enforced", &name, &addr],
-                Duration::from_secs(10),
-            )?;
+            self.wait_workload(&pod.spec.key(), Some(&addr), Duration::from_secs(10))?;
         }
         Ok(())
     }

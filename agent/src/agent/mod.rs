@@ -760,6 +760,7 @@ async fn drive<S: Source>(
         s.version = env!("CARGO_PKG_VERSION").to_owned();
         s.attach_points = node.datapath.attach_points().to_vec();
         s.posture = node.datapath.posture().clone();
+        s.adoption = node.datapath.adoption().clone();
     }
     let (written_tx, mut written_rx) = tokio::sync::mpsc::channel(16);
     let servers = start_servers(&config, &shared.status, &events_tx, written_tx).await?;

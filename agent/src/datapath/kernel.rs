@@ -62,6 +62,8 @@ pub struct KernelDatapath {
     map_ids: BTreeMap<&'static str, u32>,
     repairs: BTreeMap<&'static str, u64>,
     checks: u64,
+    /// What was adopted from the pin directory, and what replaced.
+    adoption: super::Adoption,
 }
 
 /// Which protections are active on this node, for the log and `palisade status`.
@@ -505,6 +507,7 @@ impl KernelDatapath {
             }
             loader.load(EBPF_OBJECT)
         };
+        let mut replaced = Vec::new();
         if let Some(p) = pins {
             ensure_bpffs()?;
             let found = std::fs::read_dir(&p.dir).map(|rd| rd.count()).unwrap_or(0);
@@ -516,6 +519,13 @@ impl KernelDatapath {
                     expected = PIN_LAYOUT,
                     "pinned state of an incompatible layout; replacing it: enforcement restarts from empty tables"
                 );
+                replaced.push(super::Replaced {
+                    what: "pins".into(),
+                    why: format!(
+                        "layout {} where this agent uses {PIN_LAYOUT}",
+                        layouts.join(",")
+                    ),
+                });
                 remove_pins(p)?;
             }
             p.create_dir()?;
@@ -529,6 +539,10 @@ impl KernelDatapath {
                 Some(p),
             ) => {
                 tracing::warn!(pins = %p.dir.display(), "pinned maps have an incompatible layout or capacity ({e}); replacing them: enforcement restarts from empty tables");
+                replaced.push(super::Replaced {
+                    what: "maps".into(),
+                    why: format!("incompatible layout or capacity: {e}"),
+                });
                 remove_pins(p)?;
                 p.create_dir()?;
                 load().map_err(|e| DatapathError::Load(Box::new(e)))?
@@ -591,6 +605,10 @@ impl KernelDatapath {
             links: Vec::new(),
             map_ids: BTreeMap::new(),
             repairs: BTreeMap::new(),
+            adoption: super::Adoption {
+                replaced,
+                ..super::Adoption::default()
+            },
             checks: 0,
         };
         datapath.record_map_ids();
@@ -709,6 +727,9 @@ impl KernelDatapath {
             cgroups = self.cgroups.len(),
             "adopted pinned programs, links and maps; enforcement never stopped"
         );
+        self.adoption.adopted = true;
+        self.adoption.policy_entries = self.slots[usize::from(self.active_slot)].entries.len();
+        self.adoption.cgroups = self.cgroups.len();
         Ok(())
     }
 
@@ -791,6 +812,11 @@ impl KernelDatapath {
             .map_err(map_err(maps::CGROUP_IDENTITY))?;
         self.cgroups.insert(cgroup, id);
         Ok(())
+    }
+
+    /// What the agent adopted from the pin directory at start, and what it replaced.
+    pub fn adoption(&self) -> &super::Adoption {
+        &self.adoption
     }
 
     /// What the kernel maps held when the agent started (empty unless adopted).

@@ -100,6 +100,31 @@ impl MapFill {
     }
 }
 
+/// What the agent found in its pin directory when it started.
+#[derive(
+    Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
+pub struct Adoption {
+    /// Pinned programs, links and maps were adopted: enforcement never stopped.
+    pub adopted: bool,
+    /// Policy entries in the adopted active table.
+    pub policy_entries: usize,
+    /// Cgroup entries in the adopted maps.
+    pub cgroups: usize,
+    /// Pinned state replaced instead of adopted.
+    pub replaced: Vec<Replaced>,
+}
+
+/// Pinned state that was replaced, and why.
+#[derive(
+    Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
+pub struct Replaced {
+    /// `pins` (the whole directory), `maps`, or `link:<program>`.
+    pub what: String,
+    pub why: String,
+}
+
 /// Kernel counters, summed over CPUs.
 #[derive(
     Clone,

@@ -132,7 +132,7 @@ impl Bench {
         };
         let start = Instant::now();
         let mut agent = Agent::start(&dir, &config)?;
-        agent.wait_for_log(&["palisade is enforcing"], Duration::from_secs(60))?;
+        agent.wait_applied(Duration::from_secs(60))?;
         let took = start.elapsed();
         agent.wait_enforcing(&self.world)?;
         Ok((agent, took))

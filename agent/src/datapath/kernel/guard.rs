@@ -147,6 +147,10 @@ impl KernelDatapath {
         };
         tracing::warn!(link = %path.display(), "replacing the pinned link of {name}: {why}");
         self.count_repair("adoption");
+        self.adoption.replaced.push(crate::datapath::Replaced {
+            what: format!("link:{name}"),
+            why,
+        });
         None
     }
 
