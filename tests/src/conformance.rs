@@ -46,12 +46,15 @@ fn quote(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_default()
 }
 
-/// Agent config: one workload rule per pod (its exact cgroup path), namespaces with labels.
+/// Agent config: one workload rule per pod (its exact cgroup path), namespaces
+/// with labels; the control socket in the agent's directory (the audit file's).
 fn config(world: &World, file: &WorldFile, policies: &Path, audit: &Path) -> String {
     let mut c = format!(
-        "cgroupRoot: {}\nbpfPinDir: /sys/fs/bpf/palisade-test-{}\ncontrolSocket: null\npolicyDir: {}\naudit:\n  output: {}\nrescanIntervalMs: 100\nnamespaces:\n",
+        "cgroupRoot: {}\nbpfPinDir: /sys/fs/bpf/palisade-test-{}\ncontrolSocket: {}\npolicyDir: {}\naudit:\n  output: {}\nrescanIntervalMs: 100\nnamespaces:\n",
         world.cgroup_root.display(),
         world.tag,
+        // Next to the audit file, where `Agent::status` looks.
+        audit.with_file_name("palisade.sock").display(),
         policies.display(),
         audit.display()
     );
