@@ -66,12 +66,17 @@ fn try_ingress(ctx: &SkBuffContext) -> Result<i32, i32> {
     }
     // Any packet we cannot parse on an enforced workload is dropped: it cannot
     // be judged, and passing it would be a bypass.
-    let Ok(packet) = parsed else {
+    // A header that ends early is unparseable too: counted and audited,
+    // like a packet whose IP header cannot be read.
+    let unparseable = || {
         count(counter::UNPARSEABLE);
-        return Err(refuse::<false>(
+        refuse::<false>(
             &Flow::without_peer(DIR_INGRESS, cgroup_id, local),
             reason::UNPARSEABLE,
-        ));
+        )
+    };
+    let Ok(packet) = parsed else {
+        return Err(unparseable());
     };
     if ingress_ifindex(ctx) == LOOPBACK_IFINDEX
         && (own_address(cgroup_id, &packet.src) || own_loopback(cgroup_id, &packet.src))
@@ -80,7 +85,7 @@ fn try_ingress(ctx: &SkBuffContext) -> Result<i32, i32> {
     }
     let (src_port, dst_port) = match packet.protocol {
         PROTO_TCP | PROTO_UDP | PROTO_SCTP => {
-            let ports: [u8; 4] = ctx.load(packet.l4_offset).map_err(|_| DROP)?;
+            let ports: [u8; 4] = ctx.load(packet.l4_offset).map_err(|_| unparseable())?;
             (
                 u16::from_be_bytes([ports[0], ports[1]]),
                 u16::from_be_bytes([ports[2], ports[3]]),
@@ -92,14 +97,14 @@ fn try_ingress(ctx: &SkBuffContext) -> Result<i32, i32> {
         _ => return Ok(DROP),
     };
     if packet.protocol == PROTO_TCP {
-        let tcp_flags: u8 = ctx.load(packet.l4_offset + 13).map_err(|_| DROP)?;
+        let tcp_flags: u8 = ctx.load(packet.l4_offset + 13).map_err(|_| unparseable())?;
         if tcp_flags & TCP_FLAG_SYN == 0 || tcp_flags & TCP_FLAG_ACK != 0 {
             return Ok(PASS); // not the start of a connection to us
         }
     }
     if packet.protocol == PROTO_SCTP {
         // The first chunk of an association's first packet is INIT.
-        let chunk_type: u8 = ctx.load(packet.l4_offset + 12).map_err(|_| DROP)?;
+        let chunk_type: u8 = ctx.load(packet.l4_offset + 12).map_err(|_| unparseable())?;
         if chunk_type != SCTP_CHUNK_INIT {
             return Ok(PASS); // part of an association judged at its INIT
         }

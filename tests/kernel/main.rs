@@ -17,6 +17,7 @@ use serde_json::Value;
 mod attacks;
 mod faults;
 mod node;
+mod progrun;
 
 /// A temporary directory with an empty `policies/` directory in it.
 pub(crate) fn temp_policy_dir() -> (tempfile::TempDir, PathBuf) {

@@ -16,6 +16,7 @@ const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_DETACH: libc::c_long = 34;
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
 
 /// `bpf_attr` is a union of up to ~150 bytes; 32 words cover every command here.
 type Attr = [u32; 32];
@@ -63,6 +64,20 @@ pub fn map_create(
     let mut attr: Attr = [0; 32];
     attr[..5].copy_from_slice(&[map_type, key, value, max_entries, flags]);
     bpf(BPF_MAP_CREATE, &mut attr).map(owned)
+}
+
+/// `BPF_PROG_TEST_RUN`: runs a loaded program once on `packet` (for an
+/// skb program: an Ethernet header, then the packet) and returns its return
+/// value. The kernel builds the skb around a throwaway socket of the
+/// calling task's cgroup (programs' tests, no traffic).
+pub fn prog_test_run(prog: BorrowedFd<'_>, packet: &[u8]) -> io::Result<u32> {
+    let mut attr: Attr = [0; 32];
+    attr[0] = prog.as_raw_fd() as u32; // prog_fd
+    attr[2] = u32::try_from(packet.len()).map_err(io::Error::other)?; // data_size_in
+    set_u64(&mut attr, 4, packet.as_ptr() as u64); // data_in
+    attr[8] = 1; // repeat
+    bpf(BPF_PROG_TEST_RUN, &mut attr)?;
+    Ok(attr[1]) // retval
 }
 
 /// `BPF_LINK_CREATE` for a cgroup attach type: the link lives as long as the

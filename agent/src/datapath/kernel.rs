@@ -814,6 +814,13 @@ impl KernelDatapath {
         Ok(())
     }
 
+    /// The descriptor of a loaded program (`programs::*`), e.g. to run it
+    /// on crafted packets with [`super::bpfsys::prog_test_run`].
+    pub fn loaded_program(&self, name: &str) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd as _;
+        Some(self.ebpf.program(name)?.fd().ok()?.as_fd())
+    }
+
     /// What the agent adopted from the pin directory at start, and what it replaced.
     pub fn adoption(&self) -> &super::Adoption {
         &self.adoption
