@@ -25,12 +25,10 @@ use palisade_common::{
 
 use crate::{
     cgroup_identity,
-    packet::{Packet, parse},
+    packet::{self, Packet, parse},
     verdict::{Flow, PASS, count, judge_egress, own_address, refuse},
 };
 
-const TCP_FLAG_SYN: u8 = 0x02;
-const TCP_FLAG_ACK: u8 = 0x10;
 const SOCK_RAW: u32 = 3;
 
 #[cgroup_skb(egress)]
@@ -46,8 +44,8 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, i32> {
     if let Ok(p) = &parsed
         && !p.source_routed
         && p.protocol == PROTO_TCP
-        && let Ok(tcp_flags) = ctx.load::<u8>(p.l4_offset + 13)
-        && (tcp_flags & TCP_FLAG_SYN == 0 || tcp_flags & TCP_FLAG_ACK != 0)
+        && let Ok(tcp) = packet::tcp(ctx, p)
+        && !packet::opens_connection(&tcp)
     {
         return Ok(PASS); // a segment of a connection judged at its connect()
     }
@@ -77,9 +75,9 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, i32> {
         in_process: true,
     };
     if (packet.protocol == PROTO_TCP || packet.protocol == PROTO_UDP)
-        && let Ok(ports) = ctx.load::<[u8; 4]>(packet.l4_offset)
+        && let Ok((_, dst)) = packet::ports(ctx, &packet)
     {
-        flow.port = u16::from_be_bytes([ports[2], ports[3]]);
+        flow.port = dst;
         flow.peer_port = flow.port;
     }
     if packet.source_routed {

@@ -17,7 +17,7 @@ use palisade_common::{DIR_EGRESS, DIR_INGRESS, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
 
 use crate::{
     cgroup_identity,
-    packet::parse,
+    packet::{self, parse},
     verdict::{
         DROP, Flow, Known, PASS, active_slot, as_first_judged, count, enforced, flow_state,
         judge_egress, judge_ingress, own_address, own_loopback, refuse, remember_flow,
@@ -28,9 +28,7 @@ const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_ICMPV6: u8 = 58;
 /// `lo` has this index in every network namespace.
 const LOOPBACK_IFINDEX: u32 = 1;
-const TCP_FLAG_SYN: u8 = 0x02;
 const SCTP_CHUNK_INIT: u8 = 1;
-const TCP_FLAG_ACK: u8 = 0x10;
 
 #[cgroup_skb(ingress)]
 pub fn palisade_ingress(ctx: SkBuffContext) -> i32 {
@@ -47,8 +45,8 @@ fn try_ingress(ctx: &SkBuffContext) -> Result<i32, i32> {
     // and that is nearly every packet.
     if let Ok(p) = &parsed
         && p.protocol == PROTO_TCP
-        && let Ok(tcp_flags) = ctx.load::<u8>(p.l4_offset + 13)
-        && (tcp_flags & TCP_FLAG_SYN == 0 || tcp_flags & TCP_FLAG_ACK != 0)
+        && let Ok(tcp) = packet::tcp(ctx, p)
+        && !packet::opens_connection(&tcp)
     {
         return Ok(PASS);
     }
@@ -85,11 +83,7 @@ fn try_ingress(ctx: &SkBuffContext) -> Result<i32, i32> {
     }
     let (src_port, dst_port) = match packet.protocol {
         PROTO_TCP | PROTO_UDP | PROTO_SCTP => {
-            let ports: [u8; 4] = ctx.load(packet.l4_offset).map_err(|_| unparseable())?;
-            (
-                u16::from_be_bytes([ports[0], ports[1]]),
-                u16::from_be_bytes([ports[2], ports[3]]),
-            )
+            packet::ports(ctx, &packet).map_err(|()| unparseable())?
         }
         // Control messages (errors, path MTU) belong to flows judged already.
         IPPROTO_ICMP | IPPROTO_ICMPV6 => return Ok(PASS),
@@ -97,14 +91,14 @@ fn try_ingress(ctx: &SkBuffContext) -> Result<i32, i32> {
         _ => return Ok(DROP),
     };
     if packet.protocol == PROTO_TCP {
-        let tcp_flags: u8 = ctx.load(packet.l4_offset + 13).map_err(|_| unparseable())?;
-        if tcp_flags & TCP_FLAG_SYN == 0 || tcp_flags & TCP_FLAG_ACK != 0 {
+        let tcp = packet::tcp(ctx, &packet).map_err(|()| unparseable())?;
+        if !packet::opens_connection(&tcp) {
             return Ok(PASS); // not the start of a connection to us
         }
     }
     if packet.protocol == PROTO_SCTP {
         // The first chunk of an association's first packet is INIT.
-        let chunk_type: u8 = ctx.load(packet.l4_offset + 12).map_err(|_| unparseable())?;
+        let chunk_type = packet::sctp_first_chunk(ctx, &packet).map_err(|()| unparseable())?;
         if chunk_type != SCTP_CHUNK_INIT {
             return Ok(PASS); // part of an association judged at its INIT
         }

@@ -2,7 +2,13 @@
 //! ingress and egress. Bounded: at most `MAX_IPV6_EXT_HEADERS` extension
 //! headers are walked; a packet with more cannot be parsed.
 use aya_ebpf::{EbpfContext as _, bindings::__sk_buff, programs::SkBuffContext};
-use palisade_common::v4_mapped;
+use network_types::{
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    sctp::SctpHdr,
+    tcp::TcpHdr,
+    udp::UdpHdr,
+};
+use palisade_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP, v4_mapped};
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -31,27 +37,25 @@ pub fn parse(ctx: &SkBuffContext) -> Result<Packet, ()> {
     // SAFETY: as above; `protocol` is readable by cgroup_skb programs.
     let proto = u16::from_be(unsafe { (*skb).protocol } as u16);
     if proto == ETH_P_IP {
-        let head: [u8; 20] = ctx.load(0).map_err(|_| ())?;
-        let ihl = usize::from(head[0] & 0x0f) * 4;
-        if ihl < 20 {
+        let ip: Ipv4Hdr = ctx.load(0).map_err(|_| ())?;
+        let ihl = usize::from(ip.ihl());
+        if ihl < Ipv4Hdr::LEN {
             return Err(());
         }
         Ok(Packet {
             family: 4,
-            src: v4_mapped([head[12], head[13], head[14], head[15]]),
-            dst: v4_mapped([head[16], head[17], head[18], head[19]]),
-            protocol: head[9],
+            src: v4_mapped(ip.src_addr),
+            dst: v4_mapped(ip.dst_addr),
+            protocol: ip.proto,
             l4_offset: ihl,
             // Workloads send no IPv4 options but source routes in practice;
             // any option is treated as one.
-            source_routed: ihl > 20,
+            source_routed: ihl > Ipv4Hdr::LEN,
         })
     } else if proto == ETH_P_IPV6 {
-        let head: [u8; 8] = ctx.load(0).map_err(|_| ())?;
-        let src: [u8; 16] = ctx.load(8).map_err(|_| ())?;
-        let dst: [u8; 16] = ctx.load(24).map_err(|_| ())?;
-        let mut next = head[6];
-        let mut offset = 40usize;
+        let ip: Ipv6Hdr = ctx.load(0).map_err(|_| ())?;
+        let mut next = ip.next_hdr;
+        let mut offset = Ipv6Hdr::LEN;
         let mut source_routed = false;
         for _ in 0..MAX_IPV6_EXT_HEADERS {
             if next != IPV6_HOPOPTS && next != IPV6_ROUTING && next != IPV6_DSTOPTS {
@@ -70,8 +74,8 @@ pub fn parse(ctx: &SkBuffContext) -> Result<Packet, ()> {
         }
         Ok(Packet {
             family: 6,
-            src,
-            dst,
+            src: ip.src_addr,
+            dst: ip.dst_addr,
             protocol: next,
             l4_offset: offset,
             source_routed,
@@ -79,4 +83,44 @@ pub fn parse(ctx: &SkBuffContext) -> Result<Packet, ()> {
     } else {
         Err(())
     }
+}
+
+/// The TCP header of a TCP packet.
+#[inline(always)]
+pub fn tcp(ctx: &SkBuffContext, p: &Packet) -> Result<TcpHdr, ()> {
+    ctx.load(p.l4_offset).map_err(|_| ())
+}
+
+/// A SYN without ACK: the segment that opens a connection (everything else
+/// belongs to a connection judged at its SYN).
+#[inline(always)]
+pub fn opens_connection(tcp: &TcpHdr) -> bool {
+    tcp.syn() != 0 && tcp.ack() == 0
+}
+
+/// (source, destination) ports of a TCP, UDP or SCTP packet, in host order.
+#[inline(always)]
+pub fn ports(ctx: &SkBuffContext, p: &Packet) -> Result<(u16, u16), ()> {
+    let (src, dst) = match p.protocol {
+        PROTO_TCP => {
+            let h: TcpHdr = ctx.load(p.l4_offset).map_err(|_| ())?;
+            (h.source, h.dest)
+        }
+        PROTO_UDP => {
+            let h: UdpHdr = ctx.load(p.l4_offset).map_err(|_| ())?;
+            (h.src, h.dst)
+        }
+        PROTO_SCTP => {
+            let h: SctpHdr = ctx.load(p.l4_offset).map_err(|_| ())?;
+            (h.src, h.dst)
+        }
+        _ => return Err(()),
+    };
+    Ok((u16::from_be_bytes(src), u16::from_be_bytes(dst)))
+}
+
+/// The type of an SCTP packet's first chunk (INIT opens an association).
+#[inline(always)]
+pub fn sctp_first_chunk(ctx: &SkBuffContext, p: &Packet) -> Result<u8, ()> {
+    ctx.load(p.l4_offset + SctpHdr::LEN).map_err(|_| ())
 }
