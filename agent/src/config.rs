@@ -252,6 +252,14 @@ fn default_audit_output() -> String {
     "stdout".into()
 }
 
+impl Default for Config {
+    /// Every field at its default: what an empty config file gives.
+    fn default() -> Config {
+        // An empty mapping is valid (unit test `an_empty_config_is_the_default`).
+        serde_saphyr::from_str("{}").unwrap_or_else(|e| unreachable!("empty config: {e}"))
+    }
+}
+
 impl Config {
     /// Reads, parses and validates `path`; relative paths inside are resolved
     /// against the file's directory.
@@ -383,6 +391,14 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_empty_config_is_the_default() {
+        let d = Config::default();
+        assert_eq!(d.trust_domain, "cluster.local");
+        assert_eq!(d.rescan_interval_ms, 200);
+        assert!(d.cgroup_root.is_none() && d.policy_dir.is_none());
+    }
 
     #[test]
     fn the_example_host_config_is_valid() {

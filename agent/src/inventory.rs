@@ -61,6 +61,18 @@ pub enum UnknownPods {
     Allow,
 }
 
+impl UnknownPods {
+    /// The directions (`DIR_*`) a pod not known yet is denied in.
+    pub fn held_directions(self) -> &'static [u8] {
+        use palisade_common::{DIR_EGRESS, DIR_INGRESS};
+        match self {
+            UnknownPods::DenyEgress => &[DIR_EGRESS],
+            UnknownPods::DenyAll => &[DIR_EGRESS, DIR_INGRESS],
+            UnknownPods::Allow => &[],
+        }
+    }
+}
+
 /// A Service: the addresses clients connect to, and the endpoints the node
 /// forwards those connections to (kube-proxy's DNAT, or a host's local load
 /// balancer).

@@ -14,10 +14,12 @@ use palisade_common::{DIR_EGRESS, DIR_INGRESS, identity as reserved, verdict};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    identity::{Allocator, LabelKey, display_name},
+    agent::Planner,
+    config::{Config, NamedPortConfig},
+    inventory::{Inputs, RemoteWorkload},
     policy::{
         self, CompiledPolicy,
-        compile::{IdentityInfo, IdentityKind},
+        compile::IdentityInfo,
         labels::Labels,
         lookup::{Decision, decide},
         model::Protocol,
@@ -158,57 +160,54 @@ pub struct Model {
 }
 
 impl Model {
+    /// The world's pods become the planner's inputs (workloads known by
+    /// address, as pods on other nodes are), and the agent's own planner
+    /// compiles them: the same identities, ipcache and entries.
     pub fn build(world: &WorldFile, policies: &policy::PolicySet) -> Model {
-        let mut allocator = Allocator::default();
-        let mut identities = BTreeMap::new();
-        let mut pods = BTreeMap::new();
-        let mut addresses = Vec::new();
-        for p in &world.pods {
-            let key = LabelKey {
-                namespace: Some(p.namespace.clone()),
-                labels: p.labels.clone(),
-            };
-            let id = allocator.get_or_allocate(&key);
-            let info = identities.entry(id).or_insert_with(|| IdentityInfo {
-                id,
-                name: display_name("cluster.local", &key, &p.name),
-                namespace: key.namespace.clone(),
-                labels: key.labels.clone(),
-                kind: IdentityKind::Workload,
-                named_ports: BTreeMap::new(),
-            });
-            for port in &p.ports {
-                if let (Some(name), Some(protocol)) = (&port.name, Protocol::parse(&port.protocol))
-                {
-                    info.named_ports
-                        .entry((protocol, name.clone()))
-                        .or_insert(port.port);
-                }
-            }
-            pods.insert(format!("{}/{}", p.namespace, p.name), (id, p.ip));
-            addresses.push((IpNet::from(p.ip), id));
-        }
-        let namespaces = policy::labels::namespace_labels(
-            world
+        let inputs = Inputs {
+            remote: world
+                .pods
+                .iter()
+                .map(|p| RemoteWorkload {
+                    namespace: p.namespace.clone(),
+                    name: p.name.clone(),
+                    labels: p.labels.clone(),
+                    ips: vec![p.ip],
+                    ports: p
+                        .ports
+                        .iter()
+                        .filter_map(|port| {
+                            Some(NamedPortConfig {
+                                name: port.name.clone()?,
+                                port: port.port,
+                                protocol: port.protocol.clone(),
+                            })
+                        })
+                        .collect(),
+                })
+                .collect(),
+            namespaces: world
                 .namespaces
                 .iter()
-                .map(|ns| (ns.name.as_str(), &ns.labels)),
-            world.pods.iter().map(|p| p.namespace.as_str()),
-        );
-        let w = policy::World {
-            identities: identities.values().cloned().collect(),
-            namespaces,
-            addresses: addresses.clone(),
+                .map(|ns| (ns.name.clone(), ns.labels.clone()))
+                .collect(),
+            ..Inputs::default()
         };
-        let compiled = policy::compile(&policies.policies, &w);
-        let mut ipcache = compiled.cidr_identities.clone();
-        ipcache.extend(addresses);
-        Model {
-            compiled,
-            identities,
-            pods,
+        let plan = Planner::new(Config::default(), true).plan(inputs, policies);
+        let ipcache: Vec<(IpNet, u32)> = plan.desired.ipcache.into_iter().collect();
+        let mut model = Model {
+            compiled: (*plan.desired.policy).clone(),
+            identities: plan.identities,
+            pods: BTreeMap::new(),
             ipcache,
+        };
+        for p in &world.pods {
+            let id = model.peer_identity(p.ip);
+            model
+                .pods
+                .insert(format!("{}/{}", p.namespace, p.name), (id, p.ip));
         }
+        model
     }
 
     /// The identity the kernel's ipcache would give `ip` (longest prefix).
@@ -274,12 +273,12 @@ impl Model {
             .pods
             .get(&probe.to)
             .ok_or_else(|| format!("unknown pod {:?} (write namespace/name)", probe.to))?;
-        let protocol = match probe.protocol.to_ascii_uppercase().as_str() {
-            "TCP" => Protocol::Tcp,
-            "UDP" => Protocol::Udp,
-            "SCTP" => Protocol::Sctp,
-            other => return Err(format!("unsupported protocol {other:?}: TCP, UDP or SCTP")),
-        };
+        let protocol = Protocol::parse(&probe.protocol.to_ascii_uppercase()).ok_or_else(|| {
+            format!(
+                "unsupported protocol {:?}: TCP, UDP or SCTP",
+                probe.protocol
+            )
+        })?;
         let proto = protocol.number();
         let (result, reason) = if probe.from == probe.to {
             (true, "a pod may always reach itself".to_owned())

@@ -375,16 +375,17 @@ impl Planner {
             mut own_addresses,
             addresses,
         } = plan;
+        // Cgroups not classified yet are `reserved:pending` in the kernel
+        // (an entry missing from the cgroup map reads as pending), held
+        // whether or not any is known now.
         let world = policy::World {
             identities: identities.values().cloned().collect(),
             namespaces,
             addresses: addresses.clone(),
+            pending_held: self.unknown.held_directions().to_vec(),
+            pending_rule: "kubernetes.unknownPods",
         };
-        let mut compiled = policy::compile(&policies.policies, &world);
-        // Cgroups not classified yet are `reserved:pending` in the kernel
-        // (an entry missing from the cgroup map reads as pending), held
-        // whether or not any is known now.
-        hold_pending(&mut compiled, self.unknown);
+        let compiled = policy::compile(&policies.policies, &world);
         let mut ipcache = BTreeMap::new();
         // Broadcast and multicast first, outside the compiler's view of
         // addresses: no CIDR rule covers them by accident (`0.0.0.0/0`
@@ -555,34 +556,6 @@ fn reserved_info(id: u32) -> IdentityInfo {
         labels: Default::default(),
         kind: IdentityKind::Reserved,
         named_ports: BTreeMap::new(),
-    }
-}
-
-/// Pods not known yet are default-deny in the directions `unknown_pods`
-/// holds; the audit event names `kubernetes.unknownPods` as the reason.
-fn hold_pending(compiled: &mut policy::compile::CompiledPolicy, mode: UnknownPods) {
-    let directions: &[u8] = match mode {
-        UnknownPods::DenyEgress => &[palisade_common::DIR_EGRESS],
-        UnknownPods::DenyAll => &[palisade_common::DIR_EGRESS, palisade_common::DIR_INGRESS],
-        UnknownPods::Allow => &[],
-    };
-    if directions.is_empty() {
-        return;
-    }
-    let rule_id = u32::try_from(compiled.rules.len()).unwrap_or(u32::MAX);
-    compiled.rules.push(policy::compile::RuleRef {
-        policy: "kubernetes.unknownPods".into(),
-        kind: "AgentConfig",
-        rule: "pod-not-known-yet".into(),
-    });
-    for dir in directions {
-        compiled.enforced.insert(
-            (*dir, reserved::PENDING),
-            palisade_common::EnforcedValue {
-                policy_rule_id: rule_id,
-                flags: 0,
-            },
-        );
     }
 }
 

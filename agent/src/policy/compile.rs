@@ -48,6 +48,11 @@ pub struct World {
     pub namespaces: BTreeMap<String, Labels>,
     /// Known address blocks (workload IPs, configured peers) → identity.
     pub addresses: Vec<(IpNet, u32)>,
+    /// Directions (`DIR_*`) in which a cgroup not classified yet
+    /// (`reserved:pending`) is default-deny, and the config field that says
+    /// so (named by audit events).
+    pub pending_held: Vec<u8>,
+    pub pending_rule: &'static str,
 }
 
 /// What decided: one entry of the rule table carried by map values and events.
@@ -278,7 +283,31 @@ pub fn compile(policies: &[Policy], world: &World) -> CompiledPolicy {
             )
         })
         .collect();
+    hold_pending(&mut out, world);
     out
+}
+
+/// Cgroups not classified yet are default-deny in the directions the
+/// world names; the audit event names the config field as the policy.
+fn hold_pending(out: &mut CompiledPolicy, world: &World) {
+    if world.pending_held.is_empty() {
+        return;
+    }
+    let rule_id = u32::try_from(out.rules.len()).unwrap_or(u32::MAX);
+    out.rules.push(RuleRef {
+        policy: world.pending_rule.into(),
+        kind: "AgentConfig",
+        rule: "pod-not-known-yet".into(),
+    });
+    for dir in &world.pending_held {
+        out.enforced.insert(
+            (*dir, palisade_common::identity::PENDING),
+            EnforcedValue {
+                policy_rule_id: rule_id,
+                flags: 0,
+            },
+        );
+    }
 }
 
 fn push_rule(out: &mut CompiledPolicy, policy: &Policy, rule: String) -> u32 {
