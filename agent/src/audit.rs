@@ -1,6 +1,7 @@
-//! Audit: drains the kernel's ring buffer, decodes each event, enriches it
-//! with what the agent knows (workload, identity names and labels, the policy
-//! and rule that decided) and writes one JSON line per event.
+//! Audit: takes the events the datapath drains from the kernel's ring
+//! (`datapath::kernel::AuditRing`), names them with what the agent knows
+//! (workload, identity names and labels, the policy and rule that decided)
+//! as typed `AuditRecord`s and writes one JSON line per event.
 use std::{
     collections::BTreeMap,
     io::Write,
@@ -18,8 +19,8 @@ use serde_json::Value;
 
 use crate::{
     datapath::ServiceTable,
-    discovery::Workload,
     identity::reserved_name,
+    inventory::Workload,
     policy::{CompiledPolicy, compile::IdentityInfo, model::Protocol},
 };
 
@@ -39,15 +40,6 @@ pub type SharedSnapshot = Arc<RwLock<Arc<Snapshot>>>;
 pub struct AuditStats {
     pub delivered: AtomicU64,
     pub malformed: AtomicU64,
-}
-
-/// Decodes one ring-buffer record.
-pub fn decode(bytes: &[u8]) -> Option<AuditEvent> {
-    if bytes.len() < std::mem::size_of::<AuditEvent>() {
-        return None;
-    }
-    // SAFETY: the length is checked; AuditEvent is Pod (any bit pattern is valid).
-    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<AuditEvent>()) })
 }
 
 /// CLOCK_REALTIME − CLOCK_MONOTONIC, to turn `bpf_ktime_get_ns` into wall time.
@@ -358,7 +350,7 @@ impl Sink {
 /// Drains the ring until `stop` fires: on a kernel wakeup (the ring filling
 /// up) or every `poll` interval, whichever comes first.
 pub async fn run_reader(
-    ring: aya::maps::RingBuf<aya::maps::MapData>,
+    mut ring: crate::datapath::kernel::AuditRing,
     snapshot: SharedSnapshot,
     mut sink: Sink,
     stats: Arc<AuditStats>,
@@ -367,11 +359,6 @@ pub async fn run_reader(
 ) -> anyhow::Result<()> {
     let poll = Duration::from_millis(50);
     let boot = boot_offset();
-    // SAFETY: the AsyncFd owns the ring buffer, so the fd stays open for as
-    // long as it is registered.
-    let mut fd = unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)
-    }?;
     loop {
         let stopping = *stop.borrow();
         {
@@ -379,10 +366,9 @@ pub async fn run_reader(
                 .read()
                 .map_err(|_| anyhow::anyhow!("snapshot lock poisoned"))?
                 .clone();
-            let ring = fd.get_mut();
             let mut lines = Vec::new();
-            while let Some(item) = ring.next() {
-                match decode(&item) {
+            for item in ring.drain() {
+                match item {
                     Some(ev) => {
                         let rec = record(&ev, &snap, boot);
                         lines.push(serde_json::to_string(&rec)?);
@@ -405,7 +391,7 @@ pub async fn run_reader(
             return Ok(());
         }
         tokio::select! {
-            guard = fd.readable_mut() => { guard?.clear_ready(); }
+            woken = ring.wait() => woken?,
             _ = tokio::time::sleep(poll) => {}
             _ = stop.changed() => {}
         }
@@ -434,7 +420,7 @@ mod tests {
         for direction in [DIR_EGRESS, palisade_common::DIR_INGRESS] {
             let mut bytes = vec![0u8; std::mem::size_of::<AuditEvent>()];
             bytes[0] = 1;
-            let mut ev = decode(&bytes).unwrap();
+            let mut ev = crate::datapath::decode_audit_event(&bytes).unwrap();
             ev.direction = direction;
             ev.family = 4;
             ev.protocol = 6;

@@ -84,7 +84,7 @@ pub fn world_file(data: &[u8]) {
 
 /// A ring-buffer record, decoded and rendered as the audit log's JSON.
 pub fn audit_record(data: &[u8]) {
-    if let Some(ev) = audit::decode(data) {
+    if let Some(ev) = crate::datapath::decode_audit_event(data) {
         let _ = audit::render(&ev, &audit::Snapshot::default(), Duration::ZERO);
     }
 }

@@ -643,7 +643,7 @@ impl Servers {
 /// agent's snapshot.
 struct Reader {
     parts: Option<(
-        aya::maps::RingBuf<aya::maps::MapData>,
+        crate::datapath::kernel::AuditRing,
         audit::Sink,
         tokio::sync::watch::Receiver<bool>,
     )>,

@@ -845,12 +845,17 @@ impl KernelDatapath {
     }
 
     /// Hands the audit ring buffer to its reader.
-    pub fn take_audit_ring(&mut self) -> Result<RingBuf<aya::maps::MapData>, DatapathError> {
+    pub fn take_audit_ring(&mut self) -> Result<AuditRing, DatapathError> {
         let map = self
             .ebpf
             .take_map(maps::AUDIT)
             .ok_or(DatapathError::MissingMap(maps::AUDIT))?;
-        RingBuf::try_from(map).map_err(map_err(maps::AUDIT))
+        let ring = RingBuf::try_from(map).map_err(map_err(maps::AUDIT))?;
+        AuditRing::new(ring).map_err(|source| DatapathError::Io {
+            what: "watching the audit ring",
+            path: maps::AUDIT.into(),
+            source,
+        })
     }
 
     /// Makes `slot` hold exactly `desired`'s table. The slot still holds the
@@ -1249,6 +1254,39 @@ impl Datapath for KernelDatapath {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), *v))
             .collect()
+    }
+}
+
+/// The kernel's audit ring buffer, registered with the runtime: wait for
+/// the kernel's wakeup, then drain the records decoded.
+pub struct AuditRing {
+    fd: tokio::io::unix::AsyncFd<RingBuf<aya::maps::MapData>>,
+}
+
+impl AuditRing {
+    fn new(ring: RingBuf<aya::maps::MapData>) -> std::io::Result<AuditRing> {
+        // SAFETY: the AsyncFd owns the ring buffer, so the fd stays open for
+        // as long as it is registered.
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)
+        }?;
+        Ok(AuditRing { fd })
+    }
+
+    /// Every record in the ring now, decoded (`None`: a malformed record).
+    pub fn drain(&mut self) -> Vec<Option<palisade_common::AuditEvent>> {
+        let ring = self.fd.get_mut();
+        let mut out = Vec::new();
+        while let Some(item) = ring.next() {
+            out.push(super::decode_audit_event(&item));
+        }
+        out
+    }
+
+    /// Resolves when the kernel signals records (the ring filling up).
+    pub async fn wait(&mut self) -> std::io::Result<()> {
+        self.fd.readable_mut().await?.clear_ready();
+        Ok(())
     }
 }
 

@@ -256,6 +256,15 @@ pub trait Datapath {
     fn repairs(&self) -> BTreeMap<String, u64>;
 }
 
+/// Decodes one audit ring-buffer record; `None` when it is too short.
+pub fn decode_audit_event(bytes: &[u8]) -> Option<palisade_common::AuditEvent> {
+    if bytes.len() < std::mem::size_of::<palisade_common::AuditEvent>() {
+        return None;
+    }
+    // SAFETY: the length is checked; palisade_common::AuditEvent is Pod (any bit pattern is valid).
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<palisade_common::AuditEvent>()) })
+}
+
 /// Entries to write and delete to go from `current` to `desired`.
 pub fn diff<K: Ord + Copy, V: PartialEq + Copy>(
     current: &BTreeMap<K, V>,
