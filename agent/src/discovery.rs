@@ -216,7 +216,10 @@ impl Classifier {
 /// Whether the cgroup's processes have a network namespace of their own
 /// (not the agent's, which is the host's), and that namespace's addresses.
 /// `(false, [])` while the cgroup has no process.
-pub fn workload_network(cgroup_dir: &Path) -> (bool, Vec<IpAddr>) {
+pub fn workload_network(
+    cgroup_dir: &Path,
+    book: &mut crate::netlink::AddressBook,
+) -> (bool, Vec<IpAddr>) {
     let Ok(procs) = std::fs::read_to_string(cgroup_dir.join("cgroup.procs")) else {
         return (false, Vec::new());
     };
@@ -228,12 +231,13 @@ pub fn workload_network(cgroup_dir: &Path) -> (bool, Vec<IpAddr>) {
         return (false, Vec::new());
     };
     let netns = |p: &str| std::fs::metadata(p).map(|m| (m.dev(), m.ino())).ok();
-    let theirs = netns(&format!("/proc/{pid}/ns/net"));
-    if theirs.is_none() || theirs == netns("/proc/self/ns/net") {
+    let path = format!("/proc/{pid}/ns/net");
+    let Some(theirs) = netns(&path).filter(|ns| Some(*ns) != netns("/proc/self/ns/net")) else {
         return (false, Vec::new());
-    }
+    };
     // A process that exits meanwhile leaves no addresses this round.
-    let ips = crate::netlink::workload_addresses(Path::new(&format!("/proc/{pid}/ns/net")))
+    let ips = book
+        .workload_addresses(theirs, Path::new(&path))
         .unwrap_or_default();
     (true, ips)
 }

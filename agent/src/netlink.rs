@@ -1,8 +1,11 @@
-//! Interface addresses over rtnetlink (an `RTM_GETADDR` dump, encoded and
+//! Interface addresses over rtnetlink (`RTM_GETADDR` dumps, encoded and
 //! decoded by netlink-packet-route): the node's own (the agent runs in the
-//! node's network namespace) and a workload's (the dump runs in a thread
-//! that entered the workload's network namespace).
+//! node's network namespace) and the workloads'. A workload's namespace
+//! gets one socket, made once from a thread that entered the namespace and
+//! subscribed to its address changes; each round asks that socket, without
+//! blocking, whether anything changed, and dumps again only then.
 use std::{
+    collections::HashMap,
     io,
     net::IpAddr,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
@@ -26,9 +29,14 @@ pub struct Address {
 
 /// Bounds one dump: an interface list larger than this is cut short.
 const MAX_MESSAGES: usize = 65_536;
+/// Address-change multicast groups (`RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR`).
+const ADDRESS_GROUPS: u32 = 0x10 | 0x100;
+/// The sequence number of our dump requests (notifications carry 0).
+const DUMP_SEQ: u32 = 1;
 
-/// Every address in the calling thread's network namespace.
-pub fn addresses() -> io::Result<Vec<Address>> {
+/// A route netlink socket in the calling thread's namespace, subscribed to
+/// `groups`, with a receive timeout so that a dump cannot hang the agent.
+fn socket(groups: u32) -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2); the descriptor is owned below.
     let fd = unsafe {
         libc::socket(
@@ -42,9 +50,44 @@ pub fn addresses() -> io::Result<Vec<Address>> {
     }
     // SAFETY: `fd` is a new descriptor nothing else owns.
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: an all-zero sockaddr_nl is valid; the fields are set below.
+    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    addr.nl_family = libc::AF_NETLINK as u16;
+    addr.nl_groups = groups;
+    // SAFETY: binds our socket to a valid sockaddr_nl of the size passed.
+    let bound = unsafe {
+        libc::bind(
+            sock.as_raw_fd(),
+            (&raw const addr).cast(),
+            std::mem::size_of::<libc::sockaddr_nl>() as u32,
+        )
+    };
+    if bound < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let timeout = libc::timeval {
+        tv_sec: 1,
+        tv_usec: 0,
+    };
+    // SAFETY: sets SO_RCVTIMEO from a valid timeval of the size passed.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const timeout).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        )
+    };
+    Ok(sock)
+}
+
+/// Every address in the namespace of `sock`, and whether an address-change
+/// notification arrived meanwhile (the dump may already be stale).
+fn dump(sock: &OwnedFd) -> io::Result<(Vec<Address>, bool)> {
     let mut header = NetlinkHeader::default();
     header.flags = NLM_F_DUMP | NLM_F_REQUEST;
-    header.sequence_number = 1;
+    header.sequence_number = DUMP_SEQ;
     let mut request = NetlinkMessage::new(
         header,
         NetlinkPayload::from(RouteNetlinkMessage::GetAddress(AddressMessage::default())),
@@ -57,34 +100,67 @@ pub fn addresses() -> io::Result<Vec<Address>> {
         return Err(io::Error::last_os_error());
     }
     let mut out = Vec::new();
+    let mut notified = false;
     let mut recv = vec![0u8; 64 * 1024];
     for _ in 0..MAX_MESSAGES {
         // SAFETY: receives into `recv`, bounded by its length.
         let n = unsafe { libc::recv(sock.as_raw_fd(), recv.as_mut_ptr().cast(), recv.len(), 0) };
         let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
-        if n == 0 || parse(&recv[..n], &mut out)? {
-            return Ok(out);
+        let (done, other) = parse(&recv[..n], &mut out)?;
+        notified |= other;
+        if n == 0 || done {
+            break;
         }
     }
-    Ok(out)
+    Ok((out, notified))
 }
 
-/// Decodes the messages in one datagram into `out`; `true` at the end of
-/// the dump.
-fn parse(mut bytes: &[u8], out: &mut Vec<Address>) -> io::Result<bool> {
+/// Whether `sock` holds address-change notifications; consumes them.
+fn changed(sock: &OwnedFd) -> bool {
+    let mut recv = [0u8; 8192];
+    let mut any = false;
+    for _ in 0..MAX_MESSAGES {
+        // SAFETY: receives into `recv` without blocking.
+        let n = unsafe {
+            libc::recv(
+                sock.as_raw_fd(),
+                recv.as_mut_ptr().cast(),
+                recv.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n > 0 {
+            any = true;
+            continue;
+        }
+        // EAGAIN: nothing more. Any other error (ENOBUFS: notifications
+        // were lost) counts as a change.
+        return any || (n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock);
+    }
+    true
+}
+
+/// Every address in the calling thread's network namespace.
+pub fn addresses() -> io::Result<Vec<Address>> {
+    Ok(dump(&socket(0)?)?.0)
+}
+
+/// Decodes the messages in one datagram into `out` (only our dump's):
+/// (the end of the dump was seen, a notification was seen).
+fn parse(mut bytes: &[u8], out: &mut Vec<Address>) -> io::Result<(bool, bool)> {
+    let mut notified = false;
     while !bytes.is_empty() {
         let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(bytes)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
         let len = usize::try_from(msg.header.length).unwrap_or(usize::MAX);
+        let ours = msg.header.sequence_number == DUMP_SEQ;
         match msg.payload {
-            NetlinkPayload::Done(_) => return Ok(true),
-            NetlinkPayload::Error(e) => {
-                return Err(e.to_io());
-            }
-            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewAddress(a)) => {
+            NetlinkPayload::Done(_) if ours => return Ok((true, notified)),
+            NetlinkPayload::Error(e) if ours => return Err(e.to_io()),
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewAddress(a)) if ours => {
                 out.extend(address(&a));
             }
-            _ => {}
+            _ => notified = true,
         }
         // Messages are 4-byte aligned within a datagram.
         let next = len.checked_next_multiple_of(4).unwrap_or(usize::MAX);
@@ -93,7 +169,7 @@ fn parse(mut bytes: &[u8], out: &mut Vec<Address>) -> io::Result<bool> {
         }
         bytes = &bytes[next..];
     }
-    Ok(false)
+    Ok((false, notified))
 }
 
 /// The interface's own address: IFA_LOCAL when present (the local end of a
@@ -130,12 +206,7 @@ pub fn node_addresses() -> std::collections::BTreeSet<IpAddr> {
     }
 }
 
-/// A workload's own addresses in its network namespace: IPv4 but
-/// loopback, IPv6 of global scope.
-pub fn workload_addresses(netns: &Path) -> io::Result<Vec<IpAddr>> {
-    Ok(workload_own(addresses_in(netns)?))
-}
-
+/// A workload's own addresses: IPv4 but loopback, IPv6 of global scope.
 fn workload_own(found: Vec<Address>) -> Vec<IpAddr> {
     let mut ips: Vec<IpAddr> = found
         .into_iter()
@@ -150,9 +221,9 @@ fn workload_own(found: Vec<Address>) -> Vec<IpAddr> {
     ips
 }
 
-/// The addresses in the network namespace `netns` (a `/proc/<pid>/ns/net`
-/// file), read from a thread that entered it (CAP_SYS_ADMIN).
-pub fn addresses_in(netns: &Path) -> io::Result<Vec<Address>> {
+/// A subscribed socket made in the network namespace `netns` (a
+/// `/proc/<pid>/ns/net` file) from a thread that entered it (CAP_SYS_ADMIN).
+fn socket_in(netns: &Path) -> io::Result<OwnedFd> {
     let ns = std::fs::File::open(netns)?;
     std::thread::scope(|s| {
         s.spawn(|| {
@@ -161,11 +232,69 @@ pub fn addresses_in(netns: &Path) -> io::Result<Vec<Address>> {
             if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 return Err(io::Error::last_os_error());
             }
-            addresses()
+            socket(ADDRESS_GROUPS)
         })
         .join()
         .unwrap_or_else(|_| Err(io::Error::other("the netlink thread panicked")))
     })
+}
+
+/// Workloads' addresses by network namespace (its `(dev, inode)`), each
+/// dumped when first seen and again only after a change notification.
+#[derive(Default)]
+pub struct AddressBook {
+    namespaces: HashMap<(u64, u64), Watched>,
+}
+
+struct Watched {
+    sock: OwnedFd,
+    ips: Vec<IpAddr>,
+    /// A notification arrived during the last dump: dump again.
+    stale: bool,
+    seen: bool,
+}
+
+impl AddressBook {
+    /// The own addresses of the namespace `key` (opened at `netns`).
+    pub fn workload_addresses(&mut self, key: (u64, u64), netns: &Path) -> io::Result<Vec<IpAddr>> {
+        if let Some(w) = self.namespaces.get_mut(&key) {
+            w.seen = true;
+            if w.stale || changed(&w.sock) {
+                let (found, notified) = dump(&w.sock)?;
+                w.ips = workload_own(found);
+                w.stale = notified;
+            }
+            return Ok(w.ips.clone());
+        }
+        let sock = socket_in(netns)?;
+        let (found, notified) = dump(&sock)?;
+        let ips = workload_own(found);
+        self.namespaces.insert(
+            key,
+            Watched {
+                sock,
+                ips: ips.clone(),
+                stale: notified,
+                seen: true,
+            },
+        );
+        Ok(ips)
+    }
+
+    /// Ends a round: namespaces not looked at since the last call are gone
+    /// (their sockets closed).
+    pub fn end_round(&mut self) {
+        self.namespaces.retain(|_, w| std::mem::take(&mut w.seen));
+    }
+
+    /// Namespaces watched now.
+    pub fn len(&self) -> usize {
+        self.namespaces.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.namespaces.is_empty()
+    }
 }
 
 #[cfg(test)]
@@ -225,8 +354,24 @@ mod tests {
             AddressScope::Link,
             vec![AddressAttribute::Address(link)],
         ));
+        // As our dump's reply (its sequence number).
+        let mut ours = Vec::new();
+        for chunk in [&datagram] {
+            let mut at = 0;
+            while at < chunk.len() {
+                let len = u32::from_ne_bytes(chunk[at..at + 4].try_into().unwrap()) as usize;
+                ours.extend_from_slice(&chunk[at..at + len]);
+                let seq = ours.len() - len + 8;
+                ours[seq..seq + 4].copy_from_slice(&DUMP_SEQ.to_ne_bytes());
+                at += len;
+            }
+        }
         let mut found = Vec::new();
-        assert!(!parse(&datagram, &mut found).unwrap(), "no end of dump yet");
+        assert_eq!(
+            parse(&ours, &mut found).unwrap(),
+            (false, false),
+            "no end of dump yet"
+        );
         assert_eq!(found.len(), 4);
         assert_eq!(workload_own(found), vec![pod, v6]);
         let mut done = NetlinkMessage::<RouteNetlinkMessage>::new(
@@ -236,7 +381,16 @@ mod tests {
         done.finalize();
         let mut buf = vec![0u8; done.buffer_len()];
         done.serialize(&mut buf);
-        assert!(parse(&buf, &mut Vec::new()).unwrap(), "end of dump");
+        // With sequence number 0 these are notifications: counted, not taken.
+        let mut none = Vec::new();
+        assert_eq!(parse(&datagram, &mut none).unwrap(), (false, true));
+        assert!(none.is_empty());
+        buf[8..12].copy_from_slice(&DUMP_SEQ.to_ne_bytes());
+        assert_eq!(
+            parse(&buf, &mut Vec::new()).unwrap(),
+            (true, false),
+            "end of dump"
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! datapath writes. The kernel runs the program on an skb owned by a
 //! throwaway socket in the test's own cgroup, so the test's cgroup is made
 //! a workload ("web") in the plan; peers are remote workloads by address.
+//! Also here: the agent's netlink address book against a real namespace.
 use std::{net::IpAddr, path::PathBuf};
 
 use palisade::{
@@ -216,4 +217,102 @@ fn the_ingress_program_judges_crafted_packets() {
     let judged = bench.datapath().counters().unwrap();
     assert_eq!(judged.unparseable, parsed.unparseable);
     assert_eq!(judged.ingress_deny - parsed.ingress_deny, 1);
+}
+
+/// A network namespace with a veth end and a process in it (all removed on drop).
+struct Netns {
+    name: String,
+    child: std::process::Child,
+}
+
+impl Netns {
+    fn new() -> Netns {
+        let name = format!("palisade-test-nl{}", std::process::id());
+        let ip = |args: &[&str]| {
+            let ok = std::process::Command::new("ip")
+                .args(args)
+                .status()
+                .unwrap();
+            assert!(ok.success(), "ip {args:?}");
+        };
+        ip(&["netns", "add", &name]);
+        let host_end = format!("pnl{}", std::process::id() % 100_000);
+        ip(&[
+            "link", "add", &host_end, "type", "veth", "peer", "name", "w0", "netns", &name,
+        ]);
+        ip(&["-n", &name, "link", "set", "w0", "up"]);
+        ip(&["-n", &name, "addr", "add", "10.99.0.1/24", "dev", "w0"]);
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", &name, "sleep", "60"])
+            .spawn()
+            .unwrap();
+        Netns { name, child }
+    }
+
+    fn ip(&self, args: &[&str]) {
+        let mut all = vec!["-n", &self.name];
+        all.extend_from_slice(args);
+        assert!(
+            std::process::Command::new("ip")
+                .args(&all)
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // Deleting the namespace removes the veth pair with it.
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// A workload's addresses are read once per namespace and again only when
+/// the namespace says its addresses changed (netlink notifications).
+#[test]
+fn workload_addresses_follow_the_namespaces_changes() {
+    use std::os::unix::fs::MetadataExt as _;
+    if !super::kernel_tests_enabled() {
+        return;
+    }
+    let ns = Netns::new();
+    // `ip netns exec` runs `sleep` in the namespace under the same pid.
+    let path = PathBuf::from(format!("/proc/{}/ns/net", ns.child.id()));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let key = loop {
+        let meta = std::fs::metadata(&path).unwrap();
+        let own = std::fs::metadata("/proc/self/ns/net").unwrap();
+        if meta.ino() != own.ino() {
+            break (meta.dev(), meta.ino());
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the process never entered its namespace"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    let mut book = palisade::netlink::AddressBook::default();
+    let ips = |book: &mut palisade::netlink::AddressBook| {
+        let v = book.workload_addresses(key, &path).unwrap();
+        book.end_round();
+        v.iter().map(ToString::to_string).collect::<Vec<_>>()
+    };
+    assert_eq!(ips(&mut book), ["10.99.0.1"]);
+    // Another subnet: deleting 10.99.0.1 (a primary) would take its
+    // secondaries with it.
+    ns.ip(&["addr", "add", "10.98.0.2/24", "dev", "w0"]);
+    ns.ip(&["addr", "add", "fd99::2/64", "dev", "w0", "nodad"]);
+    assert_eq!(ips(&mut book), ["10.98.0.2", "10.99.0.1", "fd99::2"]);
+    ns.ip(&["addr", "del", "10.99.0.1/24", "dev", "w0"]);
+    assert_eq!(ips(&mut book), ["10.98.0.2", "fd99::2"]);
+    assert_eq!(book.len(), 1, "one socket per namespace");
+    // A namespace not looked at in a round is forgotten (its socket closed).
+    book.end_round();
+    assert!(book.is_empty());
 }

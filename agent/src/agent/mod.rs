@@ -728,6 +728,7 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
                 root: root.clone(),
                 classifier,
                 config: config.clone(),
+                addresses: Default::default(),
             };
             drive(config, node, root, source, planner, policies).await
         }

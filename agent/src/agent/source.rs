@@ -63,11 +63,15 @@ pub struct HostSource {
     pub root: PathBuf,
     pub classifier: Classifier,
     pub config: Config,
+    /// Workloads' addresses, by network namespace (netlink, re-read on change).
+    pub addresses: crate::netlink::AddressBook,
 }
 
 impl Source for HostSource {
     fn observe(&mut self) -> Observed {
-        match observe_workloads(&self.root, &self.classifier) {
+        let found = observe_workloads(&self.root, &self.classifier, &mut self.addresses);
+        self.addresses.end_round();
+        match found {
             Ok((workloads, held)) => Observed::Ready(Inputs {
                 held,
                 services: crate::inventory::resolve_services(&self.config.services, &workloads),
@@ -94,6 +98,7 @@ impl Source for HostSource {
 fn observe_workloads(
     root: &Path,
     classifier: &Classifier,
+    addresses: &mut crate::netlink::AddressBook,
 ) -> anyhow::Result<(Vec<Workload>, BTreeMap<u64, u32>)> {
     let cgroups = discovery::scan(root)?;
     let mut held = BTreeMap::new();
@@ -102,7 +107,8 @@ fn observe_workloads(
     // Sorted by path: an ancestor comes before its descendants.
     for cg in &cgroups {
         if let Some(mut w) = classifier.classify(cg) {
-            (w.own_netns, w.ips) = discovery::workload_network(&root.join(&w.cgroup_path));
+            (w.own_netns, w.ips) =
+                discovery::workload_network(&root.join(&w.cgroup_path), addresses);
             workloads.push(w);
             continue;
         }
