@@ -2,6 +2,7 @@
 //! over these modules. See ARCHITECTURE.md for the code map.
 pub mod agent;
 pub mod audit;
+pub mod cgroupwatch;
 pub mod config;
 pub mod control;
 pub mod datapath;

@@ -720,6 +720,7 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
                 node: node_name,
                 root: root.clone(),
                 config: config.clone(),
+                watch: cgroup_watch(),
             };
             drive(config, node, root, source, planner, policies).await
         }
@@ -729,11 +730,22 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
                 classifier,
                 config: config.clone(),
                 addresses: Default::default(),
+                watch: cgroup_watch(),
             };
             drive(config, node, root, source, planner, policies).await
         }
         _ => anyhow::bail!("internal: no workload source for this mode"),
     }
+}
+
+/// The cgroup tree's change notifications; without them (no inotify
+/// instance left) the agent rescans on its interval only.
+fn cgroup_watch() -> Option<crate::cgroupwatch::CgroupWatch> {
+    crate::cgroupwatch::CgroupWatch::new()
+        .inspect_err(|e| {
+            warn!("no inotify for the cgroup tree ({e}): changes are seen at the next rescan only")
+        })
+        .ok()
 }
 
 /// Opens the outputs, starts the servers and turns signals, ticks, watch

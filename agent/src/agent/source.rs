@@ -11,6 +11,7 @@ use std::{
 use palisade_common::identity as reserved;
 
 use crate::{
+    cgroupwatch::CgroupWatch,
     config::Config,
     discovery::{self, Classifier},
     inventory::{Inputs, Nodes, Workload},
@@ -65,11 +66,19 @@ pub struct HostSource {
     pub config: Config,
     /// Workloads' addresses, by network namespace (netlink, re-read on change).
     pub addresses: crate::netlink::AddressBook,
+    /// Wakes the loop when a cgroup is made or removed, or its first
+    /// process joins (`None`: rescans only).
+    pub watch: Option<CgroupWatch>,
 }
 
 impl Source for HostSource {
     fn observe(&mut self) -> Observed {
-        let found = observe_workloads(&self.root, &self.classifier, &mut self.addresses);
+        let found = observe_workloads(
+            &self.root,
+            &self.classifier,
+            &mut self.addresses,
+            self.watch.as_mut(),
+        );
         self.addresses.end_round();
         match found {
             Ok((workloads, held)) => Observed::Ready(Inputs {
@@ -87,7 +96,10 @@ impl Source for HostSource {
     }
 
     async fn changed(&self) {
-        std::future::pending().await
+        match &self.watch {
+            Some(w) => w.changed().await,
+            None => std::future::pending().await,
+        }
     }
 }
 
@@ -99,8 +111,12 @@ fn observe_workloads(
     root: &Path,
     classifier: &Classifier,
     addresses: &mut crate::netlink::AddressBook,
+    watch: Option<&mut CgroupWatch>,
 ) -> anyhow::Result<(Vec<Workload>, BTreeMap<u64, u32>)> {
     let cgroups = discovery::scan(root)?;
+    if let Some(w) = watch {
+        w.sync(root, cgroups.iter().map(|c| c.rel_path.as_str()));
+    }
     let mut held = BTreeMap::new();
     hold_root(root, &mut held);
     let mut workloads: Vec<Workload> = Vec::new();
@@ -143,6 +159,9 @@ pub struct KubernetesSource {
     pub node: String,
     pub root: PathBuf,
     pub config: Config,
+    /// Wakes the loop when a pod's cgroup appears (kubelet makes it after
+    /// the API server has the pod).
+    pub watch: Option<CgroupWatch>,
 }
 
 impl Source for KubernetesSource {
@@ -154,6 +173,9 @@ impl Source for KubernetesSource {
             Ok(c) => c,
             Err(e) => return Observed::Failed(format!("scanning {}: {e:#}", self.root.display())),
         };
+        if let Some(w) = self.watch.as_mut() {
+            w.sync(&self.root, cgroups.iter().map(|c| c.rel_path.as_str()));
+        }
         let pods: Vec<PodInfo> = self
             .cluster
             .pods
@@ -193,6 +215,15 @@ impl Source for KubernetesSource {
     }
 
     async fn changed(&self) {
-        self.cluster.changed.notified().await
+        let cgroups = async {
+            match &self.watch {
+                Some(w) => w.changed().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = self.cluster.changed.notified() => {}
+            () = cgroups => {}
+        }
     }
 }
