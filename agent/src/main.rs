@@ -86,6 +86,7 @@ enum Command {
     /// Print the JSON Schema of a record the agent writes. `audit`: one
     /// line of the audit log (and of `palisade audit`), generated from the
     /// agent's type; the kernel tests check real events against it.
+    /// `status`: the report of `palisade status --json`.
     Schema {
         #[arg(value_enum)]
         record: SchemaRecord,
@@ -135,6 +136,8 @@ enum Command {
 enum SchemaRecord {
     /// An audit event (a line of the audit log).
     Audit,
+    /// The status report (`palisade status --json`, the control socket's `status`).
+    Status,
 }
 
 #[derive(Subcommand)]
@@ -367,10 +370,16 @@ fn main() -> anyhow::Result<()> {
             print!("{}", palisade::kubernetes::crd::crds_yaml());
             Ok(())
         }
-        Command::Schema {
-            record: SchemaRecord::Audit,
-        } => {
-            println!("{}", palisade::audit::audit_schema());
+        Command::Schema { record } => {
+            println!(
+                "{}",
+                match record {
+                    SchemaRecord::Audit => palisade::audit::audit_schema(),
+                    SchemaRecord::Status => serde_json::to_string_pretty(&schemars::schema_for!(
+                        palisade::status::StatusReport
+                    ))?,
+                }
+            );
             Ok(())
         }
         Command::Cleanup { config } => {
