@@ -273,7 +273,7 @@ impl Model {
             .pods
             .get(&probe.to)
             .ok_or_else(|| format!("unknown pod {:?} (write namespace/name)", probe.to))?;
-        let protocol = Protocol::parse(&probe.protocol.to_ascii_uppercase()).ok_or_else(|| {
+        let protocol = Protocol::parse(&probe.protocol).ok_or_else(|| {
             format!(
                 "unsupported protocol {:?}: TCP, UDP or SCTP",
                 probe.protocol

@@ -654,11 +654,10 @@ impl Validator<'_> {
             let f = format!("{field}.ports[{i}]");
             let protocol = match &p.protocol {
                 None => Protocol::Tcp,
-                Some(s) => match s.value.as_str() {
-                    "TCP" => Protocol::Tcp,
-                    "UDP" => Protocol::Udp,
-                    "SCTP" => Protocol::Sctp,
-                    other => {
+                Some(s) => match Protocol::from_api(&s.value) {
+                    Some(p) => p,
+                    None => {
+                        let other = s.value.as_str();
                         self.problem_at(
                             &s.referenced,
                             &format!("{f}.protocol"),

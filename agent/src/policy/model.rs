@@ -35,7 +35,11 @@ pub enum Protocol {
 
 impl Protocol {
     pub const ALL: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
-    /// `TCP`, `UDP` or `SCTP` (any case).
+    /// As the Kubernetes API spells it: exactly `TCP`, `UDP` or `SCTP`.
+    pub fn from_api(s: &str) -> Option<Protocol> {
+        Protocol::ALL.into_iter().find(|p| p.as_str() == s)
+    }
+    /// Any case (agent config, world files, the CLI).
     pub fn parse(s: &str) -> Option<Protocol> {
         Protocol::ALL
             .into_iter()
