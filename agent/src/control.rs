@@ -234,6 +234,15 @@ pub struct PolicyWritten {
 /// "not yet" (waiting for the API server, a busy round).
 async fn settle(cx: &Context, before: u64, timeout: Duration) -> Settled {
     let deadline = tokio::time::Instant::now() + timeout;
+    if timeout.is_zero() {
+        // Not waiting: wake the loop (its answer is not read) and say pending.
+        if let Some(written) = &cx.written {
+            let (reply, _) = tokio::sync::oneshot::channel();
+            let _ = written.try_send(PolicyWritten { reply });
+        }
+        let generation = cx.status.lock().map(|s| s.generation).unwrap_or_default();
+        return Settled::Pending(generation);
+    }
     if let Some(written) = &cx.written {
         let (reply, answer) = tokio::sync::oneshot::channel();
         if written.send(PolicyWritten { reply }).await.is_ok()

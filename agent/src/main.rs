@@ -158,7 +158,8 @@ enum PolicyCommand {
         /// Policy file or directory (repeatable).
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<PathBuf>,
-        /// How long to wait for the kernel to enforce the change.
+        /// How long to wait for the kernel to enforce the change (`0s`: do
+        /// not wait; exit 3, the agent applies it all the same).
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         timeout: std::time::Duration,
     },
