@@ -101,10 +101,12 @@ pub fn scan(root: &Path) -> Result<Vec<Cgroup>, DiscoveryError> {
             Err(source) => return Err(DiscoveryError::Io { path: dir, source }),
         };
         for entry in entries.flatten() {
-            let Ok(meta) = entry.metadata() else { continue };
-            if !meta.is_dir() {
+            // The entry's type comes with the directory listing: only
+            // directories (cgroups) cost a stat, not the control files.
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
                 continue;
             }
+            let Ok(meta) = entry.metadata() else { continue };
             let name = entry.file_name().to_string_lossy().into_owned();
             let child_rel = if rel.is_empty() {
                 name

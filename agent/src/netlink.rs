@@ -190,19 +190,41 @@ fn address(msg: &AddressMessage) -> Option<Address> {
 }
 
 /// The addresses of the interfaces in the agent's network namespace (the
-/// node's, as the agent runs in it), loopback excluded; none when the dump
-/// fails (logged).
-pub fn node_addresses() -> std::collections::BTreeSet<IpAddr> {
-    match addresses() {
-        Ok(found) => found
-            .into_iter()
-            .map(|a| a.ip)
-            .filter(|ip| !ip.is_loopback())
-            .collect(),
-        Err(e) => {
-            tracing::warn!("reading the node's addresses over netlink: {e}");
-            Default::default()
+/// node's, as the agent runs in it), loopback excluded: dumped once, and
+/// again only after the namespace says its addresses changed.
+#[derive(Default)]
+pub struct NodeAddresses {
+    watched: Option<(OwnedFd, std::collections::BTreeSet<IpAddr>)>,
+    stale: bool,
+}
+
+impl NodeAddresses {
+    /// The node's addresses now; the last known ones when a dump fails (logged).
+    pub fn get(&mut self) -> std::collections::BTreeSet<IpAddr> {
+        let fresh = match &self.watched {
+            Some((sock, _)) if !self.stale && !changed(sock) => None,
+            Some(_) => Some(self.watched.take().map(|(sock, _)| sock)),
+            None => Some(socket(ADDRESS_GROUPS).ok()),
+        };
+        if let Some(sock) = fresh {
+            match sock.map(|s| dump(&s).map(|d| (s, d))) {
+                Some(Ok((sock, (found, notified)))) => {
+                    let ips = found
+                        .into_iter()
+                        .map(|a| a.ip)
+                        .filter(|ip| !ip.is_loopback())
+                        .collect();
+                    self.stale = notified;
+                    self.watched = Some((sock, ips));
+                }
+                Some(Err(e)) => tracing::warn!("reading the node's addresses over netlink: {e}"),
+                None => tracing::warn!("no netlink socket for the node's addresses"),
+            }
         }
+        self.watched
+            .as_ref()
+            .map(|(_, ips)| ips.clone())
+            .unwrap_or_default()
     }
 }
 

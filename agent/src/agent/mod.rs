@@ -721,6 +721,7 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
                 root: root.clone(),
                 config: config.clone(),
                 watch: cgroup_watch(),
+                node_addresses: Default::default(),
             };
             drive(config, node, root, source, planner, policies).await
         }
@@ -730,6 +731,7 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
                 classifier,
                 config: config.clone(),
                 addresses: Default::default(),
+                node_addresses: Default::default(),
                 watch: cgroup_watch(),
             };
             drive(config, node, root, source, planner, policies).await

@@ -66,6 +66,8 @@ pub struct HostSource {
     pub config: Config,
     /// Workloads' addresses, by network namespace (netlink, re-read on change).
     pub addresses: crate::netlink::AddressBook,
+    /// The node's addresses (netlink, re-read on change).
+    pub node_addresses: crate::netlink::NodeAddresses,
     /// Wakes the loop when a cgroup is made or removed, or its first
     /// process joins (`None`: rescans only).
     pub watch: Option<CgroupWatch>,
@@ -85,7 +87,7 @@ impl Source for HostSource {
                 held,
                 services: crate::inventory::resolve_services(&self.config.services, &workloads),
                 nodes: Nodes {
-                    local: crate::netlink::node_addresses(),
+                    local: self.node_addresses.get(),
                     remote: BTreeSet::new(),
                 },
                 workloads,
@@ -162,6 +164,8 @@ pub struct KubernetesSource {
     /// Wakes the loop when a pod's cgroup appears (kubelet makes it after
     /// the API server has the pod).
     pub watch: Option<CgroupWatch>,
+    /// The node's addresses (netlink, re-read on change).
+    pub node_addresses: crate::netlink::NodeAddresses,
 }
 
 impl Source for KubernetesSource {
@@ -196,7 +200,7 @@ impl Source for KubernetesSource {
             &self.cluster.endpoint_slices.state(),
         );
         input.nodes = crate::kubernetes::nodes(&self.node, &self.cluster.nodes.state());
-        input.nodes.local.extend(crate::netlink::node_addresses());
+        input.nodes.local.extend(self.node_addresses.get());
         // Pods on the host network use the node's addresses.
         input.nodes.local.extend(
             pods.iter()
