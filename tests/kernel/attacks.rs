@@ -346,7 +346,7 @@ fn a_socket_created_outside_the_root_and_used_by_a_workload_is_reported() {
         )
         .unwrap();
     let status = agent
-        .wait_state("a foreign socket", Duration::from_secs(10), |s| {
+        .wait_status("a foreign socket", Duration::from_secs(10), |s| {
             s["foreign_sockets"]
                 .as_array()
                 .is_some_and(|f| !f.is_empty())

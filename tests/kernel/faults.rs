@@ -171,7 +171,7 @@ fn a_swapped_policy_map_pin_is_not_adopted_by_a_restarted_agent() {
     std::fs::remove_file(pins.join("PAL_POLICY_V1")).unwrap();
     s.agent.spawn().unwrap();
     s.agent
-        .wait_state("the link replaced", Duration::from_secs(10), |v| {
+        .wait_status("the link replaced", Duration::from_secs(10), |v| {
             super::replaced(v, "link:palisade_ingress")
                 .is_some_and(|why| why.contains("reads another PAL_POLICY_V1"))
         })
@@ -210,9 +210,9 @@ fn a_recreated_cgroup_root_is_enforced_again_running_or_restarted() {
     );
     // Under a running agent: the root is gone for a moment (not ready,
     // and saying why), then back with the same pods.
-    let agent = &s.agent;
+    let agent = &mut s.agent;
     s.world
-        .recreate_cgroups(|| {
+        .recreate_cgroups(move || {
             agent
                 .wait_status("not ready, the root gone", Duration::from_secs(5), |v| {
                     v["ready"] == false && v["enforcement_problems"].to_string().contains("is gone")
@@ -247,7 +247,7 @@ fn a_recreated_cgroup_root_is_enforced_again_running_or_restarted() {
     );
     s.agent.spawn().unwrap();
     s.agent
-        .wait_state("the link replaced", Duration::from_secs(10), |v| {
+        .wait_status("the link replaced", Duration::from_secs(10), |v| {
             super::replaced(v, "link:palisade_ingress")
                 .is_some_and(|why| why.contains("not to the root"))
         })
@@ -337,7 +337,7 @@ fn a_vanished_or_emptied_policy_directory_keeps_the_last_good_policy() {
     s.agent.spawn().unwrap();
     let status = s
         .agent
-        .wait_state("the policy source problem", Duration::from_secs(10), |v| {
+        .wait_status("the policy source problem", Duration::from_secs(10), |v| {
             v["policy_source_problem"]
                 .as_str()
                 .is_some_and(|p| p.contains("has no policy files, but the pinned state enforces"))

@@ -472,7 +472,7 @@ fn a_policy_file_change_applies_and_an_invalid_one_is_rejected() {
     // An invalid file: rejected with its location; the previous policy stays in force.
     std::fs::write(policies.path().join("broken.yaml"), "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: b, namespace: production}\nspec:\n  podSelector: {}\n  ingress:\n  - ports: [{port: 0}]\n").unwrap();
     s.agent
-        .wait_state("the change refused", Duration::from_secs(5), |st| {
+        .wait_status("the change refused", Duration::from_secs(5), |st| {
             st["policy_revision_refused"].as_u64() >= Some(1)
         })
         .expect("refused");
@@ -509,7 +509,7 @@ fn a_policy_file_change_applies_and_an_invalid_one_is_rejected() {
     )
     .unwrap();
     s.agent
-        .wait_state("two policies applied", Duration::from_secs(5), |st| {
+        .wait_status("two policies applied", Duration::from_secs(5), |st| {
             st["policies"] == 2 && st["policy_revision_applied"] == st["policy_revision"]
         })
         .expect("reloaded and applied");
@@ -897,7 +897,7 @@ fn a_change_that_does_not_fit_a_map_is_refused_whole() {
     s.agent.kill();
     s.agent.spawn().unwrap();
     s.agent
-        .wait_state(
+        .wait_status(
             "the adopted tables kept, the first state refused",
             Duration::from_secs(10),
             |v| {
@@ -1135,7 +1135,7 @@ fn pins_of_an_incompatible_layout_are_replaced_with_a_log_line() {
     std::fs::create_dir(pins.join("layout-0")).unwrap();
     s.agent.spawn().unwrap();
     s.agent
-        .wait_state("the pins replaced", Duration::from_secs(10), |v| {
+        .wait_status("the pins replaced", Duration::from_secs(10), |v| {
             replaced(v, "pins").is_some_and(|why| why.contains("layout-0"))
         })
         .expect("the old layout replaced, not adopted");
@@ -1158,7 +1158,7 @@ fn pins_of_an_incompatible_layout_are_replaced_with_a_log_line() {
     std::fs::write(s.agent.dir.join("agent.yaml"), config).unwrap();
     s.agent.spawn().unwrap();
     s.agent
-        .wait_state("the maps replaced", Duration::from_secs(10), |v| {
+        .wait_status("the maps replaced", Duration::from_secs(10), |v| {
             replaced(v, "maps").is_some_and(|why| why.contains("PAL_POLICY_V1"))
         })
         .expect("maps of another capacity replaced, not adopted");

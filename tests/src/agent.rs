@@ -220,7 +220,7 @@ impl Agent {
     /// Waits until the status shows a first state applied (the kernel
     /// enforces what the agent planned); fails early if the agent exits.
     pub fn wait_applied(&mut self, timeout: Duration) -> anyhow::Result<serde_json::Value> {
-        self.wait_state("a state applied", timeout, |s| s["applied"] == true)
+        self.wait_status("a state applied", timeout, |s| s["applied"] == true)
     }
 
     /// Waits until the status lists a workload whose name or cgroup path
@@ -232,7 +232,7 @@ impl Agent {
         timeout: Duration,
     ) -> anyhow::Result<serde_json::Value> {
         let what = format!("workload {needle} {}", address.unwrap_or(""));
-        self.wait_state(&what, timeout, |s| {
+        self.wait_status(&what, timeout, |s| {
             s["workload_list"]
                 .as_array()
                 .into_iter()
@@ -253,8 +253,9 @@ impl Agent {
         })
     }
 
-    /// Polls the status until `pred` holds, failing early if the agent exits.
-    pub fn wait_state(
+    /// Polls the status until `pred` holds (the last status in the error on
+    /// timeout), failing early if the agent exits.
+    pub fn wait_status(
         &mut self,
         what: &str,
         timeout: Duration,
@@ -314,31 +315,6 @@ impl Agent {
     /// status: 2 only means "not ready").
     pub fn status(&self) -> anyhow::Result<serde_json::Value> {
         status_at(&self.dir.join("palisade.sock"))
-    }
-
-    /// Polls the status until `pred` holds; the last status on timeout.
-    pub fn wait_status(
-        &self,
-        what: &str,
-        timeout: Duration,
-        pred: impl Fn(&serde_json::Value) -> bool,
-    ) -> anyhow::Result<serde_json::Value> {
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            let status = self.status();
-            if let Ok(s) = &status
-                && pred(s)
-            {
-                return status;
-            }
-            if std::time::Instant::now() > deadline {
-                anyhow::bail!(
-                    "status never showed {what} within {timeout:?}; last: {}",
-                    status.map_or_else(|e| e.to_string(), |s| s.to_string())
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
     }
 
     /// Audit events written so far, parsed.
