@@ -255,14 +255,11 @@ async fn settle(cx: &Context, before: u64, timeout: Duration) -> Settled {
         }
     }
     loop {
-        let s = cx.status.lock().map(|s| s.clone()).unwrap_or_default();
-        if s.policy_revision > before {
-            if s.policy_revision_refused >= s.policy_revision {
-                return Settled::Refused(s.last_error.unwrap_or_default());
-            }
-            if s.policy_revision_applied >= s.policy_revision {
-                return Settled::Applied(s.generation);
-            }
+        let s = report(cx);
+        // Only a revision read after the write says how the write ended.
+        let settled = s.settled();
+        if s.policy_revision > before && !matches!(settled, Settled::Pending(_)) {
+            return settled;
         }
         if tokio::time::Instant::now() >= deadline {
             return Settled::Pending(s.generation);

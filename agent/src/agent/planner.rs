@@ -564,25 +564,15 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::datapath::{Datapath, fake::FakeDatapath};
+    use crate::{
+        agent::tests::workload,
+        datapath::{Datapath, fake::FakeDatapath},
+    };
 
     fn host(workloads: Vec<Workload>) -> Inputs {
         Inputs {
             workloads,
             ..Inputs::default()
-        }
-    }
-
-    fn workload(cgroup_id: u64, app: &str) -> Workload {
-        Workload {
-            cgroup_id,
-            cgroup_path: format!("prod/w{cgroup_id}"),
-            namespace: "prod".into(),
-            name: format!("w{cgroup_id}"),
-            labels: [("app".to_owned(), app.to_owned())].into(),
-            ips: vec![format!("10.1.0.{cgroup_id}").parse().unwrap()],
-            ports: Vec::new(),
-            own_netns: true,
         }
     }
 

@@ -36,7 +36,9 @@ impl Source for Scripted {
     }
 }
 
-fn workload(cgroup_id: u64, app: &str) -> Workload {
+/// A workload `prod/w<id>` labelled `app`, its own netns, address 10.1.0.<id>
+/// (shared with the planner's tests).
+pub(super) fn workload(cgroup_id: u64, app: &str) -> Workload {
     Workload {
         cgroup_id,
         cgroup_path: format!("prod/w{cgroup_id}"),
@@ -60,6 +62,23 @@ fn inputs(workloads: &[(u64, &str)]) -> Inputs {
 }
 
 const DENY_ALL: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny-all, namespace: prod}\nspec:\n  podSelector: {}\n  policyTypes: [Ingress, Egress]\n";
+const ALLOW_WEB: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: allow-web, namespace: prod}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  ingress: [{}]\n";
+
+/// An agent over workload 7 (`web`) with `deny.yaml` (DENY_ALL) in its
+/// policy directory (kept alive by the returned guard).
+fn agent_with_deny_all() -> (tempfile::TempDir, Agent<FakeDatapath, Scripted>) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("deny.yaml"), DENY_ALL).unwrap();
+    let a = agent(
+        FakeDatapath::default(),
+        Scripted {
+            inputs: inputs(&[(7, "web")]),
+            ..Scripted::default()
+        },
+        Some(dir.path()),
+    );
+    (dir, a)
+}
 
 fn agent(
     dp: FakeDatapath,
@@ -181,23 +200,10 @@ fn nothing_is_applied_while_the_source_is_not_listed() {
 
 #[test]
 fn the_sources_policies_join_the_files_when_its_epoch_changes() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("deny.yaml"), DENY_ALL).unwrap();
-    let mut a = agent(
-        FakeDatapath::default(),
-        Scripted {
-            inputs: inputs(&[(7, "web")]),
-            ..Scripted::default()
-        },
-        Some(dir.path()),
-    );
+    let (_dir, mut a) = agent_with_deny_all();
     a.step(Event::Tick);
     assert_eq!(status(&a).policies, 1);
-    let allow = crate::policy::load::parse_str(
-        "cluster",
-        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: allow-web, namespace: prod}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  ingress: [{}]\n",
-    )
-    .unwrap();
+    let allow = crate::policy::load::parse_str("cluster", ALLOW_WEB).unwrap();
     a.source.policies = allow;
     a.step(Event::Tick);
     assert_eq!(status(&a).policies, 1, "same epoch: not merged yet");
@@ -212,23 +218,10 @@ fn the_sources_policies_join_the_files_when_its_epoch_changes() {
 
 #[test]
 fn a_written_policy_is_answered_applied_or_refused_in_the_same_step() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("deny.yaml"), DENY_ALL).unwrap();
-    let mut a = agent(
-        FakeDatapath::default(),
-        Scripted {
-            inputs: inputs(&[(7, "web")]),
-            ..Scripted::default()
-        },
-        Some(dir.path()),
-    );
+    let (dir, mut a) = agent_with_deny_all();
     a.step(Event::Tick);
     let before = a.datapath.applied.last().unwrap().policy.clone();
-    std::fs::write(
-        dir.path().join("allow.yaml"),
-        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: allow-web, namespace: prod}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  ingress: [{}]\n",
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("allow.yaml"), ALLOW_WEB).unwrap();
     let (tx, mut rx) = oneshot::channel();
     a.step(Event::PolicyWritten(tx));
     assert_eq!(rx.try_recv().unwrap(), Settled::Applied(2));
