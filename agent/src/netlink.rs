@@ -34,22 +34,42 @@ const ADDRESS_GROUPS: u32 = 0x10 | 0x100;
 /// The sequence number of our dump requests (notifications carry 0).
 const DUMP_SEQ: u32 = 1;
 
-/// A route netlink socket in the calling thread's namespace, subscribed to
-/// `groups`, with a receive timeout so that a dump cannot hang the agent.
-fn socket(groups: u32) -> io::Result<OwnedFd> {
+/// A netlink socket of `protocol` (`NETLINK_ROUTE`, `NETLINK_SOCK_DIAG`)
+/// in the calling thread's network namespace.
+pub(crate) fn open(kind: libc::c_int, protocol: libc::c_int) -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2); the descriptor is owned below.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_ROUTE,
-        )
-    };
+    let fd = unsafe { libc::socket(libc::AF_NETLINK, kind | libc::SOCK_CLOEXEC, protocol) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: `fd` is a new descriptor nothing else owns.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Runs `f` in a short-lived thread that entered the network namespace
+/// `ns` (setns affects the calling thread only; needs CAP_SYS_ADMIN).
+pub(crate) fn in_netns<T: Send>(
+    ns: &std::fs::File,
+    f: impl FnOnce() -> io::Result<T> + Send,
+) -> io::Result<T> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: entering a namespace by a valid descriptor, in this
+            // thread only.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            f()
+        })
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("the namespace thread panicked")))
+    })
+}
+
+/// A route netlink socket in the calling thread's namespace, subscribed to
+/// `groups`, with a receive timeout so that a dump cannot hang the agent.
+fn socket(groups: u32) -> io::Result<OwnedFd> {
+    let sock = open(libc::SOCK_RAW, libc::NETLINK_ROUTE)?;
     // SAFETY: an all-zero sockaddr_nl is valid; the fields are set below.
     let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
     addr.nl_family = libc::AF_NETLINK as u16;
@@ -246,19 +266,7 @@ fn workload_own(found: Vec<Address>) -> Vec<IpAddr> {
 /// A subscribed socket made in the network namespace `netns` (a
 /// `/proc/<pid>/ns/net` file) from a thread that entered it (CAP_SYS_ADMIN).
 fn socket_in(netns: &Path) -> io::Result<OwnedFd> {
-    let ns = std::fs::File::open(netns)?;
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            // SAFETY: entering a namespace by a valid descriptor, in this
-            // short-lived thread only.
-            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            socket(ADDRESS_GROUPS)
-        })
-        .join()
-        .unwrap_or_else(|_| Err(io::Error::other("the netlink thread panicked")))
-    })
+    in_netns(&std::fs::File::open(netns)?, || socket(ADDRESS_GROUPS))
 }
 
 /// Workloads' addresses by network namespace (its `(dev, inode)`), each

@@ -13,7 +13,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs::File,
     io,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsRawFd as _, OwnedFd},
     path::Path,
 };
 
@@ -63,19 +63,7 @@ const INET_DIAG_CGROUP_ID: u16 = 21;
 /// (inode → (cgroup id, protocol)) of every TCP and UDP socket in the
 /// calling thread's network namespace.
 fn diag_sockets() -> io::Result<BTreeMap<u64, (u64, &'static str)>> {
-    // SAFETY: plain syscall; the descriptor is owned from here on.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            libc::NETLINK_SOCK_DIAG,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh, valid descriptor.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let fd = crate::netlink::open(libc::SOCK_DGRAM, libc::NETLINK_SOCK_DIAG)?;
     let mut out = BTreeMap::new();
     for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
         for (protocol, name) in [
@@ -172,18 +160,7 @@ pub fn find_foreign(processes: &[(String, u32)], managed: &BTreeSet<u64>) -> Vec
         let Ok(ns) = File::open(format!("/proc/{first}/ns/net")) else {
             continue;
         };
-        // setns affects the calling thread only: list from a scoped thread.
-        let sockets = std::thread::scope(|s| {
-            s.spawn(|| {
-                // SAFETY: entering a namespace by a valid descriptor, in this thread only.
-                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    return BTreeMap::new();
-                }
-                diag_sockets().unwrap_or_default()
-            })
-            .join()
-            .unwrap_or_default()
-        });
+        let sockets = crate::netlink::in_netns(&ns, diag_sockets).unwrap_or_default();
         for (workload, pid) in procs {
             for inode in socket_inodes(*pid) {
                 if let Some((cgroup, protocol)) = sockets.get(&inode)

@@ -190,26 +190,40 @@ impl Agent {
 
     /// Waits until the log has a line containing every one of `needles`.
     pub fn wait_for_log(&mut self, needles: &[&str], timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self
+        self.poll(&format!("logging {needles:?}"), timeout, |agent| {
+            let found = agent
                 .log()
                 .iter()
-                .any(|l| needles.iter().all(|n| l.contains(n)))
-            {
-                return Ok(());
-            }
+                .any(|l| needles.iter().all(|n| l.contains(n)));
+            if found { Ok(()) } else { Err(String::new()) }
+        })
+    }
+
+    /// Calls `check` every 20 ms until it gives a value (`Err`: what it saw
+    /// so far, for the timeout's message); fails early if the agent exits.
+    fn poll<T>(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut check: impl FnMut(&Agent) -> Result<T, String>,
+    ) -> anyhow::Result<T> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let seen = match check(self) {
+                Ok(v) => return Ok(v),
+                Err(seen) => seen,
+            };
             if let Some(child) = &mut self.child
-                && let Some(status) = child.try_wait()?
+                && let Some(exit) = child.try_wait()?
             {
                 bail!(
-                    "agent exited ({status}) before logging {needles:?}:\n{}",
+                    "agent exited ({exit}) before {what}:\n{}",
                     self.log().join("\n")
                 );
             }
             if Instant::now() > deadline {
                 bail!(
-                    "agent did not log {needles:?} within {timeout:?}:\n{}",
+                    "agent did not show {what} within {timeout:?}{seen}\n{}",
                     self.log().join("\n")
                 );
             }
@@ -261,31 +275,15 @@ impl Agent {
         timeout: Duration,
         pred: impl Fn(&serde_json::Value) -> bool,
     ) -> anyhow::Result<serde_json::Value> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let status = self.status();
-            if let Ok(s) = &status
-                && pred(s)
-            {
-                return status;
-            }
-            if let Some(child) = &mut self.child
-                && let Some(exit) = child.try_wait()?
-            {
-                bail!(
-                    "agent exited ({exit}) before its status showed {what}:\n{}",
-                    self.log().join("\n")
-                );
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "the agent's status did not show {what} within {timeout:?}; last: {}\n{}",
-                    status.map_or_else(|e| e.to_string(), |s| s.to_string()),
-                    self.log().join("\n")
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.poll(
+            &format!("{what} in its status"),
+            timeout,
+            |agent| match agent.status() {
+                Ok(s) if pred(&s) => Ok(s),
+                Ok(s) => Err(format!("; last status: {s}")),
+                Err(e) => Err(format!("; last status: {e}")),
+            },
+        )
     }
 
     /// Waits until the agent enforces every pod of `world` with its addresses.
