@@ -48,7 +48,9 @@ use crate::{
         Endpoint, Inputs, Nodes, RemoteWorkload, Service, ServicePort, UnknownPods, Workload,
     },
     policy::{
+        api::{ClusterPalisadePolicy, PalisadePolicy},
         labels::Labels,
+        load::{self, PolicyObject},
         model::{Policy, Protocol},
     },
 };
@@ -113,8 +115,8 @@ pub struct Cluster {
     pub pods: Store<Pod>,
     pub namespaces: Store<Namespace>,
     pub network_policies: Store<NetworkPolicy>,
-    pub palisade_policies: Store<crd::PalisadePolicy>,
-    pub cluster_palisade_policies: Store<crd::ClusterPalisadePolicy>,
+    pub palisade_policies: Store<PalisadePolicy>,
+    pub cluster_palisade_policies: Store<ClusterPalisadePolicy>,
     pub services: Store<KubeService>,
     pub endpoint_slices: Store<EndpointSlice>,
     pub nodes: Store<Node>,
@@ -130,7 +132,7 @@ pub struct Cluster {
 }
 
 /// Origin → (resourceVersion, what validating that version gave).
-type ParseCache = HashMap<String, (String, Result<Vec<Policy>, String>)>;
+type ParseCache = HashMap<String, (String, Result<Policy, String>)>;
 
 impl Drop for Cluster {
     fn drop(&mut self) {
@@ -253,7 +255,7 @@ impl Cluster {
         );
         tasks.push(t);
         let (palisade_policies, t) = follow(
-            Api::<crd::PalisadePolicy>::all(client.clone()),
+            Api::<PalisadePolicy>::all(client.clone()),
             |n| n.metadata.managed_fields = None,
             3,
             s.clone(),
@@ -262,7 +264,7 @@ impl Cluster {
         );
         tasks.push(t);
         let (cluster_palisade_policies, t) = follow(
-            Api::<crd::ClusterPalisadePolicy>::all(client.clone()),
+            Api::<ClusterPalisadePolicy>::all(client.clone()),
             |n| n.metadata.managed_fields = None,
             4,
             s.clone(),
@@ -349,32 +351,25 @@ impl Cluster {
     /// is left out (with a message naming it); the others apply. Results are
     /// cached per object and resourceVersion.
     pub fn policies(&self) -> (Vec<Policy>, Vec<String>) {
-        let mut docs: Vec<(String, String, String)> = Vec::new();
-        for np in self.network_policies.state() {
-            docs.push(document(
-                "NetworkPolicy",
-                "networking.k8s.io/v1",
-                &np.metadata,
-                &np.spec,
-            ));
+        let (nps, pps, cps) = (
+            self.network_policies.state(),
+            self.palisade_policies.state(),
+            self.cluster_palisade_policies.state(),
+        );
+        let mut objects: Vec<(String, Option<&str>, PolicyObject<'_>)> = Vec::new();
+        for np in &nps {
+            let o = PolicyObject::Network(np);
+            objects.push((o.name(), resource_version(&np.metadata), o));
         }
-        for p in self.palisade_policies.state() {
-            docs.push(document(
-                "PalisadePolicy",
-                crate::policy::api::PALISADE_API,
-                &p.metadata,
-                &Some(&p.spec),
-            ));
+        for pp in &pps {
+            let o = PolicyObject::Palisade(pp);
+            objects.push((o.name(), resource_version(&pp.metadata), o));
         }
-        for p in self.cluster_palisade_policies.state() {
-            docs.push(document(
-                "ClusterPalisadePolicy",
-                crate::policy::api::PALISADE_API,
-                &p.metadata,
-                &Some(&p.spec),
-            ));
+        for cp in &cps {
+            let o = PolicyObject::ClusterPalisade(cp);
+            objects.push((o.name(), resource_version(&cp.metadata), o));
         }
-        docs.sort();
+        objects.sort_by(|a, b| a.0.cmp(&b.0));
         let mut cache = match self.parsed.lock() {
             Ok(c) => c,
             Err(poisoned) => poisoned.into_inner(),
@@ -382,21 +377,20 @@ impl Cluster {
         let mut out = Vec::new();
         let mut problems = Vec::new();
         let mut keep = std::collections::HashSet::new();
-        for (origin, version, text) in docs {
-            keep.insert(origin.clone());
+        for (name, version, object) in objects {
+            keep.insert(name.clone());
             let entry = cache
-                .entry(origin.clone())
+                .entry(name.clone())
                 .or_insert_with(|| (String::new(), Err(String::new())));
-            if entry.0 != version || version.is_empty() {
-                let parsed =
-                    crate::policy::load::parse_str(&origin, &text).map_err(|e| e.to_string());
-                if let Err(e) = &parsed {
-                    warn!("{origin} is not applied:\n{e}");
+            if version.is_none_or(|v| entry.0 != v) {
+                let validated = load::validate_object(object).map_err(|e| e.to_string());
+                if let Err(e) = &validated {
+                    warn!("{name} is not applied:\n{e}");
                 }
-                *entry = (version, parsed);
+                *entry = (version.unwrap_or_default().to_owned(), validated);
             }
             match &entry.1 {
-                Ok(p) => out.extend(p.iter().cloned()),
+                Ok(p) => out.push(p.clone()),
                 Err(e) => problems.push(e.clone()),
             }
         }
@@ -405,36 +399,10 @@ impl Cluster {
     }
 }
 
-/// A policy object as the JSON text the policy loader reads (JSON is YAML),
-/// with only the metadata a policy file has. Returns (origin, resourceVersion, text).
-fn document<T: serde::Serialize>(
-    kind: &str,
-    api_version: &str,
-    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-    spec: &T,
-) -> (String, String, String) {
-    let ns = meta.namespace.clone().unwrap_or_default();
-    let name = meta.name.clone().unwrap_or_default();
-    let origin = if ns.is_empty() {
-        format!("{kind}/{name}")
-    } else {
-        format!("{kind}/{ns}/{name}")
-    };
-    let mut metadata = serde_json::json!({ "name": name });
-    if !ns.is_empty() {
-        metadata["namespace"] = ns.into();
-    }
-    let doc = serde_json::json!({
-        "apiVersion": api_version,
-        "kind": kind,
-        "metadata": metadata,
-        "spec": spec,
-    });
-    (
-        origin,
-        meta.resource_version.clone().unwrap_or_default(),
-        serde_json::to_string_pretty(&doc).unwrap_or_default(),
-    )
+fn resource_version(
+    m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Option<&str> {
+    m.resource_version.as_deref().filter(|v| !v.is_empty())
 }
 
 /// A pod as identity and the ipcache see it.

@@ -234,7 +234,7 @@ where
     reader
 }
 
-fn cluster_with(nps: Vec<NetworkPolicy>, pps: Vec<crd::PalisadePolicy>) -> Cluster {
+fn cluster_with(nps: Vec<NetworkPolicy>, pps: Vec<crate::policy::api::PalisadePolicy>) -> Cluster {
     Cluster {
         pods: store(Vec::new()),
         namespaces: store(Vec::new()),

@@ -1,16 +1,21 @@
-//! The user-facing policy documents, exactly as written in YAML: Kubernetes
-//! `networking.k8s.io/v1` NetworkPolicy and Palisade's own
-//! `palisade.dev/v1alpha1` PalisadePolicy. This is the only place that derives
-//! `Deserialize` for policy; `load` validates these and converts them into
-//! `model` types. Unknown fields are rejected.
-use std::collections::BTreeMap;
-
-use serde::Deserialize;
-
-use super::labels::LabelSelector;
-
-/// A value with the place it was written, for located validation messages.
-pub type S<T> = serde_saphyr::Spanned<T>;
+//! The one policy schema: the documents users write and the API server
+//! stores, as Rust types. NetworkPolicy is k8s-openapi's own type, unchanged;
+//! PalisadePolicy and ClusterPalisadePolicy are the CRD types (kube's
+//! `CustomResource` derive; `kubernetes::crd` renders their
+//! CustomResourceDefinitions). Policy files and cluster objects deserialize
+//! into these same types; `schema` checks a file's structure against the
+//! JSON Schema generated from them, and `load` validates their semantics and
+//! converts them into `model` types.
+pub use k8s_openapi::{
+    api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort},
+    apimachinery::pkg::{
+        apis::meta::v1::{LabelSelector, ObjectMeta},
+        util::intstr::IntOrString,
+    },
+};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 pub const NETWORK_POLICY_API: &str = "networking.k8s.io/v1";
 pub const NETWORK_POLICY_KIND: &str = "NetworkPolicy";
@@ -26,193 +31,137 @@ pub struct TypeMeta {
     pub kind: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct ObjectMeta {
-    pub name: Option<S<String>>,
-    pub namespace: Option<String>,
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-    #[serde(default)]
-    pub annotations: BTreeMap<String, String>,
-    // Fields a `kubectl get -o yaml` export carries; accepted and ignored.
-    pub uid: Option<String>,
-    pub resource_version: Option<String>,
-    pub generation: Option<i64>,
-    pub creation_timestamp: Option<String>,
-    pub managed_fields: Option<serde::de::IgnoredAny>,
-}
-
-// ---------------------------------------------------------------- Kubernetes
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct NetworkPolicy {
-    pub api_version: String,
-    pub kind: String,
-    pub metadata: ObjectMeta,
-    pub spec: NetworkPolicySpec,
-    pub status: Option<serde::de::IgnoredAny>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct NetworkPolicySpec {
-    pub pod_selector: Option<S<LabelSelector>>,
-    pub policy_types: Option<Vec<S<String>>>,
-    pub ingress: Option<Vec<NetworkPolicyIngressRule>>,
-    pub egress: Option<Vec<NetworkPolicyEgressRule>>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct NetworkPolicyIngressRule {
-    pub from: Option<Vec<S<NetworkPolicyPeer>>>,
-    pub ports: Option<Vec<NetworkPolicyPort>>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct NetworkPolicyEgressRule {
-    pub to: Option<Vec<S<NetworkPolicyPeer>>>,
-    pub ports: Option<Vec<NetworkPolicyPort>>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct NetworkPolicyPeer {
-    pub pod_selector: Option<LabelSelector>,
-    pub namespace_selector: Option<LabelSelector>,
-    pub ip_block: Option<IpBlock>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct IpBlock {
-    pub cidr: S<String>,
-    #[serde(default)]
-    pub except: Vec<S<String>>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct NetworkPolicyPort {
-    pub protocol: Option<S<String>>,
-    pub port: Option<S<IntOrString>>,
-    pub end_port: Option<S<Integer>>,
-}
-
-/// An integer field: as in the API server, a quoted `"90"` is a string and
-/// is refused, not converted.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Integer(pub i64);
-
-impl<'de> Deserialize<'de> for Integer {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl serde::de::Visitor<'_> for V {
-            type Value = Integer;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("an integer")
-            }
-            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Integer, E> {
-                Ok(Integer(v))
-            }
-            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Integer, E> {
-                Ok(Integer(i64::try_from(v).unwrap_or(i64::MAX)))
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Integer, E> {
-                Err(E::custom(format!(
-                    "expected an integer, found the string {v:?} (write the number without quotes)"
-                )))
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
-
-/// Kubernetes `IntOrString`: a port number or a port name.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum IntOrString {
-    Int(i64),
-    String(String),
-}
-
-impl<'de> Deserialize<'de> for IntOrString {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl serde::de::Visitor<'_> for V {
-            type Value = IntOrString;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a port number or a port name")
-            }
-            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<IntOrString, E> {
-                Ok(IntOrString::Int(v))
-            }
-            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<IntOrString, E> {
-                Ok(IntOrString::Int(i64::try_from(v).unwrap_or(i64::MAX)))
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<IntOrString, E> {
-                Ok(IntOrString::String(v.to_owned()))
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
-
 // ------------------------------------------------------------------ Palisade
 
-/// Palisade's own policy kind: the same model as NetworkPolicy, plus named
-/// rules, explicit deny rules, identities by name and an audit mode.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct PalisadePolicy {
-    pub api_version: String,
-    pub kind: String,
-    pub metadata: ObjectMeta,
-    pub spec: PalisadePolicySpec,
+/// `enforce` drops what no rule allows; `audit` only reports it (`would-deny`).
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Enforce,
+    Audit,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct PalisadePolicySpec {
-    /// `enforce` (default) or `audit`.
-    pub mode: Option<S<String>>,
-    /// Workloads this policy applies to, in the policy's namespace (any
-    /// namespace for a ClusterPalisadePolicy).
-    pub selector: S<LabelSelector>,
-    /// ClusterPalisadePolicy only: limits the namespaces whose workloads it selects.
-    pub namespaces: Option<S<LabelSelector>>,
-    /// Present (even empty) ⇒ selected workloads are default-deny for ingress.
-    pub ingress: Option<Vec<PalisadeRule>>,
-    /// Present (even empty) ⇒ selected workloads are default-deny for egress.
-    pub egress: Option<Vec<PalisadeRule>>,
+/// `allow` (default) or `deny`; a deny beats every allow.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Allow,
+    Deny,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct PalisadeRule {
-    pub name: Option<S<String>>,
-    /// `allow` (default) or `deny`; a deny beats every allow.
-    pub action: Option<S<String>>,
-    /// Ingress peers. Absent ⇒ any peer.
-    pub from: Option<Vec<S<PalisadePeer>>>,
-    /// Egress peers. Absent ⇒ any peer.
-    pub to: Option<Vec<S<PalisadePeer>>>,
-    /// Absent ⇒ every port of every protocol.
-    pub ports: Option<Vec<NetworkPolicyPort>>,
+/// One rule: peers, ports and what to do.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Rule {
+    /// Name shown in audit events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<Action>,
+    /// Ingress peers. Absent: any peer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<Vec<Peer>>,
+    /// Egress peers. Absent: any peer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<Vec<Peer>>,
+    /// Absent: every port of every protocol.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<Vec<Port>>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct PalisadePeer {
+/// A peer: workloads by labels, namespaces by labels, an identity by name, or a CIDR.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Peer {
     /// Workloads by labels (in `namespaces`, or the policy's own namespace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<LabelSelector>,
     /// Namespaces by labels; `{}` is every namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespaces: Option<LabelSelector>,
-    /// An identity by name: `spiffe://<trust-domain>/ns/<ns>/sa/<sa>` or `<ns>/<name>`.
-    pub identity: Option<S<String>>,
-    pub cidr: Option<S<String>>,
-    #[serde(default)]
-    pub except: Vec<S<String>>,
+    /// `spiffe://<trust-domain>/ns/<ns>/sa/<sa>` or `<ns>/<name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cidr: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub except: Vec<String>,
+}
+
+/// A port, a named port, or a range (`port`..`endPort`), as in NetworkPolicy.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Port {
+    /// `TCP` (default), `UDP` or `SCTP`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<IntOrString>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_port: Option<i32>,
+}
+
+/// Which workloads a PalisadePolicy protects and what may reach them or be reached.
+#[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[kube(
+    group = "palisade.dev",
+    version = "v1alpha1",
+    kind = "PalisadePolicy",
+    plural = "palisadepolicies",
+    shortname = "ppol",
+    namespaced,
+    doc = "Palisade's own policy kind: NetworkPolicy's model plus named rules, deny rules, identities by name and an audit mode. Selects workloads in its namespace.",
+    printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PalisadePolicySpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<Mode>,
+    /// Workloads this policy applies to, in the policy's namespace.
+    pub selector: LabelSelector,
+    /// Present (even empty): selected workloads are default-deny for ingress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<Vec<Rule>>,
+    /// Present (even empty): selected workloads are default-deny for egress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<Vec<Rule>>,
+}
+
+/// The cluster-wide form: selects workloads in every namespace (or those `namespaces` selects).
+#[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[kube(
+    group = "palisade.dev",
+    version = "v1alpha1",
+    kind = "ClusterPalisadePolicy",
+    plural = "clusterpalisadepolicies",
+    shortname = "cppol",
+    doc = "A PalisadePolicy for the whole cluster: selects workloads in every namespace, or in the namespaces `spec.namespaces` selects.",
+    printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClusterPalisadePolicySpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<Mode>,
+    /// Workloads this policy applies to.
+    pub selector: LabelSelector,
+    /// Limits the namespaces whose workloads it selects. Absent: every namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespaces: Option<LabelSelector>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<Vec<Rule>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<Vec<Rule>>,
+}
+
+impl From<PalisadePolicySpec> for ClusterPalisadePolicySpec {
+    /// A namespaced policy's spec as the cluster-wide form with no namespace selector.
+    fn from(spec: PalisadePolicySpec) -> Self {
+        ClusterPalisadePolicySpec {
+            mode: spec.mode,
+            selector: spec.selector,
+            namespaces: None,
+            ingress: spec.ingress,
+            egress: spec.egress,
+        }
+    }
 }

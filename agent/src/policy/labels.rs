@@ -57,6 +57,47 @@ pub enum Operator {
 }
 
 impl LabelSelector {
+    /// The selector an API object spells, with the problems the API server
+    /// would reject it for, as (field, message). A requirement with an
+    /// unknown operator is left out (and is the problem named).
+    pub fn from_api(
+        api: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
+    ) -> (Self, Vec<(String, String)>) {
+        let mut unknown = Vec::new();
+        let mut selector = LabelSelector {
+            match_labels: api.match_labels.clone().unwrap_or_default(),
+            match_expressions: Vec::new(),
+        };
+        for (i, r) in api.match_expressions.iter().flatten().enumerate() {
+            let operator = match r.operator.as_str() {
+                "In" => Operator::In,
+                "NotIn" => Operator::NotIn,
+                "Exists" => Operator::Exists,
+                "DoesNotExist" => Operator::DoesNotExist,
+                other => {
+                    unknown.push((
+                        format!("matchExpressions[{i}].operator"),
+                        format!("unsupported value {other:?}: supported values: \"In\", \"NotIn\", \"Exists\", \"DoesNotExist\""),
+                    ));
+                    continue;
+                }
+            };
+            selector.match_expressions.push(Requirement {
+                key: r.key.clone(),
+                operator,
+                values: r.values.clone().unwrap_or_default(),
+            });
+        }
+        // With a requirement left out the indices would shift: report the
+        // unknown operators alone first.
+        let problems = if unknown.is_empty() {
+            selector.validate()
+        } else {
+            unknown
+        };
+        (selector, problems)
+    }
+
     pub fn matches(&self, labels: &Labels) -> bool {
         self.match_labels
             .iter()

@@ -1,7 +1,9 @@
-//! Reading policy files: multi-document YAML, routed by `apiVersion`/`kind`,
-//! validated, converted into the `model`. Every problem is reported as
-//! `file:line:column: field.path: what is wrong`, and a set with any problem is
-//! rejected whole.
+//! Reading policies: multi-document YAML files, routed by `apiVersion`/`kind`,
+//! and objects from the API server, both as the `api` types; validated and
+//! converted into the `model` by one validator. A file's problem is reported
+//! as `file:line:column: field.path: what is wrong` (the field path placed by
+//! the document's span map), a cluster object's as `Kind/namespace/name:
+//! field.path: what is wrong`; a set with any problem is rejected whole.
 use std::{
     fmt,
     net::IpAddr,
@@ -9,10 +11,11 @@ use std::{
 };
 
 use ipnet::IpNet;
-use serde::de::DeserializeOwned;
+
+use crate::yaml;
 
 use super::{
-    api::{self, IntOrString, NetworkPolicyPeer, NetworkPolicyPort, ObjectMeta},
+    api::{self, IntOrString, NetworkPolicyPeer, NetworkPolicyPort},
     labels::{self, LabelSelector},
     model::{
         Action, Direction, Mode, NamespaceScope, Origin, Peer, Policy, PortRange, Protocol, Rule,
@@ -43,7 +46,9 @@ fn rule_terms(p: &Policy) -> usize {
 /// One located problem.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Problem {
+    /// The file, or a cluster object's `Kind/namespace/name`.
     pub file: String,
+    /// 1-based; 0 for a cluster object (no position).
     pub line: usize,
     pub column: usize,
     /// Dotted field path (`spec.ingress[0].ports[1].port`), empty for syntax errors.
@@ -53,7 +58,12 @@ pub struct Problem {
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: ", self.file, self.line, self.column)?;
+        if self.line == 0 {
+            // A cluster object: no position, its `Kind/namespace/name`.
+            write!(f, "{}: ", self.file)?;
+        } else {
+            write!(f, "{}:{}:{}: ", self.file, self.line, self.column)?;
+        }
         if !self.field.is_empty() {
             write!(f, "{}: ", self.field)?;
         }
@@ -274,44 +284,7 @@ fn split_documents(text: &str) -> Vec<Document<'_>> {
         .collect()
 }
 
-/// `apiVersion` and `kind` read from top-level `key: value` lines without
-/// parsing the document, which halves the cost of a large file. `None` (the
-/// caller then parses) unless both are plain or quoted scalars on their own
-/// top-level lines, each once, and the document has no anchors or aliases
-/// (whose budget the full parse enforces first).
-fn quick_type_meta(text: &str) -> Option<api::TypeMeta> {
-    if text.contains(['&', '*']) {
-        return None;
-    }
-    let (mut api_version, mut kind) = (None, None);
-    for line in text.lines() {
-        let (slot, rest) = if let Some(r) = line.strip_prefix("apiVersion:") {
-            (&mut api_version, r)
-        } else if let Some(r) = line.strip_prefix("kind:") {
-            (&mut kind, r)
-        } else {
-            continue;
-        };
-        let v = rest.trim();
-        let v = v
-            .strip_prefix('"')
-            .and_then(|v| v.strip_suffix('"'))
-            .unwrap_or(v);
-        let simple = !v.is_empty()
-            && v.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'/' || b == b'-');
-        if !simple || slot.is_some() {
-            return None;
-        }
-        *slot = Some(v.to_owned());
-    }
-    Some(api::TypeMeta {
-        api_version: Some(api_version?),
-        kind: Some(kind?),
-    })
-}
-
-fn parse_doc<T: DeserializeOwned>(file: &str, doc: &Document<'_>) -> Result<T, Problem> {
+fn parse_doc(file: &str, doc: &Document<'_>) -> Result<yaml::Node, Problem> {
     crate::yaml::from_str(doc.text).map_err(|e| Problem {
         file: file.to_owned(),
         line: doc.first_line + e.line as usize - 1,
@@ -321,34 +294,99 @@ fn parse_doc<T: DeserializeOwned>(file: &str, doc: &Document<'_>) -> Result<T, P
     })
 }
 
+/// A top-level string field of a document (`apiVersion`, `kind`).
+fn top_level<'n>(node: &'n yaml::Node, key: &str) -> Option<&'n str> {
+    let yaml::Value::Map(entries) = &node.value else {
+        return None;
+    };
+    entries
+        .iter()
+        .find(|(k, _)| k.name == key)
+        .and_then(|(_, v)| match &v.value {
+            yaml::Value::Str(s) => Some(s.as_str()),
+            _ => None,
+        })
+}
+
+/// A policy object as the API server stores it.
+#[derive(Clone, Copy, Debug)]
+pub enum PolicyObject<'a> {
+    Network(&'a api::NetworkPolicy),
+    Palisade(&'a api::PalisadePolicy),
+    ClusterPalisade(&'a api::ClusterPalisadePolicy),
+}
+
+impl PolicyObject<'_> {
+    /// `Kind/namespace/name` (`Kind/name` when not namespaced): how problems
+    /// and the policy's origin name the object.
+    pub fn name(&self) -> String {
+        let (kind, meta) = match self {
+            PolicyObject::Network(o) => (api::NETWORK_POLICY_KIND, &o.metadata),
+            PolicyObject::Palisade(o) => (api::PALISADE_KIND, &o.metadata),
+            PolicyObject::ClusterPalisade(o) => (api::CLUSTER_PALISADE_KIND, &o.metadata),
+        };
+        let name = meta.name.as_deref().unwrap_or_default();
+        match meta.namespace.as_deref() {
+            Some(ns) if !ns.is_empty() => format!("{kind}/{ns}/{name}"),
+            _ => format!("{kind}/{name}"),
+        }
+    }
+}
+
+/// Validates one object read from the API server, with the same checks as a
+/// policy file; problems are named `Kind/namespace/name: field.path: …`.
+pub fn validate_object(object: PolicyObject<'_>) -> Result<Policy, LoadError> {
+    let name = object.name();
+    let mut cx = Validator {
+        place: Place::Object,
+        file: &name,
+        line: 0,
+        problems: Vec::new(),
+    };
+    let policy = match object {
+        PolicyObject::Network(np) => cx.network_policy(np),
+        PolicyObject::Palisade(pp) => {
+            cx.palisade_policy(&pp.metadata, &pp.spec.clone().into(), false)
+        }
+        PolicyObject::ClusterPalisade(cp) => cx.palisade_policy(&cp.metadata, &cp.spec, true),
+    };
+    if cx.problems.is_empty() {
+        Ok(policy)
+    } else {
+        Err(LoadError {
+            problems: cx.problems,
+        })
+    }
+}
+
 /// Parses and validates every document of one file.
 pub fn parse_str(file: &str, text: &str) -> Result<Vec<Policy>, LoadError> {
     let mut policies = Vec::new();
     let mut problems = Vec::new();
     for doc in split_documents(text) {
-        let meta: api::TypeMeta =
-            match quick_type_meta(doc.text).map_or_else(|| parse_doc(file, &doc), Ok) {
-                Ok(m) => m,
-                Err(p) => {
-                    problems.push(p);
-                    continue;
-                }
-            };
+        let node = match parse_doc(file, &doc) {
+            Ok(n) => n,
+            Err(p) => {
+                problems.push(p);
+                continue;
+            }
+        };
         let mut cx = Validator {
+            place: Place::File(node.spans()),
             file,
             line: doc.first_line,
             problems: Vec::new(),
         };
-        let policy = match (meta.api_version.as_deref(), meta.kind.as_deref()) {
-            (Some(api::NETWORK_POLICY_API), Some(api::NETWORK_POLICY_KIND)) => {
-                parse_doc::<api::NetworkPolicy>(file, &doc).map(|np| cx.network_policy(np))
-            }
-            (Some(api::PALISADE_API), Some(api::PALISADE_KIND)) => {
-                parse_doc::<api::PalisadePolicy>(file, &doc).map(|pp| cx.palisade_policy(pp, false))
-            }
-            (Some(api::PALISADE_API), Some(api::CLUSTER_PALISADE_KIND)) => {
-                parse_doc::<api::PalisadePolicy>(file, &doc).map(|pp| cx.palisade_policy(pp, true))
-            }
+        let policy = match (top_level(&node, "apiVersion"), top_level(&node, "kind")) {
+            (Some(api::NETWORK_POLICY_API), Some(api::NETWORK_POLICY_KIND)) => cx
+                .typed::<api::NetworkPolicy>(&node, doc.text)
+                .map(|np| cx.network_policy(&np)),
+            (Some(api::PALISADE_API), Some(api::PALISADE_KIND)) => cx
+                .typed::<api::PalisadePolicy>(&node, doc.text)
+                .map(|pp| cx.palisade_policy(&pp.metadata, &pp.spec.into(), false)),
+            (Some(api::PALISADE_API), Some(api::CLUSTER_PALISADE_KIND)) => cx
+                .typed::<api::ClusterPalisadePolicy>(&node, doc.text)
+                .map(|cp| cx.palisade_policy(&cp.metadata, &cp.spec, true)),
             (api_version, kind) => {
                 cx.problem(
                     if api_version.is_none() {
@@ -367,13 +405,12 @@ pub fn parse_str(file: &str, text: &str) -> Result<Vec<Policy>, LoadError> {
                         api::CLUSTER_PALISADE_KIND
                     ),
                 );
-                Ok(None)
+                None
             }
         };
         match policy {
-            Ok(Some(p)) if cx.problems.is_empty() => policies.push(p),
-            Ok(_) => {}
-            Err(p) => problems.push(p),
+            Some(p) if cx.problems.is_empty() => policies.push(p),
+            _ => {}
         }
         problems.append(&mut cx.problems);
     }
@@ -384,40 +421,72 @@ pub fn parse_str(file: &str, text: &str) -> Result<Vec<Policy>, LoadError> {
     }
 }
 
+/// Where a document's problems are placed: a file's span map turns a field
+/// path into line:column; a cluster object has no positions.
+enum Place {
+    File(yaml::Spans),
+    Object,
+}
+
 /// Collects semantic problems of one document and converts it to the model.
 struct Validator<'a> {
+    place: Place,
+    /// The file, or the object's `Kind/namespace/name`.
     file: &'a str,
-    /// The document's first line in the file.
+    /// The document's first line in the file (0 for a cluster object).
     line: usize,
     problems: Vec<Problem>,
 }
 
-type Loc = serde_saphyr::Location;
-
 impl Validator<'_> {
-    /// A problem at the document's start (for facts with no single place).
+    /// A problem at `field`: where its value (or its nearest written
+    /// ancestor) was written in a file; the object's name for a cluster object.
     fn problem(&mut self, field: &str, message: impl Into<String>) {
+        let (line, column) = match &self.place {
+            Place::Object => (0, 0),
+            Place::File(spans) => spans.locate(field).map_or((self.line, 1), |(l, c)| {
+                (self.line + l as usize - 1, c as usize)
+            }),
+        };
+        self.push(line, column, field, message.into());
+    }
+
+    fn push(&mut self, line: usize, column: usize, field: &str, message: String) {
         self.problems.push(Problem {
             file: self.file.to_owned(),
-            line: self.line,
-            column: 1,
+            line,
+            column,
             field: field.to_owned(),
-            message: message.into(),
+            message,
         });
     }
 
-    /// A problem where the offending value was written.
-    fn problem_at(&mut self, at: &Loc, field: &str, message: impl Into<String>) {
-        if at.line() == 0 {
-            return self.problem(field, message);
+    /// The document as `T`: its structure checked against `T`'s schema (all
+    /// problems at once), then deserialized. `None` after a problem.
+    fn typed<T: serde::de::DeserializeOwned + schemars::JsonSchema + 'static>(
+        &mut self,
+        node: &yaml::Node,
+        text: &str,
+    ) -> Option<T> {
+        let json = match super::schema::conform::<T>(node, text) {
+            Ok(json) => json,
+            Err(problems) => {
+                for p in problems {
+                    let line = self.line + p.at.0 as usize - 1;
+                    self.push(line, p.at.1 as usize, &p.path, p.message);
+                }
+                return None;
+            }
+        };
+        match serde_path_to_error::deserialize(json) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                let path = e.path().to_string();
+                let path = if path == "." { String::new() } else { path };
+                self.problem(&path, e.into_inner().to_string());
+                None
+            }
         }
-        self.problems.push(Problem {
-            file: self.file.to_owned(),
-            line: self.line + at.line() as usize - 1,
-            column: at.column() as usize,
-            field: field.to_owned(),
-            message: message.into(),
-        });
     }
 
     fn origin(&self, kind: &'static str) -> Origin {
@@ -428,28 +497,16 @@ impl Validator<'_> {
         }
     }
 
-    fn metadata(&mut self, meta: &ObjectMeta, namespaced: bool) -> (String, Option<String>) {
-        let name = match &meta.name {
-            None => {
-                self.problem("metadata.name", "is required");
-                String::new()
+    fn metadata(&mut self, meta: &api::ObjectMeta, namespaced: bool) -> (String, Option<String>) {
+        let name = meta.name.clone().unwrap_or_default();
+        if name.is_empty() {
+            self.problem("metadata.name", "is required");
+        } else {
+            let p = labels::dns1123_subdomain_problems(&name);
+            if !p.is_empty() {
+                self.problem("metadata.name", labels::invalid(&name, &p));
             }
-            Some(n) => {
-                if n.value.is_empty() {
-                    self.problem_at(&n.referenced, "metadata.name", "is required");
-                } else {
-                    let p = labels::dns1123_subdomain_problems(&n.value);
-                    if !p.is_empty() {
-                        self.problem_at(
-                            &n.referenced,
-                            "metadata.name",
-                            labels::invalid(&n.value, &p),
-                        );
-                    }
-                }
-                n.value.clone()
-            }
-        };
+        }
         if let Some(ns) = &meta.namespace {
             let p = labels::dns1123_label_problems(ns);
             if !p.is_empty() {
@@ -468,32 +525,33 @@ impl Validator<'_> {
         (name, namespace)
     }
 
-    fn selector(&mut self, at: &Loc, field: &str, sel: &LabelSelector) {
-        for (f, m) in sel.validate() {
-            self.problem_at(at, &format!("{field}.{f}"), m);
+    fn selector(&mut self, field: &str, sel: &api::LabelSelector) -> LabelSelector {
+        let (selector, problems) = LabelSelector::from_api(sel);
+        for (f, m) in problems {
+            self.problem(&format!("{field}.{f}"), m);
         }
+        selector
     }
 
-    fn network_policy(&mut self, np: api::NetworkPolicy) -> Option<Policy> {
+    fn network_policy(&mut self, np: &api::NetworkPolicy) -> Policy {
         let (name, namespace) = self.metadata(&np.metadata, true);
-        let spec = np.spec;
-        let pod_selector = match spec.pod_selector {
-            Some(s) => {
-                self.selector(&s.referenced, "spec.podSelector", &s.value);
-                s.value
-            }
-            None => LabelSelector::default(),
-        };
+        // A missing spec is the empty spec, as the API server stores it.
+        let spec = np.spec.clone().unwrap_or_default();
+        let pod_selector = spec
+            .pod_selector
+            .as_ref()
+            .map_or_else(LabelSelector::default, |s| {
+                self.selector("spec.podSelector", s)
+            });
         // API server defaulting: Ingress always, Egress when egress rules exist.
         let (mut ingress_on, mut egress_on) = (false, false);
-        match spec.policy_types {
+        match &spec.policy_types {
             Some(types) => {
                 for (i, t) in types.iter().enumerate() {
-                    match t.value.as_str() {
+                    match t.as_str() {
                         "Ingress" => ingress_on = true,
                         "Egress" => egress_on = true,
-                        other => self.problem_at(
-                            &t.referenced,
+                        other => self.problem(
                             &format!("spec.policyTypes[{i}]"),
                             format!("unsupported value {other:?}: supported values: \"Ingress\", \"Egress\""),
                         ),
@@ -506,16 +564,18 @@ impl Validator<'_> {
             }
         }
         let mut ingress = Vec::new();
-        for (i, r) in spec.ingress.unwrap_or_default().into_iter().enumerate() {
+        for (i, r) in spec.ingress.iter().flatten().enumerate() {
             let field = format!("spec.ingress[{i}]");
-            ingress.push(self.k8s_rule(&field, "from", r.from, r.ports, format!("ingress[{i}]")));
+            let (peers, ports) = (r.from.as_deref(), r.ports.as_deref());
+            ingress.push(self.k8s_rule(&field, "from", peers, ports, format!("ingress[{i}]")));
         }
         let mut egress = Vec::new();
-        for (i, r) in spec.egress.unwrap_or_default().into_iter().enumerate() {
+        for (i, r) in spec.egress.iter().flatten().enumerate() {
             let field = format!("spec.egress[{i}]");
-            egress.push(self.k8s_rule(&field, "to", r.to, r.ports, format!("egress[{i}]")));
+            let (peers, ports) = (r.to.as_deref(), r.ports.as_deref());
+            egress.push(self.k8s_rule(&field, "to", peers, ports, format!("egress[{i}]")));
         }
-        Some(Policy {
+        Policy {
             name,
             namespace,
             origin: self.origin(api::NETWORK_POLICY_KIND),
@@ -524,26 +584,36 @@ impl Validator<'_> {
             namespace_selector: None,
             ingress: ingress_on.then_some(ingress),
             egress: egress_on.then_some(egress),
-        })
+        }
     }
 
     fn k8s_rule(
         &mut self,
         field: &str,
         peers_field: &str,
-        peers: Option<Vec<api::S<NetworkPolicyPeer>>>,
-        ports: Option<Vec<NetworkPolicyPort>>,
+        peers: Option<&[NetworkPolicyPeer]>,
+        ports: Option<&[NetworkPolicyPort]>,
         name: String,
     ) -> Rule {
         // An empty or missing list means "everything" for both peers and ports.
         let peers = peers.filter(|p| !p.is_empty()).map(|peers| {
             peers
-                .into_iter()
+                .iter()
                 .enumerate()
                 .filter_map(|(i, p)| self.k8s_peer(&format!("{field}.{peers_field}[{i}]"), p))
                 .collect()
         });
-        let (ports, named_ports) = self.ports(field, ports);
+        let ports: Option<Vec<api::Port>> = ports.map(|ports| {
+            ports
+                .iter()
+                .map(|p| api::Port {
+                    protocol: p.protocol.clone(),
+                    port: p.port.clone(),
+                    end_port: p.end_port,
+                })
+                .collect()
+        });
+        let (ports, named_ports) = self.ports(field, ports.as_deref());
         Rule {
             name,
             action: Action::Allow,
@@ -553,53 +623,43 @@ impl Validator<'_> {
         }
     }
 
-    fn k8s_peer(&mut self, field: &str, peer: api::S<NetworkPolicyPeer>) -> Option<Peer> {
-        let at = peer.referenced;
-        let peer = peer.value;
-        match (peer.pod_selector, peer.namespace_selector, peer.ip_block) {
+    fn k8s_peer(&mut self, field: &str, peer: &NetworkPolicyPeer) -> Option<Peer> {
+        match (&peer.pod_selector, &peer.namespace_selector, &peer.ip_block) {
             (None, None, None) => {
-                self.problem_at(
-                    &at,
+                self.problem(
                     field,
                     "must specify a peer: podSelector, namespaceSelector or ipBlock",
                 );
                 None
             }
             (Some(_), _, Some(_)) | (_, Some(_), Some(_)) => {
-                self.problem_at(
-                    &at,
+                self.problem(
                     field,
                     "may not specify both ipBlock and another peer (podSelector/namespaceSelector)",
                 );
                 None
             }
-            (None, None, Some(block)) => {
-                self.cidr(&format!("{field}.ipBlock"), &block.cidr, &block.except)
-            }
+            (None, None, Some(block)) => self.cidr(
+                &format!("{field}.ipBlock"),
+                &block.cidr,
+                block.except.as_deref().unwrap_or_default(),
+            ),
             (pods, namespaces, None) => {
-                if let Some(p) = &pods {
-                    self.selector(&at, &format!("{field}.podSelector"), p);
-                }
-                if let Some(n) = &namespaces {
-                    self.selector(&at, &format!("{field}.namespaceSelector"), n);
-                }
+                let pods = pods
+                    .as_ref()
+                    .map(|p| self.selector(&format!("{field}.podSelector"), p));
+                let namespaces = namespaces
+                    .as_ref()
+                    .map(|n| self.selector(&format!("{field}.namespaceSelector"), n));
                 Some(Peer::Workloads {
                     pods,
-                    namespaces: match namespaces {
-                        Some(n) => NamespaceScope::Matching(n),
-                        None => NamespaceScope::Same,
-                    },
+                    namespaces: namespaces.map_or(NamespaceScope::Same, NamespaceScope::Matching),
                 })
             }
         }
     }
 
-    fn cidr(
-        &mut self,
-        field: &str,
-        cidr: &api::S<String>,
-        except: &[api::S<String>],
-    ) -> Option<Peer> {
+    fn cidr(&mut self, field: &str, cidr: &str, except: &[String]) -> Option<Peer> {
         let parse = |s: &str| -> Result<IpNet, String> {
             s.parse::<IpNet>().map_err(|_| {
                 if s.parse::<IpAddr>().is_ok() {
@@ -611,27 +671,23 @@ impl Validator<'_> {
                 }
             })
         };
-        let block = match parse(&cidr.value) {
+        let block = match parse(cidr) {
             Ok(b) => b,
             Err(m) => {
-                self.problem_at(&cidr.referenced, &format!("{field}.cidr"), m);
+                self.problem(&format!("{field}.cidr"), m);
                 return None;
             }
         };
         let mut excepts = Vec::new();
         for (i, e) in except.iter().enumerate() {
             let f = format!("{field}.except[{i}]");
-            match parse(&e.value) {
+            match parse(e) {
                 Ok(net) if block.contains(&net) && net != block => excepts.push(net),
-                Ok(_) => self.problem_at(
-                    &e.referenced,
+                Ok(_) => self.problem(
                     &f,
-                    format!(
-                        "{:?} must be a strict subset of cidr {:?}",
-                        e.value, cidr.value
-                    ),
+                    format!("{e:?} must be a strict subset of cidr {cidr:?}"),
                 ),
-                Err(m) => self.problem_at(&e.referenced, &f, m),
+                Err(m) => self.problem(&f, m),
             }
         }
         Some(Peer::Cidr {
@@ -643,25 +699,23 @@ impl Validator<'_> {
     fn ports(
         &mut self,
         field: &str,
-        ports: Option<Vec<NetworkPolicyPort>>,
+        ports: Option<&[api::Port]>,
     ) -> (Option<Vec<PortRange>>, Vec<(Protocol, String)>) {
         let mut named = Vec::new();
         let Some(ports) = ports.filter(|p| !p.is_empty()) else {
             return (None, named);
         };
         let mut out = Vec::new();
-        for (i, p) in ports.into_iter().enumerate() {
+        for (i, p) in ports.iter().enumerate() {
             let f = format!("{field}.ports[{i}]");
             let protocol = match &p.protocol {
                 None => Protocol::Tcp,
-                Some(s) => match Protocol::from_api(&s.value) {
+                Some(s) => match Protocol::from_api(s) {
                     Some(p) => p,
                     None => {
-                        let other = s.value.as_str();
-                        self.problem_at(
-                            &s.referenced,
+                        self.problem(
                             &format!("{f}.protocol"),
-                            format!("unsupported value {other:?}: supported values: \"TCP\", \"UDP\", \"SCTP\""),
+                            format!("unsupported value {s:?}: supported values: \"TCP\", \"UDP\", \"SCTP\""),
                         );
                         continue;
                     }
@@ -669,9 +723,8 @@ impl Validator<'_> {
             };
             let first = match &p.port {
                 None => {
-                    if let Some(e) = &p.end_port {
-                        self.problem_at(
-                            &e.referenced,
+                    if p.end_port.is_some() {
+                        self.problem(
                             &format!("{f}.endPort"),
                             "may not be specified when port is not specified",
                         );
@@ -679,61 +732,48 @@ impl Validator<'_> {
                     out.push(PortRange::all(protocol));
                     continue;
                 }
-                Some(s) => match &s.value {
-                    IntOrString::Int(n) if (1..=65535).contains(n) => *n as u16,
-                    IntOrString::Int(n) => {
-                        self.problem_at(
-                            &s.referenced,
-                            &format!("{f}.port"),
-                            format!("{n} is out of range: must be between 1 and 65535, inclusive"),
+                Some(IntOrString::Int(n)) if (1..=65535).contains(n) => *n as u16,
+                Some(IntOrString::Int(n)) => {
+                    self.problem(
+                        &format!("{f}.port"),
+                        format!("{n} is out of range: must be between 1 and 65535, inclusive"),
+                    );
+                    continue;
+                }
+                Some(IntOrString::String(name)) => {
+                    if p.end_port.is_some() {
+                        self.problem(
+                            &format!("{f}.endPort"),
+                            "may not be specified with a named port",
                         );
-                        continue;
+                    } else if !is_port_name(name) {
+                        self.problem(
+                            &format!("{f}.port"),
+                            format!("{name:?} is not a valid port name: at most 15 lower-case letters, digits and '-', with at least one letter"),
+                        );
+                    } else {
+                        named.push((protocol, name.clone()));
                     }
-                    IntOrString::String(name) => {
-                        if let Some(e) = &p.end_port {
-                            self.problem_at(
-                                &e.referenced,
-                                &format!("{f}.endPort"),
-                                "may not be specified with a named port",
-                            );
-                        } else if !is_port_name(name) {
-                            self.problem_at(
-                                &s.referenced,
-                                &format!("{f}.port"),
-                                format!("{name:?} is not a valid port name: at most 15 lower-case letters, digits and '-', with at least one letter"),
-                            );
-                        } else {
-                            named.push((protocol, name.clone()));
-                        }
-                        continue;
-                    }
-                },
+                    continue;
+                }
             };
-            let last = match &p.end_port {
+            let last = match p.end_port {
                 None => first,
-                Some(e) if !(1..=65535).contains(&e.value.0) => {
-                    self.problem_at(
-                        &e.referenced,
+                Some(e) if !(1..=65535).contains(&e) => {
+                    self.problem(
                         &format!("{f}.endPort"),
-                        format!(
-                            "{} is out of range: must be between 1 and 65535, inclusive",
-                            e.value.0
-                        ),
+                        format!("{e} is out of range: must be between 1 and 65535, inclusive"),
                     );
                     continue;
                 }
-                Some(e) if e.value.0 < i64::from(first) => {
-                    self.problem_at(
-                        &e.referenced,
+                Some(e) if e < i32::from(first) => {
+                    self.problem(
                         &format!("{f}.endPort"),
-                        format!(
-                            "{} must be greater than or equal to port ({first})",
-                            e.value.0
-                        ),
+                        format!("{e} must be greater than or equal to port ({first})"),
                     );
                     continue;
                 }
-                Some(e) => e.value.0 as u16,
+                Some(e) => e as u16,
             };
             out.push(PortRange {
                 protocol,
@@ -744,55 +784,39 @@ impl Validator<'_> {
         (Some(out), named)
     }
 
-    fn palisade_policy(&mut self, pp: api::PalisadePolicy, cluster: bool) -> Option<Policy> {
-        let (name, namespace) = self.metadata(&pp.metadata, !cluster);
+    fn palisade_policy(
+        &mut self,
+        meta: &api::ObjectMeta,
+        spec: &api::ClusterPalisadePolicySpec,
+        cluster: bool,
+    ) -> Policy {
+        let (name, namespace) = self.metadata(meta, !cluster);
         if cluster && namespace.is_some() {
             self.problem(
                 "metadata.namespace",
                 "a ClusterPalisadePolicy is not namespaced: remove metadata.namespace",
             );
         }
-        let spec = pp.spec;
-        let namespace_selector = match spec.namespaces {
-            Some(sel) if !cluster => {
-                self.problem_at(&sel.referenced, "spec.namespaces", "only a ClusterPalisadePolicy selects namespaces; a PalisadePolicy applies to its own");
-                None
-            }
-            Some(sel) => {
-                self.selector(&sel.referenced, "spec.namespaces", &sel.value);
-                Some(sel.value)
-            }
-            None => None,
+        let namespace_selector = spec
+            .namespaces
+            .as_ref()
+            .map(|sel| self.selector("spec.namespaces", sel));
+        let mode = match spec.mode {
+            None | Some(api::Mode::Enforce) => Mode::Enforce,
+            Some(api::Mode::Audit) => Mode::Audit,
         };
-        let mode = match &spec.mode {
-            None => Mode::Enforce,
-            Some(m) => {
-                match m.value.as_str() {
-                    "enforce" => Mode::Enforce,
-                    "audit" => Mode::Audit,
-                    other => {
-                        self.problem_at(&m.referenced, "spec.mode", format!("unsupported value {other:?}: supported values: \"enforce\", \"audit\""));
-                        Mode::Enforce
-                    }
-                }
-            }
-        };
-        self.selector(
-            &spec.selector.referenced,
-            "spec.selector",
-            &spec.selector.value,
-        );
-        let mut convert = |dir: Direction, rules: Option<Vec<api::PalisadeRule>>| {
+        let selector = self.selector("spec.selector", &spec.selector);
+        let mut convert = |dir: Direction, rules: Option<&Vec<api::Rule>>| {
             rules.map(|rules| {
                 rules
-                    .into_iter()
+                    .iter()
                     .enumerate()
                     .map(|(i, r)| self.palisade_rule(dir, i, r))
                     .collect::<Vec<_>>()
             })
         };
-        let ingress = convert(Direction::Ingress, spec.ingress);
-        let egress = convert(Direction::Egress, spec.egress);
+        let ingress = convert(Direction::Ingress, spec.ingress.as_ref());
+        let egress = convert(Direction::Egress, spec.egress.as_ref());
         let mut names = std::collections::BTreeSet::new();
         for (dir, rules) in [("ingress", &ingress), ("egress", &egress)] {
             for (i, r) in rules.iter().flatten().enumerate() {
@@ -804,7 +828,7 @@ impl Validator<'_> {
                 }
             }
         }
-        Some(Policy {
+        Policy {
             name,
             namespace,
             origin: self.origin(if cluster {
@@ -813,54 +837,41 @@ impl Validator<'_> {
                 api::PALISADE_KIND
             }),
             mode,
-            selector: spec.selector.value,
+            selector,
             namespace_selector,
             ingress,
             egress,
-        })
+        }
     }
 
-    fn palisade_rule(&mut self, dir: Direction, index: usize, r: api::PalisadeRule) -> Rule {
+    fn palisade_rule(&mut self, dir: Direction, index: usize, r: &api::Rule) -> Rule {
         let field = format!("spec.{}[{index}]", dir.as_str());
         let (peers_field, peers, wrong) = match dir {
-            Direction::Ingress => ("from", r.from, r.to.map(|p| ("to", p))),
-            Direction::Egress => ("to", r.to, r.from.map(|p| ("from", p))),
+            Direction::Ingress => ("from", &r.from, r.to.as_ref().map(|_| "to")),
+            Direction::Egress => ("to", &r.to, r.from.as_ref().map(|_| "from")),
         };
-        if let Some((w, list)) = wrong {
-            let message = format!("{} rules name their peers in {peers_field:?}", dir.as_str());
-            match list.first() {
-                Some(p) => self.problem_at(&p.referenced, &format!("{field}.{w}"), message),
-                None => self.problem(&format!("{field}.{w}"), message),
-            }
+        if let Some(w) = wrong {
+            self.problem(
+                &format!("{field}.{w}"),
+                format!("{} rules name their peers in {peers_field:?}", dir.as_str()),
+            );
         }
-        let action = match &r.action {
-            None => Action::Allow,
-            Some(a) => match a.value.as_str() {
-                "allow" => Action::Allow,
-                "deny" => Action::Deny,
-                other => {
-                    self.problem_at(
-                        &a.referenced,
-                        &format!("{field}.action"),
-                        format!(
-                            "unsupported value {other:?}: supported values: \"allow\", \"deny\""
-                        ),
-                    );
-                    Action::Allow
-                }
-            },
+        let action = match r.action {
+            None | Some(api::Action::Allow) => Action::Allow,
+            Some(api::Action::Deny) => Action::Deny,
         };
         let name = r
             .name
-            .map_or_else(|| format!("{}[{index}]", dir.as_str()), |n| n.value);
-        let peers = peers.filter(|p| !p.is_empty()).map(|peers| {
+            .clone()
+            .unwrap_or_else(|| format!("{}[{index}]", dir.as_str()));
+        let peers = peers.as_ref().filter(|p| !p.is_empty()).map(|peers| {
             peers
-                .into_iter()
+                .iter()
                 .enumerate()
                 .filter_map(|(i, p)| self.palisade_peer(&format!("{field}.{peers_field}[{i}]"), p))
                 .collect()
         });
-        let (ports, named_ports) = self.ports(&field, r.ports);
+        let (ports, named_ports) = self.ports(&field, r.ports.as_deref());
         Rule {
             name,
             action,
@@ -870,51 +881,43 @@ impl Validator<'_> {
         }
     }
 
-    fn palisade_peer(&mut self, field: &str, p: api::S<api::PalisadePeer>) -> Option<Peer> {
-        let at = p.referenced;
-        let p = p.value;
+    fn palisade_peer(&mut self, field: &str, p: &api::Peer) -> Option<Peer> {
         let workloads = p.selector.is_some() || p.namespaces.is_some();
         let kinds = [workloads, p.identity.is_some(), p.cidr.is_some()]
             .iter()
             .filter(|b| **b)
             .count();
         if kinds != 1 {
-            self.problem_at(
-                &at,
+            self.problem(
                 field,
                 "must specify exactly one of: selector/namespaces, identity, cidr",
             );
             return None;
         }
         if !p.except.is_empty() && p.cidr.is_none() {
-            self.problem_at(&at, &format!("{field}.except"), "is only valid with cidr");
+            self.problem(&format!("{field}.except"), "is only valid with cidr");
         }
-        if let Some(id) = p.identity {
-            if id.value.is_empty() {
-                self.problem_at(
-                    &id.referenced,
-                    &format!("{field}.identity"),
-                    "must not be empty",
-                );
+        if let Some(id) = &p.identity {
+            if id.is_empty() {
+                self.problem(&format!("{field}.identity"), "must not be empty");
                 return None;
             }
-            return Some(Peer::Identity(id.value));
+            return Some(Peer::Identity(id.clone()));
         }
         if let Some(c) = &p.cidr {
             return self.cidr(field, c, &p.except);
         }
-        if let Some(s) = &p.selector {
-            self.selector(&at, &format!("{field}.selector"), s);
-        }
-        if let Some(n) = &p.namespaces {
-            self.selector(&at, &format!("{field}.namespaces"), n);
-        }
+        let pods = p
+            .selector
+            .as_ref()
+            .map(|s| self.selector(&format!("{field}.selector"), s));
+        let namespaces = p
+            .namespaces
+            .as_ref()
+            .map(|n| self.selector(&format!("{field}.namespaces"), n));
         Some(Peer::Workloads {
-            pods: p.selector,
-            namespaces: match p.namespaces {
-                Some(n) => NamespaceScope::Matching(n),
-                None => NamespaceScope::Same,
-            },
+            pods,
+            namespaces: namespaces.map_or(NamespaceScope::Same, NamespaceScope::Matching),
         })
     }
 }

@@ -1,4 +1,5 @@
-//! Policy: YAML → validated API types (`api`) → the normalized model (`model`)
+//! Policy: YAML or cluster objects → the API types (`api`, checked against
+//! their generated schema by `schema`) → the normalized model (`model`)
 //! → the desired kernel map contents (`compile`), plus a user-space model of
 //! the kernel's lookup over those same contents (`lookup`).
 //!
@@ -12,6 +13,7 @@ pub mod labels;
 pub mod load;
 pub mod lookup;
 pub mod model;
+pub mod schema;
 
 pub use compile::{CompiledPolicy, World, compile};
 pub use load::{LoadError, PolicySet, load_paths};

@@ -132,6 +132,97 @@ fn scenario_verdicts_from_both_policy_kinds() {
     }
 }
 
+/// One schema, two ways in: every example document read as a file and the
+/// same document as the object the API server would hand the agent (the API
+/// type deserialized from it, no text in between) become the same policy.
+#[test]
+fn a_file_and_the_same_cluster_object_become_the_same_policy() {
+    use super::{
+        api,
+        load::{PolicyObject, validate_object},
+    };
+    let set = load_paths(&[
+        repo_policies("kubernetes"),
+        repo_policies("palisade"),
+        repo_policies("examples"),
+    ])
+    .unwrap();
+    let mut compared = 0;
+    for file in &set.files {
+        let text = std::fs::read_to_string(file).unwrap();
+        for doc in text.split("\n---") {
+            let (Some(kind), Some(name)) = (
+                doc.lines().find_map(|l| l.strip_prefix("kind: ")),
+                doc.lines().find_map(|l| l.trim().strip_prefix("name: ")),
+            ) else {
+                continue;
+            };
+            let from_api = match kind.trim() {
+                "NetworkPolicy" => {
+                    let o: api::NetworkPolicy = serde_saphyr::from_str(doc).unwrap();
+                    validate_object(PolicyObject::Network(&o))
+                }
+                "PalisadePolicy" => {
+                    let o: api::PalisadePolicy = serde_saphyr::from_str(doc).unwrap();
+                    validate_object(PolicyObject::Palisade(&o))
+                }
+                "ClusterPalisadePolicy" => {
+                    let o: api::ClusterPalisadePolicy = serde_saphyr::from_str(doc).unwrap();
+                    validate_object(PolicyObject::ClusterPalisade(&o))
+                }
+                other => panic!("unexpected kind {other}"),
+            }
+            .unwrap();
+            let from_file = set
+                .policies
+                .iter()
+                .find(|p| p.name == name.trim() && p.origin.kind == kind.trim())
+                .unwrap();
+            assert!(from_api.origin.file.starts_with(kind.trim()));
+            let mut same = from_api.clone();
+            same.origin = from_file.origin.clone();
+            assert_eq!(&same, from_file, "{kind} {name}");
+            compared += 1;
+        }
+    }
+    assert!(compared >= 5, "compared {compared}");
+}
+
+/// A cluster object's problem is named by the object and its field path.
+#[test]
+fn a_cluster_object_problem_names_the_object_and_the_field() {
+    use super::load::{PolicyObject, validate_object};
+    let mut o: super::api::PalisadePolicy = serde_saphyr::from_str(
+        "apiVersion: palisade.dev/v1alpha1\nkind: PalisadePolicy\nmetadata: {name: p, namespace: shop}\nspec:\n  selector: {matchExpressions: [{key: app, operator: Equals, values: [x]}]}\n  ingress: [{from: [{cidr: 10.0.0.0/8, except: [11.0.0.0/8]}]}]\n",
+    )
+    .unwrap();
+    let e = validate_object(PolicyObject::Palisade(&o))
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        "PalisadePolicy/shop/p: spec.selector.matchExpressions[0].operator: unsupported value \"Equals\": supported values: \"In\", \"NotIn\", \"Exists\", \"DoesNotExist\"\n\
+         PalisadePolicy/shop/p: spec.ingress[0].from[0].except[0]: \"11.0.0.0/8\" must be a strict subset of cidr \"10.0.0.0/8\""
+    );
+    o.spec.selector = Default::default();
+    o.spec.ingress = None;
+    assert!(validate_object(PolicyObject::Palisade(&o)).is_ok());
+}
+
+/// Plain scalars where the schema wants strings are those strings, as the
+/// API server reads YAML: `namespace: y`, a label value `true`, a name `123`.
+#[test]
+fn plain_scalars_in_string_fields_are_strings() {
+    let p = parse_str(
+        "p.yaml",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: \"123\", namespace: y}\nspec:\n  podSelector: {matchLabels: {enabled: true, tier: 2}}\n  ingress: [{ports: [{port: 80}]}]\n",
+    )
+    .unwrap();
+    assert_eq!(p[0].namespace.as_deref(), Some("y"));
+    assert_eq!(p[0].selector.match_labels["enabled"], "true");
+    assert_eq!(p[0].selector.match_labels["tier"], "2");
+}
+
 #[test]
 fn every_example_policy_file_loads() {
     let set = load_paths(&[
@@ -354,22 +445,22 @@ fn bad_input_is_reported_with_file_line_and_field() {
         (np("  ingress:\n  - from: [{ipBlock: {cidr: 10.0.0.0/8, except: [11.0.0.0/8]}}]\n"), "7:", "spec.ingress[0].from[0].ipBlock.except[0]: \"11.0.0.0/8\" must be a strict subset"),
         (np("  ingress:\n  - from: [{ipBlock: {cidr: 10.0.0.0/8}, podSelector: {}}]\n"), "7:", "may not specify both ipBlock and another peer"),
         (np("  ingress:\n  - from: [{}]\n"), "7:", "spec.ingress[0].from[0]: must specify a peer"),
-        (np("  ingres:\n  - {}\n"), "6:3", "unknown field `ingres`, expected one of podSelector, policyTypes, ingress, egress; did you mean `ingress`?"),
+        (np("  ingres:\n  - {}\n"), "6:3", "spec: unknown field `ingres`, expected one of egress, ingress, podSelector, policyTypes; did you mean `ingress`?"),
         (np("  podSelector: {}\n"), "6:3", "duplicate mapping key: podSelector"),
         (np("  policyTypes: [Sideways]\n"), "6:17", "spec.policyTypes[0]: unsupported value \"Sideways\""),
         (np("  ingress:\n  - from: [{podSelector: {matchExpressions: [{key: a, operator: In}]}}]\n"), "7:", "matchExpressions[0].values: must be non-empty when operator is In"),
         (np("  ingress:\n  - from: [{podSelector: {matchExpressions: [{key: a, operator: Exists, values: [x]}]}}]\n"), "7:", "must be empty when operator is Exists"),
         (np("  ingress:\n  - from: [{podSelector: {matchExpressions: [{key: a, operator: Equals}]}}]\n"), "7:", "Equals"),
-        ("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {namespace: y}\nspec: {}\n".into(), "1:1", "metadata.name: is required"),
+        ("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {namespace: y}\nspec: {}\n".into(), "3:11", "metadata.name: is required"),
         ("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: Web_Policy}\nspec: {}\n".into(), "3:18", "metadata.name: Invalid value: \"Web_Policy\": a lowercase RFC 1123 subdomain"),
-        ("apiVersion: v1\nkind: Pod\n".into(), "1:1", "unsupported document apiVersion=v1 kind=Pod"),
+        ("apiVersion: v1\nkind: Pod\n".into(), "2:7", "unsupported document apiVersion=v1 kind=Pod"),
         ("kind: NetworkPolicy\n".into(), "1:1", "apiVersion: unsupported document apiVersion=(missing)"),
-        ("apiVersion: [\n".into(), "1:13", "expected string"),
+        ("apiVersion: [\n".into(), "1:13", "unclosed bracket"),
         ("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: x}\nspec:\n\tpodSelector: {}\n".into(), "5:", ""),
         (pp("  mode: strict\n"), "6:9", "spec.mode: unsupported value \"strict\""),
         (pp("  ingress:\n    - action: reject\n"), "7:15", "spec.ingress[0].action: unsupported value \"reject\""),
         (pp("  ingress:\n    - from: [{identity: a/b, cidr: 10.0.0.0/8}]\n"), "7:", "spec.ingress[0].from[0]: must specify exactly one of"),
-        (pp("  ingress:\n    - name: r\n    - name: r\n"), "1:1", "rule name \"r\" is used twice"),
+        (pp("  ingress:\n    - name: r\n    - name: r\n"), "8:13", "spec.ingress[1].name: rule name \"r\" is used twice"),
         (pp("  egress:\n    - from: [{identity: a/b}]\n"), "7:", "spec.egress[0].from: egress rules name their peers in \"to\""),
         (np("  ingress:\n  - ports: [{port: HTTP_1}]\n"), "7:20", "\"HTTP_1\" is not a valid port name"),
         (format!("{HEAD}---\n{HEAD}  policyTypes: [Sideways]\n"), "12:17", "spec.policyTypes[0]"),
@@ -535,7 +626,7 @@ fn names_labels_and_integers_are_validated_as_the_api_server_does() {
     assert_eq!(
         p,
         [
-            "p.yaml:1:1: metadata.namespace: Invalid value: \"Bad_NS\": a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')"
+            "p.yaml:3:32: metadata.namespace: Invalid value: \"Bad_NS\": a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')"
         ]
     );
     let p = problems_of(&np("{name: a.B, namespace: ok}", "{}", "{port: 80}"));
