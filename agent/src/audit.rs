@@ -349,8 +349,8 @@ impl Sink {
 
 /// Drains the ring until `stop` fires: on a kernel wakeup (the ring filling
 /// up) or every `poll` interval, whichever comes first.
-pub async fn run_reader(
-    mut ring: crate::datapath::kernel::AuditRing,
+pub async fn run_reader<E: crate::datapath::EventSource>(
+    mut ring: E,
     snapshot: SharedSnapshot,
     mut sink: Sink,
     stats: Arc<AuditStats>,
@@ -464,5 +464,60 @@ mod tests {
                 "{required} is required"
             );
         }
+    }
+
+    /// The reader over a datapath's events (the fake's here, no kernel):
+    /// each record reaches the sink as one JSON line and the followers, a
+    /// malformed one is counted, not written; a stop drains what is left.
+    #[test]
+    fn the_reader_writes_every_event_of_the_datapath_and_counts_malformed_ones() {
+        use crate::datapath::{Datapath as _, fake::FakeDatapath};
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        runtime.block_on(async {
+            let mut datapath = FakeDatapath::default();
+            let events = datapath.take_events().unwrap();
+            let tx = datapath.events_tx.clone().unwrap();
+            let stats = Arc::new(AuditStats::default());
+            let (followers, mut follower) = tokio::sync::broadcast::channel(16);
+            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            let reader = tokio::spawn(run_reader(
+                events,
+                SharedSnapshot::default(),
+                Sink::open(path.to_str().unwrap()).unwrap(),
+                stats.clone(),
+                followers,
+                stop_rx,
+            ));
+            let event = |port: u16| {
+                let bytes = vec![0u8; std::mem::size_of::<AuditEvent>()];
+                let mut ev = crate::datapath::decode_audit_event(&bytes).unwrap();
+                ev.direction = DIR_EGRESS;
+                ev.family = 4;
+                ev.protocol = 6;
+                ev.port = port;
+                ev
+            };
+            tx.send(Some(event(443))).unwrap();
+            let first = follower.recv().await.unwrap();
+            assert_eq!(first.port, 443);
+            tx.send(None).unwrap();
+            tx.send(Some(event(8080))).unwrap();
+            stop_tx.send(true).unwrap();
+            reader.await.unwrap().unwrap();
+            assert_eq!(stats.delivered.load(Ordering::Relaxed), 2);
+            assert_eq!(stats.malformed.load(Ordering::Relaxed), 1);
+        });
+        let lines: Vec<AuditRecord> = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let ports: Vec<u16> = lines.iter().map(|r| r.port).collect();
+        assert_eq!(ports, [443, 8080]);
     }
 }

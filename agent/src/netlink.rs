@@ -3,14 +3,20 @@
 //! node's network namespace) and the workloads'. A workload's namespace
 //! gets one socket, made once from a thread that entered the namespace and
 //! subscribed to its address changes; each round asks that socket, without
-//! blocking, whether anything changed, and dumps again only then.
+//! blocking, whether anything changed, and dumps again only then. Every
+//! subscribed socket also sits in one epoll set ([`AddressWakeup`]), so an
+//! address change wakes the control loop at once instead of waiting for the
+//! next rescan.
 use std::{
     collections::HashMap,
     io,
     net::IpAddr,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     path::Path,
+    sync::Arc,
 };
+
+use tokio::io::unix::AsyncFd;
 
 use netlink_packet_core::{
     NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
@@ -33,6 +39,73 @@ const MAX_MESSAGES: usize = 65_536;
 const ADDRESS_GROUPS: u32 = 0x10 | 0x100;
 /// The sequence number of our dump requests (notifications carry 0).
 const DUMP_SEQ: u32 = 1;
+
+/// One epoll set over every subscribed address socket: readable when any of
+/// them holds a notification. Awaiting it is the sources' "addresses
+/// changed" wakeup; the notifications themselves are consumed by the next
+/// round's reads. A socket leaves the set when it is closed.
+#[derive(Clone)]
+pub struct AddressWakeup(Arc<AsyncFd<OwnedFd>>);
+
+impl AddressWakeup {
+    /// A new, empty set (inside the Tokio runtime).
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: plain epoll_create1(2); the descriptor is owned below.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a new descriptor nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: the AsyncFd owns the descriptor, which stays open until it
+        // is dropped (and deregistered).
+        let fd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }?;
+        Ok(AddressWakeup(Arc::new(fd)))
+    }
+
+    fn add(&self, sock: &OwnedFd) {
+        let mut event = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: 0,
+        };
+        // SAFETY: registers our open socket with our epoll descriptor.
+        let r = unsafe {
+            libc::epoll_ctl(
+                self.0.get_ref().as_raw_fd(),
+                libc::EPOLL_CTL_ADD,
+                sock.as_raw_fd(),
+                &raw mut event,
+            )
+        };
+        if r != 0 {
+            tracing::warn!(
+                "address changes of one namespace are seen at the next rescan only: {}",
+                io::Error::last_os_error()
+            );
+        }
+    }
+
+    /// Resolves when a notification arrives on a subscribed socket. The
+    /// runtime's readiness is checked against the set (a change already read
+    /// does not wake) and cleared either way: notifications a round leaves
+    /// unread (a source still waiting for its first listing) wake once, not
+    /// in a busy loop; the next notification wakes again.
+    pub async fn changed(&self) {
+        loop {
+            let Ok(mut guard) = self.0.readable().await else {
+                return std::future::pending().await;
+            };
+            let mut event = libc::epoll_event { events: 0, u64: 0 };
+            // SAFETY: polls our epoll descriptor without blocking, into one
+            // valid event.
+            let n = unsafe { libc::epoll_wait(self.0.get_ref().as_raw_fd(), &raw mut event, 1, 0) };
+            guard.clear_ready();
+            if n > 0 {
+                return;
+            }
+        }
+    }
+}
 
 /// A netlink socket of `protocol` (`NETLINK_ROUTE`, `NETLINK_SOCK_DIAG`)
 /// in the calling thread's network namespace.
@@ -216,15 +289,31 @@ fn address(msg: &AddressMessage) -> Option<Address> {
 pub struct NodeAddresses {
     watched: Option<(OwnedFd, std::collections::BTreeSet<IpAddr>)>,
     stale: bool,
+    /// Where a new socket is registered, to wake the loop on a change.
+    wakeup: Option<AddressWakeup>,
 }
 
 impl NodeAddresses {
+    /// Watches the node's addresses, registering its socket with `wakeup`.
+    pub fn new(wakeup: Option<AddressWakeup>) -> Self {
+        NodeAddresses {
+            wakeup,
+            ..Default::default()
+        }
+    }
+
     /// The node's addresses now; the last known ones when a dump fails (logged).
     pub fn get(&mut self) -> std::collections::BTreeSet<IpAddr> {
         let fresh = match &self.watched {
             Some((sock, _)) if !self.stale && !changed(sock) => None,
             Some(_) => Some(self.watched.take().map(|(sock, _)| sock)),
-            None => Some(socket(ADDRESS_GROUPS).ok()),
+            None => {
+                let sock = socket(ADDRESS_GROUPS).ok();
+                if let (Some(w), Some(s)) = (&self.wakeup, &sock) {
+                    w.add(s);
+                }
+                Some(sock)
+            }
         };
         if let Some(sock) = fresh {
             match sock.map(|s| dump(&s).map(|d| (s, d))) {
@@ -274,6 +363,8 @@ fn socket_in(netns: &Path) -> io::Result<OwnedFd> {
 #[derive(Default)]
 pub struct AddressBook {
     namespaces: HashMap<(u64, u64), Watched>,
+    /// Where a new socket is registered, to wake the loop on a change.
+    wakeup: Option<AddressWakeup>,
 }
 
 struct Watched {
@@ -285,6 +376,14 @@ struct Watched {
 }
 
 impl AddressBook {
+    /// An empty book whose sockets are registered with `wakeup`.
+    pub fn new(wakeup: Option<AddressWakeup>) -> Self {
+        AddressBook {
+            wakeup,
+            ..Default::default()
+        }
+    }
+
     /// The own addresses of the namespace `key` (opened at `netns`).
     pub fn workload_addresses(&mut self, key: (u64, u64), netns: &Path) -> io::Result<Vec<IpAddr>> {
         if let Some(w) = self.namespaces.get_mut(&key) {
@@ -297,6 +396,9 @@ impl AddressBook {
             return Ok(w.ips.clone());
         }
         let sock = socket_in(netns)?;
+        if let Some(w) = &self.wakeup {
+            w.add(&sock);
+        }
         let (found, notified) = dump(&sock)?;
         let ips = workload_own(found);
         self.namespaces.insert(

@@ -30,7 +30,7 @@ pub struct StatusReport {
     /// What was adopted from the pin directory at start, and what replaced.
     pub adoption: crate::datapath::Adoption,
     /// Which protections are active on this node.
-    pub posture: crate::datapath::kernel::Posture,
+    pub posture: crate::datapath::Posture,
     /// Sockets workloads use that were created outside the root (not judged).
     pub foreign_sockets: Vec<crate::sockets::ForeignSocket>,
     /// Audit events delivered, read just before `counters` (so that

@@ -274,7 +274,8 @@ impl Drop for Netns {
 }
 
 /// A workload's addresses are read once per namespace and again only when
-/// the namespace says its addresses changed (netlink notifications).
+/// the namespace says its addresses changed (netlink notifications), and a
+/// change wakes the loop at once (the epoll set over the sockets).
 #[test]
 fn workload_addresses_follow_the_namespaces_changes() {
     use std::os::unix::fs::MetadataExt as _;
@@ -297,19 +298,38 @@ fn workload_addresses_follow_the_namespaces_changes() {
         );
         std::thread::sleep(std::time::Duration::from_millis(10));
     };
-    let mut book = palisade::netlink::AddressBook::default();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _entered = runtime.enter();
+    let wakeup = palisade::netlink::AddressWakeup::new().unwrap();
+    let mut book = palisade::netlink::AddressBook::new(Some(wakeup.clone()));
     let ips = |book: &mut palisade::netlink::AddressBook| {
         let v = book.workload_addresses(key, &path).unwrap();
         book.end_round();
         v.iter().map(ToString::to_string).collect::<Vec<_>>()
     };
+    // Whether the wakeup fires within `wait` (the loop's "addresses changed").
+    let woken = |wait_ms: u64| {
+        runtime
+            .block_on(tokio::time::timeout(
+                std::time::Duration::from_millis(wait_ms),
+                wakeup.changed(),
+            ))
+            .is_ok()
+    };
     assert_eq!(ips(&mut book), ["10.99.0.1"]);
+    assert!(!woken(300), "woken with nothing changed");
     // Another subnet: deleting 10.99.0.1 (a primary) would take its
     // secondaries with it.
     ns.ip(&["addr", "add", "10.98.0.2/24", "dev", "w0"]);
+    assert!(woken(5_000), "an added address did not wake the loop");
     ns.ip(&["addr", "add", "fd99::2/64", "dev", "w0", "nodad"]);
     assert_eq!(ips(&mut book), ["10.98.0.2", "10.99.0.1", "fd99::2"]);
+    assert!(!woken(300), "woken again after the change was read");
     ns.ip(&["addr", "del", "10.99.0.1/24", "dev", "w0"]);
+    assert!(woken(5_000), "a removed address did not wake the loop");
     assert_eq!(ips(&mut book), ["10.98.0.2", "fd99::2"]);
     assert_eq!(book.len(), 1, "one socket per namespace");
     // A namespace not looked at in a round is forgotten (its socket closed).

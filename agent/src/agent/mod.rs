@@ -534,8 +534,8 @@ fn prepare_root(config: &Config, mode: &Mode) -> anyhow::Result<(PathBuf, PathBu
 
 /// The kernel side, loaded (or adopted from pins) and the agent's own
 /// cgroup exempt; the pin lock held for as long as this lives.
-struct Node {
-    datapath: KernelDatapath,
+struct Node<D> {
+    datapath: D,
     pins: Option<crate::datapath::kernel::Pins>,
     _pin_lock: Option<crate::datapath::kernel::PinLock>,
 }
@@ -544,7 +544,7 @@ fn start_datapath(
     config: &Config,
     root: &Path,
     own_cgroup: Option<&discovery::Cgroup>,
-) -> anyhow::Result<Node> {
+) -> anyhow::Result<Node<KernelDatapath>> {
     let pins = config
         .bpf_pin_dir
         .clone()
@@ -641,18 +641,14 @@ impl Servers {
 /// The audit reader, started once the first state is applied so that
 /// events the kernel buffered while no agent ran are named with this
 /// agent's snapshot.
-struct Reader {
-    parts: Option<(
-        crate::datapath::kernel::AuditRing,
-        audit::Sink,
-        tokio::sync::watch::Receiver<bool>,
-    )>,
+struct Reader<E> {
+    parts: Option<(E, audit::Sink, tokio::sync::watch::Receiver<bool>)>,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     stop: tokio::sync::watch::Sender<bool>,
     events: tokio::sync::broadcast::Sender<Arc<audit::AuditRecord>>,
 }
 
-impl Reader {
+impl<E: crate::datapath::EventSource> Reader<E> {
     fn start_if_due<D: Datapath, S: Source>(&mut self, agent: &Agent<D, S>) {
         if !agent.has_applied() {
             return;
@@ -715,29 +711,43 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
     match (mode, client, classifier) {
         (Mode::Kubernetes { node_name, .. }, Some(client), _) => {
             info!(node = %node_name, root = %root.display(), "Kubernetes mode: watching pods, namespaces, NetworkPolicies and Palisade policies");
+            let address_wakeup = address_wakeup();
             let source = KubernetesSource {
                 cluster: Box::new(crate::kubernetes::Cluster::start(client)),
                 node: node_name,
                 root: root.clone(),
                 config: config.clone(),
                 watch: cgroup_watch(),
-                node_addresses: Default::default(),
+                node_addresses: crate::netlink::NodeAddresses::new(address_wakeup.clone()),
+                address_wakeup,
             };
             drive(config, node, root, source, planner, policies).await
         }
         (_, _, Some(classifier)) => {
+            let address_wakeup = address_wakeup();
             let source = HostSource {
                 root: root.clone(),
                 classifier,
                 config: config.clone(),
-                addresses: Default::default(),
-                node_addresses: Default::default(),
+                addresses: crate::netlink::AddressBook::new(address_wakeup.clone()),
+                node_addresses: crate::netlink::NodeAddresses::new(address_wakeup.clone()),
                 watch: cgroup_watch(),
+                address_wakeup,
             };
             drive(config, node, root, source, planner, policies).await
         }
         _ => anyhow::bail!("internal: no workload source for this mode"),
     }
+}
+
+/// The address sockets' wakeup; without it address changes are seen at
+/// the next rescan only.
+fn address_wakeup() -> Option<crate::netlink::AddressWakeup> {
+    crate::netlink::AddressWakeup::new()
+        .inspect_err(|e| {
+            warn!("no epoll set for address changes ({e}): they are seen at the next rescan only")
+        })
+        .ok()
 }
 
 /// The cgroup tree's change notifications; without them (no inotify
@@ -752,9 +762,9 @@ fn cgroup_watch() -> Option<crate::cgroupwatch::CgroupWatch> {
 
 /// Opens the outputs, starts the servers and turns signals, ticks, watch
 /// changes and control requests into events until a stop.
-async fn drive<S: Source>(
+async fn drive<D: Datapath, S: Source>(
     config: Config,
-    mut node: Node,
+    mut node: Node<D>,
     root: PathBuf,
     source: S,
     planner: Planner,
@@ -765,7 +775,7 @@ async fn drive<S: Source>(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (events_tx, _) = tokio::sync::broadcast::channel(4096);
     let mut reader = Reader {
-        parts: Some((node.datapath.take_audit_ring()?, sink, stop_rx)),
+        parts: Some((node.datapath.take_events()?, sink, stop_rx)),
         task: None,
         stop: stop_tx,
         events: events_tx.clone(),

@@ -71,6 +71,33 @@ pub struct HostSource {
     /// Wakes the loop when a cgroup is made or removed, or its first
     /// process joins (`None`: rescans only).
     pub watch: Option<CgroupWatch>,
+    /// Wakes the loop when a workload's or the node's addresses change
+    /// (the sockets of `addresses` and `node_addresses` are in it).
+    pub address_wakeup: Option<crate::netlink::AddressWakeup>,
+}
+
+/// Resolves when the cgroup tree or a watched address changes; never
+/// without either (the rescan interval then finds changes).
+async fn cgroups_or_addresses(
+    watch: Option<&CgroupWatch>,
+    addresses: Option<&crate::netlink::AddressWakeup>,
+) {
+    let cgroups = async {
+        match watch {
+            Some(w) => w.changed().await,
+            None => std::future::pending().await,
+        }
+    };
+    let addresses = async {
+        match addresses {
+            Some(a) => a.changed().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        () = cgroups => {}
+        () = addresses => {}
+    }
 }
 
 impl Source for HostSource {
@@ -98,10 +125,7 @@ impl Source for HostSource {
     }
 
     async fn changed(&self) {
-        match &self.watch {
-            Some(w) => w.changed().await,
-            None => std::future::pending().await,
-        }
+        cgroups_or_addresses(self.watch.as_ref(), self.address_wakeup.as_ref()).await;
     }
 }
 
@@ -166,6 +190,8 @@ pub struct KubernetesSource {
     pub watch: Option<CgroupWatch>,
     /// The node's addresses (netlink, re-read on change).
     pub node_addresses: crate::netlink::NodeAddresses,
+    /// Wakes the loop when the node's addresses change.
+    pub address_wakeup: Option<crate::netlink::AddressWakeup>,
 }
 
 impl Source for KubernetesSource {
@@ -219,15 +245,9 @@ impl Source for KubernetesSource {
     }
 
     async fn changed(&self) {
-        let cgroups = async {
-            match &self.watch {
-                Some(w) => w.changed().await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             () = self.cluster.changed.notified() => {}
-            () = cgroups => {}
+            () = cgroups_or_addresses(self.watch.as_ref(), self.address_wakeup.as_ref()) => {}
         }
     }
 }

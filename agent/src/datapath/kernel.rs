@@ -20,7 +20,7 @@ use palisade_common::{
 };
 
 use super::{
-    ApplyError, ApplyReport, Counters, Datapath, DatapathError, Desired, ServiceBackends,
+    ApplyError, ApplyReport, Counters, Datapath, DatapathError, Desired, Posture, ServiceBackends,
     ServiceFrontend, diff,
 };
 use crate::{config::MapCapacities, policy::compile::EntryKey};
@@ -66,39 +66,6 @@ pub struct KernelDatapath {
     adoption: super::Adoption,
 }
 
-/// Which protections are active on this node, for the log and `palisade status`.
-#[derive(
-    Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
-)]
-pub struct Posture {
-    /// Socket addresses judged at connect/sendmsg (always).
-    pub socket_hooks: bool,
-    /// What leaves a workload judged per packet: source routes and forged
-    /// sources dropped, raw sockets judged by their real destination.
-    pub packet_egress: bool,
-    /// Packet (AF_PACKET) sockets refused to workloads (needs the BPF LSM).
-    pub packet_sockets_refused: bool,
-    /// Why a protection is missing, and the remedy.
-    pub gaps: Vec<String>,
-}
-
-impl Posture {
-    fn of(packet_sockets: Result<(), String>) -> Posture {
-        let mut posture = Posture {
-            socket_hooks: true,
-            packet_egress: true,
-            packet_sockets_refused: packet_sockets.is_ok(),
-            gaps: Vec::new(),
-        };
-        if let Err(e) = packet_sockets {
-            posture.gaps.push(format!(
-                "packet sockets (AF_PACKET) are not refused: the BPF LSM is not available ({e}); a workload with CAP_NET_RAW can send and receive below every hook. Drop CAP_NET_RAW from workloads (the Pod Security Standards' restricted profile does), or boot with `lsm=...,bpf`"
-            ));
-        }
-        posture
-    }
-}
-
 /// Loads and attaches `lsm_cgroup/socket_create` to the root (kernel ≥ 6.0
 /// with the BPF LSM active). The error says why not.
 fn attach_socket_guard(ebpf: &mut Ebpf, root: &File, pins: Option<&Pins>) -> Result<(), String> {
@@ -120,6 +87,44 @@ fn attach_socket_guard(ebpf: &mut Ebpf, root: &File, pins: Option<&Pins>) -> Res
         fd.pin(p.link(name)).map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+/// A compiled policy entry as the policy map's longest-prefix key in `slot`:
+/// the prefix covers slot, direction, protocol and both identities, then
+/// `port_bits` of the port.
+pub fn encode_policy_key(entry: EntryKey, slot: u8) -> Key<PolicyKeyData> {
+    Key::new(
+        palisade_common::POLICY_PREFIX_ANY_PORT + u32::from(entry.port_bits),
+        PolicyKeyData {
+            slot,
+            direction: entry.direction,
+            protocol: entry.protocol,
+            _pad0: 0,
+            local_identity: entry.local,
+            peer_identity: entry.peer,
+            port_be: entry.port.to_be_bytes(),
+            _pad1: [0; 2],
+        },
+    )
+}
+
+/// The inverse of [`encode_policy_key`]: (slot, entry).
+pub fn decode_policy_key(key: &Key<PolicyKeyData>) -> (u8, EntryKey) {
+    let data = key.data();
+    let port_bits = key
+        .prefix_len()
+        .saturating_sub(palisade_common::POLICY_PREFIX_ANY_PORT);
+    (
+        data.slot & 1,
+        EntryKey {
+            direction: data.direction,
+            protocol: data.protocol,
+            local: data.local_identity,
+            peer: data.peer_identity,
+            port: u16::from_be_bytes(data.port_be),
+            port_bits: u8::try_from(port_bits).unwrap_or(u8::MAX),
+        },
+    )
 }
 
 /// A frontend as the Service map's key.
@@ -740,19 +745,10 @@ impl KernelDatapath {
         let mut out = BTreeMap::new();
         for item in policy.iter() {
             let (key, value) = item.map_err(map_err(maps::POLICY))?;
-            let data = key.data();
-            if data.slot & 1 != slot {
-                continue;
+            let (key_slot, entry) = decode_policy_key(&key);
+            if key_slot == slot {
+                out.insert(entry, value);
             }
-            let entry = EntryKey {
-                direction: data.direction,
-                protocol: data.protocol,
-                local: data.local_identity,
-                peer: data.peer_identity,
-                port: u16::from_be_bytes(data.port_be),
-                port_bits: (key.prefix_len() - palisade_common::POLICY_PREFIX_ANY_PORT) as u8,
-            };
-            out.insert(entry, value);
         }
         Ok(out)
     }
@@ -765,15 +761,13 @@ impl KernelDatapath {
         let ours = self.slots[usize::from(slot)].entries.clone();
         let mut policy = policy_map(&mut self.ebpf)?;
         for key in kernel.keys().filter(|k| !ours.contains_key(k)) {
-            let (prefix, data) = key.to_kernel(slot);
             policy
-                .remove(&Key::new(prefix, data))
+                .remove(&encode_policy_key(*key, slot))
                 .map_err(map_err(maps::POLICY))?;
         }
         for (key, value) in ours.iter().filter(|(k, v)| kernel.get(k) != Some(v)) {
-            let (prefix, data) = key.to_kernel(slot);
             policy
-                .insert(&Key::new(prefix, data), value, 0)
+                .insert(&encode_policy_key(*key, slot), value, 0)
                 .map_err(map_err(maps::POLICY))?;
         }
         let ours = self.slots[usize::from(slot)].enforced.clone();
@@ -821,43 +815,6 @@ impl KernelDatapath {
         Some(self.ebpf.program(name)?.fd().ok()?.as_fd())
     }
 
-    /// What the agent adopted from the pin directory at start, and what it replaced.
-    pub fn adoption(&self) -> &super::Adoption {
-        &self.adoption
-    }
-
-    /// What the kernel maps held when the agent started (empty unless adopted).
-    pub fn adopted_identities(&self) -> (BTreeMap<u64, u32>, BTreeMap<IpNet, u32>) {
-        (self.cgroups.clone(), self.ipcache.clone())
-    }
-
-    /// Policy entries in the active table (adopted or written).
-    pub fn active_entries(&self) -> usize {
-        self.slots[usize::from(self.active_slot)].entries.len()
-    }
-
-    pub fn attach_points(&self) -> &[String] {
-        &self.attach_points
-    }
-
-    pub fn posture(&self) -> &Posture {
-        &self.posture
-    }
-
-    /// Hands the audit ring buffer to its reader.
-    pub fn take_audit_ring(&mut self) -> Result<AuditRing, DatapathError> {
-        let map = self
-            .ebpf
-            .take_map(maps::AUDIT)
-            .ok_or(DatapathError::MissingMap(maps::AUDIT))?;
-        let ring = RingBuf::try_from(map).map_err(map_err(maps::AUDIT))?;
-        AuditRing::new(ring).map_err(|source| DatapathError::Io {
-            what: "watching the audit ring",
-            path: maps::AUDIT.into(),
-            source,
-        })
-    }
-
     /// Makes `slot` hold exactly `desired`'s table. The slot still holds the
     /// table it had before the last swap, so only the difference is written:
     /// a one-rule change costs a few map writes, not a rewrite of the table.
@@ -873,9 +830,8 @@ impl KernelDatapath {
             .copied()
             .collect();
         for key in stale {
-            let (prefix, data) = key.to_kernel(slot);
             policy
-                .remove(&Key::new(prefix, data))
+                .remove(&encode_policy_key(key, slot))
                 .map_err(map_err(maps::POLICY))?;
             contents.entries.remove(&key);
         }
@@ -883,9 +839,8 @@ impl KernelDatapath {
             if contents.entries.get(key) == Some(value) {
                 continue;
             }
-            let (prefix, data) = key.to_kernel(slot);
             policy
-                .insert(&Key::new(prefix, data), value, 0)
+                .insert(&encode_policy_key(*key, slot), value, 0)
                 .map_err(map_err(maps::POLICY))?;
             contents.entries.insert(*key, *value);
         }
@@ -924,9 +879,8 @@ impl KernelDatapath {
         let contents = std::mem::take(&mut self.slots[usize::from(slot)]);
         let mut policy = policy_map(&mut self.ebpf)?;
         for key in contents.entries.keys() {
-            let (prefix, data) = key.to_kernel(slot);
             policy
-                .remove(&Key::new(prefix, data))
+                .remove(&encode_policy_key(*key, slot))
                 .map_err(map_err(maps::POLICY))?;
         }
         let mut enforced = enforced_map(&mut self.ebpf)?;
@@ -1206,6 +1160,8 @@ impl KernelDatapath {
 }
 
 impl Datapath for KernelDatapath {
+    type Events = AuditRing;
+
     fn apply(&mut self, desired: &Desired) -> Result<ApplyReport, ApplyError> {
         let mut report = ApplyReport::default();
         self.apply_policy(desired, &mut report)
@@ -1255,12 +1211,65 @@ impl Datapath for KernelDatapath {
             .map(|(k, v)| ((*k).to_owned(), *v))
             .collect()
     }
+
+    /// What the agent adopted from the pin directory at start, and what it replaced.
+    fn adoption(&self) -> &super::Adoption {
+        &self.adoption
+    }
+
+    /// What the kernel maps held when the agent started (empty unless adopted).
+    fn adopted_identities(&self) -> (BTreeMap<u64, u32>, BTreeMap<IpNet, u32>) {
+        (self.cgroups.clone(), self.ipcache.clone())
+    }
+
+    /// Policy entries in the active table (adopted or written).
+    fn active_entries(&self) -> usize {
+        self.slots[usize::from(self.active_slot)].entries.len()
+    }
+
+    fn attach_points(&self) -> &[String] {
+        &self.attach_points
+    }
+
+    fn posture(&self) -> &Posture {
+        &self.posture
+    }
+
+    /// Hands the audit ring buffer to its reader.
+    fn take_events(&mut self) -> Result<AuditRing, DatapathError> {
+        let map = self
+            .ebpf
+            .take_map(maps::AUDIT)
+            .ok_or(DatapathError::MissingMap(maps::AUDIT))?;
+        let ring = RingBuf::try_from(map).map_err(map_err(maps::AUDIT))?;
+        AuditRing::new(ring).map_err(|source| DatapathError::Io {
+            what: "watching the audit ring",
+            path: maps::AUDIT.into(),
+            source,
+        })
+    }
 }
 
 /// The kernel's audit ring buffer, registered with the runtime: wait for
 /// the kernel's wakeup, then drain the records decoded.
 pub struct AuditRing {
     fd: tokio::io::unix::AsyncFd<RingBuf<aya::maps::MapData>>,
+}
+
+impl super::EventSource for AuditRing {
+    fn drain(&mut self) -> Vec<Option<palisade_common::AuditEvent>> {
+        let ring = self.fd.get_mut();
+        let mut out = Vec::new();
+        while let Some(item) = ring.next() {
+            out.push(super::decode_audit_event(&item));
+        }
+        out
+    }
+
+    async fn wait(&mut self) -> std::io::Result<()> {
+        self.fd.readable_mut().await?.clear_ready();
+        Ok(())
+    }
 }
 
 impl AuditRing {
@@ -1272,27 +1281,31 @@ impl AuditRing {
         }?;
         Ok(AuditRing { fd })
     }
-
-    /// Every record in the ring now, decoded (`None`: a malformed record).
-    pub fn drain(&mut self) -> Vec<Option<palisade_common::AuditEvent>> {
-        let ring = self.fd.get_mut();
-        let mut out = Vec::new();
-        while let Some(item) = ring.next() {
-            out.push(super::decode_audit_event(&item));
-        }
-        out
-    }
-
-    /// Resolves when the kernel signals records (the ring filling up).
-    pub async fn wait(&mut self) -> std::io::Result<()> {
-        self.fd.readable_mut().await?.clear_ready();
-        Ok(())
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_policy_entry_survives_encoding_into_the_map_key_and_back() {
+        let entry = EntryKey {
+            direction: palisade_common::DIR_INGRESS,
+            protocol: palisade_common::PROTO_UDP,
+            local: 70_001,
+            peer: 9,
+            port: 5300,
+            port_bits: 14,
+        };
+        let key = encode_policy_key(entry, 1);
+        assert_eq!(
+            key.prefix_len(),
+            palisade_common::POLICY_PREFIX_ANY_PORT + 14
+        );
+        assert_eq!(key.data().port_be, 5300u16.to_be_bytes(), "network order");
+        assert_eq!(decode_policy_key(&key), (1, entry));
+        assert_eq!(decode_policy_key(&encode_policy_key(entry, 0)).0, 0);
+    }
 
     #[test]
     fn kernels_older_than_5_8_are_refused_naming_what_they_lack() {

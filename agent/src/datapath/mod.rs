@@ -244,6 +244,8 @@ pub struct Health {
 
 /// What the control loop needs of the kernel side.
 pub trait Datapath {
+    /// Where this datapath's audit events come from.
+    type Events: EventSource;
     /// Makes the kernel maps equal `desired`. A refused apply changed
     /// nothing in force; a partial one must be retried.
     fn apply(&mut self, desired: &Desired) -> Result<ApplyReport, ApplyError>;
@@ -254,6 +256,61 @@ pub trait Datapath {
     fn verify(&mut self) -> Health;
     /// Repairs made so far, by kind.
     fn repairs(&self) -> BTreeMap<String, u64>;
+    /// The audit events, handed once to their reader.
+    fn take_events(&mut self) -> Result<Self::Events, DatapathError>;
+    /// What was adopted from a previous agent at start, and what replaced.
+    fn adoption(&self) -> &Adoption;
+    /// The identities the maps held at start (empty unless adopted): the
+    /// planner keeps their numbers, so nothing in force is renumbered.
+    fn adopted_identities(&self) -> (BTreeMap<u64, u32>, BTreeMap<ipnet::IpNet, u32>);
+    /// Policy entries in the active table (adopted or written).
+    fn active_entries(&self) -> usize;
+    /// Where the programs are attached, for the status.
+    fn attach_points(&self) -> &[String];
+    /// Which protections are active.
+    fn posture(&self) -> &Posture;
+}
+
+/// Where audit events come from: the kernel's ring buffer
+/// (`kernel::AuditRing`), or what a test feeds in (`fake::FakeEvents`).
+pub trait EventSource: Send + 'static {
+    /// Every record now, decoded (`None`: a malformed record).
+    fn drain(&mut self) -> Vec<Option<palisade_common::AuditEvent>>;
+    /// Resolves when records are signalled.
+    fn wait(&mut self) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
+}
+
+/// Which protections are active on this node, for the log and `palisade status`.
+#[derive(
+    Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
+pub struct Posture {
+    /// Socket addresses judged at connect/sendmsg (always).
+    pub socket_hooks: bool,
+    /// What leaves a workload judged per packet: source routes and forged
+    /// sources dropped, raw sockets judged by their real destination.
+    pub packet_egress: bool,
+    /// Packet (AF_PACKET) sockets refused to workloads (needs the BPF LSM).
+    pub packet_sockets_refused: bool,
+    /// Why a protection is missing, and the remedy.
+    pub gaps: Vec<String>,
+}
+
+impl Posture {
+    pub(crate) fn of(packet_sockets: Result<(), String>) -> Posture {
+        let mut posture = Posture {
+            socket_hooks: true,
+            packet_egress: true,
+            packet_sockets_refused: packet_sockets.is_ok(),
+            gaps: Vec::new(),
+        };
+        if let Err(e) = packet_sockets {
+            posture.gaps.push(format!(
+                "packet sockets (AF_PACKET) are not refused: the BPF LSM is not available ({e}); a workload with CAP_NET_RAW can send and receive below every hook. Drop CAP_NET_RAW from workloads (the Pod Security Standards' restricted profile does), or boot with `lsm=...,bpf`"
+            ));
+        }
+        posture
+    }
 }
 
 /// Decodes one audit ring-buffer record; `None` when it is too short.

@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use ipnet::IpNet;
-use palisade_common::{EnforcedValue, PolicyKeyData, PolicyValue, flags, identity};
+use palisade_common::{EnforcedValue, PolicyValue, flags, identity};
 
 use super::{
     labels::{LabelSelector, Labels},
@@ -64,7 +64,8 @@ pub struct RuleRef {
     pub rule: String,
 }
 
-/// A policy map entry before the slot is chosen.
+/// A policy map entry before the slot is chosen (the datapath encodes it as
+/// the map's longest-prefix key: `datapath::kernel::encode_policy_key`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct EntryKey {
     pub direction: u8,
@@ -77,22 +78,6 @@ pub struct EntryKey {
 }
 
 impl EntryKey {
-    pub fn to_kernel(self, slot: u8) -> (u32, PolicyKeyData) {
-        (
-            palisade_common::POLICY_PREFIX_ANY_PORT + u32::from(self.port_bits),
-            PolicyKeyData {
-                slot,
-                direction: self.direction,
-                protocol: self.protocol,
-                _pad0: 0,
-                local_identity: self.local,
-                peer_identity: self.peer,
-                port_be: self.port.to_be_bytes(),
-                _pad1: [0; 2],
-            },
-        )
-    }
-
     pub fn covers_port(&self, port: u16) -> bool {
         let mask = mask(self.port_bits);
         port & mask == self.port & mask
