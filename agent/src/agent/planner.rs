@@ -36,6 +36,8 @@ pub struct Observation {
 /// The pure part of the agent: from observed facts to the desired state.
 pub struct Planner {
     config: Config,
+    /// Remembers each policy's compiled part while the world is unchanged.
+    compiler: policy::Compiler,
     host_traffic: HostTraffic,
     /// What a cgroup not classified yet may do (`kubernetes.unknownPods`,
     /// or `unknownWorkloads` on a plain host).
@@ -99,6 +101,7 @@ impl Planner {
             kubernetes,
             address_history: std::collections::HashMap::new(),
             reuse_holds: BTreeMap::new(),
+            compiler: policy::Compiler::default(),
         }
     }
 
@@ -385,7 +388,7 @@ impl Planner {
             pending_held: self.unknown.held_directions().to_vec(),
             pending_rule: "kubernetes.unknownPods",
         };
-        let compiled = policy::compile(&policies.policies, &world);
+        let compiled = self.compiler.compile(&policies.policies, &world);
         let mut ipcache = BTreeMap::new();
         // Broadcast and multicast first, outside the compiler's view of
         // addresses: no CIDR rule covers them by accident (`0.0.0.0/0`

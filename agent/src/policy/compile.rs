@@ -167,8 +167,91 @@ impl Acc {
     }
 }
 
-/// Compiles `policies` over `world`.
+/// Compiles `policies` over `world` (no memory of an earlier compile).
 pub fn compile(policies: &[Policy], world: &World) -> CompiledPolicy {
+    Compiler::default().compile(policies, world)
+}
+
+/// One policy's part of the compiled tables, its rules numbered from 0:
+/// merged in policy order, each rule id offset by the rules before it, it
+/// gives exactly what compiling everything at once gives.
+#[derive(Debug, Default)]
+struct Contribution {
+    rules: Vec<RuleRef>,
+    /// (entry, flag, rule), in emission order.
+    entries: Vec<(EntryKey, u32, u32)>,
+    /// ((direction, identity), the policy's default-deny rule, audit mode).
+    enforced: Vec<((u8, u32), u32, bool)>,
+}
+
+/// The parts of the world a policy's contribution is computed from.
+#[derive(Debug, Default, PartialEq)]
+struct WorldKey {
+    identities: Vec<IdentityInfo>,
+    namespaces: BTreeMap<String, Labels>,
+    addresses: Vec<(IpNet, u32)>,
+    cidrs: Vec<(IpNet, u32)>,
+}
+
+/// A compiler that remembers each policy's contribution: while the world
+/// stays the same, a compile recomputes only the policies that changed
+/// (a one-rule change costs that policy's entries and the merge, not every
+/// selector and peer of every policy). A changed world recomputes all.
+#[derive(Debug, Default)]
+pub struct Compiler {
+    world: WorldKey,
+    cache:
+        std::collections::HashMap<(&'static str, String), (Policy, std::sync::Arc<Contribution>)>,
+    /// Policies recomputed by the last compile (the others were reused).
+    pub recomputed: usize,
+}
+
+impl Compiler {
+    /// Compiles `policies` over `world`, reusing what is still valid.
+    pub fn compile(&mut self, policies: &[Policy], world: &World) -> CompiledPolicy {
+        let cidrs = cidr_identities(policies);
+        let world_changed = self.world.cidrs != cidrs
+            || self.world.identities != world.identities
+            || self.world.namespaces != world.namespaces
+            || self.world.addresses != world.addresses;
+        if world_changed {
+            self.cache.clear();
+            self.world = WorldKey {
+                identities: world.identities.clone(),
+                namespaces: world.namespaces.clone(),
+                addresses: world.addresses.clone(),
+                cidrs: cidrs.clone(),
+            };
+        }
+        let by_id: BTreeMap<u32, &IdentityInfo> =
+            world.identities.iter().map(|i| (i.id, i)).collect();
+        let mut index = None;
+        let mut cache = std::collections::HashMap::with_capacity(policies.len());
+        self.recomputed = 0;
+        let mut parts = Vec::with_capacity(policies.len());
+        for policy in policies {
+            let key = (policy.origin.kind, policy.qualified_name());
+            let part = match self.cache.remove(&key) {
+                Some((cached, part)) if cached == *policy => part,
+                _ => {
+                    self.recomputed += 1;
+                    let index = index.get_or_insert_with(|| Index::new(world));
+                    std::sync::Arc::new(contribute(policy, world, &by_id, index, &cidrs))
+                }
+            };
+            parts.push(part.clone());
+            cache.insert(key, (policy.clone(), part));
+        }
+        self.cache = cache;
+        let mut out = merge(&parts);
+        out.cidr_identities = cidrs;
+        hold_pending(&mut out, world);
+        out
+    }
+}
+
+/// The contributions in policy order as one compiled table.
+fn merge(parts: &[std::sync::Arc<Contribution>]) -> CompiledPolicy {
     let mut out = CompiledPolicy {
         rules: vec![RuleRef {
             policy: String::new(),
@@ -177,81 +260,18 @@ pub fn compile(policies: &[Policy], world: &World) -> CompiledPolicy {
         }],
         ..Default::default()
     };
-    out.cidr_identities = cidr_identities(policies);
     let mut acc: BTreeMap<EntryKey, Acc> = BTreeMap::new();
     // (direction, identity) → (policy rule id, all selecting policies audit?)
     let mut enforcement: BTreeMap<(u8, u32), (u32, bool)> = BTreeMap::new();
-    let by_id: BTreeMap<u32, &IdentityInfo> = world.identities.iter().map(|i| (i.id, i)).collect();
-    let index = Index::new(world);
-
-    for policy in policies {
-        let selected: Vec<u32> = index
-            .candidates(&policy.selector)
-            .filter(|i| selects(policy, i, world))
-            .map(|i| i.id)
-            .collect();
-        for direction in [Direction::Ingress, Direction::Egress] {
-            let Some(rules) = policy.rules(direction) else {
-                continue;
-            };
-            let dir = direction.to_kernel();
-            let default_rule = push_rule(&mut out, policy, "default-deny".to_owned());
-            let audit = policy.mode == Mode::Audit;
-            for &local in &selected {
-                let e = enforcement
-                    .entry((dir, local))
-                    .or_insert((default_rule, true));
-                e.1 &= audit;
-            }
-            for rule in rules {
-                let rule_id = push_rule(&mut out, policy, rule.name.clone());
-                let flag = match (rule.action, policy.mode) {
-                    (Action::Allow, Mode::Enforce) => flags::ALLOW,
-                    (Action::Allow, Mode::Audit) => flags::AUDIT_ALLOW,
-                    (Action::Deny, Mode::Enforce) => flags::DENY,
-                    (Action::Deny, Mode::Audit) => flags::AUDIT_DENY,
-                };
-                let peers = resolve_peers(policy, rule, world, &index, &out.cidr_identities);
-                let ports = port_prefixes(rule);
-                let mut emit = |local: u32, peer: u32, protocol: u8, port: u16, port_bits: u8| {
-                    let key = EntryKey {
-                        direction: dir,
-                        protocol,
-                        local,
-                        peer,
-                        port,
-                        port_bits,
-                    };
-                    acc.entry(key).or_default().set(flag, rule_id);
-                };
-                for &local in &selected {
-                    for &peer in &peers {
-                        for &(protocol, port, port_bits) in &ports {
-                            emit(local, peer, protocol, port, port_bits);
-                        }
-                        // Named ports: the selected workload's own for ingress;
-                        // the peer's for egress (every workload declaring the
-                        // name when the peer is "any").
-                        for (protocol, name) in &rule.named_ports {
-                            let key = (*protocol, name.clone());
-                            let targets: Vec<(u32, u32)> = match direction {
-                                Direction::Ingress => vec![(peer, local)],
-                                Direction::Egress if peer == identity::ANY => {
-                                    world.identities.iter().map(|i| (i.id, i.id)).collect()
-                                }
-                                Direction::Egress => vec![(peer, peer)],
-                            };
-                            for (entry_peer, owner) in targets {
-                                if let Some(port) =
-                                    by_id.get(&owner).and_then(|i| i.named_ports.get(&key))
-                                {
-                                    emit(local, entry_peer, protocol.number(), *port, 16);
-                                }
-                            }
-                        }
-                    }
-                }
-            }
+    for part in parts {
+        let base = u32::try_from(out.rules.len()).unwrap_or(u32::MAX);
+        out.rules.extend(part.rules.iter().cloned());
+        for &(k, default_rule, audit) in &part.enforced {
+            let e = enforcement.entry(k).or_insert((base + default_rule, true));
+            e.1 &= audit;
+        }
+        for &(key, flag, rule) in &part.entries {
+            acc.entry(key).or_default().set(flag, base + rule);
         }
     }
     merge_covering(&mut acc);
@@ -268,8 +288,93 @@ pub fn compile(policies: &[Policy], world: &World) -> CompiledPolicy {
             )
         })
         .collect();
-    hold_pending(&mut out, world);
     out
+}
+
+/// One policy's entries, enforcement and rules over `world`.
+fn contribute(
+    policy: &Policy,
+    world: &World,
+    by_id: &BTreeMap<u32, &IdentityInfo>,
+    index: &Index<'_>,
+    cidrs: &[(IpNet, u32)],
+) -> Contribution {
+    let mut c = Contribution::default();
+    let push_rule = |c: &mut Contribution, rule: String| -> u32 {
+        c.rules.push(RuleRef {
+            policy: policy.qualified_name(),
+            kind: policy.origin.kind,
+            rule,
+        });
+        (c.rules.len() - 1) as u32
+    };
+    let selected: Vec<u32> = index
+        .candidates(&policy.selector)
+        .filter(|i| selects(policy, i, world))
+        .map(|i| i.id)
+        .collect();
+    for direction in [Direction::Ingress, Direction::Egress] {
+        let Some(rules) = policy.rules(direction) else {
+            continue;
+        };
+        let dir = direction.to_kernel();
+        let default_rule = push_rule(&mut c, "default-deny".to_owned());
+        let audit = policy.mode == Mode::Audit;
+        for &local in &selected {
+            c.enforced.push(((dir, local), default_rule, audit));
+        }
+        for rule in rules {
+            let rule_id = push_rule(&mut c, rule.name.clone());
+            let flag = match (rule.action, policy.mode) {
+                (Action::Allow, Mode::Enforce) => flags::ALLOW,
+                (Action::Allow, Mode::Audit) => flags::AUDIT_ALLOW,
+                (Action::Deny, Mode::Enforce) => flags::DENY,
+                (Action::Deny, Mode::Audit) => flags::AUDIT_DENY,
+            };
+            let peers = resolve_peers(policy, rule, world, index, cidrs);
+            let ports = port_prefixes(rule);
+            let entries = &mut c.entries;
+            let mut emit = |local: u32, peer: u32, protocol: u8, port: u16, port_bits: u8| {
+                let key = EntryKey {
+                    direction: dir,
+                    protocol,
+                    local,
+                    peer,
+                    port,
+                    port_bits,
+                };
+                entries.push((key, flag, rule_id));
+            };
+            for &local in &selected {
+                for &peer in &peers {
+                    for &(protocol, port, port_bits) in &ports {
+                        emit(local, peer, protocol, port, port_bits);
+                    }
+                    // Named ports: the selected workload's own for ingress;
+                    // the peer's for egress (every workload declaring the
+                    // name when the peer is "any").
+                    for (protocol, name) in &rule.named_ports {
+                        let key = (*protocol, name.clone());
+                        let targets: Vec<(u32, u32)> = match direction {
+                            Direction::Ingress => vec![(peer, local)],
+                            Direction::Egress if peer == identity::ANY => {
+                                world.identities.iter().map(|i| (i.id, i.id)).collect()
+                            }
+                            Direction::Egress => vec![(peer, peer)],
+                        };
+                        for (entry_peer, owner) in targets {
+                            if let Some(port) =
+                                by_id.get(&owner).and_then(|i| i.named_ports.get(&key))
+                            {
+                                emit(local, entry_peer, protocol.number(), *port, 16);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    c
 }
 
 /// Cgroups not classified yet are default-deny in the directions the
@@ -293,15 +398,6 @@ fn hold_pending(out: &mut CompiledPolicy, world: &World) {
             },
         );
     }
-}
-
-fn push_rule(out: &mut CompiledPolicy, policy: &Policy, rule: String) -> u32 {
-    out.rules.push(RuleRef {
-        policy: policy.qualified_name(),
-        kind: policy.origin.kind,
-        rule,
-    });
-    (out.rules.len() - 1) as u32
 }
 
 fn selects(policy: &Policy, id: &IdentityInfo, world: &World) -> bool {
@@ -508,7 +604,8 @@ fn merge_covering(acc: &mut BTreeMap<EntryKey, Acc>) {
             continue;
         }
         let snapshot: Vec<(EntryKey, Acc)> = keys.iter().map(|k| (*k, acc[k])).collect();
-        for (k, a) in acc.iter_mut().filter(|(k, _)| keys.contains(k)) {
+        for k in keys {
+            let Some(a) = acc.get_mut(k) else { continue };
             for (other, other_acc) in &snapshot {
                 if other.port_bits < k.port_bits && other.covers_port(k.port) {
                     a.merge(other_acc);

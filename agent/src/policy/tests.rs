@@ -77,6 +77,66 @@ fn allowed(v: (Option<u8>, Option<u8>)) -> bool {
     v.0.is_none_or(|x| x != verdict::DENY) && v.1.is_none_or(|x| x != verdict::DENY)
 }
 
+/// The remembering compiler gives exactly what a fresh compile gives, and
+/// an event recomputes only what it changes: one edited policy is one
+/// policy recomputed; a removed one none; a changed world all of them.
+#[test]
+fn a_compile_recomputes_only_the_policies_that_changed() {
+    use super::compile::Compiler;
+    let (mut world, id) = scenario_world();
+    let set = load_paths(&[
+        repo_policies("kubernetes"),
+        repo_policies("palisade"),
+        repo_policies("examples"),
+    ])
+    .unwrap();
+    let mut policies = set.policies.clone();
+    let n = policies.len();
+    assert!(n >= 5, "{n}");
+    let mut compiler = Compiler::default();
+    let check = |compiler: &mut Compiler, policies: &[super::model::Policy], world: &World| {
+        let remembered = compiler.compile(policies, world);
+        assert_eq!(remembered, compile(policies, world));
+        compiler.recomputed
+    };
+    assert_eq!(check(&mut compiler, &policies, &world), n);
+    assert_eq!(
+        check(&mut compiler, &policies, &world),
+        0,
+        "nothing changed"
+    );
+    // One rule of one policy edited (its first port range moved).
+    let edited = policies
+        .iter_mut()
+        .find(|p| {
+            p.ingress
+                .iter()
+                .flatten()
+                .any(|r| r.ports.as_ref().is_some_and(|v| !v.is_empty()))
+        })
+        .unwrap();
+    let rule = edited
+        .ingress
+        .iter_mut()
+        .flatten()
+        .find(|r| r.ports.as_ref().is_some_and(|v| !v.is_empty()))
+        .unwrap();
+    rule.ports.as_mut().unwrap()[0].first += 1;
+    rule.ports.as_mut().unwrap()[0].last += 1;
+    assert_eq!(check(&mut compiler, &policies, &world), 1);
+    // A policy removed: the others keep their parts (their rule ids move).
+    policies.remove(0);
+    assert_eq!(check(&mut compiler, &policies, &world), 0);
+    // The world changed: a workload's labels.
+    let logging = world
+        .identities
+        .iter_mut()
+        .find(|i| i.id == id["logging"])
+        .unwrap();
+    logging.labels.insert("tier".into(), "x".into());
+    assert_eq!(check(&mut compiler, &policies, &world), n - 1);
+}
+
 #[test]
 fn scenario_verdicts_from_both_policy_kinds() {
     let (world, id) = scenario_world();
