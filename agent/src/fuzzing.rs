@@ -41,7 +41,7 @@ pub fn policy_yaml(data: &[u8]) {
         return;
     };
     let set = PolicySet {
-        policies,
+        policies: policies.into_iter().map(std::sync::Arc::new).collect(),
         files: Vec::new(),
     };
     let model = offline::Model::build(&world, &set);

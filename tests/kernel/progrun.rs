@@ -60,7 +60,13 @@ impl Bench {
     fn apply(&mut self, policy: Option<&str>) {
         let config = Config::parse(std::path::Path::new("t.yaml"), "cgroupRoot: x\n").unwrap();
         let policies = PolicySet {
-            policies: policy.map_or_else(Vec::new, |p| parse_str("p.yaml", p).unwrap()),
+            policies: policy.map_or_else(Vec::new, |p| {
+                parse_str("p.yaml", p)
+                    .unwrap()
+                    .into_iter()
+                    .map(std::sync::Arc::new)
+                    .collect()
+            }),
             files: Vec::new(),
         };
         let remote = |name: &str, ip: [u8; 4]| RemoteWorkload {

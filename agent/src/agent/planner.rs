@@ -587,7 +587,10 @@ mod tests {
                 "p.yaml",
                 "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: prod}\nspec:\n  podSelector: {}\n",
             )
-            .unwrap(),
+            .unwrap()
+            .into_iter()
+            .map(std::sync::Arc::new)
+            .collect(),
             files: Vec::new(),
         };
         let mut planner = Planner::new(config, false);

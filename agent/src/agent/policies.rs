@@ -95,7 +95,13 @@ impl Policies {
         }
         let (theirs, problems) = source.policies();
         self.set = PolicySet {
-            policies: self.files.policies.iter().cloned().chain(theirs).collect(),
+            policies: self
+                .files
+                .policies
+                .iter()
+                .cloned()
+                .chain(theirs.into_iter().map(std::sync::Arc::new))
+                .collect(),
             files: self.files.files.clone(),
         };
         self.version = Some(version);

@@ -6,9 +6,13 @@
 //! Sizes: a rule costs (peer identities) × (port prefixes) entries. "Any peer"
 //! is one wildcard entry, never one per identity; a port range is at most 30
 //! prefixes (1–65535 is 16), never one entry per port.
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use ipnet::IpNet;
+
 use palisade_common::{EnforcedValue, PolicyValue, flags, identity};
 
 use super::{
@@ -19,7 +23,7 @@ use super::{
 /// Identities for CIDR blocks named in policies are numbered from here.
 pub const FIRST_CIDR_IDENTITY: u32 = 1 << 24;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum IdentityKind {
     /// Local or remote workloads: the only kind a policy can select.
     Workload,
@@ -29,7 +33,7 @@ pub enum IdentityKind {
     Reserved,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct IdentityInfo {
     pub id: u32,
     pub name: String,
@@ -98,8 +102,9 @@ pub struct CompiledPolicy {
     pub entries: BTreeMap<EntryKey, PolicyValue>,
     /// (direction, identity) → enforcement.
     pub enforced: BTreeMap<(u8, u32), EnforcedValue>,
-    /// Index = rule id; index 0 is "no rule".
-    pub rules: Vec<RuleRef>,
+    /// Index = rule id; index 0 is "no rule". Shared with the compiler's
+    /// memory of each policy (a merge copies pointers, not names).
+    pub rules: Vec<Arc<RuleRef>>,
     /// Extra ipcache entries for CIDR blocks named by policies.
     pub cidr_identities: Vec<(IpNet, u32)>,
 }
@@ -109,7 +114,7 @@ impl CompiledPolicy {
         if id == 0 {
             None
         } else {
-            self.rules.get(id as usize)
+            self.rules.get(id as usize).map(|r| &**r)
         }
     }
 }
@@ -167,9 +172,20 @@ impl Acc {
     }
 }
 
-/// Compiles `policies` over `world` (no memory of an earlier compile).
-pub fn compile(policies: &[Policy], world: &World) -> CompiledPolicy {
-    Compiler::default().compile(policies, world)
+/// Compiles `policies` over `world` (no memory of an earlier compile: what
+/// a [`Compiler`] must always equal).
+pub fn compile<P: std::borrow::Borrow<Policy>>(policies: &[P], world: &World) -> CompiledPolicy {
+    let cidrs = cidr_identities(policies.iter().map(|p| p.borrow()));
+    let by_id: BTreeMap<u32, &IdentityInfo> = world.identities.iter().map(|i| (i.id, i)).collect();
+    let index = Index::new(world);
+    let parts: Vec<Arc<Contribution>> = policies
+        .iter()
+        .map(|p| Arc::new(contribute(p.borrow(), world, &by_id, &index, &cidrs)))
+        .collect();
+    let mut out = merge(&parts);
+    out.cidr_identities = cidrs;
+    hold_pending(&mut out, world);
+    out
 }
 
 /// One policy's part of the compiled tables, its rules numbered from 0:
@@ -177,20 +193,11 @@ pub fn compile(policies: &[Policy], world: &World) -> CompiledPolicy {
 /// gives exactly what compiling everything at once gives.
 #[derive(Debug, Default)]
 struct Contribution {
-    rules: Vec<RuleRef>,
+    rules: Vec<Arc<RuleRef>>,
     /// (entry, flag, rule), in emission order.
     entries: Vec<(EntryKey, u32, u32)>,
     /// ((direction, identity), the policy's default-deny rule, audit mode).
     enforced: Vec<((u8, u32), u32, bool)>,
-}
-
-/// The parts of the world a policy's contribution is computed from.
-#[derive(Debug, Default, PartialEq)]
-struct WorldKey {
-    identities: Vec<IdentityInfo>,
-    namespaces: BTreeMap<String, Labels>,
-    addresses: Vec<(IpNet, u32)>,
-    cidrs: Vec<(IpNet, u32)>,
 }
 
 /// A compiler that remembers each policy's contribution: while the world
@@ -199,48 +206,72 @@ struct WorldKey {
 /// selector and peer of every policy). A changed world recomputes all.
 #[derive(Debug, Default)]
 pub struct Compiler {
-    world: WorldKey,
-    cache:
-        std::collections::HashMap<(&'static str, String), (Policy, std::sync::Arc<Contribution>)>,
+    /// The fingerprint of the world the parts were computed over.
+    world: u128,
+    /// The last compile's policies and their parts, in order.
+    cache: Vec<(Arc<Policy>, Arc<Contribution>)>,
     /// Policies recomputed by the last compile (the others were reused).
     pub recomputed: usize,
 }
 
 impl Compiler {
     /// Compiles `policies` over `world`, reusing what is still valid.
-    pub fn compile(&mut self, policies: &[Policy], world: &World) -> CompiledPolicy {
-        let cidrs = cidr_identities(policies);
-        let world_changed = self.world.cidrs != cidrs
-            || self.world.identities != world.identities
-            || self.world.namespaces != world.namespaces
-            || self.world.addresses != world.addresses;
-        if world_changed {
+    pub fn compile(&mut self, policies: &[Arc<Policy>], world: &World) -> CompiledPolicy {
+        let cidrs = cidr_identities(policies.iter().map(|p| &**p));
+        // What a contribution is computed from besides its policy.
+        let world_print = {
+            use std::hash::Hash as _;
+            let mut h = xxhash_rust::xxh3::Xxh3Default::new();
+            (
+                &world.identities,
+                &world.namespaces,
+                &world.addresses,
+                &cidrs,
+            )
+                .hash(&mut h);
+            h.digest128()
+        };
+        if world_print != self.world {
             self.cache.clear();
-            self.world = WorldKey {
-                identities: world.identities.clone(),
-                namespaces: world.namespaces.clone(),
-                addresses: world.addresses.clone(),
-                cidrs: cidrs.clone(),
-            };
+            self.world = world_print;
         }
         let by_id: BTreeMap<u32, &IdentityInfo> =
             world.identities.iter().map(|i| (i.id, i)).collect();
         let mut index = None;
-        let mut cache = std::collections::HashMap::with_capacity(policies.len());
+        let mut cache = Vec::with_capacity(policies.len());
         self.recomputed = 0;
         let mut parts = Vec::with_capacity(policies.len());
-        for policy in policies {
-            let key = (policy.origin.kind, policy.qualified_name());
-            let part = match self.cache.remove(&key) {
-                Some((cached, part)) if cached == *policy => part,
-                _ => {
+        // Where a policy was last time, by name, when the order moved.
+        let mut moved: Option<std::collections::HashMap<(&str, String), usize>> = None;
+        for (i, policy) in policies.iter().enumerate() {
+            let same = |j: usize| {
+                self.cache
+                    .get(j)
+                    .filter(|(p, _)| Arc::ptr_eq(p, policy) || **p == **policy)
+                    .map(|(_, part)| part.clone())
+            };
+            let found = same(i).or_else(|| {
+                let moved = moved.get_or_insert_with(|| {
+                    self.cache
+                        .iter()
+                        .enumerate()
+                        .map(|(j, (p, _))| ((p.origin.kind, p.qualified_name()), j))
+                        .collect()
+                });
+                moved
+                    .get(&(policy.origin.kind, policy.qualified_name()))
+                    .and_then(|j| same(*j))
+            });
+            let part = match found {
+                Some(part) => part,
+                None => {
                     self.recomputed += 1;
                     let index = index.get_or_insert_with(|| Index::new(world));
-                    std::sync::Arc::new(contribute(policy, world, &by_id, index, &cidrs))
+                    Arc::new(contribute(policy, world, &by_id, index, &cidrs))
                 }
             };
             parts.push(part.clone());
-            cache.insert(key, (policy.clone(), part));
+            cache.push((policy.clone(), part));
         }
         self.cache = cache;
         let mut out = merge(&parts);
@@ -251,13 +282,13 @@ impl Compiler {
 }
 
 /// The contributions in policy order as one compiled table.
-fn merge(parts: &[std::sync::Arc<Contribution>]) -> CompiledPolicy {
+fn merge(parts: &[Arc<Contribution>]) -> CompiledPolicy {
     let mut out = CompiledPolicy {
-        rules: vec![RuleRef {
+        rules: vec![Arc::new(RuleRef {
             policy: String::new(),
             kind: "",
             rule: String::new(),
-        }],
+        })],
         ..Default::default()
     };
     let mut acc: BTreeMap<EntryKey, Acc> = BTreeMap::new();
@@ -301,11 +332,11 @@ fn contribute(
 ) -> Contribution {
     let mut c = Contribution::default();
     let push_rule = |c: &mut Contribution, rule: String| -> u32 {
-        c.rules.push(RuleRef {
+        c.rules.push(Arc::new(RuleRef {
             policy: policy.qualified_name(),
             kind: policy.origin.kind,
             rule,
-        });
+        }));
         (c.rules.len() - 1) as u32
     };
     let selected: Vec<u32> = index
@@ -384,11 +415,11 @@ fn hold_pending(out: &mut CompiledPolicy, world: &World) {
         return;
     }
     let rule_id = u32::try_from(out.rules.len()).unwrap_or(u32::MAX);
-    out.rules.push(RuleRef {
+    out.rules.push(Arc::new(RuleRef {
         policy: world.pending_rule.into(),
         kind: "AgentConfig",
         rule: "pod-not-known-yet".into(),
-    });
+    }));
     for dir in &world.pending_held {
         out.enforced.insert(
             (*dir, palisade_common::identity::PENDING),
@@ -416,7 +447,7 @@ fn selects(policy: &Policy, id: &IdentityInfo, world: &World) -> bool {
 /// Every CIDR a policy names (blocks and exceptions) gets an identity, so that
 /// the longest-prefix ipcache can tell "inside the block" from "inside an
 /// exception". Numbered deterministically in address order.
-fn cidr_identities(policies: &[Policy]) -> Vec<(IpNet, u32)> {
+fn cidr_identities<'p>(policies: impl Iterator<Item = &'p Policy>) -> Vec<(IpNet, u32)> {
     let mut cidrs = BTreeSet::new();
     for policy in policies {
         for dir in [Direction::Ingress, Direction::Egress] {
@@ -592,27 +623,33 @@ pub fn range_to_prefixes(first: u16, last: u16) -> Vec<(u16, u8)> {
 /// (direction, protocol, local, peer) whose port prefix covers it, so one
 /// longest-prefix match in the kernel sees everything that applies.
 fn merge_covering(acc: &mut BTreeMap<EntryKey, Acc>) {
-    let mut groups: BTreeMap<(u8, u8, u32, u32), Vec<EntryKey>> = BTreeMap::new();
-    for k in acc.keys() {
-        groups
-            .entry((k.direction, k.protocol, k.local, k.peer))
-            .or_default()
-            .push(*k);
-    }
-    for keys in groups.values() {
-        if keys.len() < 2 {
-            continue;
-        }
-        let snapshot: Vec<(EntryKey, Acc)> = keys.iter().map(|k| (*k, acc[k])).collect();
-        for k in keys {
-            let Some(a) = acc.get_mut(k) else { continue };
-            for (other, other_acc) in &snapshot {
-                if other.port_bits < k.port_bits && other.covers_port(k.port) {
-                    a.merge(other_acc);
+    // The table is ordered by (direction, protocol, local, peer, …): each
+    // group of entries that differ only in their port is one run of it.
+    let mut group: Vec<(EntryKey, Acc)> = Vec::new();
+    let flush = |group: &mut Vec<(EntryKey, Acc)>, acc: &mut BTreeMap<EntryKey, Acc>| {
+        if group.len() > 1 {
+            for (k, _) in group.iter() {
+                let Some(a) = acc.get_mut(k) else { continue };
+                for (other, other_acc) in group.iter() {
+                    if other.port_bits < k.port_bits && other.covers_port(k.port) {
+                        a.merge(other_acc);
+                    }
                 }
             }
         }
+        group.clear();
+    };
+    let same = |a: &EntryKey, b: &EntryKey| {
+        (a.direction, a.protocol, a.local, a.peer) == (b.direction, b.protocol, b.local, b.peer)
+    };
+    let keys: Vec<(EntryKey, Acc)> = acc.iter().map(|(k, a)| (*k, *a)).collect();
+    for (k, a) in keys {
+        if group.last().is_some_and(|(last, _)| !same(last, &k)) {
+            flush(&mut group, acc);
+        }
+        group.push((k, a));
     }
+    flush(&mut group, acc);
 }
 
 #[cfg(test)]

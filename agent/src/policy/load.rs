@@ -92,7 +92,8 @@ impl fmt::Display for LoadError {
 /// A validated set of policies.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct PolicySet {
-    pub policies: Vec<Policy>,
+    /// Shared, so that the compiler can remember a policy by pointer.
+    pub policies: Vec<std::sync::Arc<Policy>>,
     /// The files read, in order.
     pub files: Vec<PathBuf>,
 }
@@ -180,7 +181,8 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<PolicySet, LoadError> {
             Ok(text) => match parse_str(&file.display().to_string(), &text) {
                 Ok(policies) => {
                     terms += policies.iter().map(rule_terms).sum::<usize>();
-                    set.policies.extend(policies);
+                    set.policies
+                        .extend(policies.into_iter().map(std::sync::Arc::new));
                     if terms > MAX_RULE_TERMS {
                         problems.push(file_problem(
                             file,
@@ -228,7 +230,7 @@ fn read_file(path: &Path) -> Result<String, Problem> {
     std::fs::read_to_string(path).map_err(|e| file_problem(path, format!("cannot read: {e}")))
 }
 
-fn check_duplicates(policies: &[Policy], problems: &mut Vec<Problem>) {
+fn check_duplicates(policies: &[std::sync::Arc<Policy>], problems: &mut Vec<Problem>) {
     let mut seen = std::collections::BTreeMap::new();
     for p in policies {
         let key = (p.origin.kind, p.qualified_name());

@@ -90,13 +90,17 @@ fn a_compile_recomputes_only_the_policies_that_changed() {
         repo_policies("examples"),
     ])
     .unwrap();
-    let mut policies = set.policies.clone();
+    // Owned copies: each compile gets new objects, as a reload makes them.
+    let mut policies: Vec<super::model::Policy> =
+        set.policies.iter().map(|p| (**p).clone()).collect();
     let n = policies.len();
     assert!(n >= 5, "{n}");
     let mut compiler = Compiler::default();
     let check = |compiler: &mut Compiler, policies: &[super::model::Policy], world: &World| {
-        let remembered = compiler.compile(policies, world);
-        assert_eq!(remembered, compile(policies, world));
+        let policies: Vec<std::sync::Arc<_>> =
+            policies.iter().cloned().map(std::sync::Arc::new).collect();
+        let remembered = compiler.compile(&policies, world);
+        assert_eq!(remembered, compile(&policies, world));
         compiler.recomputed
     };
     assert_eq!(check(&mut compiler, &policies, &world), n);
@@ -126,6 +130,9 @@ fn a_compile_recomputes_only_the_policies_that_changed() {
     assert_eq!(check(&mut compiler, &policies, &world), 1);
     // A policy removed: the others keep their parts (their rule ids move).
     policies.remove(0);
+    assert_eq!(check(&mut compiler, &policies, &world), 0);
+    // Reordered: found by name, nothing recomputed.
+    policies.swap(0, 1);
     assert_eq!(check(&mut compiler, &policies, &world), 0);
     // The world changed: a workload's labels.
     let logging = world
@@ -241,7 +248,7 @@ fn a_file_and_the_same_cluster_object_become_the_same_policy() {
             assert!(from_api.origin.file.starts_with(kind.trim()));
             let mut same = from_api.clone();
             same.origin = from_file.origin.clone();
-            assert_eq!(&same, from_file, "{kind} {name}");
+            assert_eq!(&same, &**from_file, "{kind} {name}");
             compared += 1;
         }
     }

@@ -488,7 +488,10 @@ fn figure_apply(b: &Bench) -> anyhow::Result<Value> {
     let parse = |t: &str| -> anyhow::Result<palisade::policy::PolicySet> {
         Ok(palisade::policy::PolicySet {
             policies: palisade::policy::load::parse_str("10k.yaml", t)
-                .map_err(|e| anyhow::anyhow!("{e}"))?,
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .into_iter()
+                .map(std::sync::Arc::new)
+                .collect(),
             files: Vec::new(),
         })
     };
