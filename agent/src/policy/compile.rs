@@ -203,11 +203,14 @@ struct Contribution {
 /// A compiler that remembers each policy's contribution: while the world
 /// stays the same, a compile recomputes only the policies that changed
 /// (a one-rule change costs that policy's entries and the merge, not every
-/// selector and peer of every policy). A changed world recomputes all.
+/// selector and peer of every policy). Addresses coming and going (pods of
+/// existing identities scaling, restarting) recompute only the policies
+/// with CIDR peers; a changed identity or namespace recomputes all.
 #[derive(Debug, Default)]
 pub struct Compiler {
-    /// The fingerprint of the world the parts were computed over.
-    world: u128,
+    /// Prints of what the parts were computed over: the identities,
+    /// namespaces and CIDR identities; the known addresses.
+    world: (u128, u128),
     /// The last compile's policies and their parts, in order.
     cache: Vec<(Arc<Policy>, Arc<Contribution>)>,
     /// Policies recomputed by the last compile (the others were reused).
@@ -219,22 +222,28 @@ impl Compiler {
     pub fn compile(&mut self, policies: &[Arc<Policy>], world: &World) -> CompiledPolicy {
         let cidrs = cidr_identities(policies.iter().map(|p| &**p));
         // What a contribution is computed from besides its policy.
-        let world_print = {
-            use std::hash::Hash as _;
+        let print = |value: &dyn Fn(&mut xxhash_rust::xxh3::Xxh3Default)| {
             let mut h = xxhash_rust::xxh3::Xxh3Default::new();
-            (
-                &world.identities,
-                &world.namespaces,
-                &world.addresses,
-                &cidrs,
-            )
-                .hash(&mut h);
+            value(&mut h);
             h.digest128()
         };
-        if world_print != self.world {
+        let world_print = (
+            print(&|h| {
+                use std::hash::Hash as _;
+                (&world.identities, &world.namespaces, &cidrs).hash(h);
+            }),
+            print(&|h| {
+                use std::hash::Hash as _;
+                world.addresses.hash(h);
+            }),
+        );
+        if world_print.0 != self.world.0 {
             self.cache.clear();
-            self.world = world_print;
+        } else if world_print.1 != self.world.1 {
+            // Only CIDR peers read the known addresses.
+            self.cache.retain(|(p, _)| !has_cidr_peers(p));
         }
+        self.world = world_print;
         let by_id: BTreeMap<u32, &IdentityInfo> =
             world.identities.iter().map(|i| (i.id, i)).collect();
         let mut index = None;
@@ -279,6 +288,16 @@ impl Compiler {
         hold_pending(&mut out, world);
         out
     }
+}
+
+/// Whether a rule of `policy` names a CIDR peer (whose identities include
+/// the known addresses inside it).
+fn has_cidr_peers(policy: &Policy) -> bool {
+    [Direction::Ingress, Direction::Egress]
+        .into_iter()
+        .flat_map(|d| policy.rules(d).unwrap_or_default())
+        .flat_map(|r| r.peers.iter().flatten())
+        .any(|p| matches!(p, Peer::Cidr { .. }))
 }
 
 /// The contributions in policy order as one compiled table.

@@ -134,6 +134,24 @@ fn a_compile_recomputes_only_the_policies_that_changed() {
     // Reordered: found by name, nothing recomputed.
     policies.swap(0, 1);
     assert_eq!(check(&mut compiler, &policies, &world), 0);
+    // A known address added: only the policies with CIDR peers (whose
+    // identities include the addresses inside them) are recomputed.
+    let with_cidr = policies
+        .iter()
+        .filter(|p| {
+            [p.ingress.as_ref(), p.egress.as_ref()]
+                .into_iter()
+                .flatten()
+                .flatten()
+                .flat_map(|r| r.peers.iter().flatten())
+                .any(|peer| matches!(peer, super::model::Peer::Cidr { .. }))
+        })
+        .count();
+    assert!(with_cidr >= 1 && with_cidr < policies.len(), "{with_cidr}");
+    world
+        .addresses
+        .push(("10.77.0.9/32".parse().unwrap(), id["logging"]));
+    assert_eq!(check(&mut compiler, &policies, &world), with_cidr);
     // The world changed: a workload's labels.
     let logging = world
         .identities
