@@ -203,14 +203,18 @@ struct Contribution {
 /// A compiler that remembers each policy's contribution: while the world
 /// stays the same, a compile recomputes only the policies that changed
 /// (a one-rule change costs that policy's entries and the merge, not every
-/// selector and peer of every policy). Addresses coming and going (pods of
-/// existing identities scaling, restarting) recompute only the policies
-/// with CIDR peers; a changed identity or namespace recomputes all.
+/// selector and peer of every policy). A world change recomputes only what
+/// it can touch: an identity added, removed or relabelled, the policies that
+/// select it or name it as a peer; addresses coming and going (pods of
+/// existing identities), the policies with CIDR peers; a namespace's labels
+/// or the set of CIDRs, everything.
 #[derive(Debug, Default)]
 pub struct Compiler {
-    /// Prints of what the parts were computed over: the identities,
-    /// namespaces and CIDR identities; the known addresses.
+    /// Prints of what the parts were computed over: the namespaces and the
+    /// CIDR identities; the known addresses.
     world: (u128, u128),
+    /// The identities the parts were computed over, by id.
+    identities: BTreeMap<u32, IdentityInfo>,
     /// The last compile's policies and their parts, in order.
     cache: Vec<(Arc<Policy>, Arc<Contribution>)>,
     /// Policies recomputed by the last compile (the others were reused).
@@ -230,7 +234,7 @@ impl Compiler {
         let world_print = (
             print(&|h| {
                 use std::hash::Hash as _;
-                (&world.identities, &world.namespaces, &cidrs).hash(h);
+                (&world.namespaces, &cidrs).hash(h);
             }),
             print(&|h| {
                 use std::hash::Hash as _;
@@ -239,9 +243,36 @@ impl Compiler {
         );
         if world_print.0 != self.world.0 {
             self.cache.clear();
-        } else if world_print.1 != self.world.1 {
-            // Only CIDR peers read the known addresses.
-            self.cache.retain(|(p, _)| !has_cidr_peers(p));
+        } else {
+            // Every identity added, removed or changed, in both versions.
+            let mut changed: Vec<&IdentityInfo> = Vec::new();
+            let now: BTreeMap<u32, &IdentityInfo> =
+                world.identities.iter().map(|i| (i.id, i)).collect();
+            for (id, old) in &self.identities {
+                match now.get(id) {
+                    Some(new) if *new == old => {}
+                    Some(new) => changed.extend([old, *new]),
+                    None => changed.push(old),
+                }
+            }
+            changed.extend(
+                now.iter()
+                    .filter(|(id, _)| !self.identities.contains_key(id))
+                    .map(|(_, i)| *i),
+            );
+            let addresses_changed = world_print.1 != self.world.1;
+            self.cache.retain(|(p, _)| {
+                !(addresses_changed && has_cidr_peers(p))
+                    && !changed.iter().any(|i| touches(p, i, world))
+            });
+        }
+        if self.identities.len() != world.identities.len()
+            || world
+                .identities
+                .iter()
+                .any(|i| self.identities.get(&i.id) != Some(i))
+        {
+            self.identities = world.identities.iter().map(|i| (i.id, i.clone())).collect();
         }
         self.world = world_print;
         let by_id: BTreeMap<u32, &IdentityInfo> =
@@ -538,6 +569,53 @@ impl<'a> Index<'a> {
     }
 }
 
+/// Whether a workload peer (`pods` in `namespaces`) of `policy` is `id`.
+fn peer_selects(
+    policy: &Policy,
+    pods: Option<&LabelSelector>,
+    namespaces: &NamespaceScope,
+    id: &IdentityInfo,
+    world: &World,
+) -> bool {
+    let Some(ns) = &id.namespace else {
+        return false;
+    };
+    let ns_ok = match namespaces {
+        NamespaceScope::Same => policy.namespace.as_ref().is_none_or(|own| own == ns),
+        NamespaceScope::Matching(sel) => world
+            .namespaces
+            .get(ns)
+            .is_some_and(|labels| sel.matches(labels)),
+    };
+    ns_ok && pods.is_none_or(|sel| sel.matches(&id.labels))
+}
+
+/// Whether `policy`'s part can depend on the identity `id`: it selects it,
+/// names it as a peer (by labels or by name), or has an egress rule to any
+/// peer on a named port (which reads every identity's declared ports).
+fn touches(policy: &Policy, id: &IdentityInfo, world: &World) -> bool {
+    let workload = id.kind == IdentityKind::Workload;
+    if workload && selects(policy, id, world) {
+        return true;
+    }
+    let rules = |d| policy.rules(d).unwrap_or_default().iter();
+    if rules(Direction::Egress)
+        .any(|r| r.peers.is_none() && !r.named_ports.is_empty() && !id.named_ports.is_empty())
+    {
+        return true;
+    }
+    rules(Direction::Ingress)
+        .chain(rules(Direction::Egress))
+        .flat_map(|r| r.peers.iter().flatten())
+        .any(|peer| match peer {
+            Peer::Workloads { pods, namespaces } => {
+                workload && peer_selects(policy, pods.as_ref(), namespaces, id, world)
+            }
+            Peer::Identity(name) => &id.name == name,
+            Peer::Cidr { .. } => false,
+        })
+}
+
 fn resolve_peers(
     policy: &Policy,
     rule: &Rule,
@@ -554,17 +632,7 @@ fn resolve_peers(
             Peer::Workloads { pods, namespaces } => {
                 let all = LabelSelector::default();
                 for id in index.candidates(pods.as_ref().unwrap_or(&all)) {
-                    let Some(ns) = &id.namespace else { continue };
-                    let ns_ok = match namespaces {
-                        NamespaceScope::Same => {
-                            policy.namespace.as_ref().is_none_or(|own| own == ns)
-                        }
-                        NamespaceScope::Matching(sel) => world
-                            .namespaces
-                            .get(ns)
-                            .is_some_and(|labels| sel.matches(labels)),
-                    };
-                    if ns_ok && pods.as_ref().is_none_or(|sel| sel.matches(&id.labels)) {
+                    if peer_selects(policy, pods.as_ref(), namespaces, id, world) {
                         out.insert(id.id);
                     }
                 }

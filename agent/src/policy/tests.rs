@@ -152,14 +152,130 @@ fn a_compile_recomputes_only_the_policies_that_changed() {
         .addresses
         .push(("10.77.0.9/32".parse().unwrap(), id["logging"]));
     assert_eq!(check(&mut compiler, &policies, &world), with_cidr);
-    // The world changed: a workload's labels.
+    // A workload's labels changed: the policies that select or name it
+    // (before or after) are recomputed, not the others.
     let logging = world
         .identities
         .iter_mut()
         .find(|i| i.id == id["logging"])
         .unwrap();
     logging.labels.insert("tier".into(), "x".into());
+    let recomputed = check(&mut compiler, &policies, &world);
+    assert!(
+        recomputed > 0 && recomputed < n - 1,
+        "{recomputed} of {}",
+        n - 1
+    );
+    // A namespace's labels: everything.
+    world
+        .namespaces
+        .get_mut("production")
+        .unwrap()
+        .insert("team".into(), "shop".into());
     assert_eq!(check(&mut compiler, &policies, &world), n - 1);
+}
+
+/// Whatever the world does between compiles — identities added, removed,
+/// relabelled, renumbered, addresses moved, namespaces relabelled — the
+/// remembering compiler's table is a fresh compile's, step after step.
+#[test]
+fn the_remembering_compiler_equals_a_fresh_compile_under_churn() {
+    use super::compile::Compiler;
+    let (mut world, _) = scenario_world();
+    let mut policies: Vec<std::sync::Arc<super::model::Policy>> = load_paths(&[
+        repo_policies("kubernetes"),
+        repo_policies("palisade"),
+        repo_policies("examples"),
+    ])
+    .unwrap()
+    .policies;
+    // Egress to any peer on a named port reads every identity's ports; a
+    // CIDR peer, the addresses inside it.
+    policies.extend(
+        parse_str(
+            "churn.yaml",
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: out-https, namespace: monitoring}\nspec:\n  podSelector: {}\n  egress: [{ports: [{port: https}]}]\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: office, namespace: production}\nspec:\n  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 10.20.0.0/16, except: [10.20.99.0/24]}}], ports: [{port: 443}]}]\n",
+        )
+        .unwrap()
+        .into_iter()
+        .map(std::sync::Arc::new),
+    );
+    let apps = [
+        "order-service",
+        "payment-service",
+        "postgres",
+        "logging",
+        "prometheus",
+        "dns",
+        "web",
+    ];
+    let namespaces = ["production", "monitoring", "kube-system"];
+    // A small deterministic generator (xorshift): the same churn every run.
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut next = |n: usize| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % n as u64) as usize
+    };
+    let mut compiler = Compiler::default();
+    let mut reused = 0;
+    for step in 0..300 {
+        match next(6) {
+            0 => {
+                let ns = namespaces[next(3)];
+                let app = apps[next(apps.len())];
+                let id = 1000 + step;
+                world.identities.push(IdentityInfo {
+                    id,
+                    name: format!("{ns}/{app}-{step}"),
+                    namespace: Some(ns.into()),
+                    labels: [("app".to_owned(), app.to_owned())].into(),
+                    kind: IdentityKind::Workload,
+                    named_ports: if next(2) == 0 {
+                        [((Protocol::Tcp, "https".to_owned()), 8000 + step as u16)].into()
+                    } else {
+                        BTreeMap::new()
+                    },
+                });
+            }
+            1 if world.identities.len() > 1 => {
+                let i = next(world.identities.len());
+                world.identities.remove(i);
+            }
+            2 => {
+                let i = next(world.identities.len());
+                let app = apps[next(apps.len())];
+                world.identities[i].labels.insert("app".into(), app.into());
+            }
+            3 => {
+                let i = next(world.identities.len());
+                let id = world.identities[i].id;
+                // Inside a policy's CIDR, its exception, or neither.
+                let block = ["10.20.1", "10.20.99", "192.168.10", "10.0.1"][next(4)];
+                let last = next(250) + 1;
+                world
+                    .addresses
+                    .push((format!("{block}.{last}/32").parse().unwrap(), id));
+            }
+            4 if next(4) == 0 => {
+                let ns = namespaces[next(3)];
+                world
+                    .namespaces
+                    .get_mut(ns)
+                    .unwrap()
+                    .insert("name".into(), format!("n{}", next(2)));
+            }
+            _ => {}
+        }
+        let remembered = compiler.compile(&policies, &world);
+        assert_eq!(remembered, compile(&policies, &world), "step {step}");
+        reused += policies.len() - compiler.recomputed;
+    }
+    assert!(
+        reused > 300,
+        "the compiler reused {reused} parts in 300 steps"
+    );
 }
 
 #[test]
