@@ -225,56 +225,7 @@ impl Compiler {
     /// Compiles `policies` over `world`, reusing what is still valid.
     pub fn compile(&mut self, policies: &[Arc<Policy>], world: &World) -> CompiledPolicy {
         let cidrs = cidr_identities(policies.iter().map(|p| &**p));
-        // What a contribution is computed from besides its policy.
-        let print = |value: &dyn Fn(&mut xxhash_rust::xxh3::Xxh3Default)| {
-            let mut h = xxhash_rust::xxh3::Xxh3Default::new();
-            value(&mut h);
-            h.digest128()
-        };
-        let world_print = (
-            print(&|h| {
-                use std::hash::Hash as _;
-                (&world.namespaces, &cidrs).hash(h);
-            }),
-            print(&|h| {
-                use std::hash::Hash as _;
-                world.addresses.hash(h);
-            }),
-        );
-        if world_print.0 != self.world.0 {
-            self.cache.clear();
-        } else {
-            // Every identity added, removed or changed, in both versions.
-            let mut changed: Vec<&IdentityInfo> = Vec::new();
-            let now: BTreeMap<u32, &IdentityInfo> =
-                world.identities.iter().map(|i| (i.id, i)).collect();
-            for (id, old) in &self.identities {
-                match now.get(id) {
-                    Some(new) if *new == old => {}
-                    Some(new) => changed.extend([old, *new]),
-                    None => changed.push(old),
-                }
-            }
-            changed.extend(
-                now.iter()
-                    .filter(|(id, _)| !self.identities.contains_key(id))
-                    .map(|(_, i)| *i),
-            );
-            let addresses_changed = world_print.1 != self.world.1;
-            self.cache.retain(|(p, _)| {
-                !(addresses_changed && has_cidr_peers(p))
-                    && !changed.iter().any(|i| touches(p, i, world))
-            });
-        }
-        if self.identities.len() != world.identities.len()
-            || world
-                .identities
-                .iter()
-                .any(|i| self.identities.get(&i.id) != Some(i))
-        {
-            self.identities = world.identities.iter().map(|i| (i.id, i.clone())).collect();
-        }
-        self.world = world_print;
+        self.forget_what_changed(world, &cidrs);
         let by_id: BTreeMap<u32, &IdentityInfo> =
             world.identities.iter().map(|i| (i.id, i)).collect();
         let mut index = None;
@@ -319,6 +270,63 @@ impl Compiler {
         hold_pending(&mut out, world);
         out
     }
+
+    /// Drops the remembered parts that the world's changes since the last
+    /// compile can touch, and remembers this world.
+    fn forget_what_changed(&mut self, world: &World, cidrs: &[(IpNet, u32)]) {
+        let print = |value: &dyn Fn(&mut xxhash_rust::xxh3::Xxh3Default)| {
+            let mut h = xxhash_rust::xxh3::Xxh3Default::new();
+            value(&mut h);
+            h.digest128()
+        };
+        let prints = (
+            print(&|h| {
+                use std::hash::Hash as _;
+                (&world.namespaces, cidrs).hash(h);
+            }),
+            print(&|h| {
+                use std::hash::Hash as _;
+                world.addresses.hash(h);
+            }),
+        );
+        let changed = changed_identities(&self.identities, world);
+        if prints.0 != self.world.0 {
+            self.cache.clear();
+        } else {
+            let addresses_changed = prints.1 != self.world.1;
+            self.cache.retain(|(p, _)| {
+                !(addresses_changed && has_cidr_peers(p))
+                    && !changed.iter().any(|i| touches(p, i, world))
+            });
+        }
+        if !changed.is_empty() {
+            self.identities = world.identities.iter().map(|i| (i.id, i.clone())).collect();
+        }
+        self.world = prints;
+    }
+}
+
+/// Every identity added, removed or changed since `old`, changed ones in
+/// both versions.
+fn changed_identities<'a>(
+    old: &'a BTreeMap<u32, IdentityInfo>,
+    world: &'a World,
+) -> Vec<&'a IdentityInfo> {
+    let now: BTreeMap<u32, &IdentityInfo> = world.identities.iter().map(|i| (i.id, i)).collect();
+    let mut changed = Vec::new();
+    for (id, before) in old {
+        match now.get(id) {
+            Some(after) if *after == before => {}
+            Some(after) => changed.extend([before, *after]),
+            None => changed.push(before),
+        }
+    }
+    changed.extend(
+        now.iter()
+            .filter(|(id, _)| !old.contains_key(id))
+            .map(|(_, i)| *i),
+    );
+    changed
 }
 
 /// Whether a rule of `policy` names a CIDR peer (whose identities include

@@ -224,38 +224,43 @@ impl Walker<'_> {
                     })
                     .collect(),
             ),
-            Value::Map(entries) => {
-                let properties = schema.get("properties").and_then(J::as_object);
-                let additional = schema.get("additionalProperties");
-                let closed = properties.is_some() || additional == Some(&J::Bool(false));
-                let additional = additional.filter(|a| a.is_object());
-                let mut out = serde_json::Map::new();
-                for (key, value) in entries {
-                    match properties.and_then(|p| p.get(&key.name)).or(additional) {
-                        Some(sub) => {
-                            if !self.path.is_empty() {
-                                self.path.push('.');
-                            }
-                            self.path.push_str(&key.name);
-                            let j = self.walk(Some(sub), value);
-                            self.path.truncate(len);
-                            out.insert(key.name.clone(), j);
-                        }
-                        None if closed => {
-                            let known: Vec<&str> = properties
-                                .map(|p| p.keys().map(String::as_str).collect())
-                                .unwrap_or_default();
-                            self.problem(key.at, yaml::unknown_field(&key.name, &known));
-                        }
-                        None => {
-                            out.insert(key.name.clone(), value.to_json());
-                        }
-                    }
-                }
-                J::Object(out)
-            }
+            Value::Map(entries) => self.walk_map(schema, entries),
             _ => node.to_json(),
         }
+    }
+
+    /// A mapping under an object schema: known fields walked, an unknown
+    /// one reported where its key was written (when the schema is closed).
+    fn walk_map(&mut self, schema: &J, entries: &[(yaml::Key, Node)]) -> J {
+        let len = self.path.len();
+        let properties = schema.get("properties").and_then(J::as_object);
+        let additional = schema.get("additionalProperties");
+        let closed = properties.is_some() || additional == Some(&J::Bool(false));
+        let additional = additional.filter(|a| a.is_object());
+        let mut out = serde_json::Map::new();
+        for (key, value) in entries {
+            match properties.and_then(|p| p.get(&key.name)).or(additional) {
+                Some(sub) => {
+                    if !self.path.is_empty() {
+                        self.path.push('.');
+                    }
+                    self.path.push_str(&key.name);
+                    let j = self.walk(Some(sub), value);
+                    self.path.truncate(len);
+                    out.insert(key.name.clone(), j);
+                }
+                None if closed => {
+                    let known: Vec<&str> = properties
+                        .map(|p| p.keys().map(String::as_str).collect())
+                        .unwrap_or_default();
+                    self.problem(key.at, yaml::unknown_field(&key.name, &known));
+                }
+                None => {
+                    out.insert(key.name.clone(), value.to_json());
+                }
+            }
+        }
+        J::Object(out)
     }
 }
 
