@@ -102,19 +102,25 @@ pub struct CompiledPolicy {
     pub entries: BTreeMap<EntryKey, PolicyValue>,
     /// (direction, identity) → enforcement.
     pub enforced: BTreeMap<(u8, u32), EnforcedValue>,
-    /// Index = rule id; index 0 is "no rule". Shared with the compiler's
-    /// memory of each policy (a merge copies pointers, not names).
+    /// Index = rule id; index 0 is "no rule", and so is an id no policy
+    /// holds (an empty `kind`). Shared with the compiler's memory of each
+    /// policy (a merge copies pointers, not names).
     pub rules: Vec<Arc<RuleRef>>,
     /// Extra ipcache entries for CIDR blocks named by policies.
     pub cidr_identities: Vec<(IpNet, u32)>,
 }
 
 impl CompiledPolicy {
+    /// The rule `id` names; `None` for 0 ("no rule") and for ids no policy
+    /// holds (freed by a replaced policy until the table is compacted).
     pub fn rule(&self, id: u32) -> Option<&RuleRef> {
         if id == 0 {
             None
         } else {
-            self.rules.get(id as usize).map(|r| &**r)
+            self.rules
+                .get(id as usize)
+                .map(|r| &**r)
+                .filter(|r| !r.kind.is_empty())
         }
     }
 }
@@ -178,11 +184,17 @@ pub fn compile<P: std::borrow::Borrow<Policy>>(policies: &[P], world: &World) ->
     let cidrs = cidr_identities(policies.iter().map(|p| p.borrow()));
     let by_id: BTreeMap<u32, &IdentityInfo> = world.identities.iter().map(|i| (i.id, i)).collect();
     let index = Index::new(world);
-    let parts: Vec<Arc<Contribution>> = policies
+    let mut next = 1u32;
+    let parts: Vec<(u32, Arc<Contribution>)> = policies
         .iter()
-        .map(|p| Arc::new(contribute(p.borrow(), world, &by_id, &index, &cidrs)))
+        .map(|p| {
+            let part = contribute(p.borrow(), world, &by_id, &index, &cidrs);
+            let base = next;
+            next += part.rules.len() as u32;
+            (base, Arc::new(part))
+        })
         .collect();
-    let mut out = merge(&parts);
+    let mut out = merge(&parts, next);
     out.cidr_identities = cidrs;
     hold_pending(&mut out, world);
     out
@@ -215,8 +227,12 @@ pub struct Compiler {
     world: (u128, u128),
     /// The identities the parts were computed over, by id.
     identities: BTreeMap<u32, IdentityInfo>,
-    /// The last compile's policies and their parts, in order.
-    cache: Vec<(Arc<Policy>, Arc<Contribution>)>,
+    /// The last compile's policies and their parts, in order, each with the
+    /// first rule id it holds.
+    cache: Vec<(Arc<Policy>, Arc<Contribution>, u32)>,
+    /// The first rule id no part holds: new parts are numbered from here,
+    /// so a part kept keeps its ids and its entries their values.
+    next_rule: u32,
     /// Policies recomputed by the last compile (the others were reused).
     pub recomputed: usize,
 }
@@ -231,44 +247,74 @@ impl Compiler {
         let mut index = None;
         let mut cache = Vec::with_capacity(policies.len());
         self.recomputed = 0;
-        let mut parts = Vec::with_capacity(policies.len());
         // Where a policy was last time, by name, when the order moved.
         let mut moved: Option<std::collections::HashMap<(&str, String), usize>> = None;
+        let mut taken = vec![false; self.cache.len()];
         for (i, policy) in policies.iter().enumerate() {
-            let same = |j: usize| {
-                self.cache
-                    .get(j)
-                    .filter(|(p, _)| Arc::ptr_eq(p, policy) || **p == **policy)
-                    .map(|(_, part)| part.clone())
+            let mut same = |j: usize| {
+                let (p, part, base) = self.cache.get(j)?;
+                let fits = !taken[j] && (Arc::ptr_eq(p, policy) || **p == **policy);
+                fits.then(|| {
+                    taken[j] = true;
+                    (part.clone(), *base)
+                })
             };
             let found = same(i).or_else(|| {
                 let moved = moved.get_or_insert_with(|| {
                     self.cache
                         .iter()
                         .enumerate()
-                        .map(|(j, (p, _))| ((p.origin.kind, p.qualified_name()), j))
+                        .map(|(j, (p, _, _))| ((p.origin.kind, p.qualified_name()), j))
                         .collect()
                 });
                 moved
                     .get(&(policy.origin.kind, policy.qualified_name()))
                     .and_then(|j| same(*j))
             });
-            let part = match found {
-                Some(part) => part,
+            let (part, base) = match found {
+                Some(kept) => kept,
                 None => {
                     self.recomputed += 1;
                     let index = index.get_or_insert_with(|| Index::new(world));
-                    Arc::new(contribute(policy, world, &by_id, index, &cidrs))
+                    let part = contribute(policy, world, &by_id, index, &cidrs);
+                    let base = self.next_rule.max(1);
+                    self.next_rule = base + part.rules.len() as u32;
+                    (Arc::new(part), base)
                 }
             };
-            parts.push(part.clone());
-            cache.push((policy.clone(), part));
+            cache.push((policy.clone(), part, base));
         }
         self.cache = cache;
-        let mut out = merge(&parts);
+        self.compact();
+        let parts: Vec<(u32, Arc<Contribution>)> = self
+            .cache
+            .iter()
+            .map(|(_, part, base)| (*base, part.clone()))
+            .collect();
+        let mut out = merge(&parts, self.next_rule.max(1));
         out.cidr_identities = cidrs;
         hold_pending(&mut out, world);
         out
+    }
+
+    /// Numbers the parts densely again (in policy order) once the ids freed
+    /// by replaced parts outnumber the ids in use: one rewrite of the values,
+    /// then new ids again from the end.
+    fn compact(&mut self) {
+        let live: u32 = self
+            .cache
+            .iter()
+            .map(|(_, p, _)| p.rules.len() as u32)
+            .sum();
+        if self.next_rule <= 2 * live + 1024 {
+            return;
+        }
+        let mut next = 1;
+        for (_, part, base) in &mut self.cache {
+            *base = next;
+            next += part.rules.len() as u32;
+        }
+        self.next_rule = next;
     }
 
     /// Drops the remembered parts that the world's changes since the last
@@ -294,7 +340,7 @@ impl Compiler {
             self.cache.clear();
         } else {
             let addresses_changed = prints.1 != self.world.1;
-            self.cache.retain(|(p, _)| {
+            self.cache.retain(|(p, _, _)| {
                 !(addresses_changed && has_cidr_peers(p))
                     && !changed.iter().any(|i| touches(p, i, world))
             });
@@ -340,21 +386,28 @@ fn has_cidr_peers(policy: &Policy) -> bool {
 }
 
 /// The contributions in policy order as one compiled table.
-fn merge(parts: &[Arc<Contribution>]) -> CompiledPolicy {
+/// Each part's rules sit at ids `base..base + len` of a table of `len`
+/// ids; ids no part holds read as "no rule".
+fn merge(parts: &[(u32, Arc<Contribution>)], len: u32) -> CompiledPolicy {
+    let none = Arc::new(RuleRef {
+        policy: String::new(),
+        kind: "",
+        rule: String::new(),
+    });
     let mut out = CompiledPolicy {
-        rules: vec![Arc::new(RuleRef {
-            policy: String::new(),
-            kind: "",
-            rule: String::new(),
-        })],
+        rules: vec![none; len as usize],
         ..Default::default()
     };
     let mut acc: BTreeMap<EntryKey, Acc> = BTreeMap::new();
     // (direction, identity) → (policy rule id, all selecting policies audit?)
     let mut enforcement: BTreeMap<(u8, u32), (u32, bool)> = BTreeMap::new();
-    for part in parts {
-        let base = u32::try_from(out.rules.len()).unwrap_or(u32::MAX);
-        out.rules.extend(part.rules.iter().cloned());
+    for (base, part) in parts {
+        let base = *base;
+        for (i, rule) in part.rules.iter().enumerate() {
+            if let Some(slot) = out.rules.get_mut(base as usize + i) {
+                *slot = rule.clone();
+            }
+        }
         for &(k, default_rule, audit) in &part.enforced {
             let e = enforcement.entry(k).or_insert((base + default_rule, true));
             e.1 &= audit;

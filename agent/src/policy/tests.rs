@@ -77,9 +77,35 @@ fn allowed(v: (Option<u8>, Option<u8>)) -> bool {
     v.0.is_none_or(|x| x != verdict::DENY) && v.1.is_none_or(|x| x != verdict::DENY)
 }
 
-/// The remembering compiler gives exactly what a fresh compile gives, and
-/// an event recomputes only what it changes: one edited policy is one
-/// policy recomputed; a removed one none; a changed world all of them.
+/// A compiled table with its rule ids replaced by the rules they name: two
+/// tables that judge alike and name the same rules are equal in this form,
+/// however their rules are numbered.
+#[allow(clippy::type_complexity)]
+fn canonical(
+    c: &super::CompiledPolicy,
+) -> (
+    BTreeMap<super::compile::EntryKey, (u32, Option<super::compile::RuleRef>)>,
+    BTreeMap<(u8, u32), (Option<super::compile::RuleRef>, u32)>,
+    Vec<(ipnet::IpNet, u32)>,
+) {
+    let rule = |id: u32| c.rule(id).cloned();
+    (
+        c.entries
+            .iter()
+            .map(|(k, v)| (*k, (v.flags, rule(v.rule_id))))
+            .collect(),
+        c.enforced
+            .iter()
+            .map(|(k, v)| (*k, (rule(v.policy_rule_id), v.flags)))
+            .collect(),
+        c.cidr_identities.clone(),
+    )
+}
+
+/// The remembering compiler judges exactly as a fresh compile does, and an
+/// event recomputes only what it changes: one edited policy is one policy
+/// recomputed; a removed one none, and the other policies' entries keep
+/// their values (their rule ids stay).
 #[test]
 fn a_compile_recomputes_only_the_policies_that_changed() {
     use super::compile::Compiler;
@@ -100,7 +126,10 @@ fn a_compile_recomputes_only_the_policies_that_changed() {
         let policies: Vec<std::sync::Arc<_>> =
             policies.iter().cloned().map(std::sync::Arc::new).collect();
         let remembered = compiler.compile(&policies, world);
-        assert_eq!(remembered, compile(&policies, world));
+        assert_eq!(
+            canonical(&remembered),
+            canonical(&compile(&policies, world))
+        );
         compiler.recomputed
     };
     assert_eq!(check(&mut compiler, &policies, &world), n);
@@ -128,9 +157,35 @@ fn a_compile_recomputes_only_the_policies_that_changed() {
     rule.ports.as_mut().unwrap()[0].first += 1;
     rule.ports.as_mut().unwrap()[0].last += 1;
     assert_eq!(check(&mut compiler, &policies, &world), 1);
-    // A policy removed: the others keep their parts (their rule ids move).
+    // A policy removed: the others keep their parts and their rule ids, so
+    // no entry of theirs is written again.
+    let as_arcs = |p: &[super::model::Policy]| -> Vec<std::sync::Arc<_>> {
+        p.iter().cloned().map(std::sync::Arc::new).collect()
+    };
+    let before = compiler.compile(&as_arcs(&policies), &world);
+    let removed = compile(&as_arcs(&policies[..1]), &world);
     policies.remove(0);
     assert_eq!(check(&mut compiler, &policies, &world), 0);
+    let after = compiler.compile(&as_arcs(&policies), &world);
+    let rewritten = after
+        .entries
+        .iter()
+        .filter(|(k, v)| before.entries.get(k) != Some(v))
+        .count();
+    assert!(
+        rewritten <= removed.entries.len(),
+        "{rewritten} entries rewritten for a policy of {}",
+        removed.entries.len()
+    );
+    // Numbered afresh (every later rule id one policy lower), far more
+    // entries would have been written.
+    let fresh = compile(&as_arcs(&policies), &world);
+    let renumbered = fresh
+        .entries
+        .iter()
+        .filter(|(k, v)| before.entries.get(k) != Some(v))
+        .count();
+    assert!(renumbered > rewritten, "{renumbered} vs {rewritten}");
     // Reordered: found by name, nothing recomputed.
     policies.swap(0, 1);
     assert_eq!(check(&mut compiler, &policies, &world), 0);
@@ -173,6 +228,56 @@ fn a_compile_recomputes_only_the_policies_that_changed() {
         .unwrap()
         .insert("team".into(), "shop".into());
     assert_eq!(check(&mut compiler, &policies, &world), n - 1);
+}
+
+/// Rule ids stay put: removing one of many policies rewrites only its own
+/// entries (numbered afresh, every later entry would change), and edits
+/// that keep numbering new parts from the end are compacted once the freed
+/// ids outnumber the used ones, the table judging the same throughout.
+#[test]
+fn rule_ids_stay_put_and_freed_ones_are_compacted() {
+    use super::compile::Compiler;
+    let (world, _) = scenario_world();
+    let apps = ["order-service", "payment-service", "postgres", "logging"];
+    let policy = |i: usize, port: u16| {
+        let text = format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: p{i}, namespace: production}}\nspec:\n  podSelector: {{matchLabels: {{app: {}}}}}\n  ingress: [{{from: [{{podSelector: {{matchLabels: {{app: {}}}}}}}], ports: [{{port: {port}}}]}}]\n",
+            apps[i % 4],
+            apps[(i + 1) % 4]
+        );
+        std::sync::Arc::new(parse_str("p.yaml", &text).unwrap().remove(0))
+    };
+    let mut policies: Vec<_> = (0..40).map(|i| policy(i, 1000 + i as u16)).collect();
+    let mut compiler = Compiler::default();
+    let before = compiler.compile(&policies, &world);
+    let removed = compile(&policies[..1], &world).entries.len();
+    policies.remove(0);
+    let after = compiler.compile(&policies, &world);
+    let changed = |a: &super::CompiledPolicy, b: &super::CompiledPolicy| {
+        a.entries
+            .iter()
+            .filter(|(k, v)| b.entries.get(k) != Some(v))
+            .count()
+    };
+    assert_eq!(changed(&after, &before), 0, "removal rewrote other entries");
+    assert!(before.entries.len() - after.entries.len() == removed);
+    assert!(changed(&compile(&policies, &world), &before) > 30);
+    // 2000 edits of one policy: each numbers its rules from the end.
+    let mut highest = 0;
+    for round in 0..2000u16 {
+        policies[5] = policy(6, 20_000 + round);
+        let c = compiler.compile(&policies, &world);
+        assert_eq!(compiler.recomputed, 1);
+        highest = highest.max(c.rules.len());
+        if round % 250 == 0 {
+            assert_eq!(canonical(&c), canonical(&compile(&policies, &world)));
+        }
+    }
+    let live = compile(&policies, &world).rules.len();
+    assert!(
+        highest <= 2 * live + 1100,
+        "the rule table grew to {highest} ids for {live} rules"
+    );
 }
 
 /// Whatever the world does between compiles — identities added, removed,
@@ -269,7 +374,11 @@ fn the_remembering_compiler_equals_a_fresh_compile_under_churn() {
             _ => {}
         }
         let remembered = compiler.compile(&policies, &world);
-        assert_eq!(remembered, compile(&policies, &world), "step {step}");
+        assert_eq!(
+            canonical(&remembered),
+            canonical(&compile(&policies, &world)),
+            "step {step}"
+        );
         reused += policies.len() - compiler.recomputed;
     }
     assert!(
