@@ -239,6 +239,10 @@ impl Walker<'_> {
         let additional = additional.filter(|a| a.is_object());
         let mut out = serde_json::Map::new();
         for (key, value) in entries {
+            // An exported object's `status` is the cluster's, not the author's.
+            if len == 0 && key.name == "status" {
+                continue;
+            }
             match properties.and_then(|p| p.get(&key.name)).or(additional) {
                 Some(sub) => {
                     if !self.path.is_empty() {

@@ -529,6 +529,14 @@ fn plain_scalars_in_string_fields_are_strings() {
     )
     .unwrap();
     assert_eq!(p[0].namespace.as_deref(), Some("y"));
+    // An exported object's status is ignored, as before.
+    assert!(
+        parse_str(
+            "p.yaml",
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: a}\nspec: {}\nstatus: {conditions: []}\n"
+        )
+        .is_ok()
+    );
     assert_eq!(p[0].selector.match_labels["enabled"], "true");
     assert_eq!(p[0].selector.match_labels["tier"], "2");
 }
