@@ -3,10 +3,8 @@
 //! hostile file can cost; messages are cleaned of the library's own
 //! location suffix and advice, and name a likely typo's intended field.
 //! [`Node`] is a document as a tree of located values: policy files are
-//! checked against their schema on it, and its span map places a problem
+//! checked against their schema on it, and [`Node::locate`] places a problem
 //! found at a field path (`spec.ingress[0].ports[1].port`) at a line and column.
-use std::collections::HashMap;
-
 use serde::{Deserialize, de::DeserializeOwned};
 
 /// A parse error at a 1-based line and column.
@@ -41,6 +39,168 @@ fn options() -> serde_saphyr::Options {
     options.with_snippet = false;
     options.budget = Some(budget);
     options
+}
+
+/// A document as a located tree. The common document (no anchors, aliases,
+/// tags, merge keys or scalars YAML could read several ways) is built
+/// straight from the parser's events; anything else, and any error, goes
+/// through the full deserializer ([`from_str`]), whose budgets and messages
+/// then apply unchanged.
+pub fn tree(text: &str) -> Result<Node, YamlError> {
+    match fast_tree(text) {
+        Some(node) => Ok(node),
+        None => from_str(text),
+    }
+}
+
+/// Builds the tree from parser events; `None` whenever the full
+/// deserializer must decide (see [`tree`]).
+fn fast_tree(text: &str) -> Option<Node> {
+    use serde_saphyr::granit_parser::{Event, Parser, ScalarStyle};
+    const MAX_DEPTH: usize = 48;
+    const MAX_NODES: usize = 200_000;
+    enum Open {
+        Seq(Node),
+        Map(Node, Option<Key>),
+    }
+    let mut stack: Vec<Open> = Vec::new();
+    let mut root = None;
+    let mut nodes = 0usize;
+    for item in Parser::new_from_str(text) {
+        let (event, span) = item.ok()?;
+        let at = (span.start.line() as u64, span.start.col() as u64 + 1);
+        let bytes = span
+            .start
+            .byte_offset()
+            .zip(span.end.byte_offset())
+            .map(|(a, b)| (a, b.saturating_sub(a)));
+        let node = match event {
+            Event::StreamStart | Event::StreamEnd | Event::DocumentEnd | Event::Comment(..) => {
+                continue;
+            }
+            Event::DocumentStart(..) if root.is_none() && stack.is_empty() => continue,
+            Event::Scalar(value, style, anchor, tag) => {
+                if anchor != 0 || tag.is_some() {
+                    return None;
+                }
+                let value = match style {
+                    ScalarStyle::Plain => plain_scalar(&value)?,
+                    _ => Value::Str(value.into_owned()),
+                };
+                Node {
+                    at,
+                    span: bytes,
+                    value,
+                }
+            }
+            Event::SequenceStart(_, 0, None) | Event::MappingStart(_, 0, None) => {
+                nodes += 1;
+                if stack.len() >= MAX_DEPTH || nodes > MAX_NODES {
+                    return None;
+                }
+                let seq = matches!(event, Event::SequenceStart(..));
+                let node = Node {
+                    at,
+                    span: bytes,
+                    value: if seq {
+                        Value::Seq(Vec::new())
+                    } else {
+                        Value::Map(Vec::new())
+                    },
+                };
+                stack.push(if seq {
+                    Open::Seq(node)
+                } else {
+                    Open::Map(node, None)
+                });
+                continue;
+            }
+            Event::SequenceEnd | Event::MappingEnd => match stack.pop()? {
+                Open::Seq(n) | Open::Map(n, None) => n,
+                Open::Map(_, Some(_)) => return None,
+            },
+            _ => return None,
+        };
+        nodes += 1;
+        if nodes > MAX_NODES {
+            return None;
+        }
+        match stack.last_mut() {
+            None if root.is_none() => root = Some(node),
+            None => return None,
+            Some(Open::Seq(seq)) => {
+                let Value::Seq(items) = &mut seq.value else {
+                    return None;
+                };
+                items.push(node);
+            }
+            Some(Open::Map(map, key)) => match key.take() {
+                None => {
+                    let Value::Str(name) = node.value else {
+                        return None;
+                    };
+                    let Value::Map(entries) = &map.value else {
+                        return None;
+                    };
+                    // Merge keys and duplicates: the deserializer's rules and messages.
+                    if name == "<<" || entries.iter().any(|(k, _)| k.name == name) {
+                        return None;
+                    }
+                    *key = Some(Key { name, at: node.at });
+                }
+                Some(k) => {
+                    let Value::Map(entries) = &mut map.value else {
+                        return None;
+                    };
+                    entries.push((k, node));
+                }
+            },
+        }
+    }
+    if !stack.is_empty() {
+        return None;
+    }
+    root
+}
+
+/// A plain scalar as YAML 1.1 resolves it, when that is unambiguous: null,
+/// `true`/`false`, a decimal integer, or text that cannot be read as
+/// anything else. `None` (the full deserializer decides) for the rest:
+/// `yes`, `on`, `0x1f`, `1_000`, `1e3`, `.5`, …
+fn plain_scalar(text: &str) -> Option<Value> {
+    match text {
+        "" | "~" | "null" | "Null" | "NULL" => return Some(Value::Null),
+        "true" | "True" | "TRUE" => return Some(Value::Bool(true)),
+        "false" | "False" | "FALSE" => return Some(Value::Bool(false)),
+        _ => {}
+    }
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+        if digits.len() > 1 && digits.starts_with('0') {
+            return None;
+        }
+        return match text.parse::<i64>() {
+            Ok(n) => Some(Value::Int(n)),
+            Err(_) => None,
+        };
+    }
+    let first = text.as_bytes()[0];
+    let short = matches!(
+        text.to_ascii_lowercase().as_str(),
+        "y" | "n" | "yes" | "no" | "on" | "off"
+    );
+    // Text that starts like a number is text only when no number has its
+    // shape: an address or CIDR (`10.0.0.0/8`), a duration (`200ms`).
+    let numeric_start = first.is_ascii_digit() || matches!(first, b'+' | b'-' | b'.');
+    let not_a_number = text.contains(['/', ' '])
+        || text.matches('.').count() >= 2
+        || text
+            .bytes()
+            .any(|b| !(b.is_ascii_digit() || b"+-._:eExXoObBaAcCdDfFiInNtT".contains(&b)));
+    if short || (numeric_start && !not_a_number) {
+        return None;
+    }
+    Some(Value::Str(text.to_owned()))
 }
 
 /// A 1-based line and column in a document.
@@ -201,54 +361,40 @@ impl Node {
         }
     }
 
-    /// Every value's field path (`spec.ingress[0].from`) and position.
-    pub fn spans(&self) -> Spans {
-        fn walk(node: &Node, path: &mut String, out: &mut HashMap<String, Position>) {
-            out.insert(path.clone(), node.at);
-            let len = path.len();
-            match &node.value {
-                Value::Seq(items) => {
-                    for (i, n) in items.iter().enumerate() {
-                        path.push_str(&format!("[{i}]"));
-                        walk(n, path, out);
-                        path.truncate(len);
-                    }
-                }
-                Value::Map(entries) => {
-                    for (k, n) in entries {
-                        if !path.is_empty() {
-                            path.push('.');
-                        }
-                        path.push_str(&k.name);
-                        walk(n, path, out);
-                        path.truncate(len);
-                    }
-                }
-                _ => {}
-            }
+    /// Where the value at `path` (`spec.ingress[0].from`) was written, or
+    /// its nearest written ancestor (a missing field is reported where its
+    /// parent is). Found by walking the tree: only a problem pays for it.
+    pub fn locate(&self, path: &str) -> Position {
+        let mut node = self;
+        let mut rest = path;
+        while !rest.is_empty() {
+            let next = if let Some(r) = rest.strip_prefix('[') {
+                let Some((index, after)) = r.split_once(']') else {
+                    break;
+                };
+                let Value::Seq(items) = &node.value else {
+                    break;
+                };
+                let Some(item) = index.parse::<usize>().ok().and_then(|i| items.get(i)) else {
+                    break;
+                };
+                rest = after;
+                item
+            } else {
+                let r = rest.strip_prefix('.').unwrap_or(rest);
+                let end = r.find(['.', '[']).unwrap_or(r.len());
+                let Value::Map(entries) = &node.value else {
+                    break;
+                };
+                let Some((_, value)) = entries.iter().find(|(k, _)| k.name == r[..end]) else {
+                    break;
+                };
+                rest = &r[end..];
+                value
+            };
+            node = next;
         }
-        let mut out = HashMap::new();
-        walk(self, &mut String::new(), &mut out);
-        Spans(out)
-    }
-}
-
-/// Field paths to positions: where a problem found at a path was written.
-#[derive(Debug, Default)]
-pub struct Spans(HashMap<String, Position>);
-
-impl Spans {
-    /// The position of `path`, or of its nearest written ancestor (a missing
-    /// field is reported where its parent is).
-    pub fn locate(&self, path: &str) -> Option<Position> {
-        let mut path = path;
-        loop {
-            if let Some(p) = self.0.get(path) {
-                return Some(*p);
-            }
-            let cut = path.rfind(['.', '['])?;
-            path = &path[..cut];
-        }
+        node.at
     }
 }
 
@@ -347,5 +493,59 @@ mod tests {
             clean("budget breached: Depth { depth: 49 } at line 1, column 1 (used at line 2)")
                 .starts_with("refused: it is nested deeper")
         );
+    }
+
+    /// The tree built from parser events is the tree the full deserializer
+    /// builds (values, positions, spans), document by document over every
+    /// policy and config file in the repository and a set of tricky ones;
+    /// the ones it cannot build alone it leaves to the deserializer.
+    #[test]
+    fn the_fast_tree_is_the_deserializers_tree() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut docs: Vec<String> = Vec::new();
+        for dir in [
+            "policies/kubernetes",
+            "policies/palisade",
+            "policies/examples",
+            "deploy/host",
+        ] {
+            for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+                let path = entry.unwrap().path();
+                if path.extension().is_some_and(|e| e == "yaml") {
+                    let text = std::fs::read_to_string(path).unwrap();
+                    docs.extend(text.split("\n---").map(str::to_owned));
+                }
+            }
+        }
+        let from_files = docs.len();
+        let tricky = [
+            "a: [10.0.0.0/8, 10.0.0.1, 200ms, 1.5, 1:30, -1.5e3, fd00::/64]\n",
+            "a: {b: [1, -2, 0, \"3\", '4', x y, ~, null, true, False]}\n",
+            "metadata: {name: \"123\", namespace: y}\nports: [{port: 80, endPort: \"90\"}]\n",
+            "a: yes\n",
+            "a: 0x1f\n",
+            "a: 1_000\n",
+            "a: 007\n",
+            "a: &x 1\nb: *x\n",
+            "a: !!str 80\n",
+            "a: 1\na: 2\n",
+            "<<: {a: 1}\n",
+            "80: x\n",
+            "a: |\n  text\n  more\n",
+            "- a\n- [b, {c: d}]\n",
+            "a: [\n",
+            "a:\n\t- b\n",
+            "",
+        ];
+        docs.extend(tricky.iter().map(|t| (*t).to_owned()));
+        for (i, doc) in docs.iter().enumerate() {
+            let full: Result<Node, _> = from_str(doc);
+            match fast_tree(doc) {
+                Some(node) => assert_eq!(Ok(&node), full.as_ref(), "{doc:?}"),
+                // Every document of the repository's own files is built alone.
+                None if i < from_files => panic!("not built from events: {doc:?}"),
+                None => assert_eq!(tree(doc), full, "{doc:?}"),
+            }
+        }
     }
 }

@@ -300,7 +300,7 @@ fn parse_doc(file: &str, doc: &Document<'_>) -> Result<yaml::Node, Problem> {
     if doc.text.contains(['&', '*']) || doc.text.len() > 64 * 1024 {
         yaml::from_str::<serde::de::IgnoredAny>(doc.text).map_err(problem)?;
     }
-    yaml::from_str(doc.text).map_err(problem)
+    yaml::tree(doc.text).map_err(problem)
 }
 
 /// A top-level string field of a document (`apiVersion`, `kind`).
@@ -381,7 +381,7 @@ pub fn parse_str(file: &str, text: &str) -> Result<Vec<Policy>, LoadError> {
             }
         };
         let mut cx = Validator {
-            place: Place::File(node.spans()),
+            place: Place::File(&node),
             file,
             line: doc.first_line,
             problems: Vec::new(),
@@ -432,14 +432,14 @@ pub fn parse_str(file: &str, text: &str) -> Result<Vec<Policy>, LoadError> {
 
 /// Where a document's problems are placed: a file's span map turns a field
 /// path into line:column; a cluster object has no positions.
-enum Place {
-    File(yaml::Spans),
+enum Place<'n> {
+    File(&'n yaml::Node),
     Object,
 }
 
 /// Collects semantic problems of one document and converts it to the model.
 struct Validator<'a> {
-    place: Place,
+    place: Place<'a>,
     /// The file, or the object's `Kind/namespace/name`.
     file: &'a str,
     /// The document's first line in the file (0 for a cluster object).
@@ -453,9 +453,10 @@ impl Validator<'_> {
     fn problem(&mut self, field: &str, message: impl Into<String>) {
         let (line, column) = match &self.place {
             Place::Object => (0, 0),
-            Place::File(spans) => spans.locate(field).map_or((self.line, 1), |(l, c)| {
+            Place::File(node) => {
+                let (l, c) = node.locate(field);
                 (self.line + l as usize - 1, c as usize)
-            }),
+            }
         };
         self.push(line, column, field, message.into());
     }
