@@ -2,7 +2,7 @@
 //! and objects from the API server, both as the `api` types; validated and
 //! converted into the `model` by one validator. A file's problem is reported
 //! as `file:line:column: field.path: what is wrong` (the field path placed by
-//! the document's span map), a cluster object's as `Kind/namespace/name:
+//! the document's located tree), a cluster object's as `Kind/namespace/name:
 //! field.path: what is wrong`; a set with any problem is rejected whole.
 use std::{
     fmt,
@@ -430,7 +430,7 @@ pub fn parse_str(file: &str, text: &str) -> Result<Vec<Policy>, LoadError> {
     }
 }
 
-/// Where a document's problems are placed: a file's span map turns a field
+/// Where a document's problems are placed: a file's located tree turns a field
 /// path into line:column; a cluster object has no positions.
 enum Place<'n> {
     File(&'n yaml::Node),
