@@ -187,7 +187,7 @@ fn plain_scalar(text: &str) -> Option<Value> {
     let first = text.as_bytes()[0];
     let short = matches!(
         text.to_ascii_lowercase().as_str(),
-        "y" | "n" | "yes" | "no" | "on" | "off"
+        "y" | "n" | "yes" | "no" | "on" | "off" | "inf" | "infinity" | "nan"
     );
     // Text that starts like a number is text only when no number has its
     // shape: an address or CIDR (`10.0.0.0/8`), a duration (`200ms`).
@@ -520,6 +520,7 @@ mod tests {
         let from_files = docs.len();
         let tricky = [
             "a: [10.0.0.0/8, 10.0.0.1, 200ms, 1.5, 1:30, -1.5e3, fd00::/64]\n",
+            "a: [inf, NaN, Infinity, .inf, on, Off]\n",
             "a: {b: [1, -2, 0, \"3\", '4', x y, ~, null, true, False]}\n",
             "metadata: {name: \"123\", namespace: y}\nports: [{port: 80, endPort: \"90\"}]\n",
             "a: yes\n",
