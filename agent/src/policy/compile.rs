@@ -218,8 +218,9 @@ struct Contribution {
 /// selector and peer of every policy). A world change recomputes only what
 /// it can touch: an identity added, removed or relabelled, the policies that
 /// select it or name it as a peer; addresses coming and going (pods of
-/// existing identities), the policies with CIDR peers; a namespace's labels
-/// or the set of CIDRs, everything.
+/// existing identities), the policies with CIDR peers; a namespace's labels,
+/// the set of CIDRs or more than [`MAX_CHANGED_IDENTITIES`] identities at
+/// once, everything.
 #[derive(Debug, Default)]
 pub struct Compiler {
     /// Prints of what the parts were computed over: the namespaces and the
@@ -336,7 +337,9 @@ impl Compiler {
             }),
         );
         let changed = changed_identities(&self.identities, world);
-        if prints.0 != self.world.0 {
+        // Past a few dozen changed identities, testing each policy against
+        // each of them costs more than compiling everything again.
+        if prints.0 != self.world.0 || changed.len() > MAX_CHANGED_IDENTITIES {
             self.cache.clear();
         } else {
             let addresses_changed = prints.1 != self.world.1;
@@ -351,6 +354,9 @@ impl Compiler {
         self.world = prints;
     }
 }
+
+/// More identities changed at once than this recompile every policy.
+const MAX_CHANGED_IDENTITIES: usize = 64;
 
 /// Every identity added, removed or changed since `old`, changed ones in
 /// both versions.
