@@ -219,7 +219,7 @@ struct Contribution {
 /// it can touch: an identity added, removed or relabelled, the policies that
 /// select it or name it as a peer; addresses coming and going (pods of
 /// existing identities), the policies with CIDR peers; a namespace's labels,
-/// the set of CIDRs or more than [`MAX_CHANGED_IDENTITIES`] identities at
+/// the set of CIDRs or more than `MAX_CHANGED_IDENTITIES` identities at
 /// once, everything.
 #[derive(Debug, Default)]
 pub struct Compiler {
