@@ -201,8 +201,8 @@ pub fn compile<P: std::borrow::Borrow<Policy>>(policies: &[P], world: &World) ->
 }
 
 /// One policy's part of the compiled tables, its rules numbered from 0:
-/// merged in policy order, each rule id offset by the rules before it, it
-/// gives exactly what compiling everything at once gives.
+/// merged in policy order, each part's rule ids offset by its base, the
+/// parts judge exactly as compiling everything at once does.
 #[derive(Debug, Default)]
 struct Contribution {
     rules: Vec<Arc<RuleRef>>,
@@ -243,6 +243,10 @@ impl Compiler {
     pub fn compile(&mut self, policies: &[Arc<Policy>], world: &World) -> CompiledPolicy {
         let cidrs = cidr_identities(policies.iter().map(|p| &**p));
         self.forget_what_changed(world, &cidrs);
+        if self.cache.is_empty() {
+            // Nothing kept: number densely, as a fresh compile does.
+            self.next_rule = 1;
+        }
         let by_id: BTreeMap<u32, &IdentityInfo> =
             world.identities.iter().map(|i| (i.id, i)).collect();
         let mut index = None;
