@@ -15,8 +15,13 @@ pub struct YamlError {
     pub message: String,
 }
 
-/// Parses `text` (one document) with budgets: at most 48 levels deep, 1000
-/// aliases and 200 000 nodes after alias expansion.
+/// How deep a document may nest.
+const MAX_DEPTH: usize = 48;
+/// How many nodes a document may hold after alias expansion.
+const MAX_NODES: usize = 200_000;
+
+/// Parses `text` (one document) with budgets: at most `MAX_DEPTH` levels
+/// deep, 1000 aliases and `MAX_NODES` nodes after alias expansion.
 pub fn from_str<T: DeserializeOwned>(text: &str) -> Result<T, YamlError> {
     serde_saphyr::from_str_with_options(text, options()).map_err(|e| {
         let (line, column) = e
@@ -32,9 +37,9 @@ pub fn from_str<T: DeserializeOwned>(text: &str) -> Result<T, YamlError> {
 
 fn options() -> serde_saphyr::Options {
     let mut budget = serde_saphyr::Budget::default();
-    budget.max_depth = 48;
+    budget.max_depth = MAX_DEPTH;
     budget.max_aliases = 1_000;
-    budget.max_nodes = 200_000;
+    budget.max_nodes = MAX_NODES;
     let mut options = serde_saphyr::Options::default();
     options.with_snippet = false;
     options.budget = Some(budget);
@@ -45,20 +50,20 @@ fn options() -> serde_saphyr::Options {
 /// tags, merge keys or scalars YAML could read several ways) is built
 /// straight from the parser's events; anything else, and any error, goes
 /// through the full deserializer ([`from_str`]), whose budgets and messages
-/// then apply unchanged.
+/// then apply unchanged: first without building anything, so a document
+/// that breaks a budget (an alias bomb) costs the parse alone.
 pub fn tree(text: &str) -> Result<Node, YamlError> {
-    match fast_tree(text) {
-        Some(node) => Ok(node),
-        None => from_str(text),
+    if let Some(node) = fast_tree(text) {
+        return Ok(node);
     }
+    from_str::<serde::de::IgnoredAny>(text)?;
+    from_str(text)
 }
 
 /// Builds the tree from parser events; `None` whenever the full
 /// deserializer must decide (see [`tree`]).
 fn fast_tree(text: &str) -> Option<Node> {
     use serde_saphyr::granit_parser::{Event, Parser, ScalarStyle};
-    const MAX_DEPTH: usize = 48;
-    const MAX_NODES: usize = 200_000;
     enum Open {
         Seq(Node),
         Map(Node, Option<Key>),

@@ -23,14 +23,6 @@ pub const PALISADE_API: &str = "palisade.dev/v1alpha1";
 pub const PALISADE_KIND: &str = "PalisadePolicy";
 pub const CLUSTER_PALISADE_KIND: &str = "ClusterPalisadePolicy";
 
-/// Just enough of any document to route it to the right type.
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct TypeMeta {
-    pub api_version: Option<String>,
-    pub kind: Option<String>,
-}
-
 // ------------------------------------------------------------------ Palisade
 
 /// `enforce` drops what no rule allows; `audit` only reports it (`would-deny`).

@@ -286,21 +286,15 @@ fn split_documents(text: &str) -> Vec<Document<'_>> {
         .collect()
 }
 
-/// The document as a located tree. A document that may expand past the
-/// parser's budget (aliases, or a large text) is first read without
-/// building anything, so a refusal costs the parse alone.
+/// The document as a located tree.
 fn parse_doc(file: &str, doc: &Document<'_>) -> Result<yaml::Node, Problem> {
-    let problem = |e: yaml::YamlError| Problem {
+    yaml::tree(doc.text).map_err(|e| Problem {
         file: file.to_owned(),
         line: doc.first_line + e.line as usize - 1,
         column: e.column as usize,
         field: String::new(),
         message: e.message,
-    };
-    if doc.text.contains(['&', '*']) || doc.text.len() > 64 * 1024 {
-        yaml::from_str::<serde::de::IgnoredAny>(doc.text).map_err(problem)?;
-    }
-    yaml::tree(doc.text).map_err(problem)
+    })
 }
 
 /// A top-level string field of a document (`apiVersion`, `kind`).
