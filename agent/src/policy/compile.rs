@@ -182,22 +182,18 @@ impl Acc {
 /// a [`Compiler`] must always equal).
 pub fn compile<P: std::borrow::Borrow<Policy>>(policies: &[P], world: &World) -> CompiledPolicy {
     let cidrs = cidr_identities(policies.iter().map(|p| p.borrow()));
-    let by_id: BTreeMap<u32, &IdentityInfo> = world.identities.iter().map(|i| (i.id, i)).collect();
     let index = Index::new(world);
     let mut next = 1u32;
     let parts: Vec<(u32, Arc<Contribution>)> = policies
         .iter()
         .map(|p| {
-            let part = contribute(p.borrow(), world, &by_id, &index, &cidrs);
+            let part = contribute(p.borrow(), world, &index, &cidrs);
             let base = next;
             next += part.rules.len() as u32;
             (base, Arc::new(part))
         })
         .collect();
-    let mut out = merge(&parts, next);
-    out.cidr_identities = cidrs;
-    hold_pending(&mut out, world);
-    out
+    merge(&parts, next, cidrs, world)
 }
 
 /// One policy's part of the compiled tables, its rules numbered from 0:
@@ -247,8 +243,6 @@ impl Compiler {
             // Nothing kept: number densely, as a fresh compile does.
             self.next_rule = 1;
         }
-        let by_id: BTreeMap<u32, &IdentityInfo> =
-            world.identities.iter().map(|i| (i.id, i)).collect();
         let mut index = None;
         let mut cache = Vec::with_capacity(policies.len());
         self.recomputed = 0;
@@ -281,7 +275,7 @@ impl Compiler {
                 None => {
                     self.recomputed += 1;
                     let index = index.get_or_insert_with(|| Index::new(world));
-                    let part = contribute(policy, world, &by_id, index, &cidrs);
+                    let part = contribute(policy, world, index, &cidrs);
                     let base = self.next_rule.max(1);
                     self.next_rule = base + part.rules.len() as u32;
                     (Arc::new(part), base)
@@ -296,10 +290,7 @@ impl Compiler {
             .iter()
             .map(|(_, part, base)| (*base, part.clone()))
             .collect();
-        let mut out = merge(&parts, self.next_rule.max(1));
-        out.cidr_identities = cidrs;
-        hold_pending(&mut out, world);
-        out
+        merge(&parts, self.next_rule.max(1), cidrs, world)
     }
 
     /// Numbers the parts densely again (in policy order) once the ids freed
@@ -388,17 +379,19 @@ fn changed_identities<'a>(
 /// Whether a rule of `policy` names a CIDR peer (whose identities include
 /// the known addresses inside it).
 fn has_cidr_peers(policy: &Policy) -> bool {
-    [Direction::Ingress, Direction::Egress]
-        .into_iter()
-        .flat_map(|d| policy.rules(d).unwrap_or_default())
-        .flat_map(|r| r.peers.iter().flatten())
-        .any(|p| matches!(p, Peer::Cidr { .. }))
+    policy.peers().any(|p| matches!(p, Peer::Cidr { .. }))
 }
 
-/// The contributions in policy order as one compiled table.
-/// Each part's rules sit at ids `base..base + len` of a table of `len`
-/// ids; ids no part holds read as "no rule".
-fn merge(parts: &[(u32, Arc<Contribution>)], len: u32) -> CompiledPolicy {
+/// The contributions in policy order as one compiled table, with the CIDR
+/// identities and the hold of workloads not classified yet. Each part's
+/// rules sit at ids `base..base + len` of a table of `len` ids; ids no part
+/// holds read as "no rule".
+fn merge(
+    parts: &[(u32, Arc<Contribution>)],
+    len: u32,
+    cidrs: Vec<(IpNet, u32)>,
+    world: &World,
+) -> CompiledPolicy {
     let none = Arc::new(RuleRef {
         policy: String::new(),
         kind: "",
@@ -440,6 +433,8 @@ fn merge(parts: &[(u32, Arc<Contribution>)], len: u32) -> CompiledPolicy {
             )
         })
         .collect();
+    out.cidr_identities = cidrs;
+    hold_pending(&mut out, world);
     out
 }
 
@@ -447,7 +442,6 @@ fn merge(parts: &[(u32, Arc<Contribution>)], len: u32) -> CompiledPolicy {
 fn contribute(
     policy: &Policy,
     world: &World,
-    by_id: &BTreeMap<u32, &IdentityInfo>,
     index: &Index<'_>,
     cidrs: &[(IpNet, u32)],
 ) -> Contribution {
@@ -515,8 +509,10 @@ fn contribute(
                             Direction::Egress => vec![(peer, peer)],
                         };
                         for (entry_peer, owner) in targets {
-                            if let Some(port) =
-                                by_id.get(&owner).and_then(|i| i.named_ports.get(&key))
+                            if let Some(port) = index
+                                .by_id
+                                .get(&owner)
+                                .and_then(|i| i.named_ports.get(&key))
                             {
                                 emit(local, entry_peer, protocol.number(), *port, 16);
                             }
@@ -570,16 +566,10 @@ fn selects(policy: &Policy, id: &IdentityInfo, world: &World) -> bool {
 /// exception". Numbered deterministically in address order.
 fn cidr_identities<'p>(policies: impl Iterator<Item = &'p Policy>) -> Vec<(IpNet, u32)> {
     let mut cidrs = BTreeSet::new();
-    for policy in policies {
-        for dir in [Direction::Ingress, Direction::Egress] {
-            for rule in policy.rules(dir).unwrap_or_default() {
-                for peer in rule.peers.iter().flatten() {
-                    if let Peer::Cidr { cidr, except } = peer {
-                        cidrs.insert(*cidr);
-                        cidrs.extend(except.iter().copied());
-                    }
-                }
-            }
+    for peer in policies.flat_map(Policy::peers) {
+        if let Peer::Cidr { cidr, except } = peer {
+            cidrs.insert(*cidr);
+            cidrs.extend(except.iter().copied());
         }
     }
     cidrs.into_iter().zip(FIRST_CIDR_IDENTITY..).collect()
@@ -594,6 +584,8 @@ fn cidr_identities<'p>(policies: impl Iterator<Item = &'p Policy>) -> Vec<(IpNet
 struct Index<'a> {
     workloads: Vec<&'a IdentityInfo>,
     by_label: std::collections::HashMap<(&'a str, &'a str), Vec<usize>>,
+    /// Every identity by number (named ports are read from it).
+    by_id: BTreeMap<u32, &'a IdentityInfo>,
 }
 
 impl<'a> Index<'a> {
@@ -616,6 +608,7 @@ impl<'a> Index<'a> {
         Index {
             workloads,
             by_label,
+            by_id: world.identities.iter().map(|i| (i.id, i)).collect(),
         }
     }
 
@@ -669,22 +662,21 @@ fn touches(policy: &Policy, id: &IdentityInfo, world: &World) -> bool {
     if workload && selects(policy, id, world) {
         return true;
     }
-    let rules = |d| policy.rules(d).unwrap_or_default().iter();
-    if rules(Direction::Egress)
+    if policy
+        .rules(Direction::Egress)
+        .unwrap_or_default()
+        .iter()
         .any(|r| r.peers.is_none() && !r.named_ports.is_empty() && !id.named_ports.is_empty())
     {
         return true;
     }
-    rules(Direction::Ingress)
-        .chain(rules(Direction::Egress))
-        .flat_map(|r| r.peers.iter().flatten())
-        .any(|peer| match peer {
-            Peer::Workloads { pods, namespaces } => {
-                workload && peer_selects(policy, pods.as_ref(), namespaces, id, world)
-            }
-            Peer::Identity(name) => &id.name == name,
-            Peer::Cidr { .. } => false,
-        })
+    policy.peers().any(|peer| match peer {
+        Peer::Workloads { pods, namespaces } => {
+            workload && peer_selects(policy, pods.as_ref(), namespaces, id, world)
+        }
+        Peer::Identity(name) => &id.name == name,
+        Peer::Cidr { .. } => false,
+    })
 }
 
 fn resolve_peers(

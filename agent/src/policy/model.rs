@@ -114,6 +114,15 @@ impl Policy {
             Direction::Egress => self.egress.as_deref(),
         }
     }
+
+    /// Every peer every rule names, ingress then egress.
+    pub fn peers(&self) -> impl Iterator<Item = &Peer> {
+        [&self.ingress, &self.egress]
+            .into_iter()
+            .flatten()
+            .flatten()
+            .flat_map(|r| r.peers.iter().flatten())
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -122,9 +122,11 @@ fn a_compile_recomputes_only_the_policies_that_changed() {
     let n = policies.len();
     assert!(n >= 5, "{n}");
     let mut compiler = Compiler::default();
+    let as_arcs = |p: &[super::model::Policy]| -> Vec<std::sync::Arc<_>> {
+        p.iter().cloned().map(std::sync::Arc::new).collect()
+    };
     let check = |compiler: &mut Compiler, policies: &[super::model::Policy], world: &World| {
-        let policies: Vec<std::sync::Arc<_>> =
-            policies.iter().cloned().map(std::sync::Arc::new).collect();
+        let policies = as_arcs(policies);
         let remembered = compiler.compile(&policies, world);
         assert_eq!(
             canonical(&remembered),
@@ -159,9 +161,6 @@ fn a_compile_recomputes_only_the_policies_that_changed() {
     assert_eq!(check(&mut compiler, &policies, &world), 1);
     // A policy removed: the others keep their parts and their rule ids, so
     // no entry of theirs is written again.
-    let as_arcs = |p: &[super::model::Policy]| -> Vec<std::sync::Arc<_>> {
-        p.iter().cloned().map(std::sync::Arc::new).collect()
-    };
     let before = compiler.compile(&as_arcs(&policies), &world);
     let removed = compile(&as_arcs(&policies[..1]), &world);
     policies.remove(0);
@@ -194,11 +193,7 @@ fn a_compile_recomputes_only_the_policies_that_changed() {
     let with_cidr = policies
         .iter()
         .filter(|p| {
-            [p.ingress.as_ref(), p.egress.as_ref()]
-                .into_iter()
-                .flatten()
-                .flatten()
-                .flat_map(|r| r.peers.iter().flatten())
+            p.peers()
                 .any(|peer| matches!(peer, super::model::Peer::Cidr { .. }))
         })
         .count();
