@@ -356,19 +356,16 @@ impl Cluster {
             self.palisade_policies.state(),
             self.cluster_palisade_policies.state(),
         );
-        let mut objects: Vec<(String, Option<&str>, PolicyObject<'_>)> = Vec::new();
-        for np in &nps {
-            let o = PolicyObject::Network(np);
-            objects.push((o.name(), resource_version(&np.metadata), o));
-        }
-        for pp in &pps {
-            let o = PolicyObject::Palisade(pp);
-            objects.push((o.name(), resource_version(&pp.metadata), o));
-        }
-        for cp in &cps {
-            let o = PolicyObject::ClusterPalisade(cp);
-            objects.push((o.name(), resource_version(&cp.metadata), o));
-        }
+        let mut objects: Vec<(String, Option<&str>, PolicyObject<'_>)> = nps
+            .iter()
+            .map(|o| PolicyObject::Network(o))
+            .chain(pps.iter().map(|o| PolicyObject::Palisade(o)))
+            .chain(cps.iter().map(|o| PolicyObject::ClusterPalisade(o)))
+            .map(|o| {
+                let version = o.meta().1.resource_version.as_deref();
+                (o.name(), version.filter(|v| !v.is_empty()), o)
+            })
+            .collect();
         objects.sort_by(|a, b| a.0.cmp(&b.0));
         let mut cache = match self.parsed.lock() {
             Ok(c) => c,
@@ -397,12 +394,6 @@ impl Cluster {
         cache.retain(|k, _| keep.contains(k));
         (out, problems)
     }
-}
-
-fn resource_version(
-    m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-) -> Option<&str> {
-    m.resource_version.as_deref().filter(|v| !v.is_empty())
 }
 
 /// A pod as identity and the ipcache see it.

@@ -319,15 +319,20 @@ pub enum PolicyObject<'a> {
     ClusterPalisade(&'a api::ClusterPalisadePolicy),
 }
 
-impl PolicyObject<'_> {
-    /// `Kind/namespace/name` (`Kind/name` when not namespaced): how problems
-    /// and the policy's origin name the object.
-    pub fn name(&self) -> String {
-        let (kind, meta) = match self {
+impl<'a> PolicyObject<'a> {
+    /// The object's kind and metadata.
+    pub fn meta(&self) -> (&'static str, &'a api::ObjectMeta) {
+        match *self {
             PolicyObject::Network(o) => (api::NETWORK_POLICY_KIND, &o.metadata),
             PolicyObject::Palisade(o) => (api::PALISADE_KIND, &o.metadata),
             PolicyObject::ClusterPalisade(o) => (api::CLUSTER_PALISADE_KIND, &o.metadata),
-        };
+        }
+    }
+
+    /// `Kind/namespace/name` (`Kind/name` when not namespaced): how problems
+    /// and the policy's origin name the object.
+    pub fn name(&self) -> String {
+        let (kind, meta) = self.meta();
         let name = meta.name.as_deref().unwrap_or_default();
         match meta.namespace.as_deref() {
             Some(ns) if !ns.is_empty() => format!("{kind}/{ns}/{name}"),
