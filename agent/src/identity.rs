@@ -99,6 +99,15 @@ pub fn display_name(trust_domain: &str, key: &LabelKey, fallback: &str) -> Strin
     }
 }
 
+/// Whether [`display_name`] depends on its fallback (neither a service
+/// account nor an `app` label names the identity).
+pub fn uses_fallback(key: &LabelKey) -> bool {
+    !SERVICE_ACCOUNT_LABELS
+        .iter()
+        .any(|k| key.labels.contains_key(*k))
+        && !key.labels.contains_key("app")
+}
+
 /// Name of a reserved identity.
 pub fn reserved_name(id: u32) -> Option<&'static str> {
     match id {

@@ -121,6 +121,52 @@ pub struct Nodes {
     pub remote: BTreeSet<IpAddr>,
 }
 
+/// Workloads elsewhere, as changes: a source that keeps them between rounds
+/// (the Kubernetes watch) sends what changed since its last round, so a pod
+/// event costs that pod and not the cluster; a source that lists (a world
+/// file, a test) sends everything with `reset`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RemoteChanges {
+    /// `changes` is everything: what the planner holds is replaced.
+    pub reset: bool,
+    /// The source's key (a pod's `namespace/name`) → the workload now;
+    /// `None`: gone.
+    pub changes: Vec<(String, Option<RemoteWorkload>)>,
+}
+
+impl RemoteChanges {
+    /// Every workload, replacing whatever was known (keyed by
+    /// `namespace/name`, and by position where a name repeats).
+    pub fn all(workloads: impl IntoIterator<Item = RemoteWorkload>) -> RemoteChanges {
+        let mut seen = std::collections::HashSet::new();
+        let changes = workloads
+            .into_iter()
+            .enumerate()
+            .map(|(i, w)| {
+                let mut key = format!("{}/{}", w.namespace, w.name);
+                if !seen.insert(key.clone()) {
+                    key = format!("{key}#{i}");
+                }
+                (key, Some(w))
+            })
+            .collect();
+        RemoteChanges {
+            reset: true,
+            changes,
+        }
+    }
+
+    /// The workloads added or changed.
+    pub fn workloads(&self) -> impl Iterator<Item = &RemoteWorkload> {
+        self.changes.iter().filter_map(|(_, w)| w.as_ref())
+    }
+
+    /// Nothing changed.
+    pub fn is_empty(&self) -> bool {
+        !self.reset && self.changes.is_empty()
+    }
+}
+
 /// What the planner gets from the sources in one round.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Inputs {
@@ -129,8 +175,9 @@ pub struct Inputs {
     /// Local cgroups held at a reserved identity: hostNetwork pods (host)
     /// and pods not known yet (pending).
     pub held: BTreeMap<u64, u32>,
-    /// Workloads elsewhere (pods on other nodes, local pods without a cgroup yet).
-    pub remote: Vec<RemoteWorkload>,
+    /// Workloads elsewhere (pods on other nodes, local pods without a cgroup
+    /// yet), as changes since the last round.
+    pub remote: RemoteChanges,
     /// Namespace name → labels.
     pub namespaces: BTreeMap<String, Labels>,
     /// Pods scheduled to this node (`spec.nodeName`) with no cgroup found.

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     agent::Planner,
     config::{Config, NamedPortConfig},
-    inventory::{Inputs, RemoteWorkload},
+    inventory::{Inputs, RemoteChanges, RemoteWorkload},
     policy::{
         self, CompiledPolicy,
         compile::IdentityInfo,
@@ -165,7 +165,7 @@ impl Model {
     /// compiles them: the same identities, ipcache and entries.
     pub fn build(world: &WorldFile, policies: &policy::PolicySet) -> Model {
         let inputs = Inputs {
-            remote: world
+            remote: RemoteChanges::all(world
                 .pods
                 .iter()
                 .map(|p| RemoteWorkload {
@@ -185,7 +185,7 @@ impl Model {
                         })
                         .collect(),
                 })
-                .collect(),
+                .collect::<Vec<_>>()),
             namespaces: world
                 .namespaces
                 .iter()

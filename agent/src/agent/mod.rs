@@ -205,10 +205,12 @@ impl<D: Datapath, S: Source> Agent<D, S> {
         // round whose plan changed nothing, give that plan again. Skipping
         // it keeps an idle agent with a large policy idle.
         let version = self.policies.version();
-        let same = self
-            .last_inputs
-            .as_ref()
-            .is_some_and(|(i, v)| *i == input && *v == version);
+        // Remote workloads come as changes, consumed by the plan.
+        let same = input.remote.is_empty()
+            && self
+                .last_inputs
+                .as_ref()
+                .is_some_and(|(i, v)| *i == input && *v == version);
         if same && self.steady && !self.planner.holding() {
             self.refresh_counters();
             return;
@@ -720,6 +722,7 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
                 watch: cgroup_watch(),
                 node_addresses: crate::netlink::NodeAddresses::new(address_wakeup.clone()),
                 address_wakeup,
+                pods: Default::default(),
             };
             drive(config, node, root, source, planner, policies).await
         }

@@ -1,9 +1,14 @@
 //! The planner: from the domain model ([`Inputs`]) and the policies to the
-//! complete desired kernel state ([`Desired`]), as plain data. Pure apart
-//! from its memory of the last plan (identity numbers, identities kept one
-//! more round, recently reused addresses).
+//! complete desired kernel state ([`Desired`]), as plain data.
+//!
+//! It keeps what the sources send as changes between rounds — the remote
+//! workloads, the identities they hold, every address's claims and the
+//! ipcache built from them — so a pod event costs that pod: its identity's
+//! membership, its addresses' entries, and the policies the compiler finds
+//! touched. Local workloads, peers and the node's addresses (a few hundred
+//! at most) are taken whole every round and compared with the last.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
     sync::Arc,
     time::{Duration, Instant},
@@ -14,14 +19,15 @@ use palisade_common::identity as reserved;
 use tracing::info;
 
 use crate::{
-    config::{Config, HostTraffic, NamedPortConfig},
+    config::{Config, HostTraffic},
     datapath::{Desired, ServiceBackends, ServiceFrontend, ServiceInfo, ServiceTable},
-    identity::{Allocator, LabelKey, display_name},
-    inventory::{Inputs, Nodes, RemoteWorkload, Service, UnknownPods, Workload},
+    identity::{Allocator, LabelKey, display_name, uses_fallback},
+    inventory::{Inputs, Nodes, RemoteChanges, RemoteWorkload, Service, UnknownPods, Workload},
     policy::{
-        self, PolicySet,
+        self, Addresses, PolicySet,
         compile::{IdentityInfo, IdentityKind},
         labels::Labels,
+        model::Protocol,
     },
 };
 
@@ -31,6 +37,86 @@ pub struct Observation {
     pub workloads: Vec<Workload>,
     pub identities: BTreeMap<u32, IdentityInfo>,
     pub desired: Desired,
+}
+
+/// A remote workload as the planner holds it between rounds.
+#[derive(Debug)]
+struct RemoteEntry {
+    id: u32,
+    nets: Vec<IpNet>,
+    /// The identity's name this workload gives it, where its labels alone
+    /// do not name it (see [`uses_fallback`]).
+    name: Option<String>,
+    ports: Vec<((Protocol, String), u16)>,
+}
+
+/// The remote workloads holding one identity, and what they declare.
+#[derive(Debug)]
+struct Members {
+    count: usize,
+    /// Names the members give the identity (only where the labels do not
+    /// name it); the smallest is used, whatever the order they came in.
+    names: BTreeMap<String, usize>,
+    /// Declared named ports; where members disagree, the lowest number.
+    ports: BTreeMap<(Protocol, String), BTreeMap<u16, usize>>,
+    info: IdentityInfo,
+}
+
+impl Members {
+    fn refresh(&mut self, trust_domain: &str, key: &LabelKey) {
+        if let Some(name) = self.names.keys().next() {
+            self.info.name.clone_from(name);
+        } else {
+            self.info.name = display_name(trust_domain, key, "");
+        }
+        self.info.named_ports = self
+            .ports
+            .iter()
+            .filter_map(|(k, ports)| Some((k.clone(), *ports.keys().next()?)))
+            .collect();
+    }
+}
+
+fn count_in<K: Ord>(map: &mut BTreeMap<K, usize>, key: K) {
+    *map.entry(key).or_default() += 1;
+}
+
+fn count_out<K: Ord>(map: &mut BTreeMap<K, usize>, key: &K) {
+    if let Some(n) = map.get_mut(key) {
+        *n -= 1;
+        if *n == 0 {
+            map.remove(key);
+        }
+    }
+}
+
+/// Who claims an address block, by layer, in the order they claimed it;
+/// the winner is the ipcache's entry: the node's addresses, then configured
+/// peers, then remote workloads, then local workloads — the last claim in
+/// the first layer that has one.
+#[derive(Debug, Default)]
+struct Claims {
+    layers: [Vec<u32>; LAYERS],
+}
+
+const LOCAL: usize = 0;
+const REMOTE: usize = 1;
+const PEERS: usize = 2;
+const NODE: usize = 3;
+const LAYERS: usize = 4;
+
+impl Claims {
+    fn winner(&self) -> Option<u32> {
+        self.layers.iter().rev().find_map(|l| l.last().copied())
+    }
+
+    fn holds(&self, id: u32) -> bool {
+        self.layers.iter().any(|l| l.contains(&id))
+    }
+
+    fn is_empty(&self) -> bool {
+        self.layers.iter().all(Vec::is_empty)
+    }
 }
 
 /// The pure part of the agent: from observed facts to the desired state.
@@ -57,8 +143,23 @@ pub struct Planner {
     own_cgroup: Option<u64>,
     /// Kubernetes mode: other nodes judge this node's pods by address.
     kubernetes: bool,
-    /// The identity each pod address had in the last plans, and when.
-    address_history: std::collections::HashMap<IpAddr, (u32, Instant)>,
+    /// Remote workloads by the source's key, and their identities.
+    remote: HashMap<String, RemoteEntry>,
+    members: BTreeMap<u32, Members>,
+    /// Every claimed address block, and each block's winner.
+    claims: HashMap<IpNet, Claims>,
+    addresses: Addresses,
+    /// The layers taken whole (local, peers, node), as set last round.
+    layers: [BTreeMap<IpNet, Vec<u32>>; LAYERS],
+    /// The ipcache: broadcast blocks and the policies' CIDR blocks
+    /// (`ipcache_base`), every claimed block's winner over them.
+    ipcache: BTreeMap<IpNet, u32>,
+    ipcache_base: BTreeMap<IpNet, u32>,
+    /// Blocks whose winner changed since the ipcache was last brought up to date.
+    touched: Vec<IpNet>,
+    /// Addresses nobody has any more, who had them and since when (for
+    /// [`ADDRESS_RECENT`]).
+    departed: HashMap<IpAddr, (u32, Instant)>,
     /// Local workloads held `reserved:pending` until the instant, because
     /// their address belonged to another identity moments ago.
     reuse_holds: BTreeMap<u64, Instant>,
@@ -99,7 +200,15 @@ impl Planner {
             hints_by_net: BTreeMap::new(),
             own_cgroup: None,
             kubernetes,
-            address_history: std::collections::HashMap::new(),
+            remote: HashMap::new(),
+            members: BTreeMap::new(),
+            claims: HashMap::new(),
+            addresses: Addresses::default(),
+            layers: Default::default(),
+            ipcache: BTreeMap::new(),
+            ipcache_base: BTreeMap::new(),
+            touched: Vec::new(),
+            departed: HashMap::new(),
             reuse_holds: BTreeMap::new(),
             compiler: policy::Compiler::default(),
         }
@@ -111,25 +220,156 @@ impl Planner {
         !self.reuse_holds.is_empty()
     }
 
+    /// Changes one claim on `net` (`change` edits its layers); keeps the
+    /// block's winner in `addresses` and notes who had an address nobody
+    /// has any more.
+    fn claim(&mut self, net: IpNet, change: impl FnOnce(&mut Claims), now: Instant) {
+        let claims = self.claims.entry(net).or_default();
+        let before = claims.winner();
+        change(claims);
+        let after = claims.winner();
+        if claims.is_empty() {
+            self.claims.remove(&net);
+            // Nobody has the address any more: who had it, and since when.
+            if let Some(id) = before
+                && net.prefix_len() == net.max_prefix_len()
+            {
+                self.departed.insert(net.addr(), (id, now));
+            }
+        }
+        if before != after {
+            self.addresses.set(net, after);
+            self.touched.push(net);
+        }
+    }
+
+    /// Replaces a layer taken whole with `now`, claiming only what changed.
+    fn set_layer(&mut self, layer: usize, now: BTreeMap<IpNet, Vec<u32>>, at: Instant) {
+        let old = std::mem::take(&mut self.layers[layer]);
+        for net in old.keys().filter(|n| !now.contains_key(n)) {
+            self.claim(*net, |c| c.layers[layer].clear(), at);
+        }
+        for (net, ids) in &now {
+            if old.get(net) != Some(ids) {
+                self.claim(*net, |c| c.layers[layer].clone_from(ids), at);
+            }
+        }
+        self.layers[layer] = now;
+    }
+
+    /// Applies the source's changes to the remote workloads.
+    fn update_remote(&mut self, changes: RemoteChanges, now: Instant) {
+        if changes.reset {
+            let keys: Vec<String> = self.remote.keys().cloned().collect();
+            for key in keys {
+                self.remote_change(key, None, now);
+            }
+        }
+        for (key, workload) in changes.changes {
+            self.remote_change(key, workload, now);
+        }
+    }
+
+    fn remote_change(&mut self, key: String, workload: Option<RemoteWorkload>, now: Instant) {
+        if let Some(old) = self.remote.remove(&key) {
+            for net in &old.nets {
+                self.claim(
+                    *net,
+                    |c| {
+                        let remote = &mut c.layers[REMOTE];
+                        if let Some(at) = remote.iter().rposition(|id| *id == old.id) {
+                            remote.remove(at);
+                        }
+                    },
+                    now,
+                );
+            }
+            self.leave(&old);
+        }
+        let Some(w) = workload else {
+            return;
+        };
+        let key_labels = LabelKey {
+            namespace: Some(w.namespace),
+            labels: w.labels,
+        };
+        let hint = w
+            .ips
+            .first()
+            .and_then(|ip| self.hints_by_net.get(&IpNet::from(*ip)).copied());
+        let id = self.allocator.get_or_allocate_hinted(&key_labels, hint);
+        let td = &self.config.trust_domain;
+        let entry = RemoteEntry {
+            id,
+            nets: w.ips.iter().map(|ip| IpNet::from(*ip)).collect(),
+            name: uses_fallback(&key_labels).then(|| display_name(td, &key_labels, &w.name)),
+            ports: w.ports.iter().filter_map(|p| p.key()).collect(),
+        };
+        let members = self.members.entry(id).or_insert_with(|| Members {
+            count: 0,
+            names: BTreeMap::new(),
+            ports: BTreeMap::new(),
+            info: IdentityInfo {
+                id,
+                name: String::new(),
+                namespace: key_labels.namespace.clone(),
+                labels: key_labels.labels.clone(),
+                kind: IdentityKind::Workload,
+                named_ports: BTreeMap::new(),
+            },
+        });
+        members.count += 1;
+        if let Some(name) = &entry.name {
+            count_in(&mut members.names, name.clone());
+        }
+        for (k, port) in &entry.ports {
+            count_in(members.ports.entry(k.clone()).or_default(), *port);
+        }
+        members.refresh(td, &key_labels);
+        for net in &entry.nets {
+            self.claim(*net, |c| c.layers[REMOTE].push(id), now);
+        }
+        self.remote.insert(key, entry);
+    }
+
+    /// A remote workload leaves its identity.
+    fn leave(&mut self, old: &RemoteEntry) {
+        let Some(members) = self.members.get_mut(&old.id) else {
+            return;
+        };
+        members.count -= 1;
+        if members.count == 0 {
+            self.members.remove(&old.id);
+            return;
+        }
+        if let Some(name) = &old.name {
+            count_out(&mut members.names, name);
+        }
+        for (k, port) in &old.ports {
+            if let Some(ports) = members.ports.get_mut(k) {
+                count_out(ports, port);
+                if ports.is_empty() {
+                    members.ports.remove(k);
+                }
+            }
+        }
+        let key = LabelKey {
+            namespace: members.info.namespace.clone(),
+            labels: members.info.labels.clone(),
+        };
+        members.refresh(&self.config.trust_domain, &key);
+    }
+
     /// Kubernetes mode: holds every local workload that has just got its
     /// identity and whose address had another identity within
     /// [`ADDRESS_RECENT`] that no longer holds it; releases
-    /// holds that ran out; records this plan's address owners.
+    /// holds that ran out.
     fn hold_reused_addresses(
         &mut self,
         workloads: &[Workload],
         cgroups: &mut BTreeMap<u64, u32>,
-        addresses: &[(IpNet, u32)],
+        now: Instant,
     ) {
-        let now = Instant::now();
-        // Who holds each address in this plan: an address two workloads
-        // share (processes of several cgroups in one network namespace on a
-        // plain host) is not a reused one.
-        let current: BTreeSet<(IpAddr, u32)> = addresses
-            .iter()
-            .filter(|(net, _)| net.prefix_len() == net.max_prefix_len())
-            .map(|(net, id)| (net.addr(), *id))
-            .collect();
         for w in workloads.iter().filter(|_| self.kubernetes) {
             let Some(&id) = cgroups.get(&w.cgroup_id) else {
                 continue;
@@ -143,11 +383,15 @@ impl Planner {
             if !fresh || id == reserved::PENDING || self.reuse_holds.contains_key(&w.cgroup_id) {
                 continue;
             }
+            // An address two workloads share (processes of several cgroups
+            // in one network namespace on a plain host) is not a reused one.
             let reused = w.ips.iter().find_map(|ip| {
-                let (old, seen) = self.address_history.get(ip)?;
-                (*old != id
-                    && !current.contains(&(*ip, *old))
-                    && now.duration_since(*seen) < ADDRESS_RECENT)
+                let (old, seen) = self.departed.get(ip)?;
+                let still_held = self
+                    .claims
+                    .get(&IpNet::from(*ip))
+                    .is_some_and(|c| c.holds(*old));
+                (*old != id && !still_held && now.duration_since(*seen) < ADDRESS_RECENT)
                     .then_some((*ip, *old))
             });
             if let Some((ip, old)) = reused {
@@ -163,13 +407,12 @@ impl Planner {
         for cg in self.reuse_holds.keys() {
             cgroups.insert(*cg, reserved::PENDING);
         }
-        self.address_history
-            .retain(|_, (_, seen)| now.duration_since(*seen) < ADDRESS_RECENT);
-        for (net, id) in addresses {
-            if net.prefix_len() == net.max_prefix_len() {
-                self.address_history.insert(net.addr(), (*id, now));
-            }
-        }
+        // An address someone has again is no longer a departed one: a pod
+        // that comes to it later is judged against its holder.
+        let claims = &self.claims;
+        self.departed.retain(|ip, (_, seen)| {
+            now.duration_since(*seen) < ADDRESS_RECENT && !claims.contains_key(&IpNet::from(*ip))
+        });
     }
 
     /// Keeps `cgroup` (the agent's own) `reserved:host` in every plan: the
@@ -196,32 +439,39 @@ impl Planner {
             services: services_input,
             nodes,
         } = input;
+        let now = Instant::now();
         workloads.retain(|w| Some(w.cgroup_id) != self.own_cgroup);
         workloads.sort_by(|a, b| a.cgroup_path.cmp(&b.cgroup_path));
-        let mut plan = Draft::default();
-        self.add_local(&mut plan, &workloads, &held);
-        self.add_remote(&mut plan, &remote);
-        self.add_peers(&mut plan);
+        self.update_remote(remote, now);
+        let mut identities: BTreeMap<u32, IdentityInfo> = self
+            .members
+            .iter()
+            .map(|(id, m)| (*id, m.info.clone()))
+            .collect();
+        let mut cgroups = BTreeMap::new();
+        let mut local = Vec::new();
+        let own_addresses = self.add_local(&mut identities, &mut cgroups, &mut local, &workloads, &held);
+        self.set_layer(LOCAL, layer(local), now);
+        let peers = self.add_peers(&mut identities);
+        self.set_layer(PEERS, layer(peers), now);
         // The node: its addresses (and loopback, for workloads in its
         // namespace) are `reserved:host`, other nodes' `reserved:remote-node`.
         for id in [reserved::HOST, reserved::REMOTE_NODE, reserved::BROADCAST] {
-            plan.identities
-                .entry(id)
-                .or_insert_with(|| reserved_info(id));
+            identities.entry(id).or_insert_with(|| reserved_info(id));
         }
-        plan.addresses
-            .extend(node_addresses(&nodes, &self.config.host_addresses));
+        let node = layer(node_addresses(&nodes, &self.config.host_addresses));
+        self.set_layer(NODE, node, now);
         // Identities the kernel may still resolve for a cgroup this round.
         for id in self.previous_cgroups.values() {
-            if !plan.identities.contains_key(id)
+            if !identities.contains_key(id)
                 && let Some(info) = self.previous.get(id)
             {
-                plan.identities.insert(*id, info.clone());
+                identities.insert(*id, info.clone());
             }
         }
-        self.hold_reused_addresses(&workloads, &mut plan.cgroups, &plan.addresses);
+        self.hold_reused_addresses(&workloads, &mut cgroups, now);
         if self.holding() {
-            plan.identities
+            identities
                 .entry(reserved::PENDING)
                 .or_insert_with(|| reserved_info(reserved::PENDING));
         }
@@ -234,15 +484,15 @@ impl Planner {
             workloads
                 .iter()
                 .map(|w| w.namespace.as_str())
-                .chain(remote.iter().map(|r| r.namespace.as_str())),
+                .chain(self.members.values().filter_map(|m| m.info.namespace.as_deref())),
         );
         let desired = self.finish(
-            plan,
+            identities,
+            cgroups,
+            own_addresses,
             namespaces,
             policies,
-            &services_input,
-            &nodes,
-            &workloads,
+            (&services_input, &nodes, &workloads),
         );
         let in_use: BTreeSet<u32> = self.previous.keys().copied().collect();
         self.allocator.release_unused(&in_use);
@@ -253,83 +503,80 @@ impl Planner {
         }
     }
 
-    /// Local workloads: an identity per (namespace, labels), their cgroups,
-    /// own addresses and addresses; held cgroups and the agent's own.
-    fn add_local(&mut self, plan: &mut Draft, workloads: &[Workload], held: &BTreeMap<u64, u32>) {
+    /// Local workloads: an identity per (namespace, labels), their cgroups
+    /// and addresses; held cgroups and the agent's own. Returns each
+    /// workload's own addresses.
+    fn add_local(
+        &mut self,
+        identities: &mut BTreeMap<u32, IdentityInfo>,
+        cgroups: &mut BTreeMap<u64, u32>,
+        addresses: &mut Vec<(IpNet, u32)>,
+        workloads: &[Workload],
+        held: &BTreeMap<u64, u32>,
+    ) -> BTreeSet<(u64, IpAddr)> {
+        let mut own_addresses = BTreeSet::new();
         for w in workloads {
             let hint = self.hints_by_cgroup.get(&w.cgroup_id).copied();
-            let id = self.workload_identity(plan, &w.namespace, &w.labels, &w.name, &w.ports, hint);
-            plan.cgroups.insert(w.cgroup_id, id);
-            plan.own_addresses
-                .extend(w.ips.iter().map(|ip| (w.cgroup_id, *ip)));
+            let id = self.workload_identity(identities, w, hint);
+            cgroups.insert(w.cgroup_id, id);
+            own_addresses.extend(w.ips.iter().map(|ip| (w.cgroup_id, *ip)));
             if w.own_netns {
                 // Marks loopback as the workload's own (see `LOOPBACK_MARK`).
-                plan.own_addresses
-                    .insert((w.cgroup_id, IpAddr::from(palisade_common::LOOPBACK_MARK)));
+                own_addresses.insert((w.cgroup_id, IpAddr::from(palisade_common::LOOPBACK_MARK)));
             }
-            plan.addresses
-                .extend(w.ips.iter().map(|ip| (IpNet::from(*ip), id)));
+            addresses.extend(w.ips.iter().map(|ip| (IpNet::from(*ip), id)));
         }
         for (cgroup, id) in held {
-            plan.cgroups.insert(*cgroup, *id);
-            plan.identities
-                .entry(*id)
-                .or_insert_with(|| reserved_info(*id));
+            cgroups.insert(*cgroup, *id);
+            identities.entry(*id).or_insert_with(|| reserved_info(*id));
         }
         if let Some(own) = self.own_cgroup {
-            plan.cgroups.insert(own, reserved::HOST);
-            plan.identities
+            cgroups.insert(own, reserved::HOST);
+            identities
                 .entry(reserved::HOST)
                 .or_insert_with(|| reserved_info(reserved::HOST));
         }
+        own_addresses
     }
 
-    /// Workloads on other nodes, known by address.
-    fn add_remote(&mut self, plan: &mut Draft, remote: &[RemoteWorkload]) {
-        for r in remote {
-            let hint = r
-                .ips
-                .first()
-                .and_then(|ip| self.hints_by_net.get(&IpNet::from(*ip)).copied());
-            let id = self.workload_identity(plan, &r.namespace, &r.labels, &r.name, &r.ports, hint);
-            plan.addresses
-                .extend(r.ips.iter().map(|ip| (IpNet::from(*ip), id)));
-        }
-    }
-
-    /// The identity of a workload's (namespace, labels), with its named ports.
+    /// The identity of a local workload's (namespace, labels), merged with
+    /// the remote workloads of the same labels: the smallest name where the
+    /// labels do not name it, the lowest number for a named port.
     fn workload_identity(
         &mut self,
-        plan: &mut Draft,
-        namespace: &str,
-        labels: &Labels,
-        name: &str,
-        ports: &[NamedPortConfig],
+        identities: &mut BTreeMap<u32, IdentityInfo>,
+        w: &Workload,
         hint: Option<u32>,
     ) -> u32 {
         let key = LabelKey {
-            namespace: Some(namespace.to_owned()),
-            labels: labels.clone(),
+            namespace: Some(w.namespace.clone()),
+            labels: w.labels.clone(),
         };
         let id = self.allocator.get_or_allocate_hinted(&key, hint);
-        let td = &self.config.trust_domain;
-        let info = plan.identities.entry(id).or_insert_with(|| IdentityInfo {
+        let name = display_name(&self.config.trust_domain, &key, &w.name);
+        let info = identities.entry(id).or_insert_with(|| IdentityInfo {
             id,
-            name: display_name(td, &key, name),
+            name: name.clone(),
             namespace: key.namespace.clone(),
             labels: key.labels.clone(),
             kind: IdentityKind::Workload,
             named_ports: BTreeMap::new(),
         });
-        for (k, port) in ports.iter().filter_map(|p| p.key()) {
-            info.named_ports.entry(k).or_insert(port);
+        if name < info.name {
+            info.name = name;
+        }
+        for (k, port) in w.ports.iter().filter_map(|p| p.key()) {
+            let p = info.named_ports.entry(k).or_insert(port);
+            *p = (*p).min(port);
         }
         id
     }
 
-    /// Configured peers (address blocks with a name and labels).
-    fn add_peers(&mut self, plan: &mut Draft) {
+    /// Configured peers (address blocks with a name and labels); returns
+    /// their blocks.
+    fn add_peers(&mut self, identities: &mut BTreeMap<u32, IdentityInfo>) -> Vec<(IpNet, u32)> {
         let td = self.config.trust_domain.clone();
+        let mut blocks = Vec::new();
         for p in &self.config.peers {
             let key = LabelKey {
                 namespace: p.namespace.clone(),
@@ -340,7 +587,7 @@ impl Planner {
                 .first()
                 .and_then(|c| self.hints_by_net.get(&c.trunc()).copied());
             let id = self.allocator.get_or_allocate_hinted(&key, hint);
-            plan.identities.entry(id).or_insert_with(|| IdentityInfo {
+            identities.entry(id).or_insert_with(|| IdentityInfo {
                 id,
                 name: match &p.namespace {
                     Some(_) => display_name(&td, &key, &p.name),
@@ -356,54 +603,63 @@ impl Planner {
                 },
                 named_ports: BTreeMap::new(),
             });
-            plan.addresses
-                .extend(p.cidrs.iter().map(|c| (c.trunc(), id)));
+            blocks.extend(p.cidrs.iter().map(|c| (c.trunc(), id)));
         }
+        blocks
     }
 
-    /// Compiles the policies over the identities and builds the tables;
-    /// remembers this plan's identities and cgroups for the next one.
+    /// Compiles the policies over the identities and brings the ipcache up
+    /// to date; remembers this plan's identities and cgroups for the next one.
     fn finish(
         &mut self,
-        plan: Draft,
+        identities: BTreeMap<u32, IdentityInfo>,
+        cgroups: BTreeMap<u64, u32>,
+        mut own_addresses: BTreeSet<(u64, IpAddr)>,
         namespaces: BTreeMap<String, Labels>,
         policies: &PolicySet,
-        services_input: &[Service],
-        nodes: &Nodes,
-        workloads: &[Workload],
+        (services_input, nodes, workloads): (&[Service], &Nodes, &[Workload]),
     ) -> Desired {
-        let Draft {
-            identities,
-            cgroups,
-            mut own_addresses,
-            addresses,
-        } = plan;
         // Cgroups not classified yet are `reserved:pending` in the kernel
         // (an entry missing from the cgroup map reads as pending), held
         // whether or not any is known now.
         let world = policy::World {
             identities: identities.values().cloned().collect(),
             namespaces,
-            addresses: addresses.clone(),
+            addresses: self.addresses.clone(),
             pending_held: self.unknown.held_directions().to_vec(),
             pending_rule: "kubernetes.unknownPods",
         };
         let compiled = self.compiler.compile(&policies.policies, &world);
-        let mut ipcache = BTreeMap::new();
+        drop(world);
         // Broadcast and multicast first, outside the compiler's view of
         // addresses: no CIDR rule covers them by accident (`0.0.0.0/0`
         // does not mean "every pod on the link"); a rule naming exactly
         // such a block replaces the entry, `reserved:broadcast` names them all.
-        ipcache.extend(broadcast_blocks().map(|net| (net, reserved::BROADCAST)));
-        ipcache.extend(compiled.cidr_identities.iter().copied());
-        ipcache.extend(addresses);
-        let services = service_table(services_input, nodes, &self.config.host_addresses, &ipcache);
+        let base: BTreeMap<IpNet, u32> = broadcast_blocks()
+            .map(|net| (net, reserved::BROADCAST))
+            .chain(compiled.cidr_identities.iter().copied())
+            .collect();
+        let touched = std::mem::take(&mut self.touched);
+        if base != self.ipcache_base {
+            self.ipcache = base.clone();
+            self.ipcache
+                .extend(self.addresses.iter().map(|(n, id)| (*n, *id)));
+            self.ipcache_base = base;
+        } else {
+            for net in touched {
+                match self.addresses.get(&net).or_else(|| base.get(&net).copied()) {
+                    Some(id) => self.ipcache.insert(net, id),
+                    None => self.ipcache.remove(&net),
+                };
+            }
+        }
+        let services = service_table(services_input, nodes, &self.config.host_addresses, &self.ipcache);
         own_addresses.extend(own_services(services_input, workloads));
         self.previous = identities;
         self.previous_cgroups = cgroups.clone();
         Desired {
             cgroups,
-            ipcache,
+            ipcache: self.ipcache.clone(),
             own_addresses,
             policy: Arc::new(compiled),
             services: Arc::new(services),
@@ -412,14 +668,13 @@ impl Planner {
     }
 }
 
-/// A plan being put together: identities with their info, cgroup →
-/// identity, each workload's own addresses, address block → identity.
-#[derive(Default)]
-struct Draft {
-    identities: BTreeMap<u32, IdentityInfo>,
-    cgroups: BTreeMap<u64, u32>,
-    own_addresses: BTreeSet<(u64, IpAddr)>,
-    addresses: Vec<(IpNet, u32)>,
+/// A layer's claims by block, in order (the last one wins).
+fn layer(claims: Vec<(IpNet, u32)>) -> BTreeMap<IpNet, Vec<u32>> {
+    let mut out: BTreeMap<IpNet, Vec<u32>> = BTreeMap::new();
+    for (net, id) in claims {
+        out.entry(net).or_default().push(id);
+    }
+    out
 }
 
 /// ipcache entries for the node: this node's addresses, the configured host
@@ -642,7 +897,7 @@ mod tests {
         };
         let with_old = Inputs {
             workloads: vec![workload(8, "web")],
-            remote: vec![old_owner],
+            remote: RemoteChanges::all([old_owner]),
             ..Inputs::default()
         };
         let first = planner.plan(with_old, &none);
@@ -650,7 +905,9 @@ mod tests {
         let web = first.desired.cgroups[&8];
         // The old pod is gone; a new pod on this node has its address.
         let reused = || host(vec![workload(8, "api"), workload(7, "cache")]);
-        let second = planner.plan(reused(), &none);
+        let mut gone = reused();
+        gone.remote = RemoteChanges::all([]);
+        let second = planner.plan(gone, &none);
         assert_eq!(second.desired.cgroups[&7], reserved::PENDING, "held");
         assert!(planner.holding());
         assert_ne!(

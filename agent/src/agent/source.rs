@@ -8,6 +8,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use kube::{ResourceExt as _, runtime::reflector::ObjectRef};
 use palisade_common::identity as reserved;
 
 use crate::{
@@ -15,7 +16,10 @@ use crate::{
     config::Config,
     discovery::{self, Classifier},
     inventory::{Inputs, Nodes, Workload},
-    kubernetes::{Cluster, PodInfo},
+    kubernetes::{
+        Cluster,
+        pods::{PodChanges, PodIndex},
+    },
     policy::model::Policy,
 };
 
@@ -192,6 +196,8 @@ pub struct KubernetesSource {
     pub node_addresses: crate::netlink::NodeAddresses,
     /// Wakes the loop when the node's addresses change.
     pub address_wakeup: Option<crate::netlink::AddressWakeup>,
+    /// The pods as last sent; a round sends the planner what changed.
+    pub pods: PodIndex,
 }
 
 impl Source for KubernetesSource {
@@ -206,20 +212,42 @@ impl Source for KubernetesSource {
         if let Some(w) = self.watch.as_mut() {
             w.sync(&self.root, cgroups.iter().map(|c| c.rel_path.as_str()));
         }
-        let pods: Vec<PodInfo> = self
-            .cluster
-            .pods
-            .state()
-            .iter()
-            .filter_map(|p| crate::kubernetes::pod_info(p))
-            .collect();
-        let mut input = crate::kubernetes::inputs(
+        let changed = self.cluster.take_pod_changes();
+        let pods = if changed.relisted || !self.pods.started() {
+            PodChanges::All(
+                self.cluster
+                    .pods
+                    .state()
+                    .iter()
+                    .filter_map(|p| crate::kubernetes::pod_info(p))
+                    .collect(),
+            )
+        } else {
+            PodChanges::Some(
+                changed
+                    .keys
+                    .into_iter()
+                    .map(|(ns, name)| {
+                        let object = self.cluster.pods.get(&ObjectRef::new(&name).within(&ns));
+                        let pod = object.and_then(|p| crate::kubernetes::pod_info(&p));
+                        (format!("{ns}/{name}"), pod)
+                    })
+                    .collect(),
+            )
+        };
+        let mut input = self.pods.update(
             &self.node,
-            &pods,
-            &self.cluster.namespaces.state(),
+            pods,
             &cgroups,
             self.config.kubernetes.unknown_pods,
         );
+        input.namespaces = self
+            .cluster
+            .namespaces
+            .state()
+            .iter()
+            .map(|n| (n.name_any(), n.labels().clone()))
+            .collect();
         hold_root(&self.root, &mut input.held);
         input.services = crate::kubernetes::services(
             &self.cluster.services.state(),
@@ -228,11 +256,7 @@ impl Source for KubernetesSource {
         input.nodes = crate::kubernetes::nodes(&self.node, &self.cluster.nodes.state());
         input.nodes.local.extend(self.node_addresses.get());
         // Pods on the host network use the node's addresses.
-        input.nodes.local.extend(
-            pods.iter()
-                .filter(|p| p.host_network && p.node.as_deref() == Some(self.node.as_str()))
-                .flat_map(|p| p.ips.iter().copied()),
-        );
+        input.nodes.local.extend(self.pods.host_network_ips());
         Observed::Ready(input)
     }
 

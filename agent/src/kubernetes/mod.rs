@@ -4,15 +4,18 @@
 //!
 //! - [`Cluster`] runs one kube-rs watcher per kind (list, then watch from the
 //!   list's resourceVersion; a 410 Gone or a broken stream re-lists, with
-//!   exponential backoff) into reflector stores. The agent's loop reads the
-//!   stores each round and recomputes everything, so the kernel maps are
-//!   re-derived from the full cluster view every time (a continuous resync).
+//!   exponential backoff) into reflector stores, and records which pods
+//!   changed. The agent's loop reads the stores each round; pods go through
+//!   a [`pods::PodIndex`], which sends the planner only the pods that
+//!   changed (everything again after a re-list).
 //! - [`inputs`] maps local cgroups to pods ([`cgroup`]), and every other pod's
-//!   addresses to its identity (the ipcache); [`policies`] validates each
-//!   policy object with the same code as a policy file.
+//!   addresses to its identity (the ipcache), from the whole list — what the
+//!   index must equal; [`Cluster::policies`] validates each policy object
+//!   with the same code as a policy file.
 //! - [`crd`] holds the CustomResourceDefinitions, generated from Rust types.
 pub mod cgroup;
 pub mod crd;
+pub mod pods;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -129,6 +132,8 @@ pub struct Cluster {
     policy_epoch: Arc<AtomicU64>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     parsed: Mutex<ParseCache>,
+    /// Pods changed since the agent last looked (see [`pods::PodIndex`]).
+    pod_changes: Arc<Mutex<Changed>>,
 }
 
 /// Origin → (resourceVersion, what validating that version gave).
@@ -142,7 +147,17 @@ impl Drop for Cluster {
     }
 }
 
-/// Runs `api`'s watcher into a reflector store until the task is aborted.
+/// Objects of a kind that changed since the agent last looked.
+#[derive(Debug, Default)]
+pub struct Changed {
+    /// The kind was listed again: the store holds a new whole list.
+    pub relisted: bool,
+    /// (namespace, name) of objects added, modified or deleted.
+    pub keys: std::collections::HashSet<(String, String)>,
+}
+
+/// Runs `api`'s watcher into a reflector store until the task is aborted;
+/// `record` collects which objects changed.
 fn follow<K>(
     api: Api<K>,
     strip: fn(&mut K),
@@ -150,6 +165,7 @@ fn follow<K>(
     synced: Arc<[AtomicBool; KIND_COUNT]>,
     changed: Arc<tokio::sync::Notify>,
     counters: (Arc<AtomicU64>, Option<Arc<AtomicU64>>),
+    record: Option<Arc<Mutex<Changed>>>,
 ) -> (Store<K>, tokio::task::JoinHandle<()>)
 where
     K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
@@ -173,6 +189,22 @@ where
                     }
                     if let Some(epoch) = &epoch {
                         epoch.fetch_add(1, Ordering::SeqCst);
+                    }
+                    if let Some(record) = &record {
+                        let mut changed = match record.lock() {
+                            Ok(c) => c,
+                            Err(poisoned) => poisoned.into_inner(),
+                        };
+                        match &event {
+                            watcher::Event::Apply(o) | watcher::Event::Delete(o) => {
+                                changed
+                                    .keys
+                                    .insert((o.namespace().unwrap_or_default(), o.name_any()));
+                            }
+                            // The store now holds the new list as a whole.
+                            watcher::Event::InitDone => changed.relisted = true,
+                            watcher::Event::Init | watcher::Event::InitApply(_) => {}
+                        }
                     }
                     changed.notify_one();
                 }
@@ -216,6 +248,7 @@ impl Cluster {
         let errors = Arc::new(AtomicU64::new(0));
         let policy_epoch = Arc::new(AtomicU64::new(0));
         let mut tasks = Vec::new();
+        let pod_changes = Arc::new(Mutex::new(Changed::default()));
         let (s, c) = (&synced, &changed);
         let plain = || (errors.clone(), None);
         let policy = || (errors.clone(), Some(policy_epoch.clone()));
@@ -234,6 +267,7 @@ impl Cluster {
             s.clone(),
             c.clone(),
             plain(),
+            Some(pod_changes.clone()),
         );
         tasks.push(t);
         let (namespaces, t) = follow(
@@ -243,6 +277,7 @@ impl Cluster {
             s.clone(),
             c.clone(),
             plain(),
+            None,
         );
         tasks.push(t);
         let (network_policies, t) = follow(
@@ -252,6 +287,7 @@ impl Cluster {
             s.clone(),
             c.clone(),
             policy(),
+            None,
         );
         tasks.push(t);
         let (palisade_policies, t) = follow(
@@ -261,6 +297,7 @@ impl Cluster {
             s.clone(),
             c.clone(),
             policy(),
+            None,
         );
         tasks.push(t);
         let (cluster_palisade_policies, t) = follow(
@@ -270,6 +307,7 @@ impl Cluster {
             s.clone(),
             c.clone(),
             policy(),
+            None,
         );
         tasks.push(t);
         let (services, t) = follow(
@@ -279,6 +317,7 @@ impl Cluster {
             s.clone(),
             c.clone(),
             plain(),
+            None,
         );
         tasks.push(t);
         let (endpoint_slices, t) = follow(
@@ -288,6 +327,7 @@ impl Cluster {
             s.clone(),
             c.clone(),
             plain(),
+            None,
         );
         tasks.push(t);
         let (nodes, t) = follow(
@@ -306,6 +346,7 @@ impl Cluster {
             s.clone(),
             c.clone(),
             plain(),
+            None,
         );
         tasks.push(t);
         Cluster {
@@ -323,7 +364,18 @@ impl Cluster {
             policy_epoch,
             tasks,
             parsed: Mutex::new(HashMap::new()),
+            pod_changes,
         }
+    }
+
+    /// The pods that changed since the last call (and whether the pods
+    /// were listed again meanwhile).
+    pub fn take_pod_changes(&self) -> Changed {
+        let mut changed = match self.pod_changes.lock() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        std::mem::take(&mut *changed)
     }
 
     /// Every kind listed at least once. Until then the agent does not touch
@@ -523,7 +575,15 @@ fn owned_ips(pod: &PodInfo, owners: &HashMap<IpAddr, &str>) -> Vec<IpAddr> {
         .collect()
 }
 
-/// Maps the local cgroups to pods and collects every other pod's addresses.
+/// A pod's key in [`RemoteChanges`]: `namespace/name`.
+pub fn pod_key(pod: &PodInfo) -> String {
+    format!("{}/{}", pod.namespace, pod.name)
+}
+
+/// Maps the local cgroups to pods and collects every other pod's addresses,
+/// from the whole list (every remote pod, `reset`). The agent keeps a
+/// [`PodIndex`] instead, which sends what changed; this is what it must
+/// always equal.
 pub fn inputs(
     node: &str,
     pods: &[PodInfo],
@@ -592,14 +652,18 @@ pub fn inputs(
         if ips.is_empty() {
             continue; // its address belongs to a newer pod now
         }
-        out.remote.push(RemoteWorkload {
-            namespace: pod.namespace.clone(),
-            name: pod.name.clone(),
-            labels: pod.labels.clone(),
-            ips,
-            ports: pod.ports.clone(),
-        });
+        out.remote.changes.push((
+            pod_key(pod),
+            Some(RemoteWorkload {
+                namespace: pod.namespace.clone(),
+                name: pod.name.clone(),
+                labels: pod.labels.clone(),
+                ips,
+                ports: pod.ports.clone(),
+            }),
+        ));
     }
+    out.remote.reset = true;
     out.namespaces = namespaces
         .iter()
         .map(|n| (n.name_any(), n.labels().clone()))

@@ -129,7 +129,7 @@ fn local_cgroups_become_pods_host_network_is_host_unknown_is_held() {
         "a QoS slice is not a pod: unmanaged (not left pending)"
     );
     // Remote: every other running pod with an address, hostNetwork excluded.
-    let mut remote: Vec<&str> = got.remote.iter().map(|r| r.name.as_str()).collect();
+    let mut remote: Vec<&str> = got.remote.workloads().map(|r| r.name.as_str()).collect();
     remote.sort();
     assert_eq!(
         remote,
@@ -186,7 +186,7 @@ fn a_recycled_address_belongs_to_the_new_pod_not_the_terminating_one() {
             .map(|w| w.name.as_str())
             .chain(
                 got.remote
-                    .iter()
+                    .workloads()
                     .filter(|r| r.ips.contains(&reused))
                     .map(|r| r.name.as_str()),
             )
@@ -209,13 +209,13 @@ fn a_recycled_address_belongs_to_the_new_pod_not_the_terminating_one() {
     );
     let owner: Vec<&str> = got
         .remote
-        .iter()
+        .workloads()
         .filter(|r| r.ips.contains(&reused))
         .map(|r| r.name.as_str())
         .collect();
     assert_eq!(owner, ["intruder"]);
     // The old pod keeps its other addresses.
-    assert!(got.remote.iter().any(
+    assert!(got.remote.workloads().any(
         |r| r.name == payment.name && r.ips == ["fd00:10:244:1::c".parse::<IpAddr>().unwrap()]
     ));
 }
@@ -243,6 +243,7 @@ fn cluster_with(nps: Vec<NetworkPolicy>, pps: Vec<crate::policy::api::PalisadePo
         cluster_palisade_policies: store(Vec::new()),
         services: store(Vec::new()),
         endpoint_slices: store(Vec::new()),
+        pod_changes: Default::default(),
         nodes: store(Vec::new()),
         synced: Arc::new(Default::default()),
         changed: Arc::new(tokio::sync::Notify::new()),

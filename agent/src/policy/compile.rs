@@ -44,14 +44,113 @@ pub struct IdentityInfo {
     pub named_ports: BTreeMap<(Protocol, String), u16>,
 }
 
+/// Address blocks → identity, with a print kept up to date entry by entry
+/// (the XOR of every entry's hash): "did any address move since the last
+/// compile?" costs nothing, however many addresses there are. The map is
+/// shared: a planner that keeps its `Addresses` between compiles changes it
+/// in place once the compile's copy is gone.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Addresses {
+    map: Arc<BTreeMap<IpNet, u32>>,
+    print: u128,
+}
+
+fn entry_print(net: &IpNet, id: u32) -> u128 {
+    let mut bytes = [0u8; 22];
+    match net {
+        IpNet::V4(n) => bytes[..4].copy_from_slice(&n.addr().octets()),
+        IpNet::V6(n) => bytes[..16].copy_from_slice(&n.addr().octets()),
+    }
+    bytes[16] = u8::from(matches!(net, IpNet::V6(_)));
+    bytes[17] = net.prefix_len();
+    bytes[18..].copy_from_slice(&id.to_le_bytes());
+    xxhash_rust::xxh3::xxh3_128(&bytes)
+}
+
+impl Addresses {
+    /// Sets (`Some`) or removes (`None`) `net`'s identity; returns the old one.
+    pub fn set(&mut self, net: IpNet, id: Option<u32>) -> Option<u32> {
+        let map = Arc::make_mut(&mut self.map);
+        let old = match id {
+            Some(id) => map.insert(net, id),
+            None => map.remove(&net),
+        };
+        if old == id {
+            return old;
+        }
+        if let Some(old) = old {
+            self.print ^= entry_print(&net, old);
+        }
+        if let Some(id) = id {
+            self.print ^= entry_print(&net, id);
+        }
+        old
+    }
+
+    /// Adds an entry (a later one for the same block replaces it).
+    pub fn push(&mut self, entry: (IpNet, u32)) {
+        self.set(entry.0, Some(entry.1));
+    }
+
+    pub fn get(&self, net: &IpNet) -> Option<u32> {
+        self.map.get(net).copied()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&IpNet, &u32)> {
+        self.map.iter()
+    }
+
+    /// The blocks inside `cidr` (found by range, not by walking every block).
+    pub fn inside(&self, cidr: &IpNet) -> impl Iterator<Item = (&IpNet, &u32)> {
+        let (low, high) = match cidr {
+            IpNet::V4(n) => (
+                IpNet::V4(ipnet::Ipv4Net::new(n.network(), 0).unwrap_or_default()),
+                IpNet::V4(ipnet::Ipv4Net::new(n.broadcast(), 32).unwrap_or_default()),
+            ),
+            IpNet::V6(n) => (
+                IpNet::V6(ipnet::Ipv6Net::new(n.network(), 0).unwrap_or_default()),
+                IpNet::V6(ipnet::Ipv6Net::new(n.broadcast(), 128).unwrap_or_default()),
+            ),
+        };
+        let cidr = *cidr;
+        self.map
+            .range(low..=high)
+            .filter(move |(net, _)| cidr.contains(*net))
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Changes with every entry set or removed; equal tables print alike.
+    pub fn print(&self) -> u128 {
+        self.print
+    }
+}
+
+impl FromIterator<(IpNet, u32)> for Addresses {
+    fn from_iter<I: IntoIterator<Item = (IpNet, u32)>>(iter: I) -> Addresses {
+        let mut out = Addresses::default();
+        for entry in iter {
+            out.push(entry);
+        }
+        out
+    }
+}
+
 /// What the compiler needs to know about the world.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct World {
     pub identities: Vec<IdentityInfo>,
     /// Namespace name → labels (with `kubernetes.io/metadata.name` set).
     pub namespaces: BTreeMap<String, Labels>,
-    /// Known address blocks (workload IPs, configured peers) → identity.
-    pub addresses: Vec<(IpNet, u32)>,
+    /// Known address blocks (workload IPs, configured peers, the nodes) →
+    /// identity.
+    pub addresses: Addresses,
     /// Directions (`DIR_*`) in which a cgroup not classified yet
     /// (`reserved:pending`) is default-deny, and the config field that says
     /// so (named by audit events).
@@ -326,10 +425,7 @@ impl Compiler {
                 use std::hash::Hash as _;
                 (&world.namespaces, cidrs).hash(h);
             }),
-            print(&|h| {
-                use std::hash::Hash as _;
-                world.addresses.hash(h);
-            }),
+            world.addresses.print(),
         );
         let changed = changed_identities(&self.identities, world);
         // Past a few dozen changed identities, testing each policy against
@@ -721,7 +817,7 @@ fn resolve_peers(
                 out.extend(
                     world
                         .addresses
-                        .iter()
+                        .inside(cidr)
                         .filter(|(n, _)| inside(n))
                         .map(|(_, id)| *id),
                 );

@@ -15,7 +15,7 @@ pub mod lookup;
 pub mod model;
 pub mod schema;
 
-pub use compile::{CompiledPolicy, Compiler, World, compile};
+pub use compile::{Addresses, CompiledPolicy, Compiler, World, compile};
 pub use load::{LoadError, PolicySet, load_paths};
 
 #[cfg(test)]
