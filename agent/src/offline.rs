@@ -165,27 +165,29 @@ impl Model {
     /// compiles them: the same identities, ipcache and entries.
     pub fn build(world: &WorldFile, policies: &policy::PolicySet) -> Model {
         let inputs = Inputs {
-            remote: RemoteChanges::all(world
-                .pods
-                .iter()
-                .map(|p| RemoteWorkload {
-                    namespace: p.namespace.clone(),
-                    name: p.name.clone(),
-                    labels: p.labels.clone(),
-                    ips: vec![p.ip],
-                    ports: p
-                        .ports
-                        .iter()
-                        .filter_map(|port| {
-                            Some(NamedPortConfig {
-                                name: port.name.clone()?,
-                                port: port.port,
-                                protocol: port.protocol.clone(),
+            remote: RemoteChanges::all(
+                world
+                    .pods
+                    .iter()
+                    .map(|p| RemoteWorkload {
+                        namespace: p.namespace.clone(),
+                        name: p.name.clone(),
+                        labels: p.labels.clone(),
+                        ips: vec![p.ip],
+                        ports: p
+                            .ports
+                            .iter()
+                            .filter_map(|port| {
+                                Some(NamedPortConfig {
+                                    name: port.name.clone()?,
+                                    port: port.port,
+                                    protocol: port.protocol.clone(),
+                                })
                             })
-                        })
-                        .collect(),
-                })
-                .collect::<Vec<_>>()),
+                            .collect(),
+                    })
+                    .collect::<Vec<_>>(),
+            ),
             namespaces: world
                 .namespaces
                 .iter()

@@ -1,4 +1,3 @@
-use std::{path::Path, sync::Arc, time::Instant};
 use palisade::{
     agent::planner::Planner,
     config::Config,
@@ -7,6 +6,7 @@ use palisade::{
     kubernetes::{self, PodInfo},
     policy::{self, PolicySet},
 };
+use std::{path::Path, sync::Arc, time::Instant};
 
 fn pod(i: usize, node: &str, app_variant: usize) -> PodInfo {
     PodInfo {
@@ -14,8 +14,20 @@ fn pod(i: usize, node: &str, app_variant: usize) -> PodInfo {
         namespace: format!("ns{}", i % 100),
         name: format!("pod-{i}"),
         node: Some(node.into()),
-        labels: [("app".to_owned(), format!("app{}", (i / 100 + app_variant) % 50)), ("io.kubernetes.pod.serviceaccount".to_owned(), "default".to_owned())].into(),
-        ips: vec![std::net::IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000u32 + i as u32 + 2))],
+        labels: [
+            (
+                "app".to_owned(),
+                format!("app{}", (i / 100 + app_variant) % 50),
+            ),
+            (
+                "io.kubernetes.pod.serviceaccount".to_owned(),
+                "default".to_owned(),
+            ),
+        ]
+        .into(),
+        ips: vec![std::net::IpAddr::V4(std::net::Ipv4Addr::from(
+            0x0a00_0000u32 + i as u32 + 2,
+        ))],
         ports: Vec::new(),
         host_network: false,
         terminating: false,
@@ -30,19 +42,41 @@ fn main() {
             text.push_str(&format!("---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: p{a}, namespace: ns{ns}}}\nspec:\n  podSelector: {{matchLabels: {{app: app{a}}}}}\n  ingress:\n  - from:\n    - podSelector: {{matchLabels: {{app: app{}}}}}\n    ports: [{{port: 80}}]\n", a + 10));
         }
     }
-    let policies = PolicySet { policies: policy::load::parse_str("p.yaml", &text).unwrap().into_iter().map(Arc::new).collect(), files: Vec::new() };
+    let policies = PolicySet {
+        policies: policy::load::parse_str("p.yaml", &text)
+            .unwrap()
+            .into_iter()
+            .map(Arc::new)
+            .collect(),
+        files: Vec::new(),
+    };
     for n in [50_000usize] {
         let config = Config::parse(Path::new("t.yaml"), "cgroupRoot: x\n").unwrap();
         let mut planner = Planner::new(config, true);
-        let mut pods: Vec<PodInfo> = (0..n).map(|i| pod(i, if i < 100 { "me" } else { "other" }, 0)).collect();
-        let cgroups: Vec<Cgroup> = (0..100).map(|i| Cgroup { rel_path: format!("kubepods.slice/kubepods-pod{}.slice", format!("uid-{i:06}").replace('-', "_")), id: 1000 + i as u64 }).collect();
+        let mut pods: Vec<PodInfo> = (0..n)
+            .map(|i| pod(i, if i < 100 { "me" } else { "other" }, 0))
+            .collect();
+        let cgroups: Vec<Cgroup> = (0..100)
+            .map(|i| Cgroup {
+                rel_path: format!(
+                    "kubepods.slice/kubepods-pod{}.slice",
+                    format!("uid-{i:06}").replace('-', "_")
+                ),
+                id: 1000 + i as u64,
+            })
+            .collect();
         let t = Instant::now();
         let input = kubernetes::inputs("me", &pods, &[], &cgroups, UnknownPods::DenyEgress);
         let t_in = t.elapsed();
         let t = Instant::now();
         let obs = planner.plan(input, &policies);
         let t_plan = t.elapsed();
-        println!("n={n}: first: inputs {t_in:?} plan {t_plan:?} workloads {} ipcache {} entries {}", obs.workloads.len(), obs.desired.ipcache.len(), obs.desired.policy.entries.len());
+        println!(
+            "n={n}: first: inputs {t_in:?} plan {t_plan:?} workloads {} ipcache {} entries {}",
+            obs.workloads.len(),
+            obs.desired.ipcache.len(),
+            obs.desired.policy.entries.len()
+        );
         let mut prev = obs.desired;
         for k in 0..40 {
             pods[n - 1 - k] = pod(n - 1 - k, "other", 7);
@@ -61,7 +95,9 @@ fn main() {
             let t = Instant::now();
             let c = obs.desired.clone();
             let t_clone = t.elapsed();
-            println!("  event: inputs {t_in:?} plan {t_plan:?} desired== {t_cmp:?} ({eq}) clone {t_clone:?} {same}{t_eq:?}");
+            println!(
+                "  event: inputs {t_in:?} plan {t_plan:?} desired== {t_cmp:?} ({eq}) clone {t_clone:?} {same}{t_eq:?}"
+            );
             prev = c;
         }
     }

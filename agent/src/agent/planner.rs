@@ -450,7 +450,8 @@ impl Planner {
             .collect();
         let mut cgroups = BTreeMap::new();
         let mut local = Vec::new();
-        let own_addresses = self.add_local(&mut identities, &mut cgroups, &mut local, &workloads, &held);
+        let own_addresses =
+            self.add_local(&mut identities, &mut cgroups, &mut local, &workloads, &held);
         self.set_layer(LOCAL, layer(local), now);
         let peers = self.add_peers(&mut identities);
         self.set_layer(PEERS, layer(peers), now);
@@ -481,10 +482,11 @@ impl Planner {
                 .iter()
                 .map(|ns| (ns.name.as_str(), &ns.labels))
                 .chain(cluster_namespaces.iter().map(|(n, l)| (n.as_str(), l))),
-            workloads
-                .iter()
-                .map(|w| w.namespace.as_str())
-                .chain(self.members.values().filter_map(|m| m.info.namespace.as_deref())),
+            workloads.iter().map(|w| w.namespace.as_str()).chain(
+                self.members
+                    .values()
+                    .filter_map(|m| m.info.namespace.as_deref()),
+            ),
         );
         let desired = self.finish(
             identities,
@@ -653,7 +655,12 @@ impl Planner {
                 };
             }
         }
-        let services = service_table(services_input, nodes, &self.config.host_addresses, &self.ipcache);
+        let services = service_table(
+            services_input,
+            nodes,
+            &self.config.host_addresses,
+            &self.ipcache,
+        );
         own_addresses.extend(own_services(services_input, workloads));
         self.previous = identities;
         self.previous_cgroups = cgroups.clone();
@@ -825,6 +832,7 @@ mod tests {
     use crate::{
         agent::tests::workload,
         datapath::{Datapath, fake::FakeDatapath},
+        inventory::RemoteChanges,
     };
 
     fn host(workloads: Vec<Workload>) -> Inputs {
@@ -971,5 +979,187 @@ mod tests {
             &policy::PolicySet::default(),
         );
         assert!(obs.desired.cgroups[&9] > 301);
+    }
+
+    /// An identity number in a form two planners agree on however they
+    /// numbered: reserved and CIDR numbers as they are, a workload's by its
+    /// namespace and labels.
+    type Canon = Result<u32, (Option<String>, Labels)>;
+
+    #[allow(clippy::type_complexity)]
+    fn canonical(
+        obs: &Observation,
+    ) -> (
+        BTreeMap<Canon, (String, IdentityKind, BTreeMap<(Protocol, String), u16>)>,
+        BTreeMap<IpNet, Canon>,
+        BTreeMap<u64, Canon>,
+        BTreeMap<(u8, u8, Canon, Canon, u16, u8), (u32, Option<policy::compile::RuleRef>)>,
+        BTreeMap<(u8, Canon), (Option<policy::compile::RuleRef>, u32)>,
+    ) {
+        let canon = |id: u32| -> Canon {
+            match obs.identities.get(&id) {
+                Some(i) if i.kind == IdentityKind::Workload => {
+                    Err((i.namespace.clone(), i.labels.clone()))
+                }
+                _ => Ok(id),
+            }
+        };
+        let p = &obs.desired.policy;
+        (
+            obs.identities
+                .values()
+                .map(|i| (canon(i.id), (i.name.clone(), i.kind, i.named_ports.clone())))
+                .collect(),
+            obs.desired
+                .ipcache
+                .iter()
+                .map(|(n, id)| (*n, canon(*id)))
+                .collect(),
+            obs.desired
+                .cgroups
+                .iter()
+                .map(|(c, id)| (*c, canon(*id)))
+                .collect(),
+            p.entries
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        (
+                            k.direction,
+                            k.protocol,
+                            canon(k.local),
+                            canon(k.peer),
+                            k.port,
+                            k.port_bits,
+                        ),
+                        (v.flags, p.rule(v.rule_id).cloned()),
+                    )
+                })
+                .collect(),
+            p.enforced
+                .iter()
+                .map(|((dir, id), v)| {
+                    (
+                        (*dir, canon(*id)),
+                        (p.rule(v.policy_rule_id).cloned(), v.flags),
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    /// The planner that keeps remote workloads, identities and address
+    /// claims between rounds plans exactly what a fresh planner plans from
+    /// the whole list, through seeded churn: pods added, removed,
+    /// relabelled, moved to another address, declaring other ports; local
+    /// workloads relabelled and sharing addresses with remote ones; a CIDR
+    /// policy with an exception over part of the addresses.
+    #[test]
+    fn a_planner_fed_changes_equals_one_fed_the_whole_list() {
+        let config = Config::parse(Path::new("t.yaml"), "cgroupRoot: x\n").unwrap();
+        let mut text = String::new();
+        for (ns, app, from) in [("prod", "a", "b"), ("prod", "c", "a"), ("dev", "b", "d")] {
+            text.push_str(&format!(
+                "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {app}, namespace: {ns}}}\nspec:\n  podSelector: {{matchLabels: {{app: {app}}}}}\n  ingress:\n  - from: [{{podSelector: {{matchLabels: {{app: {from}}}}}}}]\n    ports: [{{port: http}}]\n"
+            ));
+        }
+        text.push_str("---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: cidr, namespace: prod}\nspec:\n  podSelector: {}\n  policyTypes: [Egress]\n  egress:\n  - to: [{ipBlock: {cidr: 10.9.0.0/27, except: [10.9.0.8/30]}}]\n");
+        let policies = policy::PolicySet {
+            policies: policy::load::parse_str("p.yaml", &text)
+                .unwrap()
+                .into_iter()
+                .map(Arc::new)
+                .collect(),
+            files: Vec::new(),
+        };
+        let mut seed = 0x5eed_u64;
+        let mut next = |n: usize| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 33) as usize) % n
+        };
+        let mut pods: BTreeMap<String, RemoteWorkload> = BTreeMap::new();
+        let mut locals = vec![workload(7, "a"), workload(8, "b")];
+        let mut planner = Planner::new(config.clone(), false);
+        let ip = |i: usize| -> IpAddr { format!("10.9.0.{i}").parse().unwrap() };
+        for step in 0..400 {
+            let mut change = Vec::new();
+            match next(6) {
+                0 | 1 => {
+                    let free: Vec<usize> = (1..60)
+                        .filter(|i| !pods.values().any(|p| p.ips.contains(&ip(*i))))
+                        .collect();
+                    let key = format!("p{}", next(40));
+                    let mut labels: Labels =
+                        [("tier".to_owned(), ["x", "y"][next(2)].to_owned())].into();
+                    if next(3) > 0 {
+                        labels.insert("app".into(), ["a", "b", "c", "d"][next(4)].into());
+                    }
+                    let w = RemoteWorkload {
+                        namespace: ["prod", "dev"][next(2)].into(),
+                        name: key.clone(),
+                        labels,
+                        ips: vec![ip(free[next(free.len())])],
+                        ports: vec![crate::inventory::NamedPortConfig {
+                            name: "http".into(),
+                            port: [80, 8080][next(2)],
+                            protocol: "TCP".into(),
+                        }],
+                    };
+                    pods.insert(key.clone(), w.clone());
+                    change.push((key, Some(w)));
+                }
+                2 => {
+                    if let Some(key) = pods.keys().nth(next(pods.len().max(1))).cloned() {
+                        pods.remove(&key);
+                        change.push((key, None));
+                    }
+                }
+                3 => {
+                    let at = next(pods.len().max(1));
+                    if let Some((key, w)) = pods.iter_mut().nth(at) {
+                        w.labels
+                            .insert("app".into(), ["a", "b", "c", "d"][next(4)].into());
+                        change.push((key.clone(), Some(w.clone())));
+                    }
+                }
+                4 => {
+                    let l = &mut locals[next(2)];
+                    l.labels
+                        .insert("app".into(), ["a", "b", "c"][next(3)].into());
+                    l.ips = vec![ip(next(60) + 1)];
+                }
+                _ => {
+                    // Several changes in one round, one of them undone.
+                    if let Some((key, w)) = pods.iter().next().map(|(k, w)| (k.clone(), w.clone()))
+                    {
+                        change.push((key.clone(), None));
+                        change.push((key, Some(w)));
+                    }
+                }
+            }
+            let inputs = |remote| Inputs {
+                workloads: locals.clone(),
+                remote,
+                ..Inputs::default()
+            };
+            planner.plan(
+                inputs(RemoteChanges {
+                    reset: false,
+                    changes: change,
+                }),
+                &policies,
+            );
+            // A quiet round: identities kept one round for a relabelled
+            // cgroup are gone, as they never were for a fresh planner.
+            let kept = planner.plan(inputs(RemoteChanges::default()), &policies);
+            let fresh = Planner::new(config.clone(), false).plan(
+                inputs(RemoteChanges::all(pods.values().cloned())),
+                &policies,
+            );
+            assert_eq!(canonical(&kept), canonical(&fresh), "step {step}");
+        }
+        assert!(pods.len() > 10, "the churn kept a world to compare");
     }
 }

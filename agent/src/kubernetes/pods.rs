@@ -237,7 +237,11 @@ impl PodIndex {
 
     /// The local cgroups as workloads and held cgroups, and the local pods
     /// without a cgroup.
-    fn local(&self, parsed: &[(&Cgroup, Option<cgroup::PodCgroup>)], unknown: UnknownPods) -> Inputs {
+    fn local(
+        &self,
+        parsed: &[(&Cgroup, Option<cgroup::PodCgroup>)],
+        unknown: UnknownPods,
+    ) -> Inputs {
         let mut out = Inputs::default();
         for (cg, pc) in parsed {
             let Some(pc) = pc else {

@@ -390,3 +390,116 @@ fn nodes_split_into_this_node_and_the_others() {
     assert_eq!(n.local, ["192.168.0.10".parse().unwrap()].into());
     assert_eq!(n.remote, ["192.168.0.11".parse().unwrap()].into());
 }
+
+/// The index fed only the pods that changed sends, round after round,
+/// exactly what [`inputs`] computes from the whole list: pods added,
+/// deleted, relabelled, moved between nodes, terminating, on the host
+/// network, addresses shared and reused between pods, cgroups appearing
+/// and going; a re-list in between.
+#[test]
+fn the_pod_index_fed_changes_equals_inputs_from_the_whole_list() {
+    use pods::{PodChanges, PodIndex};
+    let mut seed = 0x9e37_79b9_u64;
+    let mut next = |n: usize| {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((seed >> 33) as usize) % n
+    };
+    let mut pods: BTreeMap<String, PodInfo> = BTreeMap::new();
+    let mut cgroups: BTreeMap<String, u64> = BTreeMap::new();
+    let mut index = PodIndex::default();
+    let mut held: HashMap<String, RemoteWorkload> = HashMap::new();
+    let mut serial = 0;
+    for step in 0..600 {
+        let mut changed = Vec::new();
+        match next(7) {
+            0..=2 => {
+                serial += 1;
+                let name = format!("p{}", next(30));
+                let pod = PodInfo {
+                    uid: format!("00000000-0000-4000-8000-{serial:012}"),
+                    namespace: ["prod", "dev"][next(2)].into(),
+                    name: name.clone(),
+                    node: Some(["node-a", "node-b"][next(2)].into()),
+                    labels: [("app".to_owned(), ["a", "b", "c"][next(3)].to_owned())].into(),
+                    ips: (0..next(3))
+                        .map(|_| format!("10.3.0.{}", next(12)).parse().unwrap())
+                        .collect::<std::collections::BTreeSet<IpAddr>>()
+                        .into_iter()
+                        .collect(),
+                    ports: Vec::new(),
+                    host_network: next(10) == 0,
+                    terminating: next(5) == 0,
+                    created: format!("2026-01-01T00:00:{:02}Z", next(60)),
+                };
+                let key = pod_key(&pod);
+                pods.insert(key.clone(), pod.clone());
+                changed.push((key, Some(pod)));
+            }
+            3 => {
+                if let Some(key) = pods.keys().nth(next(pods.len().max(1))).cloned() {
+                    pods.remove(&key);
+                    changed.push((key, None));
+                }
+            }
+            4 => {
+                let at = next(pods.len().max(1));
+                if let Some((key, pod)) = pods.iter_mut().nth(at) {
+                    pod.terminating = !pod.terminating;
+                    pod.labels.insert("app".into(), "d".into());
+                    changed.push((key.clone(), Some(pod.clone())));
+                }
+            }
+            5 => {
+                // A cgroup appears for a pod (known here or not), or goes.
+                let local: Vec<&PodInfo> = pods.values().collect();
+                if let Some(pod) = local.get(next(local.len().max(1))) {
+                    let path = cgroup::systemd_pod_path(&pod.uid, cgroup::Qos::BestEffort);
+                    if cgroups.remove(&path).is_none() {
+                        cgroups.insert(path, 1000 + step as u64);
+                    }
+                }
+            }
+            _ => {
+                let path = cgroup::systemd_pod_path(
+                    &format!("00000000-0000-4000-9000-{:012}", next(3)),
+                    cgroup::Qos::Burstable,
+                );
+                cgroups.insert(path, 5000 + step as u64);
+            }
+        }
+        let scanned: Vec<Cgroup> = cgroups.iter().map(|(p, id)| cg(*id, p.clone())).collect();
+        let list: Vec<PodInfo> = pods.values().cloned().collect();
+        let changes = if step % 97 == 50 {
+            PodChanges::All(list.clone())
+        } else {
+            PodChanges::Some(changed)
+        };
+        let got = index.update("node-a", changes, &scanned, UnknownPods::DenyEgress);
+        let want = inputs("node-a", &list, &[], &scanned, UnknownPods::DenyEgress);
+        if got.remote.reset {
+            held.clear();
+        }
+        for (key, w) in got.remote.changes {
+            match w {
+                Some(w) => held.insert(key, w),
+                None => held.remove(&key),
+            };
+        }
+        let wanted: HashMap<String, RemoteWorkload> = want
+            .remote
+            .changes
+            .into_iter()
+            .filter_map(|(k, w)| Some((k, w?)))
+            .collect();
+        assert_eq!(held, wanted, "remote workloads, step {step}");
+        assert_eq!(got.workloads, want.workloads, "step {step}");
+        assert_eq!(got.held, want.held, "step {step}");
+        assert_eq!(
+            got.local_without_cgroup, want.local_without_cgroup,
+            "step {step}"
+        );
+    }
+    assert!(pods.len() > 10 && cgroups.len() > 3);
+}
