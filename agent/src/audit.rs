@@ -27,7 +27,7 @@ use crate::{
 /// What the enricher knows; replaced whole by the agent after each reconcile.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
-    pub identities: BTreeMap<u32, IdentityInfo>,
+    pub identities: crate::policy::compile::Identities,
     pub workloads: BTreeMap<u64, Workload>,
     pub policy: Arc<CompiledPolicy>,
     pub services: Arc<ServiceTable>,

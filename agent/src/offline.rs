@@ -199,7 +199,11 @@ impl Model {
         let ipcache: Vec<(IpNet, u32)> = plan.desired.ipcache.into_iter().collect();
         let mut model = Model {
             compiled: (*plan.desired.policy).clone(),
-            identities: plan.identities,
+            identities: plan
+                .identities
+                .into_iter()
+                .map(|(id, i)| (id, std::sync::Arc::unwrap_or_clone(i)))
+                .collect(),
             pods: BTreeMap::new(),
             ipcache,
         };

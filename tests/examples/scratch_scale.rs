@@ -65,8 +65,9 @@ fn main() {
                 id: 1000 + i as u64,
             })
             .collect();
+        let mut index = kubernetes::pods::PodIndex::default();
         let t = Instant::now();
-        let input = kubernetes::inputs("me", &pods, &[], &cgroups, UnknownPods::DenyEgress);
+        let input = index.update("me", kubernetes::pods::PodChanges::All(pods.clone()), &cgroups, UnknownPods::DenyEgress);
         let t_in = t.elapsed();
         let t = Instant::now();
         let obs = planner.plan(input, &policies);
@@ -78,10 +79,11 @@ fn main() {
             obs.desired.policy.entries.len()
         );
         let mut prev = obs.desired;
-        for k in 0..40 {
+        for k in 0..60 {
             pods[n - 1 - k] = pod(n - 1 - k, "other", 7);
             let t = Instant::now();
-            let input = kubernetes::inputs("me", &pods, &[], &cgroups, UnknownPods::DenyEgress);
+            let key = kubernetes::pod_key(&pods[n - 1 - k]);
+            let input = index.update("me", kubernetes::pods::PodChanges::Some(vec![(key, Some(pods[n-1-k].clone()))]), &cgroups, UnknownPods::DenyEgress);
             let t_in = t.elapsed();
             let t = Instant::now();
             let same = false;

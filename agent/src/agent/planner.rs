@@ -25,7 +25,7 @@ use crate::{
     inventory::{Inputs, Nodes, RemoteChanges, RemoteWorkload, Service, UnknownPods, Workload},
     policy::{
         self, Addresses, PolicySet,
-        compile::{IdentityInfo, IdentityKind},
+        compile::{Identities, IdentityInfo, IdentityKind},
         labels::Labels,
         model::Protocol,
     },
@@ -35,7 +35,8 @@ use crate::{
 #[derive(Debug)]
 pub struct Observation {
     pub workloads: Vec<Workload>,
-    pub identities: BTreeMap<u32, IdentityInfo>,
+    /// The plan's identities (shared with the planner's memory of them).
+    pub identities: Identities,
     pub desired: Desired,
 }
 
@@ -59,21 +60,25 @@ struct Members {
     names: BTreeMap<String, usize>,
     /// Declared named ports; where members disagree, the lowest number.
     ports: BTreeMap<(Protocol, String), BTreeMap<u16, usize>>,
-    info: IdentityInfo,
+    info: Arc<IdentityInfo>,
 }
 
 impl Members {
     fn refresh(&mut self, trust_domain: &str, key: &LabelKey) {
-        if let Some(name) = self.names.keys().next() {
-            self.info.name.clone_from(name);
-        } else {
-            self.info.name = display_name(trust_domain, key, "");
-        }
-        self.info.named_ports = self
+        let name = match self.names.keys().next() {
+            Some(name) => name.clone(),
+            None => display_name(trust_domain, key, ""),
+        };
+        let named_ports: BTreeMap<(Protocol, String), u16> = self
             .ports
             .iter()
             .filter_map(|(k, ports)| Some((k.clone(), *ports.keys().next()?)))
             .collect();
+        if self.info.name != name || self.info.named_ports != named_ports {
+            let info = Arc::make_mut(&mut self.info);
+            info.name = name;
+            info.named_ports = named_ports;
+        }
     }
 }
 
@@ -132,7 +137,7 @@ pub struct Planner {
     /// Identities in the last plan, kept one more round after their last
     /// workload left so that no cgroup is ever looked up under an identity
     /// missing from the live policy table.
-    previous: BTreeMap<u32, IdentityInfo>,
+    previous: Identities,
     previous_cgroups: BTreeMap<u64, u32>,
     /// Identity numbers found in adopted kernel maps (cgroup id / address block
     /// → identity), reused for the same workloads and peers.
@@ -309,14 +314,14 @@ impl Planner {
             count: 0,
             names: BTreeMap::new(),
             ports: BTreeMap::new(),
-            info: IdentityInfo {
+            info: Arc::new(IdentityInfo {
                 id,
                 name: String::new(),
                 namespace: key_labels.namespace.clone(),
                 labels: key_labels.labels.clone(),
                 kind: IdentityKind::Workload,
                 named_ports: BTreeMap::new(),
-            },
+            }),
         });
         members.count += 1;
         if let Some(name) = &entry.name {
@@ -443,7 +448,7 @@ impl Planner {
         workloads.retain(|w| Some(w.cgroup_id) != self.own_cgroup);
         workloads.sort_by(|a, b| a.cgroup_path.cmp(&b.cgroup_path));
         self.update_remote(remote, now);
-        let mut identities: BTreeMap<u32, IdentityInfo> = self
+        let mut identities: Identities = self
             .members
             .iter()
             .map(|(id, m)| (*id, m.info.clone()))
@@ -510,7 +515,7 @@ impl Planner {
     /// workload's own addresses.
     fn add_local(
         &mut self,
-        identities: &mut BTreeMap<u32, IdentityInfo>,
+        identities: &mut Identities,
         cgroups: &mut BTreeMap<u64, u32>,
         addresses: &mut Vec<(IpNet, u32)>,
         workloads: &[Workload],
@@ -546,7 +551,7 @@ impl Planner {
     /// labels do not name it, the lowest number for a named port.
     fn workload_identity(
         &mut self,
-        identities: &mut BTreeMap<u32, IdentityInfo>,
+        identities: &mut Identities,
         w: &Workload,
         hint: Option<u32>,
     ) -> u32 {
@@ -556,27 +561,30 @@ impl Planner {
         };
         let id = self.allocator.get_or_allocate_hinted(&key, hint);
         let name = display_name(&self.config.trust_domain, &key, &w.name);
-        let info = identities.entry(id).or_insert_with(|| IdentityInfo {
-            id,
-            name: name.clone(),
-            namespace: key.namespace.clone(),
-            labels: key.labels.clone(),
-            kind: IdentityKind::Workload,
-            named_ports: BTreeMap::new(),
+        let info = identities.entry(id).or_insert_with(|| {
+            Arc::new(IdentityInfo {
+                id,
+                name: name.clone(),
+                namespace: key.namespace.clone(),
+                labels: key.labels.clone(),
+                kind: IdentityKind::Workload,
+                named_ports: BTreeMap::new(),
+            })
         });
         if name < info.name {
-            info.name = name;
+            Arc::make_mut(info).name = name;
         }
         for (k, port) in w.ports.iter().filter_map(|p| p.key()) {
-            let p = info.named_ports.entry(k).or_insert(port);
-            *p = (*p).min(port);
+            if info.named_ports.get(&k).is_none_or(|p| port < *p) {
+                Arc::make_mut(info).named_ports.insert(k, port);
+            }
         }
         id
     }
 
     /// Configured peers (address blocks with a name and labels); returns
     /// their blocks.
-    fn add_peers(&mut self, identities: &mut BTreeMap<u32, IdentityInfo>) -> Vec<(IpNet, u32)> {
+    fn add_peers(&mut self, identities: &mut Identities) -> Vec<(IpNet, u32)> {
         let td = self.config.trust_domain.clone();
         let mut blocks = Vec::new();
         for p in &self.config.peers {
@@ -589,7 +597,8 @@ impl Planner {
                 .first()
                 .and_then(|c| self.hints_by_net.get(&c.trunc()).copied());
             let id = self.allocator.get_or_allocate_hinted(&key, hint);
-            identities.entry(id).or_insert_with(|| IdentityInfo {
+            identities.entry(id).or_insert_with(|| {
+                Arc::new(IdentityInfo {
                 id,
                 name: match &p.namespace {
                     Some(_) => display_name(&td, &key, &p.name),
@@ -604,6 +613,7 @@ impl Planner {
                     IdentityKind::Peer
                 },
                 named_ports: BTreeMap::new(),
+            })
             });
             blocks.extend(p.cidrs.iter().map(|c| (c.trunc(), id)));
         }
@@ -614,7 +624,7 @@ impl Planner {
     /// to date; remembers this plan's identities and cgroups for the next one.
     fn finish(
         &mut self,
-        identities: BTreeMap<u32, IdentityInfo>,
+        identities: Identities,
         cgroups: BTreeMap<u64, u32>,
         mut own_addresses: BTreeSet<(u64, IpAddr)>,
         namespaces: BTreeMap<String, Labels>,
@@ -625,14 +635,14 @@ impl Planner {
         // (an entry missing from the cgroup map reads as pending), held
         // whether or not any is known now.
         let world = policy::World {
-            identities: identities.values().cloned().collect(),
+            identities: identities.into_values().collect(),
             namespaces,
             addresses: self.addresses.clone(),
             pending_held: self.unknown.held_directions().to_vec(),
             pending_rule: "kubernetes.unknownPods",
         };
         let compiled = self.compiler.compile(&policies.policies, &world);
-        drop(world);
+        let identities: Identities = world.identities.into_iter().map(|i| (i.id, i)).collect();
         // Broadcast and multicast first, outside the compiler's view of
         // addresses: no CIDR rule covers them by accident (`0.0.0.0/0`
         // does not mean "every pod on the link"); a rule naming exactly
@@ -811,8 +821,8 @@ fn service_table(
 }
 
 /// Names a reserved identity for audit events and status.
-fn reserved_info(id: u32) -> IdentityInfo {
-    IdentityInfo {
+fn reserved_info(id: u32) -> Arc<IdentityInfo> {
+    Arc::new(IdentityInfo {
         id,
         name: crate::identity::reserved_name(id)
             .unwrap_or("reserved")
@@ -821,7 +831,7 @@ fn reserved_info(id: u32) -> IdentityInfo {
         labels: Default::default(),
         kind: IdentityKind::Reserved,
         named_ports: BTreeMap::new(),
-    }
+    })
 }
 
 #[cfg(test)]

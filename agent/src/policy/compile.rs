@@ -142,10 +142,14 @@ impl FromIterator<(IpNet, u32)> for Addresses {
     }
 }
 
+/// Identities by number, each shared: a plan, the compiler's memory and
+/// the published snapshot hold the same `IdentityInfo`s.
+pub type Identities = BTreeMap<u32, Arc<IdentityInfo>>;
+
 /// What the compiler needs to know about the world.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct World {
-    pub identities: Vec<IdentityInfo>,
+    pub identities: Vec<Arc<IdentityInfo>>,
     /// Namespace name → labels (with `kubernetes.io/metadata.name` set).
     pub namespaces: BTreeMap<String, Labels>,
     /// Known address blocks (workload IPs, configured peers, the nodes) →
@@ -322,7 +326,7 @@ pub struct Compiler {
     /// CIDR identities; the known addresses.
     world: (u128, u128),
     /// The identities the parts were computed over, by id.
-    identities: BTreeMap<u32, IdentityInfo>,
+    identities: Identities,
     /// The last compile's policies and their parts, in order, each with the
     /// first rule id it holds.
     cache: Vec<(Arc<Policy>, Arc<Contribution>, u32)>,
@@ -451,23 +455,22 @@ const MAX_CHANGED_IDENTITIES: usize = 64;
 
 /// Every identity added, removed or changed since `old`, changed ones in
 /// both versions.
-fn changed_identities<'a>(
-    old: &'a BTreeMap<u32, IdentityInfo>,
-    world: &'a World,
-) -> Vec<&'a IdentityInfo> {
-    let now: BTreeMap<u32, &IdentityInfo> = world.identities.iter().map(|i| (i.id, i)).collect();
-    let mut changed = Vec::new();
+fn changed_identities<'a>(old: &'a Identities, world: &'a World) -> Vec<&'a IdentityInfo> {
+    let now: BTreeMap<u32, &Arc<IdentityInfo>> =
+        world.identities.iter().map(|i| (i.id, i)).collect();
+    let mut changed: Vec<&IdentityInfo> = Vec::new();
     for (id, before) in old {
         match now.get(id) {
-            Some(after) if *after == before => {}
-            Some(after) => changed.extend([before, *after]),
+            // The same shared info (most of them), or an equal one.
+            Some(after) if Arc::ptr_eq(after, before) || *after == before => {}
+            Some(after) => changed.extend([&**before, &***after]),
             None => changed.push(before),
         }
     }
     changed.extend(
         now.iter()
             .filter(|(id, _)| !old.contains_key(id))
-            .map(|(_, i)| *i),
+            .map(|(_, i)| &***i),
     );
     changed
 }
@@ -690,6 +693,7 @@ impl<'a> Index<'a> {
             .identities
             .iter()
             .filter(|i| i.kind == IdentityKind::Workload)
+            .map(|i| &**i)
             .collect();
         let mut by_label: std::collections::HashMap<(&str, &str), Vec<usize>> =
             std::collections::HashMap::new();
@@ -704,7 +708,7 @@ impl<'a> Index<'a> {
         Index {
             workloads,
             by_label,
-            by_id: world.identities.iter().map(|i| (i.id, i)).collect(),
+            by_id: world.identities.iter().map(|i| (i.id, &**i)).collect(),
         }
     }
 

@@ -1,5 +1,5 @@
 //! Policy pipeline tests: YAML → model → compiled entries → the lookup model.
-use std::{collections::BTreeMap, path::PathBuf};
+use std::{collections::BTreeMap, path::PathBuf, sync::Arc};
 
 use palisade_common::{DIR_EGRESS, DIR_INGRESS, PROTO_TCP, PROTO_UDP, identity, verdict};
 
@@ -31,7 +31,7 @@ fn scenario_world() -> (World, BTreeMap<&'static str, u32>) {
     for (i, (ns, app)) in pods.iter().enumerate() {
         let id = 300 + i as u32;
         ids.insert(*app, id);
-        world.identities.push(IdentityInfo {
+        world.identities.push(Arc::new(IdentityInfo {
             id,
             name: format!("{ns}/{app}"),
             namespace: Some((*ns).into()),
@@ -43,7 +43,7 @@ fn scenario_world() -> (World, BTreeMap<&'static str, u32>) {
                 if *app == "payment-service" { 8443 } else { 443 },
             )]
             .into(),
-        });
+        }));
         world
             .addresses
             .push((format!("10.0.0.{}/32", i + 1).parse().unwrap(), id));
@@ -209,7 +209,9 @@ fn a_compile_recomputes_only_the_policies_that_changed() {
         .iter_mut()
         .find(|i| i.id == id["logging"])
         .unwrap();
-    logging.labels.insert("tier".into(), "x".into());
+    Arc::make_mut(logging)
+        .labels
+        .insert("tier".into(), "x".into());
     let recomputed = check(&mut compiler, &policies, &world);
     assert!(
         recomputed > 0 && recomputed < n - 1,
@@ -326,7 +328,7 @@ fn the_remembering_compiler_equals_a_fresh_compile_under_churn() {
                 let ns = namespaces[next(3)];
                 let app = apps[next(apps.len())];
                 let id = 1000 + step;
-                world.identities.push(IdentityInfo {
+                world.identities.push(Arc::new(IdentityInfo {
                     id,
                     name: format!("{ns}/{app}-{step}"),
                     namespace: Some(ns.into()),
@@ -337,7 +339,7 @@ fn the_remembering_compiler_equals_a_fresh_compile_under_churn() {
                     } else {
                         BTreeMap::new()
                     },
-                });
+                }));
             }
             1 if world.identities.len() > 1 => {
                 let i = next(world.identities.len());
@@ -346,7 +348,9 @@ fn the_remembering_compiler_equals_a_fresh_compile_under_churn() {
             2 => {
                 let i = next(world.identities.len());
                 let app = apps[next(apps.len())];
-                world.identities[i].labels.insert("app".into(), app.into());
+                Arc::make_mut(&mut world.identities[i])
+                    .labels
+                    .insert("app".into(), app.into());
             }
             3 => {
                 let i = next(world.identities.len());
