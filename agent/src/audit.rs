@@ -21,7 +21,7 @@ use crate::{
     datapath::ServiceTable,
     identity::reserved_name,
     inventory::Workload,
-    policy::{CompiledPolicy, compile::IdentityInfo, model::Protocol},
+    policy::{CompiledPolicy, model::Protocol},
 };
 
 /// What the enricher knows; replaced whole by the agent after each reconcile.

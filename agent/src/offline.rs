@@ -196,7 +196,12 @@ impl Model {
             ..Inputs::default()
         };
         let plan = Planner::new(Config::default(), true).plan(inputs, policies);
-        let ipcache: Vec<(IpNet, u32)> = plan.desired.ipcache.into_iter().collect();
+        let ipcache: Vec<(IpNet, u32)> = plan
+            .desired
+            .ipcache
+            .iter()
+            .map(|(n, id)| (*n, *id))
+            .collect();
         let mut model = Model {
             compiled: (*plan.desired.policy).clone(),
             identities: plan

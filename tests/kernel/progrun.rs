@@ -87,7 +87,10 @@ impl Bench {
                 ports: Vec::new(),
                 own_netns: true,
             }],
-            remote: vec![remote("client", CLIENT), remote("other", OTHER)],
+            remote: palisade::inventory::RemoteChanges::all([
+                remote("client", CLIENT),
+                remote("other", OTHER),
+            ]),
             ..Inputs::default()
         };
         let plan = Planner::new(config, false).plan(inputs, &policies);

@@ -20,7 +20,7 @@ use tracing::info;
 
 use crate::{
     config::{Config, HostTraffic},
-    datapath::{Desired, ServiceBackends, ServiceFrontend, ServiceInfo, ServiceTable},
+    datapath::{Desired, IpCache, ServiceBackends, ServiceFrontend, ServiceInfo, ServiceTable},
     identity::{Allocator, LabelKey, display_name, uses_fallback},
     inventory::{Inputs, Nodes, RemoteChanges, RemoteWorkload, Service, UnknownPods, Workload},
     policy::{
@@ -158,7 +158,7 @@ pub struct Planner {
     layers: [BTreeMap<IpNet, Vec<u32>>; LAYERS],
     /// The ipcache: broadcast blocks and the policies' CIDR blocks
     /// (`ipcache_base`), every claimed block's winner over them.
-    ipcache: BTreeMap<IpNet, u32>,
+    ipcache: IpCache,
     ipcache_base: BTreeMap<IpNet, u32>,
     /// Blocks whose winner changed since the ipcache was last brought up to date.
     touched: Vec<IpNet>,
@@ -210,7 +210,7 @@ impl Planner {
             claims: HashMap::new(),
             addresses: Addresses::default(),
             layers: Default::default(),
-            ipcache: BTreeMap::new(),
+            ipcache: IpCache::new(),
             ipcache_base: BTreeMap::new(),
             touched: Vec::new(),
             departed: HashMap::new(),
@@ -599,21 +599,21 @@ impl Planner {
             let id = self.allocator.get_or_allocate_hinted(&key, hint);
             identities.entry(id).or_insert_with(|| {
                 Arc::new(IdentityInfo {
-                id,
-                name: match &p.namespace {
-                    Some(_) => display_name(&td, &key, &p.name),
-                    None => p.name.clone(),
-                },
-                namespace: key.namespace.clone(),
-                labels: key.labels.clone(),
-                // A namespaced peer is a remote workload; policies can select it as a peer.
-                kind: if p.namespace.is_some() {
-                    IdentityKind::Workload
-                } else {
-                    IdentityKind::Peer
-                },
-                named_ports: BTreeMap::new(),
-            })
+                    id,
+                    name: match &p.namespace {
+                        Some(_) => display_name(&td, &key, &p.name),
+                        None => p.name.clone(),
+                    },
+                    namespace: key.namespace.clone(),
+                    labels: key.labels.clone(),
+                    // A namespaced peer is a remote workload; policies can select it as a peer.
+                    kind: if p.namespace.is_some() {
+                        IdentityKind::Workload
+                    } else {
+                        IdentityKind::Peer
+                    },
+                    named_ports: BTreeMap::new(),
+                })
             });
             blocks.extend(p.cidrs.iter().map(|c| (c.trunc(), id)));
         }
@@ -653,16 +653,14 @@ impl Planner {
             .collect();
         let touched = std::mem::take(&mut self.touched);
         if base != self.ipcache_base {
-            self.ipcache = base.clone();
-            self.ipcache
-                .extend(self.addresses.iter().map(|(n, id)| (*n, *id)));
+            let mut whole = base.clone();
+            whole.extend(self.addresses.iter().map(|(n, id)| (*n, *id)));
+            self.ipcache.replace(whole);
             self.ipcache_base = base;
         } else {
             for net in touched {
-                match self.addresses.get(&net).or_else(|| base.get(&net).copied()) {
-                    Some(id) => self.ipcache.insert(net, id),
-                    None => self.ipcache.remove(&net),
-                };
+                let id = self.addresses.get(&net).or_else(|| base.get(&net).copied());
+                self.ipcache.set(net, id);
             }
         }
         let services = service_table(
@@ -727,10 +725,10 @@ fn broadcast_blocks() -> impl Iterator<Item = IpNet> {
 }
 
 /// The identity the ipcache gives `ip` (longest prefix), `reserved:world` if none.
-fn identity_of(ipcache: &BTreeMap<IpNet, u32>, ip: IpAddr) -> u32 {
+fn identity_of(ipcache: &IpCache, ip: IpAddr) -> u32 {
     let host = IpNet::from(ip);
     if let Some(id) = ipcache.get(&host) {
-        return *id;
+        return id;
     }
     ipcache
         .iter()
@@ -769,7 +767,7 @@ fn service_table(
     services: &[Service],
     nodes: &Nodes,
     host_addresses: &[IpAddr],
-    ipcache: &BTreeMap<IpNet, u32>,
+    ipcache: &IpCache,
 ) -> ServiceTable {
     let mut table = ServiceTable::default();
     let node_ips: BTreeSet<IpAddr> = nodes

@@ -46,6 +46,8 @@ pub struct KernelDatapath {
     slots: [SlotContents; 2],
     cgroups: BTreeMap<u64, u32>,
     ipcache: BTreeMap<IpNet, u32>,
+    /// The version of the desired ipcache `ipcache` was last brought to.
+    ipcache_written: super::Stamp,
     own_addresses: BTreeSet<(u64, IpAddr)>,
     services: BTreeMap<ServiceFrontend, ServiceBackends>,
     options: u32,
@@ -598,6 +600,7 @@ impl KernelDatapath {
             slots: Default::default(),
             cgroups: BTreeMap::new(),
             ipcache: BTreeMap::new(),
+            ipcache_written: super::Stamp::default(),
             own_addresses: BTreeSet::new(),
             services: BTreeMap::new(),
             options: 0,
@@ -1091,7 +1094,8 @@ impl KernelDatapath {
             }
             self.own_addresses = desired.own_addresses.clone();
         }
-        let (ip_up, ip_del) = diff(&self.ipcache, &desired.ipcache);
+        let (ip_up, ip_del) =
+            super::ipcache_diff(&self.ipcache, self.ipcache_written, &desired.ipcache);
         let (cg_up, cg_del) = diff(&self.cgroups, &desired.cgroups);
         report.ipcache_updates = ip_up.len() + ip_del.len();
         report.cgroup_updates = cg_up.len() + cg_del.len();
@@ -1155,6 +1159,7 @@ impl KernelDatapath {
                 self.ipcache.remove(net);
             }
         }
+        self.ipcache_written = desired.ipcache.stamp();
         Ok(())
     }
 }

@@ -14,6 +14,7 @@
 //! 3. stale ipcache and cgroup entries are deleted last.
 pub mod bpfsys;
 pub mod fake;
+pub mod ipcache;
 pub mod kernel;
 
 use std::{
@@ -24,6 +25,7 @@ use std::{
 
 use ipnet::IpNet;
 
+pub use self::ipcache::{IpCache, Stamp};
 use crate::policy::{CompiledPolicy, model::Protocol};
 
 /// Everything the kernel maps should contain.
@@ -32,8 +34,8 @@ pub struct Desired {
     /// cgroup id → identity.
     pub cgroups: BTreeMap<u64, u32>,
     /// Address block → identity (workload IPs, configured peers, policy CIDRs,
-    /// the node's addresses).
-    pub ipcache: BTreeMap<IpNet, u32>,
+    /// the node's addresses), with what changed since each version.
+    pub ipcache: IpCache,
     /// (cgroup id, address) of each workload's own addresses; `::1`
     /// (`LOOPBACK_MARK`) marks a workload with its own network namespace.
     pub own_addresses: BTreeSet<(u64, IpAddr)>,
@@ -323,6 +325,39 @@ pub fn decode_audit_event(bytes: &[u8]) -> Option<palisade_common::AuditEvent> {
 }
 
 /// Entries to write and delete to go from `current` to `desired`.
+/// The ipcache writes (upserts, deletes) that bring `current` — a
+/// datapath's copy of what it wrote, which was `desired` at `written` — to
+/// `desired`: the blocks logged since `written` when the log reaches back
+/// that far, else every entry compared.
+pub fn ipcache_diff(
+    current: &BTreeMap<IpNet, u32>,
+    written: ipcache::Stamp,
+    desired: &IpCache,
+) -> (Vec<(IpNet, u32)>, Vec<IpNet>) {
+    let Some(nets) = desired.changes_since(written) else {
+        let upserts = desired
+            .iter()
+            .filter(|(k, v)| current.get(k) != Some(v))
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        let deletes = current
+            .keys()
+            .filter(|k| desired.get(k).is_none())
+            .copied()
+            .collect();
+        return (upserts, deletes);
+    };
+    let (mut upserts, mut deletes) = (Vec::new(), Vec::new());
+    for net in nets {
+        match desired.get(&net) {
+            Some(id) if current.get(&net) != Some(&id) => upserts.push((net, id)),
+            None if current.contains_key(&net) => deletes.push(net),
+            _ => {}
+        }
+    }
+    (upserts, deletes)
+}
+
 pub fn diff<K: Ord + Copy, V: PartialEq + Copy>(
     current: &BTreeMap<K, V>,
     desired: &BTreeMap<K, V>,

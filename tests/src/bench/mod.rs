@@ -12,6 +12,7 @@ pub mod chart;
 pub mod noop;
 pub mod report;
 pub mod rules;
+pub mod scale;
 
 use std::{
     net::Ipv4Addr,
@@ -50,7 +51,7 @@ pub struct Options {
     pub flood: u32,
     pub out_dir: PathBuf,
     /// Run only these figures (`throughput`, `programs`, `apply`, `audit`,
-    /// `agent`); empty: all.
+    /// `agent`, `scale`); empty: all.
     pub only: Vec<String>,
 }
 
@@ -281,6 +282,9 @@ pub fn run(opts: Options) -> anyhow::Result<Value> {
     }
     if bench.opts.wants("agent") {
         report["agent"] = figure_agent(&bench, starts)?;
+    }
+    if bench.opts.wants("scale") {
+        report["scale"] = scale::figure(&bench.world.cgroup_root, bench.opts.quick)?;
     }
     report["targets"] = report::targets(&report);
     report::write(&bench.opts.out_dir, &report)?;

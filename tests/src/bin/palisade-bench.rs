@@ -19,7 +19,7 @@ fn main() -> anyhow::Result<()> {
             ),
             _ => {
                 eprintln!(
-                    "usage: palisade-bench [--quick] [--out DIR] [--only throughput,programs,apply,audit,agent]"
+                    "usage: palisade-bench [--quick] [--out DIR] [--only throughput,programs,apply,audit,agent,scale]"
                 );
                 std::process::exit(64);
             }
