@@ -36,7 +36,8 @@ pub enum Observed {
 }
 
 pub trait Source {
-    /// The workloads, peers, Services and nodes now.
+    /// The workloads, peers, Services and nodes now; remote workloads as
+    /// what changed since the last `Ready` (each `Ready` must be planned).
     fn observe(&mut self) -> Observed;
     /// Changes whenever the source's own policy objects change (0: none).
     fn policy_epoch(&self) -> u64 {
