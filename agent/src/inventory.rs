@@ -121,44 +121,95 @@ pub struct Nodes {
     pub remote: BTreeSet<IpAddr>,
 }
 
-/// Workloads elsewhere, as changes: a source that keeps them between rounds
-/// (the Kubernetes watch) sends what changed since its last round, so a pod
-/// event costs that pod and not the cluster; a source that lists (a world
-/// file, a test) sends everything with `reset`.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct RemoteChanges {
+/// A kind of fact as changes: a source that keeps it between rounds (the
+/// Kubernetes watch) sends what changed since its last round, so a pod or
+/// Service event costs that object and not the cluster; a source that lists
+/// (a world file, a test) sends everything with `reset`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Changes<T> {
     /// `changes` is everything: what the planner holds is replaced.
     pub reset: bool,
-    /// The source's key (a pod's `namespace/name`) → the workload now;
-    /// `None`: gone.
-    pub changes: Vec<(String, Option<RemoteWorkload>)>,
+    /// The object's key (`namespace/name`) → the object now; `None`: gone.
+    pub changes: Vec<(String, Option<T>)>,
 }
 
-impl RemoteChanges {
-    /// Every workload, replacing whatever was known (keyed by
-    /// `namespace/name`, and by position where a name repeats).
-    pub fn all(workloads: impl IntoIterator<Item = RemoteWorkload>) -> RemoteChanges {
+impl<T> Default for Changes<T> {
+    fn default() -> Self {
+        Changes {
+            reset: false,
+            changes: Vec::new(),
+        }
+    }
+}
+
+/// Objects with a `namespace/name` key.
+pub trait Keyed {
+    fn key(&self) -> String;
+}
+
+impl Keyed for RemoteWorkload {
+    fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+impl Keyed for Service {
+    fn key(&self) -> String {
+        self.qualified_name()
+    }
+}
+
+impl<T: Keyed> Changes<T> {
+    /// Every object, replacing whatever was known (keyed by
+    /// `namespace/name`, and by position where a key repeats).
+    pub fn all(objects: impl IntoIterator<Item = T>) -> Changes<T> {
         let mut seen = std::collections::HashSet::new();
-        let changes = workloads
+        let changes = objects
             .into_iter()
             .enumerate()
-            .map(|(i, w)| {
-                let mut key = format!("{}/{}", w.namespace, w.name);
+            .map(|(i, o)| {
+                let mut key = o.key();
                 if !seen.insert(key.clone()) {
                     key = format!("{key}#{i}");
                 }
-                (key, Some(w))
+                (key, Some(o))
             })
             .collect();
-        RemoteChanges {
+        Changes {
             reset: true,
             changes,
         }
     }
+}
 
-    /// The workloads added or changed.
-    pub fn workloads(&self) -> impl Iterator<Item = &RemoteWorkload> {
-        self.changes.iter().filter_map(|(_, w)| w.as_ref())
+impl<T: Keyed + Clone + PartialEq> Changes<T> {
+    /// What changed from `sent` (what the planner holds) to `now`; `sent`
+    /// becomes `now`. A source that computes its objects whole each round
+    /// (the host's configured Services) sends only the difference.
+    pub fn between(sent: &mut BTreeMap<String, T>, now: Vec<T>) -> Changes<T> {
+        let now: BTreeMap<String, T> = now.into_iter().map(|o| (o.key(), o)).collect();
+        let mut changes: Vec<(String, Option<T>)> = sent
+            .keys()
+            .filter(|k| !now.contains_key(*k))
+            .map(|k| (k.clone(), None))
+            .collect();
+        changes.extend(
+            now.iter()
+                .filter(|(k, o)| sent.get(*k) != Some(*o))
+                .map(|(k, o)| (k.clone(), Some(o.clone()))),
+        );
+        *sent = now;
+        Changes {
+            reset: false,
+            changes,
+        }
+    }
+}
+
+impl<T> Changes<T> {
+    /// The objects added or changed.
+    pub fn objects(&self) -> impl Iterator<Item = &T> {
+        self.changes.iter().filter_map(|(_, o)| o.as_ref())
     }
 
     /// Nothing changed.
@@ -166,6 +217,9 @@ impl RemoteChanges {
         !self.reset && self.changes.is_empty()
     }
 }
+
+/// Workloads elsewhere, as changes.
+pub type RemoteChanges = Changes<RemoteWorkload>;
 
 /// What the planner gets from the sources in one round.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -182,7 +236,8 @@ pub struct Inputs {
     pub namespaces: BTreeMap<String, Labels>,
     /// Pods scheduled to this node (`spec.nodeName`) with no cgroup found.
     pub local_without_cgroup: usize,
-    pub services: Vec<Service>,
+    /// Services, as changes since the last round.
+    pub services: Changes<Service>,
     pub nodes: Nodes,
 }
 

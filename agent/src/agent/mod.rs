@@ -6,6 +6,7 @@
 //! Start, reload and change are the same path.
 pub mod planner;
 pub mod policies;
+mod services;
 pub mod source;
 
 use std::{
@@ -205,8 +206,9 @@ impl<D: Datapath, S: Source> Agent<D, S> {
         // round whose plan changed nothing, give that plan again. Skipping
         // it keeps an idle agent with a large policy idle.
         let version = self.policies.version();
-        // Remote workloads come as changes, consumed by the plan.
+        // Remote workloads and Services come as changes, consumed by the plan.
         let same = input.remote.is_empty()
+            && input.services.is_empty()
             && self
                 .last_inputs
                 .as_ref()
@@ -723,6 +725,7 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
                 node_addresses: crate::netlink::NodeAddresses::new(address_wakeup.clone()),
                 address_wakeup,
                 pods: Default::default(),
+                services: Default::default(),
             };
             drive(config, node, root, source, planner, policies).await
         }
@@ -736,6 +739,7 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
                 node_addresses: crate::netlink::NodeAddresses::new(address_wakeup.clone()),
                 watch: cgroup_watch(),
                 address_wakeup,
+                sent_services: Default::default(),
             };
             drive(config, node, root, source, planner, policies).await
         }

@@ -19,10 +19,13 @@ use palisade_common::identity as reserved;
 use tracing::info;
 
 use crate::{
+    agent::services::{Around, ServicePlan},
     config::{Config, HostTraffic},
-    datapath::{Desired, IpCache, ServiceBackends, ServiceFrontend, ServiceInfo, ServiceTable},
+    datapath::{Desired, IpCache},
     identity::{Allocator, LabelKey, display_name, uses_fallback},
-    inventory::{Inputs, Nodes, RemoteChanges, RemoteWorkload, Service, UnknownPods, Workload},
+    inventory::{
+        Changes, Inputs, Nodes, RemoteChanges, RemoteWorkload, Service, UnknownPods, Workload,
+    },
     policy::{
         self, Addresses, PolicySet,
         compile::{Identities, IdentityInfo, IdentityKind},
@@ -168,6 +171,7 @@ pub struct Planner {
     /// Local workloads held `reserved:pending` until the instant, because
     /// their address belonged to another identity moments ago.
     reuse_holds: BTreeMap<u64, Instant>,
+    services: ServicePlan,
 }
 
 /// How long a local pod whose address belonged to a pod of another identity
@@ -215,6 +219,7 @@ impl Planner {
             touched: Vec::new(),
             departed: HashMap::new(),
             reuse_holds: BTreeMap::new(),
+            services: ServicePlan::default(),
             compiler: policy::Compiler::default(),
         }
     }
@@ -499,7 +504,7 @@ impl Planner {
             own_addresses,
             namespaces,
             policies,
-            (&services_input, &nodes, &workloads),
+            (services_input, &nodes, &workloads),
         );
         let in_use: BTreeSet<u32> = self.previous.keys().copied().collect();
         self.allocator.release_unused(&in_use);
@@ -629,7 +634,7 @@ impl Planner {
         mut own_addresses: BTreeSet<(u64, IpAddr)>,
         namespaces: BTreeMap<String, Labels>,
         policies: &PolicySet,
-        (services_input, nodes, workloads): (&[Service], &Nodes, &[Workload]),
+        (services_input, nodes, workloads): (Changes<Service>, &Nodes, &[Workload]),
     ) -> Desired {
         // Cgroups not classified yet are `reserved:pending` in the kernel
         // (an entry missing from the cgroup map reads as pending), held
@@ -651,8 +656,10 @@ impl Planner {
             .map(|net| (net, reserved::BROADCAST))
             .chain(compiled.cidr_identities.iter().copied())
             .collect();
-        let touched = std::mem::take(&mut self.touched);
-        if base != self.ipcache_base {
+        let touched_now = std::mem::take(&mut self.touched);
+        let touched = touched_now.iter().copied();
+        let rebuilt = base != self.ipcache_base;
+        if rebuilt {
             let mut whole = base.clone();
             whole.extend(self.addresses.iter().map(|(n, id)| (*n, *id)));
             self.ipcache.replace(whole);
@@ -663,13 +670,33 @@ impl Planner {
                 self.ipcache.set(net, id);
             }
         }
-        let services = service_table(
+        let node_ips = nodes
+            .local
+            .iter()
+            .chain(&nodes.remote)
+            .chain(&self.config.host_addresses)
+            .copied()
+            .collect();
+        let owners = workloads
+            .iter()
+            .flat_map(|w| w.ips.iter().map(|ip| (*ip, w.cgroup_id)))
+            .collect();
+        // A block wider than one address moved (a peer, the node's
+        // loopback): any endpoint's identity may have changed.
+        let wide = touched_now
+            .iter()
+            .any(|n| n.prefix_len() != n.max_prefix_len());
+        let (services, own) = self.services.update(
             services_input,
-            nodes,
-            &self.config.host_addresses,
+            Around {
+                touched: &touched_now,
+                everything: rebuilt || wide,
+                node_ips,
+                owners,
+            },
             &self.ipcache,
         );
-        own_addresses.extend(own_services(services_input, workloads));
+        own_addresses.extend(own);
         self.previous = identities;
         self.previous_cgroups = cgroups.clone();
         Desired {
@@ -677,7 +704,7 @@ impl Planner {
             ipcache: self.ipcache.clone(),
             own_addresses,
             policy: Arc::new(compiled),
-            services: Arc::new(services),
+            services,
             host_always_allowed: self.host_traffic == HostTraffic::Allow,
         }
     }
@@ -722,100 +749,6 @@ fn broadcast_blocks() -> impl Iterator<Item = IpNet> {
     ["255.255.255.255/32", "224.0.0.0/4", "ff00::/8"]
         .into_iter()
         .filter_map(|n| n.parse().ok())
-}
-
-/// The identity the ipcache gives `ip` (longest prefix), `reserved:world` if none.
-fn identity_of(ipcache: &IpCache, ip: IpAddr) -> u32 {
-    let host = IpNet::from(ip);
-    if let Some(id) = ipcache.get(&host) {
-        return id;
-    }
-    ipcache
-        .iter()
-        .filter(|(net, _)| net.contains(&ip))
-        .max_by_key(|(net, _)| net.prefix_len())
-        .map_or(reserved::WORLD, |(_, id)| *id)
-}
-
-/// (cgroup, Service address) for every Service whose endpoints are all
-/// addresses of one workload: connecting to it is that workload reaching
-/// itself (kube-proxy's hairpin), which passes like a connection to its own
-/// address. A Service with other endpoints too is judged by them all.
-fn own_services(services: &[Service], workloads: &[Workload]) -> Vec<(u64, IpAddr)> {
-    let owner: std::collections::HashMap<IpAddr, u64> = workloads
-        .iter()
-        .flat_map(|w| w.ips.iter().map(|ip| (*ip, w.cgroup_id)))
-        .collect();
-    let mut out = Vec::new();
-    for svc in services {
-        let owners: BTreeSet<Option<u64>> = svc
-            .endpoints
-            .iter()
-            .map(|e| owner.get(&e.ip).copied())
-            .collect();
-        if let [Some(cgroup)] = owners.into_iter().collect::<Vec<_>>()[..] {
-            out.extend(svc.addresses.iter().map(|a| (cgroup, *a)));
-        }
-    }
-    out
-}
-
-/// Service frontends (addresses × ports, and node addresses × node ports)
-/// → the distinct (identity, target port) pairs of their ready endpoints.
-/// Each (Service, port) gets its own id, which names it in audit events.
-fn service_table(
-    services: &[Service],
-    nodes: &Nodes,
-    host_addresses: &[IpAddr],
-    ipcache: &IpCache,
-) -> ServiceTable {
-    let mut table = ServiceTable::default();
-    let node_ips: BTreeSet<IpAddr> = nodes
-        .local
-        .iter()
-        .chain(&nodes.remote)
-        .chain(host_addresses)
-        .copied()
-        .collect();
-    for svc in services {
-        for port in &svc.ports {
-            let backends: BTreeSet<(u32, u16)> = svc
-                .endpoints
-                .iter()
-                .filter_map(|e| {
-                    let target = e.ports.get(&(port.protocol, port.name.clone()))?;
-                    Some((identity_of(ipcache, e.ip), *target))
-                })
-                .collect();
-            table.infos.push(ServiceInfo {
-                name: svc.qualified_name(),
-                port: port.port,
-                protocol: port.protocol,
-                backends: backends.iter().copied().collect(),
-            });
-            let service_id = u32::try_from(table.infos.len()).unwrap_or(u32::MAX);
-            let value = ServiceBackends {
-                service_id,
-                backends: backends.into_iter().collect(),
-            };
-            let frontends = svc.addresses.iter().map(|a| (*a, port.port)).chain(
-                port.node_port
-                    .into_iter()
-                    .flat_map(|np| node_ips.iter().map(move |a| (*a, np))),
-            );
-            for (addr, p) in frontends {
-                table.frontends.insert(
-                    ServiceFrontend {
-                        addr,
-                        port: p,
-                        protocol: port.protocol.number(),
-                    },
-                    value.clone(),
-                );
-            }
-        }
-    }
-    table
 }
 
 /// Names a reserved identity for audit events and status.
@@ -1003,6 +936,8 @@ mod tests {
         BTreeMap<u64, Canon>,
         BTreeMap<(u8, u8, Canon, Canon, u16, u8), (u32, Option<policy::compile::RuleRef>)>,
         BTreeMap<(u8, Canon), (Option<policy::compile::RuleRef>, u32)>,
+        BTreeMap<crate::datapath::ServiceFrontend, (String, u16, Vec<(Canon, u16)>)>,
+        BTreeSet<(u64, IpAddr)>,
     ) {
         let canon = |id: u32| -> Canon {
             match obs.identities.get(&id) {
@@ -1053,6 +988,27 @@ mod tests {
                     )
                 })
                 .collect(),
+            obs.desired
+                .services
+                .frontends
+                .iter()
+                .map(|(f, b)| {
+                    let info = obs
+                        .desired
+                        .services
+                        .info(b.service_id)
+                        .cloned()
+                        .unwrap_or_default();
+                    let mut backends: Vec<(Canon, u16)> = b
+                        .backends
+                        .iter()
+                        .map(|(id, port)| (canon(*id), *port))
+                        .collect();
+                    backends.sort();
+                    (*f, (info.name, info.port, backends))
+                })
+                .collect(),
+            obs.desired.own_addresses.clone(),
         )
     }
 
@@ -1089,10 +1045,13 @@ mod tests {
         };
         let mut pods: BTreeMap<String, RemoteWorkload> = BTreeMap::new();
         let mut locals = vec![workload(7, "a"), workload(8, "b")];
+        let mut services: BTreeMap<String, Service> = BTreeMap::new();
+        let mut nodes = Nodes::default();
         let mut planner = Planner::new(config.clone(), false);
         let ip = |i: usize| -> IpAddr { format!("10.9.0.{i}").parse().unwrap() };
         for step in 0..400 {
             let mut change = Vec::new();
+            let mut service_change = Vec::new();
             match next(6) {
                 0 | 1 => {
                     let free: Vec<usize> = (1..60)
@@ -1132,6 +1091,42 @@ mod tests {
                         change.push((key.clone(), Some(w.clone())));
                     }
                 }
+                4 if next(2) == 0 => {
+                    // A Service whose endpoints are a few of the addresses
+                    // (pods', a local workload's, or nobody's), sometimes
+                    // with a node port; or one deleted.
+                    let name = format!("s{}", next(6));
+                    let svc_change = if next(4) == 0 {
+                        services.remove(&name).map(|_| None)
+                    } else {
+                        let endpoints = (0..next(4))
+                            .map(|_| crate::inventory::Endpoint {
+                                ip: ip(next(60) + 1),
+                                ports: [((Protocol::Tcp, "http".to_owned()), 8080)].into(),
+                            })
+                            .collect();
+                        let svc = Service {
+                            namespace: "prod".into(),
+                            name: name.clone(),
+                            addresses: vec![format!("10.96.0.{}", next(6) + 1).parse().unwrap()],
+                            ports: vec![crate::inventory::ServicePort {
+                                name: "http".into(),
+                                protocol: Protocol::Tcp,
+                                port: 80,
+                                node_port: (next(2) == 0).then_some(30080),
+                            }],
+                            endpoints,
+                        };
+                        services.insert(name.clone(), svc.clone());
+                        Some(Some(svc))
+                    };
+                    if let Some(s) = svc_change {
+                        service_change.push((format!("prod/{name}"), s));
+                    }
+                    if next(3) == 0 {
+                        nodes.local = [ip(next(60) + 1)].into();
+                    }
+                }
                 4 => {
                     let l = &mut locals[next(2)];
                     l.labels
@@ -1147,27 +1142,39 @@ mod tests {
                     }
                 }
             }
-            let inputs = |remote| Inputs {
+            let inputs = |remote, services| Inputs {
                 workloads: locals.clone(),
                 remote,
+                services,
+                nodes: nodes.clone(),
                 ..Inputs::default()
             };
             planner.plan(
-                inputs(RemoteChanges {
-                    reset: false,
-                    changes: change,
-                }),
+                inputs(
+                    RemoteChanges {
+                        reset: false,
+                        changes: change,
+                    },
+                    Changes {
+                        reset: false,
+                        changes: service_change,
+                    },
+                ),
                 &policies,
             );
             // A quiet round: identities kept one round for a relabelled
             // cgroup are gone, as they never were for a fresh planner.
-            let kept = planner.plan(inputs(RemoteChanges::default()), &policies);
+            let kept = planner.plan(inputs(Changes::default(), Changes::default()), &policies);
             let fresh = Planner::new(config.clone(), false).plan(
-                inputs(RemoteChanges::all(pods.values().cloned())),
+                inputs(
+                    RemoteChanges::all(pods.values().cloned()),
+                    Changes::all(services.values().cloned()),
+                ),
                 &policies,
             );
             assert_eq!(canonical(&kept), canonical(&fresh), "step {step}");
         }
         assert!(pods.len() > 10, "the churn kept a world to compare");
+        assert!(!services.is_empty());
     }
 }

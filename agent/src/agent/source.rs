@@ -15,9 +15,10 @@ use crate::{
     cgroupwatch::CgroupWatch,
     config::Config,
     discovery::{self, Classifier},
-    inventory::{Inputs, Nodes, Workload},
+    inventory::{Changes, Inputs, Nodes, Service, Workload},
     kubernetes::{
         Cluster,
+        endpoints::ServiceIndex,
         pods::{PodChanges, PodIndex},
     },
     policy::model::Policy,
@@ -79,6 +80,8 @@ pub struct HostSource {
     /// Wakes the loop when a workload's or the node's addresses change
     /// (the sockets of `addresses` and `node_addresses` are in it).
     pub address_wakeup: Option<crate::netlink::AddressWakeup>,
+    /// The configured Services as last sent.
+    pub sent_services: BTreeMap<String, Service>,
 }
 
 /// Resolves when the cgroup tree or a watched address changes; never
@@ -117,7 +120,10 @@ impl Source for HostSource {
         match found {
             Ok((workloads, held)) => Observed::Ready(Inputs {
                 held,
-                services: crate::inventory::resolve_services(&self.config.services, &workloads),
+                services: Changes::between(
+                    &mut self.sent_services,
+                    crate::inventory::resolve_services(&self.config.services, &workloads),
+                ),
                 nodes: Nodes {
                     local: self.node_addresses.get(),
                     remote: BTreeSet::new(),
@@ -197,8 +203,10 @@ pub struct KubernetesSource {
     pub node_addresses: crate::netlink::NodeAddresses,
     /// Wakes the loop when the node's addresses change.
     pub address_wakeup: Option<crate::netlink::AddressWakeup>,
-    /// The pods as last sent; a round sends the planner what changed.
+    /// The pods and Services as last sent; a round sends the planner what
+    /// changed.
     pub pods: PodIndex,
+    pub services: ServiceIndex,
 }
 
 impl Source for KubernetesSource {
@@ -250,9 +258,12 @@ impl Source for KubernetesSource {
             .map(|n| (n.name_any(), n.labels().clone()))
             .collect();
         hold_root(&self.root, &mut input.held);
-        input.services = crate::kubernetes::services(
-            &self.cluster.services.state(),
-            &self.cluster.endpoint_slices.state(),
+        let (services_changed, slices_changed) = self.cluster.take_service_changes();
+        input.services = self.services.update(
+            services_changed,
+            slices_changed,
+            &self.cluster.services,
+            &self.cluster.endpoint_slices,
         );
         input.nodes = crate::kubernetes::nodes(&self.node, &self.cluster.nodes.state());
         input.nodes.local.extend(self.node_addresses.get());

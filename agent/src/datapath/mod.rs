@@ -72,15 +72,30 @@ pub struct ServiceInfo {
     pub backends: Vec<(u32, u16)>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq)]
+/// A vacant id (its Service or port is gone; handed out again).
+impl Default for ServiceInfo {
+    fn default() -> Self {
+        ServiceInfo {
+            name: String::new(),
+            port: 0,
+            protocol: Protocol::Tcp,
+            backends: Vec::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServiceTable {
     pub frontends: BTreeMap<ServiceFrontend, ServiceBackends>,
     pub infos: Vec<ServiceInfo>,
 }
 
 impl ServiceTable {
+    /// The (Service, port) `id` names; `None` for a vacant id.
     pub fn info(&self, id: u32) -> Option<&ServiceInfo> {
-        self.infos.get(usize::try_from(id).ok()?.checked_sub(1)?)
+        self.infos
+            .get(usize::try_from(id).ok()?.checked_sub(1)?)
+            .filter(|i| !i.name.is_empty())
     }
 }
 

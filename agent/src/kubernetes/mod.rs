@@ -15,6 +15,7 @@
 //! - [`crd`] holds the CustomResourceDefinitions, generated from Rust types.
 pub mod cgroup;
 pub mod crd;
+pub mod endpoints;
 pub mod pods;
 
 use std::{
@@ -132,8 +133,11 @@ pub struct Cluster {
     policy_epoch: Arc<AtomicU64>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     parsed: Mutex<ParseCache>,
-    /// Pods changed since the agent last looked (see [`pods::PodIndex`]).
+    /// Pods, Services and EndpointSlices changed since the agent last
+    /// looked (see [`pods::PodIndex`], [`endpoints::ServiceIndex`]).
     pod_changes: Arc<Mutex<Changed>>,
+    service_changes: Arc<Mutex<Changed>>,
+    slice_changes: Arc<Mutex<Changed>>,
 }
 
 /// Origin → (resourceVersion, what validating that version gave).
@@ -154,6 +158,14 @@ pub struct Changed {
     pub relisted: bool,
     /// (namespace, name) of objects added, modified or deleted.
     pub keys: std::collections::HashSet<(String, String)>,
+}
+
+fn take(changed: &Mutex<Changed>) -> Changed {
+    let mut changed = match changed.lock() {
+        Ok(c) => c,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    std::mem::take(&mut *changed)
 }
 
 /// Runs `api`'s watcher into a reflector store until the task is aborted;
@@ -249,6 +261,8 @@ impl Cluster {
         let policy_epoch = Arc::new(AtomicU64::new(0));
         let mut tasks = Vec::new();
         let pod_changes = Arc::new(Mutex::new(Changed::default()));
+        let service_changes = Arc::new(Mutex::new(Changed::default()));
+        let slice_changes = Arc::new(Mutex::new(Changed::default()));
         let (s, c) = (&synced, &changed);
         let plain = || (errors.clone(), None);
         let policy = || (errors.clone(), Some(policy_epoch.clone()));
@@ -317,7 +331,7 @@ impl Cluster {
             s.clone(),
             c.clone(),
             plain(),
-            None,
+            Some(service_changes.clone()),
         );
         tasks.push(t);
         let (endpoint_slices, t) = follow(
@@ -327,7 +341,7 @@ impl Cluster {
             s.clone(),
             c.clone(),
             plain(),
-            None,
+            Some(slice_changes.clone()),
         );
         tasks.push(t);
         let (nodes, t) = follow(
@@ -365,17 +379,20 @@ impl Cluster {
             tasks,
             parsed: Mutex::new(HashMap::new()),
             pod_changes,
+            service_changes,
+            slice_changes,
         }
     }
 
     /// The pods that changed since the last call (and whether the pods
     /// were listed again meanwhile).
     pub fn take_pod_changes(&self) -> Changed {
-        let mut changed = match self.pod_changes.lock() {
-            Ok(c) => c,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        std::mem::take(&mut *changed)
+        take(&self.pod_changes)
+    }
+
+    /// The Services and the EndpointSlices that changed since the last call.
+    pub fn take_service_changes(&self) -> (Changed, Changed) {
+        (take(&self.service_changes), take(&self.slice_changes))
     }
 
     /// Every kind listed at least once. Until then the agent does not touch
@@ -768,6 +785,8 @@ pub fn services(services: &[Arc<KubeService>], slices: &[Arc<EndpointSlice>]) ->
         if addresses.is_empty() && ports.iter().all(|p| p.node_port.is_none()) {
             continue; // headless: nothing addresses the Service itself
         }
+        // In one order whatever order the slices are listed in.
+        endpoints.sort_by(|a, b| (a.ip, &a.ports).cmp(&(b.ip, &b.ports)));
         out.push(Service {
             namespace,
             name,

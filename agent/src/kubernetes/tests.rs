@@ -129,7 +129,7 @@ fn local_cgroups_become_pods_host_network_is_host_unknown_is_held() {
         "a QoS slice is not a pod: unmanaged (not left pending)"
     );
     // Remote: every other running pod with an address, hostNetwork excluded.
-    let mut remote: Vec<&str> = got.remote.workloads().map(|r| r.name.as_str()).collect();
+    let mut remote: Vec<&str> = got.remote.objects().map(|r| r.name.as_str()).collect();
     remote.sort();
     assert_eq!(
         remote,
@@ -186,7 +186,7 @@ fn a_recycled_address_belongs_to_the_new_pod_not_the_terminating_one() {
             .map(|w| w.name.as_str())
             .chain(
                 got.remote
-                    .workloads()
+                    .objects()
                     .filter(|r| r.ips.contains(&reused))
                     .map(|r| r.name.as_str()),
             )
@@ -209,13 +209,13 @@ fn a_recycled_address_belongs_to_the_new_pod_not_the_terminating_one() {
     );
     let owner: Vec<&str> = got
         .remote
-        .workloads()
+        .objects()
         .filter(|r| r.ips.contains(&reused))
         .map(|r| r.name.as_str())
         .collect();
     assert_eq!(owner, ["intruder"]);
     // The old pod keeps its other addresses.
-    assert!(got.remote.workloads().any(
+    assert!(got.remote.objects().any(
         |r| r.name == payment.name && r.ips == ["fd00:10:244:1::c".parse::<IpAddr>().unwrap()]
     ));
 }
@@ -244,6 +244,8 @@ fn cluster_with(nps: Vec<NetworkPolicy>, pps: Vec<crate::policy::api::PalisadePo
         services: store(Vec::new()),
         endpoint_slices: store(Vec::new()),
         pod_changes: Default::default(),
+        service_changes: Default::default(),
+        slice_changes: Default::default(),
         nodes: store(Vec::new()),
         synced: Arc::new(Default::default()),
         changed: Arc::new(tokio::sync::Notify::new()),
@@ -502,4 +504,103 @@ fn the_pod_index_fed_changes_equals_inputs_from_the_whole_list() {
         );
     }
     assert!(pods.len() > 10 && cgroups.len() > 3);
+}
+
+/// The Service index fed the Services and slices that changed sends, round
+/// after round, exactly what [`services`] computes from the whole lists:
+/// Services made, changed (ports, node ports, headless) and deleted,
+/// slices moved between Services, their endpoints ready or not, re-lists.
+#[test]
+fn the_service_index_fed_changes_equals_services_from_the_whole_lists() {
+    use endpoints::ServiceIndex;
+    let mut seed = 0x51ce_u64;
+    let mut next = |n: usize| {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((seed >> 33) as usize) % n
+    };
+    let (svc_store, mut svc_writer) = reflector::store::<KubeService>();
+    let (slice_store, mut slice_writer) = reflector::store::<EndpointSlice>();
+    for w in [watcher::Event::Init, watcher::Event::InitDone] {
+        svc_writer.apply_watcher_event(&w);
+    }
+    for w in [watcher::Event::Init, watcher::Event::InitDone] {
+        slice_writer.apply_watcher_event(&w);
+    }
+    let mut index = ServiceIndex::default();
+    let mut held: HashMap<String, Service> = HashMap::new();
+    for step in 0..500 {
+        let (mut svc_changed, mut slice_changed) = (Changed::default(), Changed::default());
+        let name = format!("s{}", next(5));
+        match next(5) {
+            0 | 1 => {
+                let svc: KubeService = serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": name, "namespace": "shop"},
+                    "spec": {
+                        "clusterIP": if next(5) == 0 { "None".to_owned() } else { format!("10.96.0.{}", next(9) + 1) },
+                        "ports": [{"name": "http", "port": 80 + next(2) as i32,
+                                   "nodePort": if next(3) == 0 { Some(30080) } else { None }}]
+                    }
+                }))
+                .unwrap();
+                svc_writer.apply_watcher_event(&watcher::Event::Apply(svc));
+                svc_changed.keys.insert(("shop".into(), name));
+            }
+            2 => {
+                let svc: KubeService = serde_json::from_value(
+                    serde_json::json!({"metadata": {"name": name, "namespace": "shop"}}),
+                )
+                .unwrap();
+                svc_writer.apply_watcher_event(&watcher::Event::Delete(svc));
+                svc_changed.keys.insert(("shop".into(), name));
+            }
+            3 => {
+                let slice_name = format!("x{}", next(6));
+                let endpoints: Vec<serde_json::Value> = (0..next(4))
+                    .map(|_| {
+                        serde_json::json!({
+                            "addresses": [format!("10.244.0.{}", next(20) + 1)],
+                            "conditions": {"ready": next(4) != 0}
+                        })
+                    })
+                    .collect();
+                let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": slice_name, "namespace": "shop",
+                                 "labels": {"kubernetes.io/service-name": name}},
+                    "addressType": "IPv4",
+                    "ports": [{"name": "http", "port": 8080 + next(2) as i32, "protocol": "TCP"}],
+                    "endpoints": endpoints
+                }))
+                .unwrap();
+                if next(4) == 0 {
+                    slice_writer.apply_watcher_event(&watcher::Event::Delete(slice));
+                } else {
+                    slice_writer.apply_watcher_event(&watcher::Event::Apply(slice));
+                }
+                slice_changed.keys.insert(("shop".into(), slice_name));
+            }
+            _ => {
+                if next(10) == 0 {
+                    slice_changed.relisted = true;
+                }
+            }
+        }
+        let got = index.update(svc_changed, slice_changed, &svc_store, &slice_store);
+        if got.reset {
+            held.clear();
+        }
+        for (key, s) in got.changes {
+            match s {
+                Some(s) => held.insert(key, s),
+                None => held.remove(&key),
+            };
+        }
+        let want: HashMap<String, Service> = services(&svc_store.state(), &slice_store.state())
+            .into_iter()
+            .map(|s| (s.qualified_name(), s))
+            .collect();
+        assert_eq!(held, want, "step {step}");
+    }
+    assert!(!svc_store.state().is_empty() && !slice_store.state().is_empty());
 }
