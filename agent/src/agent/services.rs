@@ -240,14 +240,7 @@ impl ServicePlan {
 }
 
 /// The identity the ipcache gives `ip` (longest prefix), `reserved:world`
-/// if none: one lookup per prefix length, never a walk of the table.
+/// if none.
 pub(super) fn identity_of(ipcache: &IpCache, ip: IpAddr) -> u32 {
-    let max = if ip.is_ipv4() { 32 } else { 128 };
-    (0..=max)
-        .rev()
-        .find_map(|len| {
-            let net = IpNet::new(ip, len).ok()?.trunc();
-            ipcache.get(&net)
-        })
-        .unwrap_or(reserved::WORLD)
+    ipcache.longest_match(ip).unwrap_or(reserved::WORLD)
 }

@@ -22,6 +22,9 @@ pub struct Stamp {
 #[derive(Clone, Debug, Default)]
 pub struct IpCache {
     map: imbl::OrdMap<IpNet, u32>,
+    /// Blocks written with host bits set (`127.0.0.1/8`): the kernel's
+    /// trie ignores them, a lookup by the truncated block would miss them.
+    untruncated: imbl::OrdSet<IpNet>,
     stamp: Stamp,
     /// (version, block) of the last changes, oldest first; `first` is the
     /// oldest version whose changes are all in it.
@@ -72,6 +75,29 @@ impl IpCache {
         self.map.iter()
     }
 
+    /// The identity of the longest block holding `ip`, as the kernel's
+    /// LPM trie finds it: one lookup per prefix length.
+    pub fn longest_match(&self, ip: std::net::IpAddr) -> Option<u32> {
+        let max = if ip.is_ipv4() { 32 } else { 128 };
+        let odd = self
+            .untruncated
+            .iter()
+            .filter(|n| n.contains(&ip))
+            .max_by_key(|n| n.prefix_len());
+        for len in (0..=max).rev() {
+            if let Some(n) = odd.filter(|n| n.prefix_len() == len) {
+                return self.get(n);
+            }
+            let Ok(net) = IpNet::new(ip, len) else {
+                continue;
+            };
+            if let Some(id) = self.get(&net.trunc()) {
+                return Some(id);
+            }
+        }
+        None
+    }
+
     /// Sets (`Some`) or removes (`None`) `net`'s identity.
     pub fn set(&mut self, net: IpNet, id: Option<u32>) {
         let old = match id {
@@ -80,6 +106,12 @@ impl IpCache {
         };
         if old == id {
             return;
+        }
+        if net != net.trunc() {
+            match id {
+                Some(_) => self.untruncated.insert(net),
+                None => self.untruncated.remove(&net),
+            };
         }
         self.stamp.version += 1;
         let log = Arc::make_mut(&mut self.log);
@@ -95,6 +127,12 @@ impl IpCache {
     /// Replaces everything: a datapath compares the whole table next.
     pub fn replace(&mut self, entries: impl IntoIterator<Item = (IpNet, u32)>) {
         self.map = entries.into_iter().collect();
+        self.untruncated = self
+            .map
+            .keys()
+            .filter(|n| **n != n.trunc())
+            .copied()
+            .collect();
         self.stamp.version += 1;
         self.log = Arc::default();
         self.first = self.stamp.version + 1;
@@ -128,10 +166,10 @@ impl IpCache {
 impl FromIterator<(IpNet, u32)> for IpCache {
     /// A table of no lineage (tests, fixed tables): always compared whole.
     fn from_iter<I: IntoIterator<Item = (IpNet, u32)>>(iter: I) -> IpCache {
-        IpCache {
-            map: iter.into_iter().collect(),
-            ..IpCache::default()
-        }
+        let mut out = IpCache::default();
+        out.replace(iter);
+        out.stamp = Stamp::default();
+        out
     }
 }
 
@@ -209,6 +247,23 @@ mod tests {
             let whole: BTreeMap<IpNet, u32> = t.iter().map(|(n, v)| (*n, *v)).collect();
             assert_eq!(copy, whole, "step {step}");
         }
+    }
+
+    #[test]
+    fn the_longest_match_finds_blocks_written_with_host_bits() {
+        let mut t = IpCache::new();
+        t.set(net("127.0.0.1/8"), Some(1));
+        t.set(net("10.0.0.0/8"), Some(7));
+        t.set(net("10.1.0.0/16"), Some(8));
+        t.set(net("10.1.2.3/32"), Some(9));
+        let at = |t: &IpCache, ip: &str| t.longest_match(ip.parse().unwrap());
+        assert_eq!(at(&t, "127.0.0.53"), Some(1));
+        assert_eq!(at(&t, "10.1.2.3"), Some(9));
+        assert_eq!(at(&t, "10.1.9.9"), Some(8));
+        assert_eq!(at(&t, "10.9.9.9"), Some(7));
+        assert_eq!(at(&t, "192.0.2.1"), None);
+        t.set(net("127.0.0.1/8"), None);
+        assert_eq!(at(&t, "127.0.0.53"), None);
     }
 
     #[test]
