@@ -703,7 +703,7 @@ impl Planner {
             cgroups,
             ipcache: self.ipcache.clone(),
             own_addresses,
-            policy: Arc::new(compiled),
+            policy: compiled,
             services,
             host_always_allowed: self.host_traffic == HostTraffic::Allow,
         }

@@ -48,6 +48,8 @@ pub struct KernelDatapath {
     ipcache: BTreeMap<IpNet, u32>,
     /// The version of the desired ipcache `ipcache` was last brought to.
     ipcache_written: super::Stamp,
+    /// The policy table in force (as the planner handed it out).
+    written_policy: Option<std::sync::Arc<crate::policy::CompiledPolicy>>,
     own_addresses: BTreeSet<(u64, IpAddr)>,
     services: BTreeMap<ServiceFrontend, ServiceBackends>,
     options: u32,
@@ -601,6 +603,7 @@ impl KernelDatapath {
             cgroups: BTreeMap::new(),
             ipcache: BTreeMap::new(),
             ipcache_written: super::Stamp::default(),
+            written_policy: None,
             own_addresses: BTreeSet::new(),
             services: BTreeMap::new(),
             options: 0,
@@ -1020,10 +1023,17 @@ impl KernelDatapath {
         report: &mut ApplyReport,
     ) -> Result<bool, DatapathError> {
         self.check_capacity(desired)?;
+        // The planner hands out the same table (`Arc`) while nothing in it
+        // changed: no comparison of every entry then.
+        let same = self
+            .written_policy
+            .as_ref()
+            .is_some_and(|p| std::sync::Arc::ptr_eq(p, &desired.policy));
         let active = &self.slots[usize::from(self.active_slot)];
-        if active.entries != desired.policy.entries
-            || active.enforced != desired.policy.enforced
-            || self.generation == 1
+        if !same
+            && (active.entries != desired.policy.entries
+                || active.enforced != desired.policy.enforced
+                || self.generation == 1)
         {
             let next = 1 - self.active_slot;
             // The inactive slot keeps the previous table so the next change
@@ -1054,6 +1064,7 @@ impl KernelDatapath {
             report.policy_swapped = true;
             report.policy_entries = desired.policy.entries.len();
         }
+        self.written_policy = Some(desired.policy.clone());
 
         Ok(report.policy_swapped)
     }

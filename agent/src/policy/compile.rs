@@ -200,7 +200,7 @@ fn mask(bits: u8) -> u16 {
 }
 
 /// The compiled form of a policy set over a world.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CompiledPolicy {
     pub entries: BTreeMap<EntryKey, PolicyValue>,
     /// (direction, identity) → enforcement.
@@ -330,6 +330,9 @@ pub struct Compiler {
     /// The last compile's policies and their parts, in order, each with the
     /// first rule id it holds.
     cache: Vec<(Arc<Policy>, Arc<Contribution>, u32)>,
+    /// The last merge: what it was made of, and its output, handed out
+    /// again (the same `Arc`) while nothing it was made of changed.
+    merged: Option<(Merged, Arc<CompiledPolicy>)>,
     /// The first rule id no part holds: new parts are numbered from here,
     /// so a part kept keeps its ids and its entries their values.
     next_rule: u32,
@@ -338,8 +341,9 @@ pub struct Compiler {
 }
 
 impl Compiler {
-    /// Compiles `policies` over `world`, reusing what is still valid.
-    pub fn compile(&mut self, policies: &[Arc<Policy>], world: &World) -> CompiledPolicy {
+    /// Compiles `policies` over `world`, reusing what is still valid: the
+    /// same output (`Arc`) when nothing it is made of changed.
+    pub fn compile(&mut self, policies: &[Arc<Policy>], world: &World) -> Arc<CompiledPolicy> {
         let cidrs = cidr_identities(policies.iter().map(|p| &**p));
         self.forget_what_changed(world, &cidrs);
         if self.cache.is_empty() {
@@ -388,12 +392,29 @@ impl Compiler {
         }
         self.cache = cache;
         self.compact();
-        let parts: Vec<(u32, Arc<Contribution>)> = self
-            .cache
+        let made_of = Merged {
+            parts: self
+                .cache
+                .iter()
+                .map(|(_, part, base)| (part.clone(), *base))
+                .collect(),
+            len: self.next_rule.max(1),
+            cidrs,
+            pending: (world.pending_held.clone(), world.pending_rule),
+        };
+        if let Some((last, out)) = &self.merged
+            && last.same(&made_of)
+        {
+            return out.clone();
+        }
+        let parts: Vec<(u32, Arc<Contribution>)> = made_of
+            .parts
             .iter()
-            .map(|(_, part, base)| (*base, part.clone()))
+            .map(|(part, base)| (*base, part.clone()))
             .collect();
-        merge(&parts, self.next_rule.max(1), cidrs, world)
+        let out = Arc::new(merge(&parts, made_of.len, made_of.cidrs.clone(), world));
+        self.merged = Some((made_of, out.clone()));
+        out
     }
 
     /// Numbers the parts densely again (in policy order) once the ids freed
@@ -447,6 +468,30 @@ impl Compiler {
             self.identities = world.identities.iter().map(|i| (i.id, i.clone())).collect();
         }
         self.world = prints;
+    }
+}
+
+/// What a merge is made of: the parts (the same objects) at their bases,
+/// the rule table's length, the CIDR identities and the pending hold.
+#[derive(Debug)]
+struct Merged {
+    parts: Vec<(Arc<Contribution>, u32)>,
+    len: u32,
+    cidrs: Vec<(IpNet, u32)>,
+    pending: (Vec<u8>, &'static str),
+}
+
+impl Merged {
+    fn same(&self, other: &Merged) -> bool {
+        self.len == other.len
+            && self.cidrs == other.cidrs
+            && self.pending == other.pending
+            && self.parts.len() == other.parts.len()
+            && self
+                .parts
+                .iter()
+                .zip(&other.parts)
+                .all(|((a, x), (b, y))| x == y && Arc::ptr_eq(a, b))
     }
 }
 

@@ -1043,3 +1043,50 @@ fn a_policy_directory_over_the_rule_budget_is_refused_at_the_file_that_crosses_i
         2
     );
 }
+
+/// While nothing a merge is made of changes — no policy recomputed, the
+/// same CIDR blocks — the compiler hands out the same table (one `Arc`),
+/// which the datapath then does not compare entry by entry; a change that
+/// touches a policy makes a new one.
+#[test]
+fn an_unchanged_compile_hands_out_the_same_table() {
+    use super::compile::Compiler;
+    let (mut world, id) = scenario_world();
+    let set = load_paths(&[repo_policies("kubernetes"), repo_policies("examples")]).unwrap();
+    let mut compiler = Compiler::default();
+    let first = compiler.compile(&set.policies, &world);
+    let again = compiler.compile(&set.policies, &world);
+    assert!(Arc::ptr_eq(&first, &again), "nothing changed");
+    // A pod of an existing identity at an address no CIDR rule names.
+    world
+        .addresses
+        .push(("192.0.2.77/32".parse().unwrap(), id["logging"]));
+    let moved = compiler.compile(&set.policies, &world);
+    let cidr_policies = set.policies.iter().any(|p| {
+        p.peers()
+            .any(|peer| matches!(peer, super::model::Peer::Cidr { .. }))
+    });
+    if !cidr_policies {
+        assert!(Arc::ptr_eq(&first, &moved));
+    }
+    assert_eq!(
+        canonical(&moved),
+        canonical(&compile(&set.policies, &world))
+    );
+    // A relabelled identity that policies select: a new table, equal to a
+    // fresh compile.
+    let logging = world
+        .identities
+        .iter_mut()
+        .find(|i| i.id == id["logging"])
+        .unwrap();
+    Arc::make_mut(logging)
+        .labels
+        .insert("app".into(), "payment-service".into());
+    let relabelled = compiler.compile(&set.policies, &world);
+    assert!(!Arc::ptr_eq(&moved, &relabelled));
+    assert_eq!(
+        canonical(&relabelled),
+        canonical(&compile(&set.policies, &world))
+    );
+}
