@@ -648,28 +648,7 @@ impl Planner {
         };
         let compiled = self.compiler.compile(&policies.policies, &world);
         let identities: Identities = world.identities.into_iter().map(|i| (i.id, i)).collect();
-        // Broadcast and multicast first, outside the compiler's view of
-        // addresses: no CIDR rule covers them by accident (`0.0.0.0/0`
-        // does not mean "every pod on the link"); a rule naming exactly
-        // such a block replaces the entry, `reserved:broadcast` names them all.
-        let base: BTreeMap<IpNet, u32> = broadcast_blocks()
-            .map(|net| (net, reserved::BROADCAST))
-            .chain(compiled.cidr_identities.iter().copied())
-            .collect();
-        let touched_now = std::mem::take(&mut self.touched);
-        let touched = touched_now.iter().copied();
-        let rebuilt = base != self.ipcache_base;
-        if rebuilt {
-            let mut whole = base.clone();
-            whole.extend(self.addresses.iter().map(|(n, id)| (*n, *id)));
-            self.ipcache.replace(whole);
-            self.ipcache_base = base;
-        } else {
-            for net in touched {
-                let id = self.addresses.get(&net).or_else(|| base.get(&net).copied());
-                self.ipcache.set(net, id);
-            }
-        }
+        let (touched, rebuilt) = self.refresh_ipcache(&compiled);
         let node_ips = nodes
             .local
             .iter()
@@ -683,13 +662,11 @@ impl Planner {
             .collect();
         // A block wider than one address moved (a peer, the node's
         // loopback): any endpoint's identity may have changed.
-        let wide = touched_now
-            .iter()
-            .any(|n| n.prefix_len() != n.max_prefix_len());
+        let wide = touched.iter().any(|n| n.prefix_len() != n.max_prefix_len());
         let (services, own) = self.services.update(
             services_input,
             Around {
-                touched: &touched_now,
+                touched: &touched,
                 everything: rebuilt || wide,
                 node_ips,
                 owners,
@@ -707,6 +684,34 @@ impl Planner {
             services,
             host_always_allowed: self.host_traffic == HostTraffic::Allow,
         }
+    }
+
+    /// Brings the ipcache up to date: the blocks whose winner changed, or
+    /// everything when the policies' CIDR blocks did. Returns the blocks
+    /// changed and whether the table was rebuilt.
+    fn refresh_ipcache(&mut self, compiled: &policy::CompiledPolicy) -> (Vec<IpNet>, bool) {
+        // Broadcast and multicast first, outside the compiler's view of
+        // addresses: no CIDR rule covers them by accident (`0.0.0.0/0`
+        // does not mean "every pod on the link"); a rule naming exactly
+        // such a block replaces the entry, `reserved:broadcast` names them all.
+        let base: BTreeMap<IpNet, u32> = broadcast_blocks()
+            .map(|net| (net, reserved::BROADCAST))
+            .chain(compiled.cidr_identities.iter().copied())
+            .collect();
+        let touched = std::mem::take(&mut self.touched);
+        let rebuilt = base != self.ipcache_base;
+        if rebuilt {
+            let mut whole = base.clone();
+            whole.extend(self.addresses.iter().map(|(n, id)| (*n, *id)));
+            self.ipcache.replace(whole);
+            self.ipcache_base = base;
+        } else {
+            for net in &touched {
+                let id = self.addresses.get(net).or_else(|| base.get(net).copied());
+                self.ipcache.set(*net, id);
+            }
+        }
+        (touched, rebuilt)
     }
 }
 

@@ -119,6 +119,16 @@ impl ServicePlan {
 
     /// Takes `key`'s old part out of the table and puts its new one in.
     fn place(&mut self, key: &str, ipcache: &IpCache) {
+        self.take_out(key);
+        if self.services.contains_key(key) {
+            self.put_in(key, ipcache);
+        }
+    }
+
+    /// Takes `key`'s part out: its frontends (another Service's claim on
+    /// one takes over), endpoints, hairpin pairs, and the ids of ports it
+    /// no longer has.
+    fn take_out(&mut self, key: &str) {
         let table = Arc::make_mut(&mut self.table);
         let old = self.placed.remove(key).unwrap_or_default();
         for f in &old.frontends {
@@ -152,9 +162,16 @@ impl ServicePlan {
                 self.free.insert(id);
             }
         }
+    }
+
+    /// Puts `key`'s part in: one id per port, its frontends (the greatest
+    /// key's claim on a shared one wins), endpoints and hairpin pairs.
+    fn put_in(&mut self, key: &str, ipcache: &IpCache) {
         let Some(svc) = self.services.get(key) else {
             return;
         };
+        let table = Arc::make_mut(&mut self.table);
+        let ports = svc.ports.len();
         let mut placed = Placed {
             ports,
             endpoints: svc.endpoints.iter().map(|e| e.ip).collect(),
