@@ -133,12 +133,16 @@ enum Cmd {
     },
     /// Benchmarks (root): none / palisade-seed / palisade-10k / iptables-10k /
     /// nftables-10k interleaved, program cost against no-op programs, policy
-    /// apply, audit flood, agent memory. Writes target/bench/report.md,
-    /// report.json and ratios.png.
+    /// apply, audit flood, agent memory, a pod event with 5,000 and 50,000
+    /// pods. Writes target/bench/report.md, report.json and ratios.png.
     Bench {
         /// A smoke run (5 short rounds, under 2 minutes), as CI runs it.
         #[arg(long)]
         quick: bool,
+        /// Only these figures, comma-separated: throughput, programs, apply,
+        /// audit, agent, scale.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
     },
     /// Render the Kubernetes manifests (`kubectl kustomize deploy/`) into
     /// target/deploy/palisade.yaml and validate them, and the example
@@ -589,13 +593,16 @@ fn main() -> ExitCode {
         }),
         Cmd::Image { tag } => setup().and_then(|()| image(&tag)),
         Cmd::Manifests => manifest_tools().and_then(|()| manifests()),
-        Cmd::Bench { quick } => setup().and_then(|()| build()).and_then(|()| {
+        Cmd::Bench { quick, only } => setup().and_then(|()| build()).and_then(|()| {
             if !is_root() {
                 bail!("the benchmark creates network namespaces and cgroups and loads eBPF programs: run it as root");
             }
             let mut cmd = Command::new(release_bin("palisade-bench"));
             if quick {
                 cmd.arg("--quick");
+            }
+            if !only.is_empty() {
+                cmd.args(["--only", &only.join(",")]);
             }
             checking_leftovers(|| {
                 run(cmd
