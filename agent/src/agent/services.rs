@@ -237,22 +237,26 @@ impl ServicePlan {
                 .or_default()
                 .insert(key.to_owned());
         }
-        // Every endpoint one local workload's: connecting to the Service is
-        // that workload reaching itself (kube-proxy's hairpin), which passes
-        // like a connection to its own address. A Service with other
-        // endpoints too is judged by them all.
-        let owners: BTreeSet<Option<u64>> = placed
-            .endpoints
-            .iter()
-            .map(|ip| self.owners.get(ip).copied())
-            .collect();
-        if let [Some(cgroup)] = owners.into_iter().collect::<Vec<_>>()[..] {
-            self.own.insert(
-                key.to_owned(),
-                svc.addresses.iter().map(|a| (cgroup, *a)).collect(),
-            );
+        if let Some(own) = hairpin(&self.owners, &placed.endpoints, &svc.addresses) {
+            self.own.insert(key.to_owned(), own);
         }
         self.placed.insert(key.to_owned(), placed);
+    }
+}
+
+/// (cgroup, Service address) pairs when every endpoint is one local
+/// workload's: connecting to the Service is that workload reaching itself
+/// (kube-proxy's hairpin), which passes like a connection to its own
+/// address. A Service with other endpoints too is judged by them all.
+fn hairpin(
+    owners: &HashMap<IpAddr, u64>,
+    endpoints: &[IpAddr],
+    addresses: &[IpAddr],
+) -> Option<Vec<(u64, IpAddr)>> {
+    let found: BTreeSet<Option<u64>> = endpoints.iter().map(|ip| owners.get(ip).copied()).collect();
+    match found.into_iter().collect::<Vec<_>>()[..] {
+        [Some(cgroup)] => Some(addresses.iter().map(|a| (cgroup, *a)).collect()),
+        _ => None,
     }
 }
 
