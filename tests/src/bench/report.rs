@@ -359,8 +359,8 @@ pub fn markdown(r: &Value) -> String {
         let _ = writeln!(md, "## 6. A pod event in a large cluster\n");
         let _ = writeln!(
             md,
-            "Pods on other nodes over {} namespaces ({} identities), {} NetworkPolicies; {} events (a pod relabelled, added, deleted in turn) through the pod index, the planner and the kernel datapath. \"whole list\" turns every pod into planner inputs again on each event, as the agent did before it kept them between rounds.\n",
-            sc["namespaces"], sc["identities"], sc["policies"], sc["events"]
+            "Pods on other nodes over {} namespaces ({} identities), {} NetworkPolicies, {} ClusterIP Services (one per app); {} events (a pod relabelled, added, deleted in turn, its Service's EndpointSlice with it) through the pod and Service indexes, the planner and the kernel datapath. \"whole list\" turns every pod and Service into planner inputs again on each event, as the agent did before it kept them between rounds.\n",
+            sc["namespaces"], sc["identities"], sc["policies"], sc["services"], sc["events"]
         );
         let _ = writeln!(
             md,
@@ -370,12 +370,13 @@ pub fn markdown(r: &Value) -> String {
         for row in sc["rows"].as_array().into_iter().flatten() {
             let _ = writeln!(
                 md,
-                "| {} | {} | {:.0} | {} | {} |",
+                "| {} | {} | {:.0} | {} | {} | {} |",
                 row["pods"],
                 row["path"].as_str().unwrap_or_default(),
                 num(&row["startMs"]),
                 s(&row["eventMs"], 2),
-                row["ipcacheEntries"]
+                row["ipcacheEntries"],
+                row["serviceFrontends"]
             );
         }
         let _ = writeln!(
