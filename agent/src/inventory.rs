@@ -1,7 +1,9 @@
 //! The agent's domain model, neutral of where the facts come from: local
 //! workloads (cgroups), remote workloads (addresses), Services, nodes and
 //! namespaces. Every source — host discovery with its config, the Kubernetes
-//! API server — fills one [`Inputs`]; the planner reads nothing else.
+//! API server — fills one [`Inputs`]; the planner reads nothing else. Remote
+//! workloads and Services come as [`Changes`] (what changed since the last
+//! round), the rest whole.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,

@@ -37,7 +37,7 @@ pub enum Observed {
 }
 
 pub trait Source {
-    /// The workloads, peers, Services and nodes now; remote workloads as
+    /// The workloads, peers and nodes now; remote workloads and Services as
     /// what changed since the last `Ready` (each `Ready` must be planned).
     fn observe(&mut self) -> Observed;
     /// Changes whenever the source's own policy objects change (0: none).

@@ -4,14 +4,16 @@
 //!
 //! - [`Cluster`] runs one kube-rs watcher per kind (list, then watch from the
 //!   list's resourceVersion; a 410 Gone or a broken stream re-lists, with
-//!   exponential backoff) into reflector stores, and records which pods
-//!   changed. The agent's loop reads the stores each round; pods go through
-//!   a [`pods::PodIndex`], which sends the planner only the pods that
+//!   exponential backoff) into reflector stores, and records which pods,
+//!   Services and EndpointSlices changed. The agent's loop reads the stores
+//!   each round; pods go through a [`pods::PodIndex`] and Services through
+//!   an [`endpoints::ServiceIndex`], which send the planner only what
 //!   changed (everything again after a re-list).
 //! - [`inputs`] maps local cgroups to pods ([`cgroup`]), and every other pod's
-//!   addresses to its identity (the ipcache), from the whole list — what the
-//!   index must equal; [`Cluster::policies`] validates each policy object
-//!   with the same code as a policy file.
+//!   addresses to its identity (the ipcache), and [`services`] reads Services
+//!   with their slices, from the whole lists — what the indexes must equal;
+//!   [`Cluster::policies`] validates each policy object with the same code
+//!   as a policy file.
 //! - [`crd`] holds the CustomResourceDefinitions, generated from Rust types.
 pub mod cgroup;
 pub mod crd;
