@@ -364,9 +364,9 @@ pub fn markdown(r: &Value) -> String {
         );
         let _ = writeln!(
             md,
-            "| pods | path | start (ms) | one pod event (ms) | ipcache entries |"
+            "| pods | path | start (ms) | one pod event (ms) | ipcache entries | Service frontends |"
         );
-        let _ = writeln!(md, "|---|---|---|---|---|");
+        let _ = writeln!(md, "|---|---|---|---|---|---|");
         for row in sc["rows"].as_array().into_iter().flatten() {
             let _ = writeln!(
                 md,
