@@ -342,26 +342,23 @@ pub fn decode_audit_event(bytes: &[u8]) -> Option<palisade_common::AuditEvent> {
 /// Entries to write and delete to go from `current` to `desired`.
 /// The ipcache writes (upserts, deletes) that bring `current` — a
 /// datapath's copy of what it wrote, which was `desired` at `written` — to
-/// `desired`: the blocks logged since `written` when the log reaches back
-/// that far, else every entry compared.
+/// `desired`: each block logged since `written` when the log reaches back
+/// that far, else each block either side holds.
 pub fn ipcache_diff(
     current: &BTreeMap<IpNet, u32>,
     written: ipcache::Stamp,
     desired: &IpCache,
 ) -> (Vec<(IpNet, u32)>, Vec<IpNet>) {
-    let Some(nets) = desired.changes_since(written) else {
-        let upserts = desired
+    let nets = desired.changes_since(written).unwrap_or_else(|| {
+        let mut all: Vec<IpNet> = desired
             .iter()
-            .filter(|(k, v)| current.get(k) != Some(v))
-            .map(|(k, v)| (*k, *v))
+            .map(|(n, _)| *n)
+            .chain(current.keys().copied())
             .collect();
-        let deletes = current
-            .keys()
-            .filter(|k| desired.get(k).is_none())
-            .copied()
-            .collect();
-        return (upserts, deletes);
-    };
+        all.sort();
+        all.dedup();
+        all
+    });
     let (mut upserts, mut deletes) = (Vec::new(), Vec::new());
     for net in nets {
         match desired.get(&net) {
