@@ -18,6 +18,8 @@ pub mod policy;
 pub mod reconcile;
 pub mod sockets;
 pub mod status;
+#[cfg(test)]
+mod testing;
 pub mod text;
 pub mod yaml;
 

@@ -1041,13 +1041,8 @@ mod tests {
                 .collect(),
             files: Vec::new(),
         };
-        let mut seed = 0x5eed_u64;
-        let mut next = |n: usize| {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((seed >> 33) as usize) % n
-        };
+        let mut rng = crate::testing::Seeded::new(0x5eed_u64);
+        let mut next = |n: usize| rng.below(n);
         let mut pods: BTreeMap<String, RemoteWorkload> = BTreeMap::new();
         let mut locals = vec![workload(7, "a"), workload(8, "b")];
         let mut services: BTreeMap<String, Service> = BTreeMap::new();

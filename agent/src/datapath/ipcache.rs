@@ -218,11 +218,8 @@ mod tests {
     #[test]
     fn writes_from_the_log_bring_a_copy_to_the_table() {
         use std::collections::BTreeMap;
-        let mut seed = 7u64;
-        let mut next = |n: u32| {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-            ((seed >> 33) as u32) % n
-        };
+        let mut rng = crate::testing::Seeded::new(7);
+        let mut next = |n: u32| rng.below(n as usize) as u32;
         let mut t = IpCache::new();
         let mut copy: BTreeMap<IpNet, u32> = BTreeMap::new();
         let mut written = Stamp::default();

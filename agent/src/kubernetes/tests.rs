@@ -401,13 +401,8 @@ fn nodes_split_into_this_node_and_the_others() {
 #[test]
 fn the_pod_index_fed_changes_equals_inputs_from_the_whole_list() {
     use pods::{PodChanges, PodIndex};
-    let mut seed = 0x9e37_79b9_u64;
-    let mut next = |n: usize| {
-        seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((seed >> 33) as usize) % n
-    };
+    let mut rng = crate::testing::Seeded::new(0x9e37_79b9_u64);
+    let mut next = |n: usize| rng.below(n);
     let mut pods: BTreeMap<String, PodInfo> = BTreeMap::new();
     let mut cgroups: BTreeMap<String, u64> = BTreeMap::new();
     let mut index = PodIndex::default();
@@ -513,13 +508,8 @@ fn the_pod_index_fed_changes_equals_inputs_from_the_whole_list() {
 #[test]
 fn the_service_index_fed_changes_equals_services_from_the_whole_lists() {
     use endpoints::ServiceIndex;
-    let mut seed = 0x51ce_u64;
-    let mut next = |n: usize| {
-        seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((seed >> 33) as usize) % n
-    };
+    let mut rng = crate::testing::Seeded::new(0x51ce_u64);
+    let mut next = |n: usize| rng.below(n);
     let (svc_store, mut svc_writer) = reflector::store::<KubeService>();
     let (slice_store, mut slice_writer) = reflector::store::<EndpointSlice>();
     for w in [watcher::Event::Init, watcher::Event::InitDone] {

@@ -77,6 +77,12 @@ fn allowed(v: (Option<u8>, Option<u8>)) -> bool {
     v.0.is_none_or(|x| x != verdict::DENY) && v.1.is_none_or(|x| x != verdict::DENY)
 }
 
+/// Sets one label of the identity `id` in `world`.
+fn relabel(world: &mut World, id: u32, key: &str, value: &str) {
+    let info = world.identities.iter_mut().find(|i| i.id == id).unwrap();
+    Arc::make_mut(info).labels.insert(key.into(), value.into());
+}
+
 /// A compiled table with its rule ids replaced by the rules they name: two
 /// tables that judge alike and name the same rules are equal in this form,
 /// however their rules are numbered.
@@ -204,14 +210,7 @@ fn a_compile_recomputes_only_the_policies_that_changed() {
     assert_eq!(check(&mut compiler, &policies, &world), with_cidr);
     // A workload's labels changed: the policies that select or name it
     // (before or after) are recomputed, not the others.
-    let logging = world
-        .identities
-        .iter_mut()
-        .find(|i| i.id == id["logging"])
-        .unwrap();
-    Arc::make_mut(logging)
-        .labels
-        .insert("tier".into(), "x".into());
+    relabel(&mut world, id["logging"], "tier", "x");
     let recomputed = check(&mut compiler, &policies, &world);
     assert!(
         recomputed > 0 && recomputed < n - 1,
@@ -1075,14 +1074,7 @@ fn an_unchanged_compile_hands_out_the_same_table() {
     );
     // A relabelled identity that policies select: a new table, equal to a
     // fresh compile.
-    let logging = world
-        .identities
-        .iter_mut()
-        .find(|i| i.id == id["logging"])
-        .unwrap();
-    Arc::make_mut(logging)
-        .labels
-        .insert("app".into(), "payment-service".into());
+    relabel(&mut world, id["logging"], "app", "payment-service");
     let relabelled = compiler.compile(&set.policies, &world);
     assert!(!Arc::ptr_eq(&moved, &relabelled));
     assert_eq!(
