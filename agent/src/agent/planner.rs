@@ -165,8 +165,10 @@ pub struct Planner {
     ipcache_base: BTreeMap<IpNet, u32>,
     /// Blocks whose winner changed since the ipcache was last brought up to date.
     touched: Vec<IpNet>,
-    /// Addresses nobody has any more, who had them and since when (for
-    /// [`ADDRESS_RECENT`]).
+    /// Addresses whose identity lost them lately (gone, or taken by
+    /// another), who had them and since when (for [`ADDRESS_RECENT`]); an
+    /// entry goes once the planner has planned with the address's new
+    /// holders.
     departed: HashMap<IpAddr, (u32, Instant)>,
     /// Local workloads held `reserved:pending` until the instant, because
     /// their address belonged to another identity moments ago.
@@ -231,21 +233,23 @@ impl Planner {
     }
 
     /// Changes one claim on `net` (`change` edits its layers); keeps the
-    /// block's winner in `addresses` and notes who had an address nobody
-    /// has any more.
+    /// block's winner in `addresses` and notes an address's identity that
+    /// no longer has it.
     fn claim(&mut self, net: IpNet, change: impl FnOnce(&mut Claims), now: Instant) {
         let claims = self.claims.entry(net).or_default();
         let before = claims.winner();
         change(claims);
         let after = claims.winner();
+        // The address's identity lost it (it went, or another took it in
+        // the same change): who had it, and since when.
+        if let Some(id) = before
+            && !claims.holds(id)
+            && net.prefix_len() == net.max_prefix_len()
+        {
+            self.departed.insert(net.addr(), (id, now));
+        }
         if claims.is_empty() {
             self.claims.remove(&net);
-            // Nobody has the address any more: who had it, and since when.
-            if let Some(id) = before
-                && net.prefix_len() == net.max_prefix_len()
-            {
-                self.departed.insert(net.addr(), (id, now));
-            }
         }
         if before != after {
             self.addresses.set(net, after);
@@ -900,6 +904,30 @@ mod tests {
         );
         assert_ne!(fifth.desired.cgroups[&10], reserved::PENDING);
         assert!(!planner.holding());
+    }
+
+    /// The address passes from one local pod to a new one in one round,
+    /// while the old pod's cgroup is still there (terminating, its address
+    /// already given away): the new pod is held as for any reused address.
+    #[test]
+    fn an_address_handed_between_local_pods_in_one_round_is_held() {
+        let config = Config::parse(Path::new("t.yaml"), "cgroupRoot: x\n").unwrap();
+        let none = policy::PolicySet::default();
+        let mut planner = Planner::new(config, true);
+        let mut new = workload(9, "web");
+        new.ips = workload(7, "db").ips;
+        // The new pod's container runs before the API server has the pod.
+        let first = Inputs {
+            workloads: vec![workload(7, "db")],
+            held: [(9, reserved::PENDING)].into(),
+            ..Inputs::default()
+        };
+        planner.plan(first, &none);
+        let mut old = workload(7, "db");
+        old.ips.clear();
+        let handed = planner.plan(host(vec![old, new]), &none);
+        assert_eq!(handed.desired.cgroups[&9], reserved::PENDING, "held");
+        assert!(planner.holding());
     }
 
     #[test]
