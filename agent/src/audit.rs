@@ -79,10 +79,15 @@ pub struct AuditRecord {
     pub time: String,
     pub verdict: AuditVerdict,
     pub direction: AuditDirection,
-    /// `TCP`, `UDP`, `SCTP`, or the IP protocol number.
+    /// `TCP`, `UDP`, `SCTP`, `ICMP`, `ICMPv6`, `UDPLite`, `DCCP`, or the IP
+    /// protocol number.
     pub protocol: String,
-    /// The port the connection is to (the local one for ingress).
+    /// The port the connection is to (the local one for ingress); for ICMP,
+    /// `type × 256 + code` (also given in `icmp`).
     pub port: u16,
+    /// The ICMP message's type and code (ICMP and ICMPv6 only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub icmp: Option<AuditIcmp>,
     /// The sender: a local workload as `namespace/name`, a peer by its identity's name.
     pub from: String,
     /// The receiver, named like `from`.
@@ -102,6 +107,28 @@ pub struct AuditRecord {
     /// route, a packet socket, a Service whose backends disagree, …).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+}
+
+/// An ICMP message's type and code.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
+#[serde(deny_unknown_fields)]
+pub struct AuditIcmp {
+    #[serde(rename = "type")]
+    pub kind: u8,
+    pub code: u8,
+}
+
+/// The name an audit record gives an IP protocol number.
+pub fn protocol_name(number: u8) -> String {
+    match number {
+        palisade_common::PROTO_ICMP => "ICMP".to_owned(),
+        palisade_common::PROTO_ICMPV6 => "ICMPv6".to_owned(),
+        palisade_common::PROTO_UDPLITE => "UDPLite".to_owned(),
+        palisade_common::PROTO_DCCP => "DCCP".to_owned(),
+        n => Protocol::from_number(n).map_or_else(|| n.to_string(), |p| p.as_str().to_owned()),
+    }
 }
 
 #[derive(
@@ -284,9 +311,16 @@ pub fn record(ev: &AuditEvent, snap: &Snapshot, boot: Duration) -> AuditRecord {
         } else {
             AuditDirection::Ingress
         },
-        protocol: Protocol::from_number(ev.protocol)
-            .map_or_else(|| ev.protocol.to_string(), |p| p.as_str().to_owned()),
+        protocol: protocol_name(ev.protocol),
         port: ev.port,
+        icmp: matches!(
+            ev.protocol,
+            palisade_common::PROTO_ICMP | palisade_common::PROTO_ICMPV6
+        )
+        .then(|| AuditIcmp {
+            kind: (ev.port >> 8) as u8,
+            code: ev.port as u8,
+        }),
         from,
         to,
         local,

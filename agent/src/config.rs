@@ -87,6 +87,13 @@ pub struct Config {
     /// How often the cgroup tree and the policy directory are re-read.
     #[serde(default = "default_rescan_ms")]
     pub rescan_interval_ms: u64,
+    /// How long the policy directory must be left alone before a change to
+    /// it is read, so a file being written in place (truncated, then
+    /// written, as editors and configuration tools do) is never read
+    /// half-way. Changes made with `palisade policy apply|delete` apply at
+    /// once: the agent writes them whole, by rename.
+    #[serde(default = "default_policy_settle_ms")]
+    pub policy_settle_ms: u64,
     #[serde(default)]
     pub maps: MapCapacities,
     /// bpffs directory where maps and links are pinned, so enforcement
@@ -248,6 +255,12 @@ fn default_trust_domain() -> String {
 fn default_rescan_ms() -> u64 {
     200
 }
+/// The longest settle time the config accepts.
+const MAX_POLICY_SETTLE_MS: u64 = 60_000;
+
+fn default_policy_settle_ms() -> u64 {
+    500
+}
 fn default_audit_output() -> String {
     "stdout".into()
 }
@@ -370,6 +383,15 @@ impl Config {
             return Err(invalid(
                 "rescanIntervalMs".into(),
                 "must be at least 1".into(),
+            ));
+        }
+        if self.policy_settle_ms > MAX_POLICY_SETTLE_MS {
+            return Err(invalid(
+                "policySettleMs".into(),
+                format!(
+                    "{} is more than {MAX_POLICY_SETTLE_MS} (a minute): policy edits would wait that long",
+                    self.policy_settle_ms
+                ),
             ));
         }
         Ok(())

@@ -411,7 +411,8 @@ async fn delete(cx: &Context, name: &str, timeout: Duration) -> Response<PolicyC
         // The last policy file: an empty directory reads as a vanished
         // source (the agent keeps the last policy), so say "none" on purpose.
         let none = dir.join(NONE_FILE);
-        if let Err(e) = std::fs::write(&none, NONE_CONTENT) {
+        let content = format!("{NONE_COMMENT}{}", policy::load::EMPTY_LIST);
+        if let Err(e) = std::fs::write(&none, content) {
             restore(&previous);
             return Response::Error(format!("writing {}: {e}", none.display()));
         }
@@ -432,7 +433,7 @@ async fn delete(cx: &Context, name: &str, timeout: Duration) -> Response<PolicyC
 
 /// What `policy delete` leaves when it removes the last policy file.
 pub const NONE_FILE: &str = "no-policies.yaml";
-const NONE_CONTENT: &str = "# No policies: the last one was removed with `palisade policy delete`.\n# An empty policy directory is read as a vanished source (the agent keeps\n# the policy it had); this file says \"no policies\" on purpose.\n";
+const NONE_COMMENT: &str = "# No policies: the last one was removed with `palisade policy delete`.\n# An empty policy directory is read as a vanished source, and an empty file\n# as one being written (the agent keeps the policy it had); this empty List\n# says \"no policies\" on purpose.\n";
 
 /// Client side: sends `request`, calls `each` with every response line
 /// read as `T` (what the request answers).

@@ -78,6 +78,10 @@ pub const DIR_INGRESS: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 pub const PROTO_SCTP: u8 = 132;
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;
+pub const PROTO_DCCP: u8 = 33;
+pub const PROTO_UDPLITE: u8 = 136;
 
 /// `PolicyValue::flags` bits.
 pub mod flags {

@@ -1,17 +1,24 @@
 //! Egress at the packet: `cgroup_skb/egress` on what actually leaves a
 //! workload, whatever the socket address said. The socket hooks judged the
-//! address a socket was connected or sent to; three things can make the
-//! packet go elsewhere or claim to be someone else, and they are judged here:
+//! address a TCP or UDP socket was connected or sent to; everything else is
+//! judged here:
 //!
 //! - a source route (an IPv6 routing header with segments left, set with
 //!   `IPV6_RTHDR` — no capability needed — or IPv4 options): dropped;
 //! - a source address that is not the workload's own (a raw socket, or an
 //!   address the workload added to its interface): dropped;
-//! - a raw IP socket's packets, which no socket hook saw: judged by their
-//!   real destination (and ports, for TCP and UDP).
+//! - a raw IP socket's packets, which no socket hook saw: every packet judged
+//!   by its real destination (and ports, or ICMP type and code), whatever its
+//!   TCP flags;
+//! - every protocol other than TCP and UDP (ICMP from a ping socket, SCTP,
+//!   UDP-Lite, DCCP, L2TP/IP, …): judged by destination, protocol and port
+//!   (ICMP: type and code); a flow that passes is remembered, so its later
+//!   packets and its replies cost one flow-cache lookup. ICMP errors and
+//!   IPv6 neighbour discovery sent by the kernel pass.
 //!
-//! The common case costs no map lookup: a TCP segment that does not open a
-//! connection and carries no source route passes at once.
+//! The common case costs no map lookup: a TCP segment of an ordinary socket
+//! that does not open a connection and carries no source route passes at
+//! once (its connection was judged at connect(), its source fixed then).
 use aya_ebpf::{
     EbpfContext as _,
     bindings::__sk_buff,
@@ -20,13 +27,17 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use palisade_common::{
-    DIR_EGRESS, LOOPBACK_MARK, PROTO_TCP, PROTO_UDP, counter, identity, is_loopback, reason,
+    DIR_EGRESS, DIR_INGRESS, LOOPBACK_MARK, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
+    counter, identity, is_loopback, reason,
 };
 
 use crate::{
     cgroup_identity,
     packet::{self, Packet, parse},
-    verdict::{Flow, PASS, count, judge_egress, own_address, refuse},
+    verdict::{
+        Flow, Known, PASS, active_slot, as_first_judged, count, enforced, flow_state, judge_egress,
+        judge_ingress, own_address, refuse, remember_flow,
+    },
 };
 
 const SOCK_RAW: u32 = 3;
@@ -46,6 +57,7 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, i32> {
         && p.protocol == PROTO_TCP
         && let Ok(tcp) = packet::tcp(ctx, p)
         && !packet::opens_connection(&tcp)
+        && !raw_socket(ctx)
     {
         return Ok(PASS); // a segment of a connection judged at its connect()
     }
@@ -71,14 +83,21 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, i32> {
         family: packet.family,
         port: 0,
         peer_port: 0,
-        socket_cookie: 0,
+        // Flows other than UDP are remembered per workload: an SCTP
+        // association's packets leave from another socket than the
+        // listener that admitted its INIT.
+        socket_cookie: cgroup_id,
         in_process: true,
     };
-    if (packet.protocol == PROTO_TCP || packet.protocol == PROTO_UDP)
-        && let Ok((_, dst)) = packet::ports(ctx, &packet)
-    {
-        flow.port = dst;
-        flow.peer_port = flow.port;
+    // A fragment after the first carries no transport header: judged with
+    // port 0 (only a rule for any port admits it).
+    if let Ok((peer_side, judged)) = packet::keys(ctx, &packet) {
+        flow.port = judged;
+        flow.peer_port = if packet.protocol == PROTO_ICMP || packet.protocol == PROTO_ICMPV6 {
+            peer_side
+        } else {
+            judged
+        };
     }
     if packet.source_routed {
         count(counter::SOURCE_ROUTED);
@@ -92,7 +111,46 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, i32> {
         // No socket hook saw this destination: judge it now, every packet.
         return Ok(judge_egress::<false>(&flow));
     }
-    Ok(PASS)
+    if packet.protocol == PROTO_TCP || packet.protocol == PROTO_UDP {
+        return Ok(PASS); // judged by the socket hooks
+    }
+    if packet::icmp_infrastructure(packet.protocol, flow.port) {
+        return Ok(PASS); // the kernel's errors and neighbour discovery
+    }
+    Ok(judge_remembered(&flow))
+}
+
+/// Judges a packet of a protocol no socket hook sees, with the flow cache:
+/// a flow judged in this generation (either way) passes; one judged under
+/// an older table is judged again the way it was first judged; a new one is
+/// judged as egress and, when it passes and either direction is enforced,
+/// remembered so that its replies pass.
+#[inline(always)]
+fn judge_remembered(flow: &Flow) -> i32 {
+    match flow_state(flow) {
+        Known::Fresh => return PASS,
+        Known::Stale {
+            direction: DIR_INGRESS,
+            port,
+        } => {
+            let first = as_first_judged(flow, DIR_INGRESS, port);
+            let verdict = judge_ingress::<false>(&first);
+            if verdict == PASS {
+                remember_flow(flow, DIR_INGRESS, port);
+            }
+            return verdict;
+        }
+        _ => {}
+    }
+    let verdict = judge_egress::<false>(flow);
+    let slot = active_slot();
+    if verdict == PASS
+        && (enforced(slot, DIR_EGRESS, flow.local_identity).is_some()
+            || enforced(slot, DIR_INGRESS, flow.local_identity).is_some())
+    {
+        remember_flow(flow, DIR_EGRESS, flow.port);
+    }
+    verdict
 }
 
 /// Does the packet claim an address that is not the workload's? Checked for

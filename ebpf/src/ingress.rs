@@ -3,9 +3,14 @@
 //! comes from its source address through the ipcache (a packet that crossed a
 //! wire or a veth carries no sender cgroup).
 //!
-//! Only new flows are judged: a TCP SYN without ACK, an SCTP INIT, and a UDP datagram from a
-//! peer this socket has not yet exchanged traffic with under the current
-//! policy generation. Everything else belongs to a flow already judged.
+//! Only new flows are judged: a TCP SYN without ACK, an SCTP INIT, and a
+//! packet of any other protocol (UDP, ICMP, UDP-Lite, …) from a peer this
+//! workload has not yet exchanged such traffic with under the current policy
+//! generation (UDP: this socket). Everything else belongs to a flow already
+//! judged. ICMP is judged by type and code (an echo reply to an admitted echo
+//! is a reply); ICMP errors and neighbour discovery pass. An ICMP echo that
+//! the kernel answers itself reaches no socket, so no program of the
+//! workload's runs for it: it is judged at the sender's egress.
 use aya_ebpf::{
     EbpfContext as _,
     bindings::__sk_buff,
@@ -19,13 +24,11 @@ use crate::{
     cgroup_identity,
     packet::{self, parse},
     verdict::{
-        DROP, Flow, Known, PASS, active_slot, as_first_judged, count, enforced, flow_state,
-        judge_egress, judge_ingress, own_address, own_loopback, refuse, remember_flow,
+        Flow, Known, PASS, active_slot, as_first_judged, count, enforced, flow_state, judge_egress,
+        judge_ingress, own_address, own_loopback, refuse, remember_flow,
     },
 };
 
-const IPPROTO_ICMP: u8 = 1;
-const IPPROTO_ICMPV6: u8 = 58;
 /// `lo` has this index in every network namespace.
 const LOOPBACK_IFINDEX: u32 = 1;
 const SCTP_CHUNK_INIT: u8 = 1;
@@ -55,11 +58,11 @@ fn try_ingress(ctx: &SkBuffContext) -> Result<i32, i32> {
     let local = cgroup_identity(cgroup_id);
     let slot = active_slot();
     let ingress_enforced = enforced(slot, DIR_INGRESS, local).is_some();
-    // A datagram to a workload whose egress is enforced is remembered even
-    // when its ingress is open, so that the workload's replies pass its
-    // egress (replies of admitted flows are allowed).
-    let datagram = matches!(&parsed, Ok(p) if p.protocol == PROTO_UDP);
-    if !ingress_enforced && !(datagram && enforced(slot, DIR_EGRESS, local).is_some()) {
+    // A flow other than TCP to a workload whose egress is enforced is
+    // remembered even when its ingress is open, so that the workload's
+    // replies pass its egress (replies of admitted flows are allowed).
+    let remembered = matches!(&parsed, Ok(p) if p.protocol != PROTO_TCP);
+    if !ingress_enforced && !(remembered && enforced(slot, DIR_EGRESS, local).is_some()) {
         return Ok(PASS); // early exit: ingress is open for this identity
     }
     // Any packet we cannot parse on an enforced workload is dropped: it cannot
@@ -81,15 +84,11 @@ fn try_ingress(ctx: &SkBuffContext) -> Result<i32, i32> {
     {
         return Ok(PASS); // the workload talking to itself, over its own loopback
     }
-    let (src_port, dst_port) = match packet.protocol {
-        PROTO_TCP | PROTO_UDP | PROTO_SCTP => {
-            packet::ports(ctx, &packet).map_err(|()| unparseable())?
-        }
-        // Control messages (errors, path MTU) belong to flows judged already.
-        IPPROTO_ICMP | IPPROTO_ICMPV6 => return Ok(PASS),
-        // Other transports cannot be judged: keep default-deny.
-        _ => return Ok(DROP),
-    };
+    // (source port, destination port); ICMP: (echo identifier, type << 8 | code).
+    let (peer_side, judged) = packet::keys(ctx, &packet).map_err(|()| unparseable())?;
+    if packet::icmp_infrastructure(packet.protocol, judged) {
+        return Ok(PASS); // errors about flows, neighbour discovery
+    }
     if packet.protocol == PROTO_TCP {
         let tcp = packet::tcp(ctx, &packet).map_err(|()| unparseable())?;
         if !packet::opens_connection(&tcp) {
@@ -110,14 +109,19 @@ fn try_ingress(ctx: &SkBuffContext) -> Result<i32, i32> {
         cgroup_id,
         peer_addr: packet.src,
         family: packet.family,
-        port: dst_port,
-        peer_port: src_port,
-        // SAFETY: a cgroup_skb context is a valid argument for this helper.
-        socket_cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        port: judged,
+        peer_port: peer_side,
+        // UDP flows are remembered per socket; the others per workload (an
+        // SCTP association answers from another socket than its listener).
+        socket_cookie: if packet.protocol == PROTO_UDP {
+            // SAFETY: a cgroup_skb context is a valid argument for this helper.
+            unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+        } else {
+            cgroup_id
+        },
         in_process: false,
     };
-    let udp = packet.protocol == PROTO_UDP;
-    if udp {
+    if remembered {
         match flow_state(&flow) {
             Known::Fresh => return Ok(PASS),
             // A reply of a flow our egress opened under an older table:
@@ -137,13 +141,13 @@ fn try_ingress(ctx: &SkBuffContext) -> Result<i32, i32> {
             _ => {}
         }
         if !ingress_enforced {
-            remember_flow(&flow, DIR_INGRESS, dst_port);
+            remember_flow(&flow, DIR_INGRESS, judged);
             return Ok(PASS);
         }
     }
     let verdict = judge_ingress::<false>(&flow);
-    if udp && verdict == PASS {
-        remember_flow(&flow, DIR_INGRESS, dst_port);
+    if remembered && verdict == PASS {
+        remember_flow(&flow, DIR_INGRESS, judged);
     }
     Ok(verdict)
 }

@@ -8,7 +8,10 @@ use network_types::{
     tcp::TcpHdr,
     udp::UdpHdr,
 };
-use palisade_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP, v4_mapped};
+use palisade_common::{
+    PROTO_DCCP, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PROTO_UDPLITE,
+    v4_mapped,
+};
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -28,6 +31,9 @@ pub struct Packet {
     /// IPv4 options, or an IPv6 routing header with segments left: the
     /// packet may travel past its destination address.
     pub source_routed: bool,
+    /// An IPv4 fragment after the first: no transport header (an IPv6
+    /// fragment's protocol is the fragment header's, 44).
+    pub later_fragment: bool,
 }
 
 #[inline(always)]
@@ -42,6 +48,8 @@ pub fn parse(ctx: &SkBuffContext) -> Result<Packet, ()> {
         if ihl < Ipv4Hdr::LEN {
             return Err(());
         }
+        // Flags and fragment offset: bytes 6 and 7 of the header.
+        let frag: [u8; 2] = ctx.load(6).map_err(|_| ())?;
         Ok(Packet {
             family: 4,
             src: v4_mapped(ip.src_addr),
@@ -51,6 +59,7 @@ pub fn parse(ctx: &SkBuffContext) -> Result<Packet, ()> {
             // Workloads send no IPv4 options but source routes in practice;
             // any option is treated as one.
             source_routed: ihl > Ipv4Hdr::LEN,
+            later_fragment: u16::from_be_bytes(frag) & 0x1fff != 0,
         })
     } else if proto == ETH_P_IPV6 {
         let ip: Ipv6Hdr = ctx.load(0).map_err(|_| ())?;
@@ -79,6 +88,7 @@ pub fn parse(ctx: &SkBuffContext) -> Result<Packet, ()> {
             protocol: next,
             l4_offset: offset,
             source_routed,
+            later_fragment: false,
         })
     } else {
         Err(())
@@ -102,6 +112,11 @@ pub fn opens_connection(tcp: &TcpHdr) -> bool {
 #[inline(always)]
 pub fn ports(ctx: &SkBuffContext, p: &Packet) -> Result<(u16, u16), ()> {
     let (src, dst) = match p.protocol {
+        // Both start with the two ports, as UDP does.
+        PROTO_UDPLITE | PROTO_DCCP => {
+            let h: [u8; 4] = ctx.load(p.l4_offset).map_err(|_| ())?;
+            ([h[0], h[1]], [h[2], h[3]])
+        }
         PROTO_TCP => {
             let h: TcpHdr = ctx.load(p.l4_offset).map_err(|_| ())?;
             (h.source, h.dest)
@@ -123,4 +138,42 @@ pub fn ports(ctx: &SkBuffContext, p: &Packet) -> Result<(u16, u16), ()> {
 #[inline(always)]
 pub fn sctp_first_chunk(ctx: &SkBuffContext, p: &Packet) -> Result<u8, ()> {
     ctx.load(p.l4_offset + SctpHdr::LEN).map_err(|_| ())
+}
+
+/// What identifies a packet of a protocol without ports to policy and to the
+/// flow cache: (peer side, judged side). ICMP: (echo identifier, type << 8 |
+/// code) — a rule names a type and code the way a port is named, and an echo
+/// and its reply share the identifier. Any other protocol without ports:
+/// (0, 0).
+#[inline(always)]
+pub fn keys(ctx: &SkBuffContext, p: &Packet) -> Result<(u16, u16), ()> {
+    if p.later_fragment {
+        return Ok((0, 0));
+    }
+    match p.protocol {
+        PROTO_TCP | PROTO_UDP | PROTO_SCTP | PROTO_UDPLITE | PROTO_DCCP => ports(ctx, p),
+        PROTO_ICMP | PROTO_ICMPV6 => {
+            let h: [u8; 6] = ctx.load(p.l4_offset).map_err(|_| ())?;
+            Ok((
+                u16::from_be_bytes([h[4], h[5]]),
+                u16::from_be_bytes([h[0], h[1]]),
+            ))
+        }
+        _ => Ok((0, 0)),
+    }
+}
+
+/// ICMP messages that are the network's own business, never a workload's
+/// conversation: errors about a flow (destination unreachable, fragmentation
+/// needed / packet too big, time exceeded, parameter problem) and IPv6
+/// neighbour discovery and multicast listener messages, which stay on the
+/// link. `type_code` is `type << 8 | code`.
+#[inline(always)]
+pub fn icmp_infrastructure(protocol: u8, type_code: u16) -> bool {
+    let kind = (type_code >> 8) as u8;
+    match protocol {
+        PROTO_ICMP => matches!(kind, 3 | 11 | 12),
+        PROTO_ICMPV6 => matches!(kind, 1..=4 | 130..=137 | 143),
+        _ => false,
+    }
 }

@@ -94,7 +94,33 @@ fn an_attacker_in_a_workload_reaches_nothing_that_policy_denies() {
             vec!["rthdr", &l6, &v6, "80", "--nobody"],
         ),
         ("limited broadcast", vec!["broadcast", "80"]),
+        (
+            "ICMP echo over a ping socket, no capability",
+            vec!["ping", &v4, "--nobody"],
+        ),
+        (
+            "ICMPv6 echo over a ping socket, no capability",
+            vec!["ping", &v6, "--nobody"],
+        ),
+        (
+            "UDP-Lite from an ordinary socket, no capability",
+            vec!["udplite", &v4, "80", "--nobody"],
+        ),
+        (
+            "raw TCP ACK+PSH with data",
+            vec!["raw-tcp-data", &a4, &v4, "80"],
+        ),
+        (
+            "raw TCP RST as the allowed pod",
+            vec!["raw-tcp-rst", &l4, &v4, "80"],
+        ),
     ];
+    // Unprivileged ping sockets, as container runtimes commonly allow.
+    palisade_tests::world::in_netns(
+        &attacker.netns,
+        &["sysctl", "-qw", "net.ipv4.ping_group_range=0 2147483647"],
+    )
+    .unwrap();
 
     let audit = dir.path().join("audit.jsonl");
     let config = config_for(&world, &policies, &audit, "");

@@ -182,7 +182,14 @@ fn a_swapped_policy_map_pin_is_not_adopted_by_a_restarted_agent() {
     let before = s.agent.status().unwrap()["generation"].as_u64().unwrap();
     let file = find_policy_file(&policies, "payment-service");
     let saved = std::fs::read_to_string(&file).unwrap();
-    std::fs::write(&file, "# no policies here for now\n").unwrap();
+    std::fs::write(
+        &file,
+        format!(
+            "# no policies here for now\n{}",
+            palisade::policy::load::EMPTY_LIST
+        ),
+    )
+    .unwrap();
     s.agent
         .wait_status("the deletion applied", Duration::from_secs(5), |v| {
             v["generation"].as_u64().unwrap_or(0) > before

@@ -16,6 +16,7 @@ use serde_json::Value;
 
 mod attacks;
 mod faults;
+mod inputs;
 mod node;
 mod progrun;
 

@@ -2,7 +2,9 @@
 //! runs it: raw IP sockets (with and without `IP_HDRINCL`, with a forged
 //! source), TCP SYNs from a raw socket, an IPv4 loose source route
 //! (`IP_OPTIONS`), an IPv6 segment routing header (`IPV6_RTHDR`, which needs
-//! no capability), limited broadcast, and a packet (AF_PACKET) socket. Each
+//! no capability), limited broadcast, a packet (AF_PACKET) socket, TCP
+//! segments that open nothing (ACK+PSH with data, RST) from a raw socket,
+//! ICMP echo over an unprivileged ping socket, and UDP-Lite. Each
 //! returns `Ok` when the kernel let the packet (or socket) go, or the error.
 use std::{
     io,
@@ -124,14 +126,33 @@ pub fn raw_udp(dst: Ipv4Addr, port: u16, hdrincl_src: Option<Ipv4Addr>) -> io::R
 
 /// A TCP SYN through a raw IP socket (the listener would answer it).
 pub fn raw_syn(src: Ipv4Addr, dst: Ipv4Addr, port: u16) -> io::Result<()> {
+    raw_tcp(src, dst, port, TCP_SYN, b"")
+}
+
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_PSH_ACK: u8 = 0x18;
+
+/// A TCP segment with `flags` and `payload` through a raw IP socket: with
+/// a `src` that is not the sender's own it goes out with `IP_HDRINCL`.
+/// Segments that open nothing (ACK+PSH with data, RST) carry data all the
+/// same: counted where they arrive.
+pub fn raw_tcp(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    port: u16,
+    flags: u8,
+    payload: &[u8],
+) -> io::Result<()> {
     let mut tcp = Vec::new();
     tcp.extend(40001u16.to_be_bytes());
     tcp.extend(port.to_be_bytes());
     tcp.extend(1u32.to_be_bytes()); // sequence
-    tcp.extend(0u32.to_be_bytes()); // acknowledgement
-    tcp.extend([0x50, 0x02]); // header length 20, SYN
+    tcp.extend(u32::from(flags & 0x10 != 0).to_be_bytes()); // acknowledgement
+    tcp.extend([0x50, flags]); // header length 20, flags
     tcp.extend(64240u16.to_be_bytes());
     tcp.extend([0, 0, 0, 0]); // checksum, urgent
+    tcp.extend(payload);
     let mut pseudo = Vec::new();
     pseudo.extend(src.octets());
     pseudo.extend(dst.octets());
@@ -140,8 +161,67 @@ pub fn raw_syn(src: Ipv4Addr, dst: Ipv4Addr, port: u16) -> io::Result<()> {
     pseudo.extend(&tcp);
     let sum = checksum(&pseudo);
     tcp[16..18].copy_from_slice(&sum.to_be_bytes());
-    let fd = socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_TCP)?;
-    send_to4(&fd, &tcp, dst, 0)
+    let fd = socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW)?;
+    let packet = ipv4(src, dst, libc::IPPROTO_TCP as u8, &tcp);
+    send_to4(&fd, &packet, dst, 0)
+}
+
+/// An ICMP echo request with a 240-byte payload over a ping socket
+/// (`SOCK_DGRAM`, `IPPROTO_ICMP`/`IPPROTO_ICMPV6`): no capability needed
+/// where `net.ipv4.ping_group_range` admits the caller's group.
+pub fn ping(dst: std::net::IpAddr) -> io::Result<()> {
+    let (domain, proto, kind) = match dst {
+        std::net::IpAddr::V4(_) => (libc::AF_INET, libc::IPPROTO_ICMP, 8u8),
+        std::net::IpAddr::V6(_) => (libc::AF_INET6, libc::IPPROTO_ICMPV6, 128u8),
+    };
+    let fd = socket(domain, libc::SOCK_DGRAM, proto)?;
+    // Type, code, checksum and identifier (the kernel fills both), sequence.
+    let mut echo = vec![kind, 0, 0, 0, 0, 0, 0, 1];
+    echo.extend([0x5a; 240]);
+    send_to(&fd, &echo, dst, 0)
+}
+
+/// A UDP-Lite datagram from an ordinary socket (no capability needed).
+pub fn udplite(dst: std::net::IpAddr, port: u16) -> io::Result<()> {
+    let domain = if dst.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    let fd = socket(domain, libc::SOCK_DGRAM, IPPROTO_UDPLITE)?;
+    send_to(&fd, b"udp-lite", dst, port)
+}
+
+const IPPROTO_UDPLITE: libc::c_int = 136;
+
+/// `sendto` an IPv4 or IPv6 address.
+fn send_to(fd: &OwnedFd, payload: &[u8], dst: std::net::IpAddr, port: u16) -> io::Result<()> {
+    match dst {
+        std::net::IpAddr::V4(ip) => send_to4(fd, payload, ip, port),
+        std::net::IpAddr::V6(ip) => {
+            let addr = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: port.to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: ip.octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: valid buffer and address for their lengths.
+            check(unsafe {
+                libc::sendto(
+                    fd.as_raw_fd(),
+                    payload.as_ptr().cast(),
+                    payload.len(),
+                    0,
+                    (&raw const addr).cast(),
+                    std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+                ) as libc::c_int
+            })
+            .map(|_| ())
+        }
+    }
 }
 
 /// A UDP datagram "to" `allowed` with a loose source route whose first hop

@@ -343,13 +343,18 @@ impl World {
         Ok(())
     }
 
-    /// Counts the TCP and UDP packets that reach `pod`'s network namespace
-    /// (an nftables counter at prerouting, before any socket): what a denied
-    /// peer "saw" is measured where it arrives, not at the sender.
+    /// Counts the packets of every IP protocol that reach `pod`'s network
+    /// namespace (an nftables counter at prerouting, before any socket):
+    /// what a denied peer "saw" is measured where it arrives, not at the
+    /// sender. Only the link's own chatter is left out (IPv6 neighbour
+    /// discovery and multicast listener messages, IGMP), which no workload
+    /// sends.
     pub fn count_arrivals(&self, pod: &Pod) -> anyhow::Result<()> {
         let rules = "add table inet palisade_count\n\
                      add chain inet palisade_count pre { type filter hook prerouting priority -400; policy accept; }\n\
-                     add rule inet palisade_count pre meta l4proto { tcp, udp } counter\n";
+                     add rule inet palisade_count pre icmpv6 type { nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, nd-redirect, mld-listener-query, mld-listener-report, mld-listener-done, mld2-listener-report } accept\n\
+                     add rule inet palisade_count pre meta l4proto igmp accept\n\
+                     add rule inet palisade_count pre counter\n";
         in_netns_with_input(&pod.netns, &["nft", "-f", "-"], rules)
     }
 
@@ -724,7 +729,7 @@ fn in_netns_with_input(netns: &str, args: &[&str], input: &str) -> anyhow::Resul
 
 /// Runs `args` in network namespace `netns` (`ip netns exec`: for tools
 /// that need no cgroup view); its stdout, or an error with its stderr.
-fn in_netns(netns: &str, args: &[&str]) -> anyhow::Result<String> {
+pub fn in_netns(netns: &str, args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new("ip")
         .args(["netns", "exec", netns])
         .args(args)

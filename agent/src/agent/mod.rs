@@ -159,9 +159,9 @@ impl<D: Datapath, S: Source> Agent<D, S> {
                 info!("{why}: stopping");
                 return Flow::Stop;
             }
-            Event::Tick | Event::SourceChanged => self.round(),
+            Event::Tick | Event::SourceChanged => self.round(false),
             Event::PolicyWritten(reply) => {
-                self.round();
+                self.round(true);
                 let settled = self
                     .shared
                     .status
@@ -176,13 +176,15 @@ impl<D: Datapath, S: Source> Agent<D, S> {
     }
 
     /// One round: self-check when due, policy files, the source, then plan
-    /// and apply when anything changed.
-    fn round(&mut self) {
+    /// and apply when anything changed. `written`: the agent itself just
+    /// wrote the policy directory (read it without waiting for it to settle).
+    fn round(&mut self, written: bool) {
         if self.last_check.elapsed() >= SELF_CHECK_EVERY {
             self.last_check = Instant::now();
             self.self_check();
         }
-        self.policies.refresh_files(&self.shared.status);
+        self.policies
+            .refresh_files(Instant::now(), written, &self.shared.status);
         if self.policies.held_for_source {
             return;
         }
@@ -684,9 +686,12 @@ impl<E: crate::datapath::EventSource> Reader<E> {
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
     let (root, mount) = prepare_root(&config, &mode)?;
-    let policies = Policies::load(config.policy_dir.clone())
-        .map_err(|e| anyhow::anyhow!("{e}"))
-        .context("policy is invalid; nothing was loaded")?;
+    let policies = Policies::load(
+        config.policy_dir.clone(),
+        Duration::from_millis(config.policy_settle_ms),
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))
+    .context("policy is invalid; nothing was loaded")?;
     info!(
         files = policies.set.files.len(),
         policies = policies.set.policies.len(),

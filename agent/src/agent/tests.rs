@@ -86,7 +86,7 @@ fn agent(
     policy_dir: Option<&Path>,
 ) -> Agent<FakeDatapath, Scripted> {
     let config = Config::parse(Path::new("t.yaml"), "cgroupRoot: x\n").unwrap();
-    let policies = Policies::load(policy_dir.map(Path::to_owned)).unwrap();
+    let policies = Policies::load(policy_dir.map(Path::to_owned), Duration::ZERO).unwrap();
     Agent::new(
         dp,
         source,

@@ -368,10 +368,35 @@ pub fn validate_object(object: PolicyObject<'_>) -> Result<Policy, LoadError> {
 }
 
 /// Parses and validates every document of one file.
+///
+/// A file must hold at least one document: an empty file, or one of only
+/// comments, is what a truncation in place leaves while the file is being
+/// rewritten, so it is refused, never read as "no policies". No policies on
+/// purpose is written as an empty list ([`EMPTY_LIST`]).
 pub fn parse_str(file: &str, text: &str) -> Result<Vec<Policy>, LoadError> {
     let mut policies = Vec::new();
     let mut problems = Vec::new();
-    for doc in split_documents(text) {
+    let docs = split_documents(text);
+    if docs.is_empty() {
+        return Err(LoadError {
+            problems: vec![Problem {
+                file: file.to_owned(),
+                line: 1,
+                column: 1,
+                field: String::new(),
+                message: format!(
+                    "the file holds no YAML document ({}): a file being rewritten in place looks like this, so it is not read as \"no policies\" and the previous policy stays in force; to enforce no policy on purpose, write `{}`",
+                    if text.trim().is_empty() {
+                        "it is empty"
+                    } else {
+                        "only comments"
+                    },
+                    EMPTY_LIST.trim_end().replace('\n', "; ")
+                ),
+            }],
+        });
+    }
+    for doc in docs {
         let node = match parse_doc(file, &doc) {
             Ok(n) => n,
             Err(p) => {
@@ -395,6 +420,10 @@ pub fn parse_str(file: &str, text: &str) -> Result<Vec<Policy>, LoadError> {
             (Some(api::PALISADE_API), Some(api::CLUSTER_PALISADE_KIND)) => cx
                 .typed::<api::ClusterPalisadePolicy>(&node, doc.text)
                 .map(|cp| cx.palisade_policy(&cp.metadata, &cp.spec, true)),
+            (Some("v1"), Some("List")) => {
+                cx.empty_list(&node);
+                None
+            }
             (api_version, kind) => {
                 cx.problem(
                     if api_version.is_none() {
@@ -429,6 +458,10 @@ pub fn parse_str(file: &str, text: &str) -> Result<Vec<Policy>, LoadError> {
     }
 }
 
+/// A file that says "no policies" on purpose (kubectl's empty list, as
+/// `kubectl get networkpolicies -o yaml` prints it when there are none).
+pub const EMPTY_LIST: &str = "apiVersion: v1\nkind: List\nitems: []\n";
+
 /// Where a document's problems are placed: a file's located tree turns a field
 /// path into line:column; a cluster object has no positions.
 enum Place<'n> {
@@ -447,6 +480,25 @@ struct Validator<'a> {
 }
 
 impl Validator<'_> {
+    /// A `v1` `List` document: read only when empty (no policies, on
+    /// purpose); its items are not read.
+    fn empty_list(&mut self, node: &yaml::Node) {
+        let yaml::Value::Map(entries) = &node.value else {
+            return;
+        };
+        match entries.iter().find(|(k, _)| k.name == "items") {
+            Some((_, v)) if matches!(&v.value, yaml::Value::Seq(items) if items.is_empty()) => {}
+            Some(_) => self.problem(
+                "items",
+                "a List's items are not read: put each policy in its own YAML document (separated by `---`); an empty List (`items: []`) says \"no policies\" on purpose",
+            ),
+            None => self.problem(
+                "items",
+                "a List without `items`: write `items: []` to say \"no policies\" on purpose",
+            ),
+        }
+    }
+
     /// A problem at `field`: where its value (or its nearest written
     /// ancestor) was written in a file; the object's name for a cluster object.
     fn problem(&mut self, field: &str, message: impl Into<String>) {

@@ -25,7 +25,7 @@ use std::{
 
 fn usage() -> ! {
     eprintln!(
-        "usage: palisade-testbed serve [--tcp P,P..] [--udp P,P..] [--count FILE] | probe tcp|udp ADDR PORT [--timeout-ms N] | flood ADDR PORT COUNT | udp-session ADDR PORT FILE | attack raw-udp|raw-udp-hdrincl|raw-syn|lsrr|rthdr|broadcast|bound-udp|deep-ipv6-udp|packet-socket ARGS [--nobody] | burst ADDR PORT MS | foreign-socket CGROUP_PROCS | bench-serve [--tcp P] [--udp P] | bench-client crr|rr|udp ADDR PORT CLIENTS MS"
+        "usage: palisade-testbed serve [--tcp P,P..] [--udp P,P..] [--count FILE] | probe tcp|udp ADDR PORT [--timeout-ms N] | flood ADDR PORT COUNT | udp-session ADDR PORT FILE | attack raw-udp|raw-udp-hdrincl|raw-syn|raw-tcp-data|raw-tcp-rst|lsrr|rthdr|broadcast|bound-udp|deep-ipv6-udp|packet-socket|ping|udplite ARGS [--nobody] | burst ADDR PORT MS [--timeout-ms N] | foreign-socket CGROUP_PROCS | bench-serve [--tcp P] [--udp P] | bench-client crr|rr|udp ADDR PORT CLIENTS MS"
     );
     std::process::exit(64);
 }
@@ -437,6 +437,7 @@ fn attack(args: &[String]) {
     let v4 = |s: &str| s.parse::<std::net::Ipv4Addr>().unwrap_or_else(|_| usage());
     let v6 = |s: &str| s.parse::<std::net::Ipv6Addr>().unwrap_or_else(|_| usage());
     let port = |s: &str| s.parse::<u16>().unwrap_or_else(|_| usage());
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap_or_else(|_| usage());
     let result = match args.as_slice() {
         ["raw-udp", dst, p] => a::raw_udp(v4(dst), port(p), None),
         ["raw-udp-hdrincl", src, dst, p] => a::raw_udp(v4(dst), port(p), Some(v4(src))),
@@ -452,6 +453,12 @@ fn attack(args: &[String]) {
             n.parse().unwrap_or_else(|_| usage()),
         ),
         ["packet-socket"] => a::packet_socket(),
+        ["raw-tcp-data", src, dst, p] => {
+            a::raw_tcp(v4(src), v4(dst), port(p), a::TCP_PSH_ACK, b"exfiltrated")
+        }
+        ["raw-tcp-rst", src, dst, p] => a::raw_tcp(v4(src), v4(dst), port(p), a::TCP_RST, b"x"),
+        ["ping", dst] => a::ping(ip(dst)),
+        ["udplite", dst, p] => a::udplite(ip(dst), port(p)),
         _ => usage(),
     };
     let (word, code) = match result {
@@ -488,7 +495,16 @@ fn foreign_socket(args: &[String]) {
     }
 }
 
+/// TCP connects to ADDR:PORT every millisecond for MS milliseconds, each
+/// given `--timeout-ms` (default 20); prints `ok N eperm N other N`.
 fn burst(args: &[String]) {
+    let (args, timeout) = match args {
+        [rest @ .., flag, ms] if flag == "--timeout-ms" => (
+            rest,
+            Duration::from_millis(ms.parse().unwrap_or_else(|_| usage())),
+        ),
+        _ => (args, Duration::from_millis(20)),
+    };
     let [addr, port, ms] = args else { usage() };
     let addr = SocketAddr::new(
         addr.parse().unwrap_or_else(|_| usage()),
@@ -498,7 +514,7 @@ fn burst(args: &[String]) {
     let start = std::time::Instant::now();
     let (mut ok, mut eperm, mut other) = (0u32, 0u32, 0u32);
     while start.elapsed() < Duration::from_millis(ms) {
-        match TcpStream::connect_timeout(&addr, Duration::from_millis(20)) {
+        match TcpStream::connect_timeout(&addr, timeout) {
             Ok(_) => ok += 1,
             Err(e) if e.raw_os_error() == Some(libc::EPERM) => eperm += 1,
             Err(_) => other += 1,
