@@ -951,7 +951,13 @@ fn alternating_policy_sets_never_judge_a_connection_wrongly() {
     let path = policies.path().join("policy.yaml");
     std::fs::write(&path, &set_a).unwrap();
     let port = free_port();
-    let extra = format!("{}httpAddress: 127.0.0.1:{port}\n", scenario::NAMESPACES);
+    // Rewritten in place (`fs::write`: truncate, then write) 500 times: a
+    // short settle time keeps the run short; a read between the truncation
+    // and the write is what it must never make.
+    let extra = format!(
+        "{}httpAddress: 127.0.0.1:{port}\npolicySettleMs: 50\n",
+        scenario::NAMESPACES
+    );
     let s = setup(scenario::pods(), policies.path(), &extra);
     let order = s.world.pod("production/order-service");
     let logging = s.world.pod("production/logging");

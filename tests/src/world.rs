@@ -348,27 +348,41 @@ impl World {
     /// what a denied peer "saw" is measured where it arrives, not at the
     /// sender. Only the link's own chatter is left out (IPv6 neighbour
     /// discovery and multicast listener messages, IGMP), which no workload
-    /// sends.
+    /// sends. TCP and UDP are also counted on their own.
     pub fn count_arrivals(&self, pod: &Pod) -> anyhow::Result<()> {
         let rules = "add table inet palisade_count\n\
                      add chain inet palisade_count pre { type filter hook prerouting priority -400; policy accept; }\n\
+                     add rule inet palisade_count pre meta l4proto tcp counter comment \"tcp\"\n\
+                     add rule inet palisade_count pre meta l4proto udp counter comment \"udp\"\n\
                      add rule inet palisade_count pre icmpv6 type { nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, nd-redirect, mld-listener-query, mld-listener-report, mld-listener-done, mld2-listener-report } accept\n\
                      add rule inet palisade_count pre meta l4proto igmp accept\n\
-                     add rule inet palisade_count pre counter\n";
+                     add rule inet palisade_count pre counter comment \"all\"\n";
         in_netns_with_input(&pod.netns, &["nft", "-f", "-"], rules)
     }
 
-    /// Packets counted by [`World::count_arrivals`] so far.
+    /// Packets of every protocol counted by [`World::count_arrivals`] so far.
     pub fn arrivals(&self, pod: &Pod) -> anyhow::Result<u64> {
+        self.arrivals_of(pod, "all")
+    }
+
+    /// Packets of one transport (`tcp`, `udp`) counted so far: where an
+    /// answer's ICMP error (a port unreachable from the peer's kernel) is
+    /// not the point.
+    pub fn arrivals_of(&self, pod: &Pod, which: &str) -> anyhow::Result<u64> {
         let out = in_netns(
             &pod.netns,
             &["nft", "list", "chain", "inet", "palisade_count", "pre"],
         )?;
-        out.split_whitespace()
-            .skip_while(|w| *w != "packets")
-            .nth(1)
-            .and_then(|n| n.parse().ok())
-            .context("no counter in the arrival chain")
+        let tag = format!("comment \"{which}\"");
+        out.lines()
+            .find(|l| l.contains(&tag))
+            .and_then(|l| {
+                l.split_whitespace()
+                    .skip_while(|w| *w != "packets")
+                    .nth(1)
+                    .and_then(|n| n.parse().ok())
+            })
+            .with_context(|| format!("no {which} counter in the arrival chain"))
     }
 
     /// Runs a command in the hub (the node's network namespace), as a
