@@ -463,11 +463,7 @@ mod tests {
         assert_eq!(policies.files.files.len(), 1);
         assert!(status.lock().unwrap().last_error.is_none());
         // A List with items is not read (and says why).
-        std::fs::write(
-            &file,
-            format!("apiVersion: v1\nkind: List\nitems:\n- {{}}\n"),
-        )
-        .unwrap();
+        std::fs::write(&file, "apiVersion: v1\nkind: List\nitems:\n- {}\n").unwrap();
         policies.refresh_files(Instant::now(), false, &status);
         let error = status.lock().unwrap().last_error.clone().unwrap();
         assert!(
