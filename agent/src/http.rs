@@ -155,6 +155,11 @@ fn registry(status: &StatusReport) -> Registry {
             u64::from(status.policy_source_problem.is_some()),
         ),
         (
+            "palisade_cluster_view_stale",
+            "1 while the API server has not answered for 10 s or more (the kernel keeps enforcing the last view).",
+            u64::from(status.cluster_view_problem.is_some()),
+        ),
+        (
             "palisade_enforcement_problems",
             "Mismatches between the kernel and the agent's state that could not be repaired.",
             status.enforcement_problems.len() as u64,

@@ -567,6 +567,9 @@ fn print_status(s: &StatusReport) {
             palisade::text::escape(p)
         );
     }
+    if let Some(p) = &s.cluster_view_problem {
+        println!("  ! {}", palisade::text::escape(p));
+    }
     if !s.repairs.is_empty() {
         let list: Vec<String> = s.repairs.iter().map(|(k, n)| format!("{k} {n}")).collect();
         println!("self-check repairs  {}", list.join("   "));

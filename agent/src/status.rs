@@ -49,6 +49,11 @@ pub struct StatusReport {
     /// The policy directory vanished, turned empty or unreadable: the last
     /// good policy stays in force.
     pub policy_source_problem: Option<String>,
+    /// Kubernetes mode: the API server has not answered for a while, so the
+    /// cluster view (pods, Services, nodes, policies) may be stale; the kernel
+    /// keeps enforcing it. Does not make the node not ready.
+    #[serde(default)]
+    pub cluster_view_problem: Option<String>,
     /// Policy-directory changes seen (loads tried), the last one loaded,
     /// the last one whose policy is in the kernel, and the last one refused.
     pub policy_revision: u64,

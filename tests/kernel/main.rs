@@ -1645,6 +1645,56 @@ mod kubernetes {
         );
         eprintln!("policy delete → allowed in {took:?}");
 
+        // 6. The API server lost: the status (and the CLI) say so once the
+        //    bound has passed, the node stays ready and the kernel keeps the
+        //    last view; back, and the view is current again.
+        let status = agent.status().unwrap();
+        assert!(status["cluster_view_problem"].is_null(), "{status}");
+        api.set_down(true);
+        let lost = std::time::Instant::now();
+        let status = agent
+            .wait_status("the stale view reported", Duration::from_secs(20), |v| {
+                v["cluster_view_problem"].is_string()
+            })
+            .unwrap();
+        eprintln!("API server down → reported after {:?}", lost.elapsed());
+        assert!(
+            lost.elapsed() >= palisade::kubernetes::STALE_AFTER,
+            "not before the bound"
+        );
+        assert!(
+            status["cluster_view_problem"]
+                .as_str()
+                .unwrap()
+                .contains("has not answered"),
+            "{status}"
+        );
+        assert_eq!(
+            status["ready"], true,
+            "a lost API server does not take the node out"
+        );
+        let (_, text, _) = super::cli(&agent, &["status"]);
+        assert!(text.contains("has not answered"), "{text}");
+        assert_eq!(
+            world
+                .probe(
+                    world.pod("production/payment-service"),
+                    "tcp",
+                    world.pod("production/logging").ipv4.into(),
+                    9000,
+                    t
+                )
+                .unwrap(),
+            "ok",
+            "the last view stays in force"
+        );
+        api.set_down(false);
+        agent
+            .wait_status("the view current again", Duration::from_secs(20), |v| {
+                v["cluster_view_problem"].is_null()
+            })
+            .unwrap();
+
         assert!(agent.stop().unwrap(), "agent exits 0 on SIGTERM");
     }
 }

@@ -114,6 +114,8 @@ struct Shared {
     store: Mutex<Store>,
     changed: Condvar,
     stop: AtomicBool,
+    /// Taken down (`set_down`): every request is met with a closed connection.
+    down: AtomicBool,
 }
 
 pub struct FakeApiServer {
@@ -178,6 +180,7 @@ impl FakeApiServer {
             }),
             changed: Condvar::new(),
             stop: AtomicBool::new(false),
+            down: AtomicBool::new(false),
         });
         let s = shared.clone();
         let thread = std::thread::spawn(move || {
@@ -341,6 +344,19 @@ impl Drop for FakeApiServer {
 }
 
 impl FakeApiServer {
+    /// Takes the server down (`true`: open watches end, every request is
+    /// answered with a closed connection, as a dead API server behind a
+    /// load balancer) or brings it back.
+    pub fn set_down(&self, down: bool) {
+        self.shared.down.store(down, Ordering::SeqCst);
+        if down {
+            let mut st = self.store();
+            st.epoch += 1;
+            drop(st);
+            self.shared.changed.notify_all();
+        }
+    }
+
     /// Ends every watch and the accept loop (also on drop; call it before
     /// the network namespace it listens in goes).
     pub fn shutdown(&mut self) {
@@ -391,6 +407,9 @@ fn serve_connection(conn: TcpStream, shared: &Shared) -> anyhow::Result<()> {
             let mut body = vec![0; content_length];
             std::io::Read::read_exact(&mut reader, &mut body)?;
         }
+        if shared.down.load(Ordering::SeqCst) {
+            return Ok(());
+        }
         let mut parts = request_line.split_whitespace();
         let method = parts.next().unwrap_or_default().to_owned();
         let target = parts.next().unwrap_or_default().to_owned();
@@ -414,6 +433,14 @@ fn serve_connection(conn: TcpStream, shared: &Shared) -> anyhow::Result<()> {
             }
             ("GET", Some(kind)) => {
                 let body = list(shared, kind, &params);
+                respond(&mut out, 200, &body)?;
+            }
+            ("GET", None) if path == "/version" => {
+                let body = json!({
+                    "major": "1", "minor": "31", "gitVersion": "v1.31.0-palisade-fake",
+                    "gitCommit": "", "gitTreeState": "clean", "buildDate": "",
+                    "goVersion": "", "compiler": "", "platform": "linux/amd64",
+                });
                 respond(&mut out, 200, &body)?;
             }
             _ => {

@@ -185,6 +185,7 @@ impl<D: Datapath, S: Source> Agent<D, S> {
         }
         self.policies
             .refresh_files(Instant::now(), written, &self.shared.status);
+        self.note_view(self.source.view_problem());
         if self.policies.held_for_source {
             return;
         }
@@ -228,6 +229,23 @@ impl<D: Datapath, S: Source> Agent<D, S> {
         let outcome = self.reconciler.reconcile(&mut self.datapath, &obs.desired);
         self.steady = matches!(outcome, Outcome::Unchanged | Outcome::StillRefused);
         self.record(outcome, obs, first);
+    }
+
+    /// Whether the source's view is current, into the status; said once
+    /// when it turns stale and once when it is current again. A stale view
+    /// does not make the node not ready: the kernel goes on enforcing the
+    /// last view, and an API server that comes and goes must not take every
+    /// node out of service at once.
+    fn note_view(&self, problem: Option<String>) {
+        let Ok(mut s) = self.shared.status.lock() else {
+            return;
+        };
+        match (&s.cluster_view_problem, &problem) {
+            (None, Some(p)) => warn!("{p}"),
+            (Some(_), None) => info!("the API server answers again; the cluster view is current"),
+            _ => {}
+        }
+        s.cluster_view_problem = problem;
     }
 
     /// Counters and map fill into the status.

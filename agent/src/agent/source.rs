@@ -52,6 +52,11 @@ pub trait Source {
     /// Resolves when something may have changed before the next tick (a
     /// watch event); never for a source that can only be looked at.
     fn changed(&self) -> impl Future<Output = ()> + Send;
+    /// Why what the source shows may be out of date (the API server lost);
+    /// `None` while it is current.
+    fn view_problem(&self) -> Option<String> {
+        None
+    }
 }
 
 /// The cgroup root's own cgroup, unmanaged (its processes are the node's).
@@ -278,6 +283,10 @@ impl Source for KubernetesSource {
 
     fn policies(&self) -> (Vec<Policy>, Vec<String>) {
         self.cluster.policies()
+    }
+
+    fn view_problem(&self) -> Option<String> {
+        self.cluster.view_problem()
     }
 
     async fn changed(&self) {

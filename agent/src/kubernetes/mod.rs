@@ -131,6 +131,9 @@ pub struct Cluster {
     pub changed: Arc<tokio::sync::Notify>,
     /// Watch errors (each followed by a backoff and a retry).
     pub errors: Arc<AtomicU64>,
+    /// When the API server last answered (a watch event, or the periodic
+    /// `/version` probe).
+    contact: Contact,
     /// Bumped on every event of a policy kind: "did the policy objects change?".
     policy_epoch: Arc<AtomicU64>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -151,6 +154,59 @@ impl Drop for Cluster {
             t.abort();
         }
     }
+}
+
+/// When the API server last answered: milliseconds since the agent's start,
+/// written by every watch task and the probe, read by the loop.
+#[derive(Clone)]
+pub struct Contact {
+    start: std::time::Instant,
+    last_ms: Arc<AtomicU64>,
+}
+
+impl Contact {
+    fn new() -> Contact {
+        Contact {
+            start: std::time::Instant::now(),
+            last_ms: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// Time since the API server last answered.
+    pub fn silent_for(&self) -> std::time::Duration {
+        self.start
+            .elapsed()
+            .saturating_sub(std::time::Duration::from_millis(
+                self.last_ms.load(Ordering::Relaxed),
+            ))
+    }
+}
+
+/// How often the API server is asked for its version while the watches are
+/// quiet (a quiet watch says nothing about a dead server).
+const CONTACT_PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Silence after which the cluster view is reported stale.
+pub const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Asks the API server for its version every [`CONTACT_PROBE_EVERY`].
+fn probe_contact(client: Client, contact: Contact) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(CONTACT_PROBE_EVERY);
+        loop {
+            ticker.tick().await;
+            if let Ok(Ok(_)) =
+                tokio::time::timeout(CONTACT_PROBE_EVERY, client.apiserver_version()).await
+            {
+                contact.touch();
+            }
+        }
+    })
 }
 
 /// Objects of a kind that changed since the agent last looked.
@@ -178,7 +234,7 @@ fn follow<K>(
     index: usize,
     synced: Arc<[AtomicBool; KIND_COUNT]>,
     changed: Arc<tokio::sync::Notify>,
-    counters: (Arc<AtomicU64>, Option<Arc<AtomicU64>>),
+    counters: (Arc<AtomicU64>, Option<Arc<AtomicU64>>, Contact),
     record: Option<Arc<Mutex<Changed>>>,
 ) -> (Store<K>, tokio::task::JoinHandle<()>)
 where
@@ -190,12 +246,13 @@ where
         .default_backoff()
         .modify(strip)
         .reflect(writer);
-    let (errors, epoch) = counters;
+    let (errors, epoch, contact) = counters;
     let task = tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         loop {
             match stream.try_next().await {
                 Ok(Some(event)) => {
+                    contact.touch();
                     if matches!(event, watcher::Event::InitDone)
                         && !synced[index].swap(true, Ordering::SeqCst)
                     {
@@ -266,8 +323,9 @@ impl Cluster {
         let service_changes = Arc::new(Mutex::new(Changed::default()));
         let slice_changes = Arc::new(Mutex::new(Changed::default()));
         let (s, c) = (&synced, &changed);
-        let plain = || (errors.clone(), None);
-        let policy = || (errors.clone(), Some(policy_epoch.clone()));
+        let contact = Contact::new();
+        let plain = || (errors.clone(), None, contact.clone());
+        let policy = || (errors.clone(), Some(policy_epoch.clone()), contact.clone());
         let (pods, t) = follow(
             Api::<Pod>::all(client.clone()),
             |p| {
@@ -347,7 +405,7 @@ impl Cluster {
         );
         tasks.push(t);
         let (nodes, t) = follow(
-            Api::<Node>::all(client),
+            Api::<Node>::all(client.clone()),
             |n| {
                 strip_meta(&mut n.metadata);
                 // Only the addresses are read.
@@ -365,6 +423,7 @@ impl Cluster {
             None,
         );
         tasks.push(t);
+        tasks.push(probe_contact(client, contact.clone()));
         Cluster {
             pods,
             namespaces,
@@ -377,6 +436,7 @@ impl Cluster {
             synced,
             changed,
             errors,
+            contact,
             policy_epoch,
             tasks,
             parsed: Mutex::new(HashMap::new()),
@@ -401,6 +461,19 @@ impl Cluster {
     /// the kernel: a partial view would deny (or allow) by omission.
     pub fn synced(&self) -> bool {
         self.synced.iter().all(|s| s.load(Ordering::SeqCst))
+    }
+
+    /// Why the cluster view may be stale: the API server has not answered
+    /// for longer than [`STALE_AFTER`] (watch events and probes alike).
+    pub fn view_problem(&self) -> Option<String> {
+        let silent = self.contact.silent_for();
+        (silent > STALE_AFTER).then(|| {
+            format!(
+                "the API server has not answered for {} s ({} watch errors so far): the kernel keeps enforcing the cluster as last seen; pods, Services, nodes and policies changed since are not known",
+                silent.as_secs(),
+                self.errors.load(Ordering::Relaxed)
+            )
+        })
     }
 
     /// Changes whenever a policy object was added, changed or deleted.

@@ -250,6 +250,7 @@ fn cluster_with(nps: Vec<NetworkPolicy>, pps: Vec<crate::policy::api::PalisadePo
         synced: Arc::new(Default::default()),
         changed: Arc::new(tokio::sync::Notify::new()),
         errors: Arc::new(AtomicU64::new(0)),
+        contact: super::Contact::new(),
         policy_epoch: Arc::new(AtomicU64::new(0)),
         tasks: Vec::new(),
         parsed: Mutex::new(HashMap::new()),
