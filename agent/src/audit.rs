@@ -287,6 +287,9 @@ pub fn record(ev: &AuditEvent, snap: &Snapshot, boot: Duration) -> AuditRecord {
         reason::SERVICE_TOO_MANY_BACKENDS => Some(
             "the Service has more distinct backend identities and ports than the kernel judges (4); the connection is refused (fail closed)",
         ),
+        reason::SERVICE_NO_BACKENDS => Some(
+            "the Service has no backend the agent knows (no ready or serving endpoint with the target port); the connection is refused (fail closed)",
+        ),
         reason::SOURCE_ROUTED => Some(
             "the packet carries a source route (IPv6 routing header or IPv4 options) that would take it past the judged destination; dropped",
         ),

@@ -82,8 +82,13 @@ impl UnknownPods {
 pub struct Service {
     pub namespace: String,
     pub name: String,
-    /// ClusterIPs, external IPs and load-balancer ingress IPs.
+    /// The Service's own virtual addresses: ClusterIPs (on a plain host,
+    /// the configured addresses).
     pub addresses: Vec<IpAddr>,
+    /// External IPs and load-balancer ingress IPs: frontends too, but never
+    /// an endpoint's own addresses — anyone who may create a Service can
+    /// set them to any address, another pod's included.
+    pub external: Vec<IpAddr>,
     pub ports: Vec<ServicePort>,
     /// Ready endpoints.
     pub endpoints: Vec<Endpoint>,
@@ -355,6 +360,7 @@ pub fn resolve_services(configs: &[ServiceConfig], workloads: &[Workload]) -> Ve
                 namespace: c.namespace.clone(),
                 name: c.name.clone(),
                 addresses: c.addresses.clone(),
+                external: Vec::new(),
                 ports: ports.into_iter().map(|(p, _)| p).collect(),
                 endpoints,
             }

@@ -175,6 +175,10 @@ pub mod reason {
     pub const PACKET_SOCKET: u8 = 6;
     /// A packet of a raw IP socket, judged by its real destination.
     pub const RAW_SOCKET: u8 = 7;
+    /// A connection to a Service frontend with no backend the kernel can
+    /// judge (no endpoint known, or none with the target port): refused,
+    /// since the node would forward it to a backend nobody judged.
+    pub const SERVICE_NO_BACKENDS: u8 = 8;
 }
 
 /// The ipcache LPM trie's key data is a `[u8; 16]` IPv6 address; IPv4 is stored

@@ -195,28 +195,29 @@ fn service(flow: &Flow) -> Option<ServiceValue> {
 /// Judges a connection to a Service as the same connection to its backends
 /// on their target ports (what the node's DNAT will make of it). Backends
 /// that agree decide; backends that disagree refuse the connection whole
-/// (fail closed), naming the Service. `None`: no backends, nothing to judge
-/// (the node refuses the connection itself).
+/// (fail closed), naming the Service; a Service with no backend to judge is
+/// refused too (the node might forward to one the agent has not learned).
 #[inline(always)]
 fn decide_service(
     slot: u8,
     flow: &Flow,
     svc: &ServiceValue,
     enforcement: &EnforcedValue,
-) -> Option<Decision> {
+) -> Decision {
+    let refused = |why| Decision {
+        verdict: v::DENY,
+        rule_id: 0,
+        policy_rule_id: enforcement.policy_rule_id,
+        peer_identity: identity::WORLD,
+        service_id: svc.service_id,
+        reason: why,
+    };
     let count = usize::from(svc.count);
     if count == 0 {
-        return None;
+        return refused(reason::SERVICE_NO_BACKENDS);
     }
     if count > MAX_SERVICE_BACKENDS {
-        return Some(Decision {
-            verdict: v::DENY,
-            rule_id: 0,
-            policy_rule_id: enforcement.policy_rule_id,
-            peer_identity: identity::WORLD,
-            service_id: svc.service_id,
-            reason: reason::SERVICE_TOO_MANY_BACKENDS,
-        });
+        return refused(reason::SERVICE_TOO_MANY_BACKENDS);
     }
     let mut denied: Option<Decision> = None;
     let mut passed: Option<Decision> = None;
@@ -240,11 +241,11 @@ fn decide_service(
         (Some(p), None) => (p, reason::POLICY),
         (None, Some(d)) => (d, reason::POLICY),
         (Some(_), Some(d)) => (d, reason::SERVICE_BACKENDS_DISAGREE),
-        (None, None) => return None,
+        (None, None) => return refused(reason::SERVICE_NO_BACKENDS),
     };
     decision.service_id = svc.service_id;
     decision.reason = reason;
-    Some(decision)
+    decision
 }
 
 /// Judges traffic the workload sends to `flow.peer_addr:flow.port` (a
@@ -260,10 +261,7 @@ pub fn judge_egress<const TASK: bool>(flow: &Flow) -> i32 {
         return PASS;
     }
     let decision = match service(flow) {
-        Some(svc) => match decide_service(slot, flow, &svc, &enforcement) {
-            Some(d) => d,
-            None => return PASS,
-        },
+        Some(svc) => decide_service(slot, flow, &svc, &enforcement),
         None => decide_peer(
             slot,
             flow,

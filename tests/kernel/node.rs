@@ -453,6 +453,97 @@ fn services_the_node_loopback_and_udp_replies_work_under_policy() {
         "the added address is not the pod's: {out}"
     );
 
+    // 6c. Services never open what payment-service's egress policy denies
+    //     (logging:9000):
+    //     - a Service whose only endpoint is logging, not ready but serving
+    //       while terminating: kube-proxy forwards to it (KEP-1669), so it
+    //       is judged — order-service, whose egress is open, reaches logging
+    //       through it (the technique works); payment-service is refused;
+    //     - a Service with no endpoint: refused at connect(), audited;
+    //     - a Service selecting payment-service with logging's address as
+    //       an external IP: that address does not become payment-service's
+    //       own (on every port, and as a source).
+    let logging_ip = v4(&world, "production/logging");
+    let ending_vip: IpAddr = world.service_v4(13).into();
+    let empty_vip: IpAddr = world.service_v4(14).into();
+    let (ending_svc, mut ending_slice) = kubeproxy::service_objects(
+        "production",
+        "ending",
+        &[ending_vip],
+        &[("l", "TCP", 9000, 9000)],
+        &[logging_ip],
+    );
+    ending_slice["endpoints"][0]["conditions"] =
+        json!({"ready": false, "serving": true, "terminating": true});
+    objects.insert("production/ending".into(), (ending_svc, ending_slice));
+    objects.insert(
+        "production/empty".into(),
+        kubeproxy::service_objects(
+            "production",
+            "empty",
+            &[empty_vip],
+            &[("l", "TCP", 9000, 9000)],
+            &[],
+        ),
+    );
+    let (mut evil_svc, evil_slice) = kubeproxy::service_objects(
+        "production",
+        "evil",
+        &[world.service_v4(15).into()],
+        &[("h", "TCP", 80, 8080)],
+        &[v4(&world, "production/payment-service")],
+    );
+    evil_svc["spec"]["externalIPs"] = json!([logging_ip.to_string()]);
+    objects.insert("production/evil".into(), (evil_svc, evil_slice));
+    publish(&api, &world, &objects, Mode::Iptables);
+    until(
+        &world,
+        "production/payment-service",
+        "tcp",
+        empty_vip,
+        9000,
+        "eperm",
+    );
+    assert_eq!(
+        probe(&world, "production/order-service", "tcp", ending_vip, 9000),
+        "ok",
+        "kube-proxy forwards to the terminating endpoint"
+    );
+    assert_eq!(
+        probe(
+            &world,
+            "production/payment-service",
+            "tcp",
+            ending_vip,
+            9000
+        ),
+        "eperm",
+        "a serving, terminating endpoint is judged"
+    );
+    assert_eq!(
+        probe(
+            &world,
+            "production/payment-service",
+            "tcp",
+            logging_ip,
+            9000
+        ),
+        "eperm",
+        "an external IP is not the endpoint's own address"
+    );
+    let ev = agent
+        .wait_for_event(
+            |e| e["service"]["name"] == "production/empty",
+            Duration::from_secs(3),
+        )
+        .unwrap();
+    assert!(
+        ev["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("no backend")),
+        "{ev}"
+    );
+
     // 7. A UDP server whose egress is denied answers the clients its ingress
     //    admits, directly and through its Service.
     api.apply(

@@ -74,7 +74,9 @@ pub fn from_objects(services: &[Value], slices: &[Value]) -> Vec<ServicePortRule
         for port in spec["ports"].as_array().into_iter().flatten() {
             let port_name = port["name"].as_str().unwrap_or_default().to_owned();
             let protocol = port["protocol"].as_str().unwrap_or("TCP").to_lowercase();
-            let mut endpoints = Vec::new();
+            // kube-proxy's choice (KEP-1669): the ready endpoints, or when
+            // none is ready, those serving while terminating.
+            let (mut endpoints, mut terminating) = (Vec::new(), Vec::new());
             for slice in slices.iter().filter(|s| {
                 s["metadata"]["namespace"] == ns
                     && s["metadata"]["labels"]["kubernetes.io/service-name"] == name
@@ -93,15 +95,25 @@ pub fn from_objects(services: &[Value], slices: &[Value]) -> Vec<ServicePortRule
                     continue;
                 };
                 for ep in slice["endpoints"].as_array().into_iter().flatten() {
-                    if ep["conditions"]["ready"] == false {
+                    let c = &ep["conditions"];
+                    let ready = c["ready"] != false;
+                    let serving = c["serving"].as_bool().unwrap_or(ready);
+                    let into = if ready {
+                        &mut endpoints
+                    } else if serving && c["terminating"] == true {
+                        &mut terminating
+                    } else {
                         continue;
-                    }
+                    };
                     for a in ep["addresses"].as_array().into_iter().flatten() {
                         if let Some(ip) = a.as_str().and_then(|a| a.parse().ok()) {
-                            endpoints.push((ip, target_port));
+                            into.push((ip, target_port));
                         }
                     }
                 }
+            }
+            if endpoints.is_empty() {
+                endpoints = terminating;
             }
             endpoints.sort();
             out.push(ServicePortRule {

@@ -1137,6 +1137,7 @@ mod tests {
                             namespace: "prod".into(),
                             name: name.clone(),
                             addresses: vec![format!("10.96.0.{}", next(6) + 1).parse().unwrap()],
+                            external: Vec::new(),
                             ports: vec![crate::inventory::ServicePort {
                                 name: "http".into(),
                                 protocol: Protocol::Tcp,

@@ -209,11 +209,16 @@ impl ServicePlan {
                 service_id: id,
                 backends: backends.into_iter().collect(),
             };
-            let frontends = svc.addresses.iter().map(|a| (*a, port.port)).chain(
-                port.node_port
-                    .into_iter()
-                    .flat_map(|np| self.node_ips.iter().map(move |a| (*a, np))),
-            );
+            let frontends = svc
+                .addresses
+                .iter()
+                .chain(&svc.external)
+                .map(|a| (*a, port.port))
+                .chain(
+                    port.node_port
+                        .into_iter()
+                        .flat_map(|np| self.node_ips.iter().map(move |a| (*a, np))),
+                );
             for (addr, p) in frontends {
                 let f = ServiceFrontend {
                     addr,
@@ -247,7 +252,10 @@ impl ServicePlan {
 /// (cgroup, Service address) pairs when every endpoint is one local
 /// workload's: connecting to the Service is that workload reaching itself
 /// (kube-proxy's hairpin), which passes like a connection to its own
-/// address. A Service with other endpoints too is judged by them all.
+/// address. A Service with other endpoints too is judged by them all. Only
+/// the Service's own virtual addresses count: an external or load-balancer
+/// IP may be any address (another pod's), and would become the endpoint's
+/// own on every port and as a source.
 fn hairpin(
     owners: &HashMap<IpAddr, u64>,
     endpoints: &[IpAddr],

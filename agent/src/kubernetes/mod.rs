@@ -766,8 +766,9 @@ pub fn inputs(
 /// The label an EndpointSlice carries naming its Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
-/// Services with their ready endpoints, from Service and EndpointSlice
-/// objects. Headless and ExternalName Services have no address to judge and
+/// Services with the endpoints kube-proxy forwards to (the ready ones, or
+/// when none is ready those serving while terminating), from Service and
+/// EndpointSlice objects. Headless and ExternalName Services have no address to judge and
 /// are left out (connections to their pods are judged by the pods' IPs).
 pub fn services(services: &[Arc<KubeService>], slices: &[Arc<EndpointSlice>]) -> Vec<Service> {
     let mut by_service: HashMap<(String, String), Vec<&EndpointSlice>> = HashMap::new();
@@ -792,7 +793,12 @@ pub fn services(services: &[Arc<KubeService>], slices: &[Arc<EndpointSlice>]) ->
             .iter()
             .flatten()
             .chain(spec.cluster_ip.iter())
-            .chain(spec.external_ips.iter().flatten())
+            .filter_map(|a| a.parse().ok())
+            .collect();
+        let mut external: Vec<IpAddr> = spec
+            .external_ips
+            .iter()
+            .flatten()
             .filter_map(|a| a.parse().ok())
             .collect();
         if let Some(ingress) = svc
@@ -801,7 +807,7 @@ pub fn services(services: &[Arc<KubeService>], slices: &[Arc<EndpointSlice>]) ->
             .and_then(|s| s.load_balancer.as_ref())
             .and_then(|lb| lb.ingress.as_ref())
         {
-            addresses.extend(
+            external.extend(
                 ingress
                     .iter()
                     .filter_map(|i| i.ip.as_ref()?.parse::<IpAddr>().ok()),
@@ -809,6 +815,9 @@ pub fn services(services: &[Arc<KubeService>], slices: &[Arc<EndpointSlice>]) ->
         }
         addresses.sort();
         addresses.dedup();
+        external.sort();
+        external.dedup();
+        external.retain(|a| !addresses.contains(a));
         let ports: Vec<ServicePort> = spec
             .ports
             .iter()
@@ -824,7 +833,10 @@ pub fn services(services: &[Arc<KubeService>], slices: &[Arc<EndpointSlice>]) ->
             .collect();
         let namespace = svc.namespace().unwrap_or_default();
         let name = svc.name_any();
-        let mut endpoints = Vec::new();
+        // kube-proxy's choice (KEP-1669): the ready endpoints; when none is
+        // ready, the ones still serving while terminating (a rollout, a
+        // scale-down). Judged whenever kube-proxy would use them.
+        let (mut endpoints, mut terminating) = (Vec::new(), Vec::new());
         for slice in by_service
             .get(&(namespace.clone(), name.clone()))
             .into_iter()
@@ -845,11 +857,20 @@ pub fn services(services: &[Arc<KubeService>], slices: &[Arc<EndpointSlice>]) ->
                 })
                 .collect();
             for ep in &slice.endpoints {
-                // Upstream: a nil `ready` is to be read as ready.
-                if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                // Upstream: a nil `ready` is to be read as ready, a nil
+                // `serving` as `ready`, a nil `terminating` as false.
+                let c = ep.conditions.as_ref();
+                let ready = c.and_then(|c| c.ready) != Some(false);
+                let serving = c.and_then(|c| c.serving).unwrap_or(ready);
+                let ending = c.and_then(|c| c.terminating) == Some(true);
+                let into = if ready {
+                    &mut endpoints
+                } else if serving && ending {
+                    &mut terminating
+                } else {
                     continue;
-                }
-                endpoints.extend(ep.addresses.iter().filter_map(|a| {
+                };
+                into.extend(ep.addresses.iter().filter_map(|a| {
                     Some(Endpoint {
                         ip: a.parse().ok()?,
                         ports: slice_ports.clone(),
@@ -857,7 +878,13 @@ pub fn services(services: &[Arc<KubeService>], slices: &[Arc<EndpointSlice>]) ->
                 }));
             }
         }
-        if addresses.is_empty() && ports.iter().all(|p| p.node_port.is_none()) {
+        if endpoints.is_empty() {
+            endpoints = terminating;
+        }
+        if addresses.is_empty()
+            && external.is_empty()
+            && ports.iter().all(|p| p.node_port.is_none())
+        {
             continue; // headless: nothing addresses the Service itself
         }
         // In one order whatever order the slices are listed in.
@@ -866,6 +893,7 @@ pub fn services(services: &[Arc<KubeService>], slices: &[Arc<EndpointSlice>]) ->
             namespace,
             name,
             addresses,
+            external,
             ports,
             endpoints,
         });

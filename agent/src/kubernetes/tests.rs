@@ -351,9 +351,12 @@ fn services_take_every_frontend_and_the_ready_endpoints_of_their_slices() {
     assert_eq!(out.len(), 1, "the headless Service has no frontend");
     let db = &out[0];
     let addrs: Vec<String> = db.addresses.iter().map(ToString::to_string).collect();
+    assert_eq!(addrs, ["10.96.0.20", "fd00:96::20"]);
+    let external: Vec<String> = db.external.iter().map(ToString::to_string).collect();
     assert_eq!(
-        addrs,
-        ["10.96.0.20", "192.0.2.7", "198.51.100.9", "fd00:96::20"]
+        external,
+        ["192.0.2.7", "198.51.100.9"],
+        "external and load-balancer IPs: frontends, not the endpoints' own"
     );
     assert_eq!(db.ports[0].node_port, Some(30432));
     let eps: Vec<String> = db.endpoints.iter().map(|e| e.ip.to_string()).collect();
@@ -594,4 +597,47 @@ fn the_service_index_fed_changes_equals_services_from_the_whole_lists() {
         assert_eq!(held, want, "step {step}");
     }
     assert!(!svc_store.state().is_empty() && !slice_store.state().is_empty());
+}
+
+#[test]
+fn terminating_endpoints_still_serving_are_judged_when_none_is_ready() {
+    let svc: KubeService = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "web", "namespace": "shop"},
+        "spec": {"clusterIP": "10.96.0.30", "ports": [{"name": "h", "port": 80}]}
+    }))
+    .unwrap();
+    let slice = |endpoints: serde_json::Value| -> Arc<EndpointSlice> {
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "web-1", "namespace": "shop",
+                             "labels": {"kubernetes.io/service-name": "web"}},
+                "addressType": "IPv4",
+                "ports": [{"name": "h", "port": 8080, "protocol": "TCP"}],
+                "endpoints": endpoints
+            }))
+            .unwrap(),
+        )
+    };
+    let ending = serde_json::json!({"addresses": ["10.244.1.8"],
+        "conditions": {"ready": false, "serving": true, "terminating": true}});
+    let gone = serde_json::json!({"addresses": ["10.244.1.9"],
+        "conditions": {"ready": false, "serving": false, "terminating": true}});
+    let ready = serde_json::json!({"addresses": ["10.244.1.5"], "conditions": {"ready": true}});
+    let ips = |slices: &[Arc<EndpointSlice>]| -> Vec<String> {
+        services(&[Arc::new(svc.clone())], slices)[0]
+            .endpoints
+            .iter()
+            .map(|e| e.ip.to_string())
+            .collect()
+    };
+    // kube-proxy's choice: the ready ones; with none ready, those still
+    // serving while terminating (never the ones that stopped serving).
+    assert_eq!(
+        ips(&[slice(serde_json::json!([ending.clone(), gone.clone()]))]),
+        ["10.244.1.8"]
+    );
+    assert_eq!(
+        ips(&[slice(serde_json::json!([ending, gone, ready]))]),
+        ["10.244.1.5"]
+    );
 }
