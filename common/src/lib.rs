@@ -260,10 +260,19 @@ pub struct FlowValue {
     /// an egress send is judged again as that egress after a table change,
     /// whichever way its next packet goes; likewise for ingress.
     pub direction: u8,
-    pub _pad: u8,
+    /// `flow_flags::*`.
+    pub flags: u8,
     /// The destination port of that first judgement (the peer's on egress,
     /// ours on ingress).
     pub port: u16,
+}
+
+/// `FlowValue::flags` bits.
+pub mod flow_flags {
+    /// The flow was judged again under this generation and denied: its
+    /// packets drop without another lookup or audit event (a revoked TCP
+    /// connection).
+    pub const DENIED: u8 = 1;
 }
 
 /// Key of the Service map: a frontend (ClusterIP, external or load-balancer

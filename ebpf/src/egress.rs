@@ -42,9 +42,9 @@ fn judge(ctx: &SockAddrContext, family: u8, sendmsg: bool) -> i32 {
     // SAFETY: the kernel hands every sock_addr program a valid context.
     let sa = unsafe { &*ctx.sock_addr };
     let protocol = sa.protocol as u8;
-    // SCTP associations are judged at connect() too; SCTP's sendmsg path has
-    // no cgroup hook, so an association set up implicitly by sendmsg() is
-    // judged only at the receiver's ingress.
+    // SCTP associations are judged at connect() too, and every SCTP packet
+    // as it leaves (`egress_packet`): an association set up implicitly by
+    // sendmsg() has no socket hook.
     if protocol != PROTO_TCP && protocol != PROTO_UDP && protocol != PROTO_SCTP {
         return PASS;
     }
@@ -53,10 +53,14 @@ fn judge(ctx: &SockAddrContext, family: u8, sendmsg: bool) -> i32 {
     let local = cgroup_identity(cgroup_id);
     // Early exit: egress is open for this identity. UDP goes on when our
     // ingress is enforced: an allowed datagram flow is remembered so that its
-    // replies pass that ingress.
+    // replies pass that ingress. A TCP connect() is remembered as opened by
+    // us whatever the policy: after a change its packets are judged as this
+    // egress (revocation), not as an accepted connection.
     let slot = active_slot();
     let udp = protocol == PROTO_UDP;
+    let tcp_connect = protocol == PROTO_TCP && !sendmsg;
     if enforced(slot, DIR_EGRESS, local).is_none()
+        && !tcp_connect
         && (!udp || enforced(slot, DIR_INGRESS, local).is_none())
     {
         return PASS;
@@ -86,8 +90,8 @@ fn judge(ctx: &SockAddrContext, family: u8, sendmsg: bool) -> i32 {
         family,
         port,
         peer_port: port,
-        // Only datagram flows are remembered, by socket.
-        socket_cookie: if udp {
+        // Datagram flows and connections are remembered, by socket.
+        socket_cookie: if udp || tcp_connect {
             // SAFETY: a sock_addr context is a valid argument for this helper.
             unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
         } else {
@@ -117,8 +121,9 @@ fn judge(ctx: &SockAddrContext, family: u8, sendmsg: bool) -> i32 {
         }
     }
     let verdict = judge_egress::<true>(&flow);
-    if udp && verdict == PASS {
-        // Remember the peer so that its replies pass our ingress.
+    if (udp || tcp_connect) && verdict == PASS {
+        // Remember the peer so that its replies pass our ingress, and how a
+        // connection was opened, to judge it again that way after a change.
         remember_flow(&flow, DIR_EGRESS, port);
     }
     verdict

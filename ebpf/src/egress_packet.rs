@@ -22,7 +22,7 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::__sk_buff,
-    helpers::generated::{bpf_sk_fullsock, bpf_skb_cgroup_id},
+    helpers::generated::{bpf_get_socket_cookie, bpf_sk_fullsock, bpf_skb_cgroup_id},
     macros::cgroup_skb,
     programs::SkBuffContext,
 };
@@ -36,9 +36,36 @@ use crate::{
     packet::{self, Packet, parse},
     verdict::{
         Flow, Known, PASS, active_slot, as_first_judged, count, enforced, flow_state, judge_egress,
-        judge_ingress, own_address, refuse, remember_flow,
+        judge_established, judge_ingress, own_address, refuse, remember_flow,
     },
 };
+
+/// The flow of a TCP segment of an established connection: this socket,
+/// the peer's address and port (identity filled in only when it must be
+/// judged again).
+#[inline(always)]
+pub fn established(
+    ctx: &SkBuffContext,
+    direction: u8,
+    peer_addr: [u8; 16],
+    peer_port: u16,
+    family: u8,
+) -> Flow {
+    Flow {
+        direction,
+        protocol: PROTO_TCP,
+        local_identity: 0,
+        // SAFETY: the context pointer is valid for the program's run.
+        cgroup_id: unsafe { bpf_skb_cgroup_id(ctx.as_ptr().cast()) },
+        peer_addr,
+        family,
+        port: 0,
+        peer_port,
+        // SAFETY: a cgroup_skb context is a valid argument for this helper.
+        socket_cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        in_process: false,
+    }
+}
 
 const SOCK_RAW: u32 = 3;
 
@@ -59,7 +86,16 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, i32> {
         && !packet::opens_connection(&tcp)
         && !raw_socket(ctx)
     {
-        return Ok(PASS); // a segment of a connection judged at its connect()
+        // A segment of a connection judged at its connect() or its SYN:
+        // judged again once per policy generation.
+        let flow = established(
+            ctx,
+            DIR_EGRESS,
+            p.dst,
+            u16::from_be_bytes(tcp.dest),
+            p.family,
+        );
+        return Ok(judge_established(&flow, u16::from_be_bytes(tcp.source)));
     }
     // SAFETY: the context pointer is valid for the program's run.
     let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.as_ptr().cast()) };

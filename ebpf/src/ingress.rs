@@ -22,10 +22,11 @@ use palisade_common::{DIR_EGRESS, DIR_INGRESS, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
 
 use crate::{
     cgroup_identity,
+    egress_packet::established,
     packet::{self, parse},
     verdict::{
         Flow, Known, PASS, active_slot, as_first_judged, count, enforced, flow_state, judge_egress,
-        judge_ingress, own_address, own_loopback, refuse, remember_flow,
+        judge_established, judge_ingress, own_address, own_loopback, refuse, remember_flow,
     },
 };
 
@@ -43,15 +44,23 @@ pub fn palisade_ingress(ctx: SkBuffContext) -> i32 {
 #[inline(always)]
 fn try_ingress(ctx: &SkBuffContext) -> Result<i32, i32> {
     let parsed = parse(ctx);
-    // Fast path, before any map lookup: a TCP segment that does not open a
-    // connection passes for every workload (its flow was judged at its SYN),
-    // and that is nearly every packet.
+    // Fast path: a TCP segment that does not open a connection belongs to a
+    // flow judged at its SYN (or connect()); that is nearly every packet. It
+    // costs one flow-cache lookup while the policy generation stays the same.
     if let Ok(p) = &parsed
         && p.protocol == PROTO_TCP
         && let Ok(tcp) = packet::tcp(ctx, p)
         && !packet::opens_connection(&tcp)
     {
-        return Ok(PASS);
+        // Judged again once per policy generation (revocation).
+        let flow = established(
+            ctx,
+            DIR_INGRESS,
+            p.src,
+            u16::from_be_bytes(tcp.source),
+            p.family,
+        );
+        return Ok(judge_established(&flow, u16::from_be_bytes(tcp.dest)));
     }
     // SAFETY: the context pointer is valid for the program's run.
     let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.as_ptr().cast()) };

@@ -25,7 +25,8 @@ use aya_ebpf::{
 use palisade_common::{
     AuditEvent, DIR_EGRESS, DIR_INGRESS, EnforcedKey, EnforcedValue, FlowKey, FlowValue,
     LOOPBACK_MARK, MAX_SERVICE_BACKENDS, POLICY_PREFIX_FULL, PolicyKeyData, SelfKey, ServiceKey,
-    ServiceValue, counter, identity, is_loopback, options, reason, resolve, state, verdict as v,
+    ServiceValue, counter, flow_flags, identity, is_loopback, options, reason, resolve, state,
+    verdict as v,
 };
 
 use crate::{AUDIT, COUNTERS, ENFORCED, FLOWS, IPCACHE, POLICY, SELF_ADDRESSES, SERVICES, STATE};
@@ -219,8 +220,10 @@ fn decide_service(
     if count > MAX_SERVICE_BACKENDS {
         return refused(reason::SERVICE_TOO_MANY_BACKENDS);
     }
-    let mut denied: Option<Decision> = None;
-    let mut passed: Option<Decision> = None;
+    // Plain values with flags rather than `Option<Decision>`: the
+    // verifier refuses code that copies an uninitialised `None` payload.
+    let (mut denied, mut passed) = (refused(reason::POLICY), refused(reason::POLICY));
+    let (mut any_denied, mut any_passed) = (false, false);
     for i in 0..MAX_SERVICE_BACKENDS {
         if i >= count {
             break;
@@ -230,18 +233,20 @@ fn decide_service(
         };
         let d = decide_peer(slot, flow, backend.identity, backend.port, enforcement);
         if d.verdict == v::DENY {
-            if denied.is_none() {
-                denied = Some(d);
+            if !any_denied {
+                denied = d;
+                any_denied = true;
             }
-        } else if passed.is_none() || d.verdict == v::WOULD_DENY {
-            passed = Some(d);
+        } else if !any_passed || d.verdict == v::WOULD_DENY {
+            passed = d;
+            any_passed = true;
         }
     }
-    let (mut decision, reason) = match (passed, denied) {
-        (Some(p), None) => (p, reason::POLICY),
-        (None, Some(d)) => (d, reason::POLICY),
-        (Some(_), Some(d)) => (d, reason::SERVICE_BACKENDS_DISAGREE),
-        (None, None) => return refused(reason::SERVICE_NO_BACKENDS),
+    let (mut decision, reason) = match (any_passed, any_denied) {
+        (true, false) => (passed, reason::POLICY),
+        (false, true) => (denied, reason::POLICY),
+        (true, true) => (denied, reason::SERVICE_BACKENDS_DISAGREE),
+        (false, false) => return refused(reason::SERVICE_NO_BACKENDS),
     };
     decision.service_id = svc.service_id;
     decision.reason = reason;
@@ -253,12 +258,21 @@ fn decide_service(
 /// after a table change). Returns what the program must answer.
 #[inline(always)]
 pub fn judge_egress<const TASK: bool>(flow: &Flow) -> i32 {
+    match decide_egress(flow) {
+        Some(decision) => conclude::<TASK>(flow, &decision),
+        None => PASS,
+    }
+}
+
+/// The decision on egress `flow`; `None`: it passes without a policy
+/// verdict (egress open, loopback of its own, its own address).
+#[inline(always)]
+fn decide_egress(flow: &Flow) -> Option<Decision> {
     let slot = active_slot();
-    let Some(enforcement) = enforced(slot, DIR_EGRESS, flow.local_identity) else {
-        return PASS; // egress open for this identity
-    };
+    // Egress open for this identity.
+    let enforcement = enforced(slot, DIR_EGRESS, flow.local_identity)?;
     if own_loopback(flow.cgroup_id, &flow.peer_addr) {
-        return PASS;
+        return None;
     }
     let decision = match service(flow) {
         Some(svc) => decide_service(slot, flow, &svc, &enforcement),
@@ -274,26 +288,98 @@ pub fn judge_egress<const TASK: bool>(flow: &Flow) -> i32 {
     // Service whose only endpoint it is); asked only when policy would not
     // allow it, so allowed traffic pays no extra lookup.
     if decision.verdict != v::ALLOW && own_address(flow.cgroup_id, &flow.peer_addr) {
-        return PASS;
+        return None;
     }
-    conclude::<TASK>(flow, &decision)
+    Some(decision)
 }
 
 /// Judges traffic from `flow.peer_addr` to the workload's `flow.port`.
 #[inline(always)]
 pub fn judge_ingress<const TASK: bool>(flow: &Flow) -> i32 {
+    match decide_ingress(flow) {
+        Some(decision) => conclude::<TASK>(flow, &decision),
+        None => PASS,
+    }
+}
+
+/// The decision on ingress `flow`; `None`: ingress open for its identity.
+#[inline(always)]
+fn decide_ingress(flow: &Flow) -> Option<Decision> {
     let slot = active_slot();
-    let Some(enforcement) = enforced(slot, DIR_INGRESS, flow.local_identity) else {
-        return PASS;
-    };
-    let decision = decide_peer(
+    let enforcement = enforced(slot, DIR_INGRESS, flow.local_identity)?;
+    Some(decide_peer(
         slot,
         flow,
         peer_identity(&flow.peer_addr),
         flow.port,
         &enforcement,
-    );
-    conclude::<TASK>(flow, &decision)
+    ))
+}
+
+/// Judges a segment of an established TCP connection (not a SYN), in
+/// either direction, once per policy generation per connection: a change
+/// that denies the connection stops it (revocation). `flow` names this
+/// packet's socket, peer address and the peer's port; `local_port` is ours.
+/// The flow cache says how the connection was opened — by our `connect()`
+/// (recorded there; judged again as that egress) or by the peer (as that
+/// ingress). A connection it does not know was accepted (or is older than
+/// the programs, or was evicted): judged as ingress, and when that denies
+/// it, as egress (an outgoing connection older than the programs). A
+/// denied connection is remembered as such: its later packets drop with one
+/// lookup and no more audit events.
+#[inline(always)]
+pub fn judge_established(flow: &Flow, local_port: u16) -> i32 {
+    let generation = read_state(state::GENERATION);
+    // SAFETY: the value is copied out at once.
+    let known = unsafe { FLOWS.get(&flow_key(flow)) }.copied();
+    if let Some(value) = known
+        && value.generation == generation
+    {
+        return if value.flags & flow_flags::DENIED != 0 {
+            DROP
+        } else {
+            PASS
+        };
+    }
+    let mut flow = *flow;
+    flow.local_identity = crate::cgroup_identity(flow.cgroup_id);
+    let ingress = as_first_judged(&flow, DIR_INGRESS, local_port);
+    let egress = as_first_judged(&flow, DIR_EGRESS, flow.peer_port);
+    let (first, decision) = match known {
+        Some(value) if value.direction == DIR_EGRESS => {
+            let first = as_first_judged(&flow, DIR_EGRESS, value.port);
+            (first, decide_egress(&first))
+        }
+        Some(value) => {
+            let first = as_first_judged(&flow, DIR_INGRESS, value.port);
+            (first, decide_ingress(&first))
+        }
+        None => match decide_ingress(&ingress) {
+            Some(d) if d.verdict != v::ALLOW => match decide_egress(&egress) {
+                Some(e) if e.verdict != v::ALLOW => (ingress, Some(d)),
+                e => (egress, e),
+            },
+            d => (ingress, d),
+        },
+    };
+    let verdict = match decision {
+        Some(d) if d.verdict != v::ALLOW => conclude::<false>(&first, &d),
+        _ => PASS,
+    };
+    let value = FlowValue {
+        generation,
+        direction: first.direction,
+        flags: if verdict == PASS {
+            0
+        } else {
+            flow_flags::DENIED
+        },
+        port: first.port,
+    };
+    if FLOWS.insert(&flow_key(&flow), &value, 0).is_err() {
+        count(counter::FLOW_INSERT_FAILED);
+    }
+    verdict
 }
 
 impl Flow {
@@ -451,7 +537,7 @@ pub fn remember_flow(flow: &Flow, direction: u8, port: u16) {
     let value = FlowValue {
         generation: read_state(state::GENERATION),
         direction,
-        _pad: 0,
+        flags: 0,
         port,
     };
     if FLOWS.insert(&flow_key(flow), &value, 0).is_err() {

@@ -480,3 +480,129 @@ fn a_packet_the_ingress_program_cannot_parse_is_dropped_counted_and_audited() {
     assert_eq!(after["unparseable"], 1, "{after}");
     assert!(agent.stop().unwrap());
 }
+
+/// A connection older than the change that denies it stops, in either
+/// direction, counted in bytes at the listener: a change judges every
+/// established connection again (once per policy generation).
+#[test]
+fn a_change_that_denies_an_established_connection_stops_it() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let (dir, policies) = temp_policy_dir();
+    let mut world = World::new().unwrap();
+    world
+        .add_pod(PodSpec::new("prod", "client", &[], &[]))
+        .unwrap();
+    world
+        .add_pod(PodSpec::new("prod", "server", &[], &[]))
+        .unwrap();
+    let (client, server) = (world.pod("prod/client"), world.pod("prod/server"));
+    let bytes = dir.path().join("bytes");
+    let _sink = world
+        .spawn_testbed(server, &["sink", "7000", bytes.to_str().unwrap()])
+        .unwrap();
+    let received = || -> u64 {
+        std::fs::read_to_string(&bytes)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let server_policy = |from: &str| {
+        format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: server, namespace: prod}}\n\
+             spec:\n  podSelector: {{matchLabels: {{app: server}}}}\n  policyTypes: [Ingress]\n  ingress:\n\
+             \x20   - from: [{{podSelector: {{matchLabels: {{app: {from}}}}}}}]\n      ports: [{{protocol: TCP, port: 7000}}]\n"
+        )
+    };
+    let client_policy = |to: &str| {
+        format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: client, namespace: prod}}\n\
+             spec:\n  podSelector: {{matchLabels: {{app: client}}}}\n  policyTypes: [Egress]\n  egress:\n\
+             \x20   - to: [{{podSelector: {{matchLabels: {{app: {to}}}}}}}]\n      ports: [{{protocol: TCP, port: 7000}}]\n"
+        )
+    };
+    let set = |agent: &mut Agent, server_from: &str, client_to: &str| {
+        let before = agent.status().unwrap()["generation"].as_u64().unwrap();
+        write(
+            &policies,
+            "policy.yaml",
+            &format!(
+                "{}---\n{}",
+                server_policy(server_from),
+                client_policy(client_to)
+            ),
+        );
+        agent
+            .wait_status("the change applied", Duration::from_secs(5), |v| {
+                v["generation"].as_u64().unwrap_or(0) > before
+            })
+            .unwrap();
+    };
+    let grows = |from: u64, what: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while received() < from + 1000 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: {} bytes",
+                received()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let stops = |what: &str| {
+        std::thread::sleep(Duration::from_millis(300));
+        let at = received();
+        std::thread::sleep(Duration::from_secs(2));
+        assert_eq!(received(), at, "{what}: bytes still arrive");
+        at
+    };
+    write(
+        &policies,
+        "policy.yaml",
+        &format!(
+            "{}---\n{}",
+            server_policy("client"),
+            client_policy("server")
+        ),
+    );
+    let audit = dir.path().join("audit.jsonl");
+    let mut agent = Agent::start(dir.path(), &config_for(&world, &policies, &audit, "")).unwrap();
+    agent.wait_enforcing(&world).unwrap();
+    let _stream = world
+        .spawn_testbed(client, &["stream", &server.ipv4.to_string(), "7000"])
+        .unwrap();
+    grows(0, "the allowed connection delivers");
+
+    // 1. The server's ingress no longer admits the client.
+    set(&mut agent, "nobody", "server");
+    let at = stops("after the server's ingress denied it");
+    let ev = agent
+        .wait_for_event(
+            |e| {
+                e["direction"] == "ingress"
+                    && e["local"]["workload"] == "prod/server"
+                    && e["port"] == 7000
+            },
+            Duration::from_secs(3),
+        )
+        .unwrap();
+    assert_eq!(ev["verdict"], "deny", "{ev}");
+    // 2. Allowed again: the same connection goes on (each generation judges it).
+    set(&mut agent, "client", "server");
+    grows(at, "allowed again");
+    // 3. The client's egress no longer allows the server.
+    set(&mut agent, "client", "nobody");
+    stops("after the client's egress denied it");
+    agent
+        .wait_for_event(
+            |e| {
+                e["direction"] == "egress"
+                    && e["local"]["workload"] == "prod/client"
+                    && e["port"] == 7000
+            },
+            Duration::from_secs(3),
+        )
+        .unwrap();
+    assert!(agent.stop().unwrap());
+}

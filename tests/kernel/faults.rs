@@ -94,13 +94,16 @@ fn pins_removed_or_programs_detached_under_a_running_agent_are_repaired() {
     let pins = pins_of(&s);
     let logging = s.world.pod("production/logging");
     // The technique: with no process holding a link, removing its pin
-    // detaches the program and denied traffic flows.
+    // detaches the program and denied traffic flows (both packet programs:
+    // the egress one judges a connection's replies too).
     s.agent.kill();
-    std::fs::remove_file(pins.join("link_palisade_ingress")).unwrap();
+    for pin in ["link_palisade_ingress", "link_palisade_egress_packet"] {
+        std::fs::remove_file(pins.join(pin)).unwrap();
+    }
     assert_eq!(
         logging_to_payment(&s),
         "ok",
-        "removing the pin of an unheld link detaches it"
+        "removing the pins of unheld links detaches them"
     );
     s.agent.spawn().unwrap();
     wait_denied_again(&s, Duration::from_secs(10));

@@ -25,7 +25,7 @@ use std::{
 
 fn usage() -> ! {
     eprintln!(
-        "usage: palisade-testbed serve [--tcp P,P..] [--udp P,P..] [--count FILE] | probe tcp|udp ADDR PORT [--timeout-ms N] | flood ADDR PORT COUNT | udp-session ADDR PORT FILE | attack raw-udp|raw-udp-hdrincl|raw-syn|raw-tcp-data|raw-tcp-rst|lsrr|rthdr|broadcast|bound-udp|deep-ipv6-udp|packet-socket|ping|udplite ARGS [--nobody] | burst ADDR PORT MS [--timeout-ms N] | foreign-socket CGROUP_PROCS | bench-serve [--tcp P] [--udp P] | bench-client crr|rr|udp ADDR PORT CLIENTS MS"
+        "usage: palisade-testbed serve [--tcp P,P..] [--udp P,P..] [--count FILE] | probe tcp|udp ADDR PORT [--timeout-ms N] | flood ADDR PORT COUNT | udp-session ADDR PORT FILE | attack raw-udp|raw-udp-hdrincl|raw-syn|raw-tcp-data|raw-tcp-rst|lsrr|rthdr|broadcast|bound-udp|deep-ipv6-udp|packet-socket|ping|udplite ARGS [--nobody] | burst ADDR PORT MS [--timeout-ms N] | sink PORT FILE | stream ADDR PORT | foreign-socket CGROUP_PROCS | bench-serve [--tcp P] [--udp P] | bench-client crr|rr|udp ADDR PORT CLIENTS MS"
     );
     std::process::exit(64);
 }
@@ -495,6 +495,60 @@ fn foreign_socket(args: &[String]) {
     }
 }
 
+/// A TCP listener on PORT that counts every byte it receives, over all its
+/// connections, into FILE: what a peer delivered, counted where it arrives.
+fn sink(args: &[String]) {
+    let [port, file] = args else { usage() };
+    let port: u16 = port.parse().unwrap_or_else(|_| usage());
+    let listener = TcpListener::bind(("::", port)).unwrap_or_else(|e| {
+        eprintln!("bind tcp {port}: {e}");
+        std::process::exit(1)
+    });
+    let total = std::sync::Arc::new(std::sync::Mutex::new(0u64));
+    println!("ready");
+    let _ = std::io::stdout().flush();
+    for stream in listener.incoming().flatten() {
+        let (total, file) = (total.clone(), file.clone());
+        std::thread::spawn(move || {
+            let mut stream = stream;
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stream.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let Ok(mut t) = total.lock() else { break };
+                *t += n as u64;
+                let tmp = format!("{file}.tmp");
+                if std::fs::write(&tmp, format!("{}\n", *t)).is_ok() {
+                    let _ = std::fs::rename(&tmp, &file);
+                }
+            }
+        });
+    }
+}
+
+/// Connects to ADDR:PORT once, prints `ready`, then writes 64 bytes every
+/// 5 ms on that one connection until killed (a long-lived connection).
+fn stream(args: &[String]) {
+    let [addr, port] = args else { usage() };
+    let addr = SocketAddr::new(
+        addr.parse().unwrap_or_else(|_| usage()),
+        port.parse().unwrap_or_else(|_| usage()),
+    );
+    let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap_or_else(|e| {
+        eprintln!("connect {addr}: {e}");
+        std::process::exit(1)
+    });
+    println!("ready");
+    let _ = std::io::stdout().flush();
+    loop {
+        if conn.write_all(&[0x42; 64]).is_err() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// TCP connects to ADDR:PORT every millisecond for MS milliseconds, each
 /// given `--timeout-ms` (default 20); prints `ok N eperm N other N`.
 fn burst(args: &[String]) {
@@ -535,6 +589,8 @@ fn main() {
         Some("udp-session") => udp_session(&args[1..]),
         Some("attack") => attack(&args[1..]),
         Some("burst") => burst(&args[1..]),
+        Some("sink") => sink(&args[1..]),
+        Some("stream") => stream(&args[1..]),
         Some("foreign-socket") => foreign_socket(&args[1..]),
         _ => usage(),
     }
