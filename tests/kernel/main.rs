@@ -1618,18 +1618,18 @@ mod kubernetes {
         eprintln!("latecomer released {known:?} after its Pod object");
 
         // 5. A deleted policy stops applying.
-        assert_eq!(
+        let payment_to_logging = || {
             world
                 .probe(
                     world.pod("production/payment-service"),
                     "tcp",
                     world.pod("production/logging").ipv4.into(),
                     9000,
-                    t
+                    t,
                 )
-                .unwrap(),
-            "eperm"
-        );
+                .unwrap()
+        };
+        assert_eq!(payment_to_logging(), "eperm");
         assert!(api.delete(
             Kind::NetworkPolicies,
             "production",
@@ -1675,19 +1675,7 @@ mod kubernetes {
         );
         let (_, text, _) = super::cli(&agent, &["status"]);
         assert!(text.contains("has not answered"), "{text}");
-        assert_eq!(
-            world
-                .probe(
-                    world.pod("production/payment-service"),
-                    "tcp",
-                    world.pod("production/logging").ipv4.into(),
-                    9000,
-                    t
-                )
-                .unwrap(),
-            "ok",
-            "the last view stays in force"
-        );
+        assert_eq!(payment_to_logging(), "ok", "the last view stays in force");
         api.set_down(false);
         agent
             .wait_status("the view current again", Duration::from_secs(20), |v| {

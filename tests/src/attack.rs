@@ -53,7 +53,11 @@ fn sockaddr4(ip: Ipv4Addr, port: u16) -> libc::sockaddr_in {
 }
 
 fn send_to4(fd: &OwnedFd, payload: &[u8], ip: Ipv4Addr, port: u16) -> io::Result<()> {
-    let addr = sockaddr4(ip, port);
+    send_to_sockaddr(fd, payload, &sockaddr4(ip, port))
+}
+
+/// `sendto` with a `sockaddr_in` or `sockaddr_in6`.
+fn send_to_sockaddr<A>(fd: &OwnedFd, payload: &[u8], addr: &A) -> io::Result<()> {
     // SAFETY: valid buffer and address for their lengths.
     check(unsafe {
         libc::sendto(
@@ -61,8 +65,8 @@ fn send_to4(fd: &OwnedFd, payload: &[u8], ip: Ipv4Addr, port: u16) -> io::Result
             payload.as_ptr().cast(),
             payload.len(),
             0,
-            (&raw const addr).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            (addr as *const A).cast(),
+            std::mem::size_of::<A>() as libc::socklen_t,
         ) as libc::c_int
     })
     .map(|_| ())
@@ -198,29 +202,19 @@ const IPPROTO_UDPLITE: libc::c_int = 136;
 fn send_to(fd: &OwnedFd, payload: &[u8], dst: std::net::IpAddr, port: u16) -> io::Result<()> {
     match dst {
         std::net::IpAddr::V4(ip) => send_to4(fd, payload, ip, port),
-        std::net::IpAddr::V6(ip) => {
-            let addr = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: port.to_be(),
-                sin6_flowinfo: 0,
-                sin6_addr: libc::in6_addr {
-                    s6_addr: ip.octets(),
-                },
-                sin6_scope_id: 0,
-            };
-            // SAFETY: valid buffer and address for their lengths.
-            check(unsafe {
-                libc::sendto(
-                    fd.as_raw_fd(),
-                    payload.as_ptr().cast(),
-                    payload.len(),
-                    0,
-                    (&raw const addr).cast(),
-                    std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
-                ) as libc::c_int
-            })
-            .map(|_| ())
-        }
+        std::net::IpAddr::V6(ip) => send_to_sockaddr(fd, payload, &sockaddr6(ip, port)),
+    }
+}
+
+fn sockaddr6(ip: Ipv6Addr, port: u16) -> libc::sockaddr_in6 {
+    libc::sockaddr_in6 {
+        sin6_family: libc::AF_INET6 as libc::sa_family_t,
+        sin6_port: port.to_be(),
+        sin6_flowinfo: 0,
+        sin6_addr: libc::in6_addr {
+            s6_addr: ip.octets(),
+        },
+        sin6_scope_id: 0,
     }
 }
 
@@ -247,27 +241,7 @@ pub fn rthdr_udp(allowed: Ipv6Addr, denied: Ipv6Addr, port: u16) -> io::Result<(
     srh.extend([0u8; 16]);
     srh.extend(denied.octets());
     setsockopt(&fd, libc::IPPROTO_IPV6, libc::IPV6_RTHDR, &srh)?;
-    let addr = libc::sockaddr_in6 {
-        sin6_family: libc::AF_INET6 as libc::sa_family_t,
-        sin6_port: port.to_be(),
-        sin6_flowinfo: 0,
-        sin6_addr: libc::in6_addr {
-            s6_addr: allowed.octets(),
-        },
-        sin6_scope_id: 0,
-    };
-    // SAFETY: valid buffer and address for their lengths.
-    check(unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            b"rthdr".as_ptr().cast(),
-            5,
-            0,
-            (&raw const addr).cast(),
-            std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
-        ) as libc::c_int
-    })
-    .map(|_| ())
+    send_to_sockaddr(&fd, b"rthdr", &sockaddr6(allowed, port))
 }
 
 /// A datagram from `src` — an address the workload added to its own
