@@ -99,10 +99,9 @@ fn try_ingress(ctx: &SkBuffContext) -> Result<i32, i32> {
         return Ok(PASS); // errors about flows, neighbour discovery
     }
     if packet.protocol == PROTO_TCP {
-        let tcp = packet::tcp(ctx, &packet).map_err(|()| unparseable())?;
-        if !packet::opens_connection(&tcp) {
-            return Ok(PASS); // not the start of a connection to us
-        }
+        // Only a SYN gets here (the fast path took every other segment); a
+        // header too short to read is unparseable.
+        packet::tcp(ctx, &packet).map_err(|()| unparseable())?;
     }
     if packet.protocol == PROTO_SCTP {
         // The first chunk of an association's first packet is INIT.

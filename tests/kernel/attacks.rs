@@ -10,7 +10,7 @@ use palisade_tests::{
 };
 use serde_json::Value;
 
-use super::{cli, kernel_tests_enabled, node::until, temp_policy_dir};
+use super::{burst_counts, cli, kernel_tests_enabled, node::until, temp_policy_dir};
 
 const T: Duration = Duration::from_millis(800);
 
@@ -226,18 +226,6 @@ fn an_attacker_in_a_workload_reaches_nothing_that_policy_denies() {
     assert!(agent.stop().unwrap());
 }
 
-/// Reads `ok N eperm N other N` from `burst`.
-fn burst_counts(out: &str) -> (u32, u32) {
-    let n: Vec<u32> = out
-        .split_whitespace()
-        .filter_map(|w| w.parse().ok())
-        .collect();
-    (
-        n.first().copied().unwrap_or(0),
-        n.get(1).copied().unwrap_or(0),
-    )
-}
-
 #[test]
 fn a_new_or_child_cgroup_is_never_more_open_than_its_workload() {
     if !kernel_tests_enabled() {
@@ -274,7 +262,7 @@ fn a_new_or_child_cgroup_is_never_more_open_than_its_workload() {
 
     // Without policy: a brand-new cgroup connects as soon as it is
     // classified, and a child cgroup of the client connects.
-    let (ok, _) = burst_counts(&burst_in(&world, &world.cgroup_root.join("prod/fresh-a")));
+    let [ok, _, _] = burst_counts(&burst_in(&world, &world.cgroup_root.join("prod/fresh-a")));
     assert!(ok > 0, "connections go through without policy");
     let child = world.cgroup_root.join("prod/client/sub");
     std::fs::create_dir_all(&child).unwrap();
@@ -314,12 +302,12 @@ fn a_new_or_child_cgroup_is_never_more_open_than_its_workload() {
     );
     // A cgroup made a moment ago, connecting every millisecond from its
     // first instruction, gets nothing through (agent running).
-    let (ok, eperm) = burst_counts(&burst_in(&world, &world.cgroup_root.join("prod/fresh-b")));
+    let [ok, eperm, _] = burst_counts(&burst_in(&world, &world.cgroup_root.join("prod/fresh-b")));
     assert_eq!(ok, 0, "nothing through while being classified");
     assert!(eperm > 50, "refused at once, every time ({eperm})");
     // …and with the agent stopped (its pinned programs and tables stay).
     agent.kill();
-    let (ok, eperm) = burst_counts(&burst_in(&world, &world.cgroup_root.join("prod/fresh-c")));
+    let [ok, eperm, _] = burst_counts(&burst_in(&world, &world.cgroup_root.join("prod/fresh-c")));
     assert_eq!(ok, 0, "nothing through while no agent runs");
     assert!(eperm > 50, "held fail-closed ({eperm})");
     assert_eq!(
@@ -502,12 +490,7 @@ fn a_change_that_denies_an_established_connection_stops_it() {
     let _sink = world
         .spawn_testbed(server, &["sink", "7000", bytes.to_str().unwrap()])
         .unwrap();
-    let received = || -> u64 {
-        std::fs::read_to_string(&bytes)
-            .ok()
-            .and_then(|t| t.trim().parse().ok())
-            .unwrap_or(0)
-    };
+    let received = || super::counted(&bytes);
     let server_policy = |from: &str| {
         format!(
             "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: server, namespace: prod}}\n\

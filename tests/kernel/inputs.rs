@@ -15,7 +15,7 @@ use palisade_tests::{
     world::{Pod, PodSpec, World},
 };
 
-use super::{kernel_tests_enabled, temp_policy_dir};
+use super::{burst_counts, counted as accepted, kernel_tests_enabled, temp_policy_dir};
 
 /// Selects nothing in the world: a file holding only it leaves the target open.
 const PLACEHOLDER: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: placeholder, namespace: prod}\nspec:\n  podSelector: {matchLabels: {app: nobody}}\n  policyTypes: [Ingress]\n";
@@ -25,23 +25,6 @@ const PLACEHOLDER_2: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPoli
 
 /// The target admits only `friend` on TCP 82, and sends nothing.
 const TARGET: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: target, namespace: prod}\nspec:\n  podSelector: {matchLabels: {app: target}}\n  policyTypes: [Ingress, Egress]\n  ingress:\n    - from: [{podSelector: {matchLabels: {app: friend}}}]\n      ports: [{protocol: TCP, port: 82}]\n";
-
-/// What a listener started with `serve --count FILE` accepted so far.
-fn accepted(file: &Path) -> u64 {
-    std::fs::read_to_string(file)
-        .ok()
-        .and_then(|t| t.trim().parse().ok())
-        .unwrap_or(0)
-}
-
-/// `ok eperm other` of one `burst`.
-fn burst_counts(out: &str) -> [u64; 3] {
-    let n: Vec<u64> = out
-        .split_whitespace()
-        .filter_map(|w| w.parse().ok())
-        .collect();
-    [0, 1, 2].map(|i| n.get(i).copied().unwrap_or(0))
-}
 
 /// Connection attempts from `from` to `to:port` in bursts until `stop`;
 /// the summed `ok eperm other`.

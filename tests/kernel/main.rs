@@ -20,6 +20,24 @@ mod inputs;
 mod node;
 mod progrun;
 
+/// `ok eperm other` of one `palisade-testbed burst`.
+pub(crate) fn burst_counts(out: &str) -> [u64; 3] {
+    let n: Vec<u64> = out
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    [0, 1, 2].map(|i| n.get(i).copied().unwrap_or(0))
+}
+
+/// The number a testbed listener keeps in its count file (`serve --count`,
+/// `sink`): what arrived so far, 0 before the first arrival.
+pub(crate) fn counted(file: &std::path::Path) -> u64 {
+    std::fs::read_to_string(file)
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// A temporary directory with an empty `policies/` directory in it.
 pub(crate) fn temp_policy_dir() -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
