@@ -394,17 +394,29 @@ pub async fn run_reader<E: crate::datapath::EventSource>(
     events: tokio::sync::broadcast::Sender<Arc<AuditRecord>>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let poll = Duration::from_millis(50);
+    // Events are read within 50 ms while they come; a reader that found
+    // nothing for a while looks every 250 ms (a full ring wakes it at once).
+    let (busy_poll, idle_poll) = (Duration::from_millis(50), Duration::from_millis(250));
+    let mut last_event = std::time::Instant::now();
     let boot = boot_offset();
     loop {
+        let poll = if last_event.elapsed() < Duration::from_secs(2) {
+            busy_poll
+        } else {
+            idle_poll
+        };
         let stopping = *stop.borrow();
-        {
+        let items = ring.drain();
+        // Most polls find nothing: the snapshot is only read when there is
+        // something to name.
+        if !items.is_empty() {
+            last_event = std::time::Instant::now();
             let snap = snapshot
                 .read()
                 .map_err(|_| anyhow::anyhow!("snapshot lock poisoned"))?
                 .clone();
             let mut lines = Vec::new();
-            for item in ring.drain() {
+            for item in items {
                 match item {
                     Some(ev) => {
                         let rec = record(&ev, &snap, boot);

@@ -84,9 +84,18 @@ pub struct Config {
     /// `denyAll` or `allow`. (Kubernetes mode: `kubernetes.unknownPods`.)
     #[serde(default)]
     pub unknown_workloads: crate::inventory::UnknownPods,
-    /// How often the cgroup tree and the policy directory are re-read.
+    /// How often the policy directory is looked at, and the cgroup tree
+    /// re-read while the node is changing (a cgroup, a workload's addresses
+    /// or the cluster changed within the last 10 s).
     #[serde(default = "default_rescan_ms")]
     pub rescan_interval_ms: u64,
+    /// How often the cgroup tree is re-read on a node at rest. inotify and
+    /// netlink wake the agent at once for a cgroup made or removed, its
+    /// first process joining or its last leaving, and an address change;
+    /// this re-read finds what they cannot see (a process moved into a
+    /// workload that already had one, in another network namespace).
+    #[serde(default = "default_idle_rescan_ms")]
+    pub idle_rescan_interval_ms: u64,
     /// How long the policy directory must be left alone before a change to
     /// it is read, so a file being written in place (truncated, then
     /// written, as editors and configuration tools do) is never read
@@ -255,6 +264,9 @@ fn default_trust_domain() -> String {
 fn default_rescan_ms() -> u64 {
     200
 }
+fn default_idle_rescan_ms() -> u64 {
+    10000
+}
 /// The longest settle time the config accepts.
 const MAX_POLICY_SETTLE_MS: u64 = 60_000;
 
@@ -383,6 +395,15 @@ impl Config {
             return Err(invalid(
                 "rescanIntervalMs".into(),
                 "must be at least 1".into(),
+            ));
+        }
+        if self.idle_rescan_interval_ms < self.rescan_interval_ms {
+            return Err(invalid(
+                "idleRescanIntervalMs".into(),
+                format!(
+                    "{} is less than rescanIntervalMs ({}): a node at rest is re-read at most as often as a changing one",
+                    self.idle_rescan_interval_ms, self.rescan_interval_ms
+                ),
             ));
         }
         if self.policy_settle_ms > MAX_POLICY_SETTLE_MS {

@@ -101,12 +101,11 @@ pub fn scan(root: &Path) -> Result<Vec<Cgroup>, DiscoveryError> {
             Err(source) => return Err(DiscoveryError::Io { path: dir, source }),
         };
         for entry in entries.flatten() {
-            // The entry's type comes with the directory listing: only
-            // directories (cgroups) cost a stat, not the control files.
+            // The entry's type and inode come with the directory listing
+            // (kernfs lists a cgroup's id as its inode): no stat per cgroup.
             if !entry.file_type().is_ok_and(|t| t.is_dir()) {
                 continue;
             }
-            let Ok(meta) = entry.metadata() else { continue };
             let name = entry.file_name().to_string_lossy().into_owned();
             let child_rel = if rel.is_empty() {
                 name
@@ -115,7 +114,7 @@ pub fn scan(root: &Path) -> Result<Vec<Cgroup>, DiscoveryError> {
             };
             out.push(Cgroup {
                 rel_path: child_rel.clone(),
-                id: meta.ino(),
+                id: std::os::unix::fs::DirEntryExt::ino(&entry),
             });
             if depth + 1 < MAX_DEPTH {
                 stack.push((entry.path(), child_rel, depth + 1));
@@ -233,8 +232,11 @@ pub fn workload_network(
         return (false, Vec::new());
     };
     let netns = |p: &str| std::fs::metadata(p).map(|m| (m.dev(), m.ino())).ok();
+    // The agent's own namespace never changes: looked up once.
+    static OWN: std::sync::OnceLock<Option<(u64, u64)>> = std::sync::OnceLock::new();
+    let own = *OWN.get_or_init(|| netns("/proc/self/ns/net"));
     let path = format!("/proc/{pid}/ns/net");
-    let Some(theirs) = netns(&path).filter(|ns| Some(*ns) != netns("/proc/self/ns/net")) else {
+    let Some(theirs) = netns(&path).filter(|ns| Some(*ns) != own) else {
         return (false, Vec::new());
     };
     // A process that exits meanwhile leaves no addresses this round.

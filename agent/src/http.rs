@@ -160,6 +160,16 @@ fn registry(status: &StatusReport) -> Registry {
             u64::from(status.cluster_view_problem.is_some()),
         ),
         (
+            "palisade_policy_objects_refused",
+            "Policy objects from the API server the agent refused (not enforced anywhere; `palisade status` names them and why).",
+            status.refused_policy_objects.len() as u64,
+        ),
+        (
+            "palisade_local_pods_unmatched",
+            "Pods on this node whose cgroup is not found under the root for 5 s or more (not enforced; the node is not ready).",
+            status.unmatched_local_pods.len() as u64,
+        ),
+        (
             "palisade_enforcement_problems",
             "Mismatches between the kernel and the agent's state that could not be repaired.",
             status.enforcement_problems.len() as u64,

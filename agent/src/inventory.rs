@@ -241,8 +241,10 @@ pub struct Inputs {
     pub remote: RemoteChanges,
     /// Namespace name → labels.
     pub namespaces: BTreeMap<String, Labels>,
-    /// Pods scheduled to this node (`spec.nodeName`) with no cgroup found.
-    pub local_without_cgroup: usize,
+    /// Pods scheduled to this node (`spec.nodeName`), running with an
+    /// address and not shutting down, whose cgroup is not found under the
+    /// root (`namespace/name`, sorted): not enforced.
+    pub local_without_cgroup: Vec<String>,
     /// Services, as changes since the last round.
     pub services: Changes<Service>,
     pub nodes: Nodes,

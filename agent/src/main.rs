@@ -570,6 +570,12 @@ fn print_status(s: &StatusReport) {
     if let Some(p) = &s.cluster_view_problem {
         println!("  ! {}", palisade::text::escape(p));
     }
+    for p in &s.refused_policy_objects {
+        println!(
+            "  ! policy object refused, not enforced: {}",
+            palisade::text::escape(p)
+        );
+    }
     if !s.repairs.is_empty() {
         let list: Vec<String> = s.repairs.iter().map(|(k, n)| format!("{k} {n}")).collect();
         println!("self-check repairs  {}", list.join("   "));

@@ -60,6 +60,15 @@ pub struct StatusReport {
     pub policy_revision_loaded: u64,
     pub policy_revision_applied: u64,
     pub policy_revision_refused: u64,
+    /// Policy objects from the API server the agent refused (kind,
+    /// namespace/name and why): they are not enforced anywhere.
+    #[serde(default)]
+    pub refused_policy_objects: Vec<String>,
+    /// Pods on this node, running with an address, whose cgroup has not been
+    /// found under the root for 5 s or more: their traffic is not judged
+    /// as theirs. The node is not ready while there are any.
+    #[serde(default)]
+    pub unmatched_local_pods: Vec<String>,
 }
 
 impl StatusReport {
@@ -71,6 +80,12 @@ impl StatusReport {
             && let Some(b) = &self.behind
         {
             why.push(b.clone());
+        }
+        if !self.unmatched_local_pods.is_empty() {
+            why.push(format!(
+                "pods on this node are not enforced, their cgroup is not found under the root (check cgroupRoot and the cgroup driver): {}",
+                self.unmatched_local_pods.join(", ")
+            ));
         }
         if !self.applied {
             why.push(match &self.last_error {

@@ -158,6 +158,70 @@ fn pins_removed_or_programs_detached_under_a_running_agent_are_repaired() {
     assert!(s.agent.stop().unwrap());
 }
 
+/// Points logging's address at order-service's identity in the pinned
+/// ipcache (what a second writer of the map, or a stale agent, would do).
+fn forge_ipcache(s: &super::Setup, identity: u32) {
+    let data = aya::maps::MapData::from_pin(pins_of(s).join("PAL_IPCACHE_V1")).unwrap();
+    let mut ipcache: aya::maps::LpmTrie<aya::maps::MapData, [u8; 16], u32> =
+        aya::maps::LpmTrie::try_from(aya::maps::Map::LpmTrie(data)).unwrap();
+    let logging = s.world.pod("production/logging");
+    let net = ipnet::IpNet::from(std::net::IpAddr::from(logging.ipv4));
+    ipcache
+        .insert(&palisade::datapath::kernel::ip_key(&net), &identity, 0)
+        .unwrap();
+}
+
+/// The maps the programs read identities from are compared with what the
+/// agent wrote and rewritten: an ipcache entry that makes logging look like
+/// order-service opens payment:443 to it while no agent runs (the technique
+/// works), and is undone within seconds under a running agent; nothing
+/// arrives at payment meanwhile beyond what the forged window let through.
+#[test]
+fn an_identity_map_changed_under_a_running_agent_is_rewritten() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut s = setup(
+        scenario::pods(),
+        &policy_dir("kubernetes"),
+        scenario::NAMESPACES,
+    );
+    let status = s.agent.status().unwrap();
+    let order_identity = status["workload_list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["name"] == "production/order-service")
+        .and_then(|w| w["identity"].as_u64())
+        .unwrap() as u32;
+    assert_eq!(logging_to_payment(&s), "timeout");
+    // The technique, with no agent running: logging reaches payment.
+    s.agent.kill();
+    forge_ipcache(&s, order_identity);
+    assert_eq!(
+        logging_to_payment(&s),
+        "ok",
+        "a forged ipcache entry opens payment to logging"
+    );
+    // A restarted agent brings the map back to what it decides.
+    s.agent.spawn().unwrap();
+    wait_denied_again(&s, Duration::from_secs(10));
+    // Under a running agent: rewritten by the self-check.
+    forge_ipcache(&s, order_identity);
+    let took = wait_denied_again(&s, Duration::from_secs(5));
+    eprintln!("a forged ipcache entry was rewritten within {took:?}");
+    let status = s
+        .agent
+        .wait_status("the map repair", Duration::from_secs(3), |v| {
+            repairs(v, "identity-maps") >= 1 && v["ready"] == true
+        })
+        .unwrap();
+    s.agent
+        .wait_for_log(&["self-check repaired", "ipcache map"], T)
+        .unwrap_or_else(|e| panic!("{e}: {status}"));
+    assert!(s.agent.stop().unwrap());
+}
+
 #[test]
 fn a_swapped_policy_map_pin_is_not_adopted_by_a_restarted_agent() {
     if !kernel_tests_enabled() {

@@ -56,6 +56,25 @@ fn hammer(
     sum
 }
 
+/// The allowed pair was never refused: no EPERM, no denial in the audit
+/// log (a drop at the target is audited), and connects that timed out —
+/// a SYN the listener's full queue dropped on a loaded machine, not a
+/// verdict — stay below one in a thousand.
+fn friend_never_refused(agent: &Agent, allowed: [u64; 3], phase: &str) {
+    assert_eq!(allowed[1], 0, "friend was refused during the {phase}");
+    let denials = agent
+        .audit_events()
+        .unwrap()
+        .into_iter()
+        .filter(|e| e["verdict"] == "deny" && e["port"] == 82)
+        .count();
+    assert_eq!(denials, 0, "friend → target:82 denied during the {phase}");
+    assert!(
+        allowed[2] * 1000 <= allowed[0],
+        "friend's connects timed out during the {phase}: {allowed:?}"
+    );
+}
+
 /// A small deterministic generator (no dependency for a test's pauses).
 struct Lcg(u64);
 
@@ -229,11 +248,7 @@ fn half_written_policy_files_and_configmap_swaps_never_open_traffic() {
         egress[1] > 500,
         "refused at connect() throughout ({egress:?})"
     );
-    assert_eq!(
-        allowed[1] + allowed[2],
-        0,
-        "friend was refused during the rewrites"
-    );
+    friend_never_refused(&agent, allowed, "rewrites");
     assert!(
         allowed[0] > 100,
         "friend connected throughout ({allowed:?})"
@@ -290,11 +305,7 @@ fn half_written_policy_files_and_configmap_swaps_never_open_traffic() {
     assert_eq!(denied[0], 0, "client reached target:81 during the swaps");
     assert_eq!(egress[0], 0, "target reached client:83 during the swaps");
     assert!(egress[1] > 100, "{egress:?}");
-    assert_eq!(
-        allowed[1] + allowed[2],
-        0,
-        "friend was refused during the swaps"
-    );
+    friend_never_refused(&agent, allowed, "swaps");
     assert!(allowed[0] > 100, "{allowed:?}");
     assert_eq!(accepted(&c81), base81, "target:81 accepted nothing");
     assert_eq!(accepted(&c83), base83, "client:83 accepted nothing");

@@ -1663,7 +1663,38 @@ mod kubernetes {
         );
         eprintln!("policy delete → allowed in {took:?}");
 
-        // 6. The API server lost: the status (and the CLI) say so once the
+        // 6. A running pod on this node whose cgroup the agent cannot find
+        //    (a runtime's layout it does not recognise): not enforced, so
+        //    the node is not ready and says which pod; ready again once the
+        //    pod is gone.
+        let ghost = PodSpec::new("production", "ghost", &[], &[]);
+        let ghost_ips = ["10.77.250.9".to_owned()];
+        let ghost_seen = Instant::now();
+        api.apply(
+            Kind::Pods,
+            pod_object(&template, 9, &ghost, &ghost_ips, NODE),
+        );
+        let status = agent
+            .wait_status("the unmatched pod reported", Duration::from_secs(10), |v| {
+                v["unmatched_local_pods"] == json!(["production/ghost"])
+            })
+            .unwrap();
+        assert!(
+            ghost_seen.elapsed() >= Duration::from_secs(5),
+            "reported only after its grace"
+        );
+        assert_eq!(status["ready"], false, "{status}");
+        let (code, text, _) = super::cli(&agent, &["status"]);
+        assert_eq!(code, 2, "status exits 2 while not ready: {text}");
+        assert!(text.contains("production/ghost"), "{text}");
+        assert!(api.delete(Kind::Pods, "production", "ghost"));
+        agent
+            .wait_status("ready again", Duration::from_secs(5), |v| {
+                v["ready"] == true && v["unmatched_local_pods"] == json!([])
+            })
+            .unwrap();
+
+        // 7. The API server lost: the status (and the CLI) say so once the
         //    bound has passed, the node stays ready and the kernel keeps the
         //    last view; back, and the view is current again.
         let status = agent.status().unwrap();

@@ -70,14 +70,65 @@ pub struct Shared {
 /// How often the kernel state is compared with the agent's (`guard`).
 const SELF_CHECK_EVERY: Duration = Duration::from_secs(1);
 
-/// Rounds between two looks for sockets from outside the root.
-const FOREIGN_SOCKET_ROUNDS: u64 = 10;
+/// How often the workloads' processes are searched for sockets created
+/// outside the root.
+const FOREIGN_SOCKETS_EVERY: Duration = Duration::from_secs(30);
+
+/// How long a local pod may go without a cgroup before it is reported (the
+/// runtime makes the cgroup before the pod has an address, so this only
+/// covers the agent's own scan racing the API server's event).
+const UNMATCHED_GRACE: Duration = Duration::from_secs(5);
+
+/// After the source changed, how long it is re-read at the busy cadence.
+const BUSY_FOR: Duration = Duration::from_secs(10);
 
 /// Sockets the workloads use that were created outside the root.
 struct ForeignSockets {
     root: PathBuf,
-    round: u64,
+    last: Option<Instant>,
     seen: BTreeSet<crate::sockets::ForeignSocket>,
+}
+
+/// When the source is observed: at every wakeup (inotify, netlink, the API
+/// server's watches) and every policy change; between them every `busy`
+/// while something changed within `BUSY_FOR`, else every `idle`. Reading a
+/// cgroup tree of 500 workloads costs about 20 ms of CPU, so a node at rest
+/// reads it rarely (issue 23's idle CPU).
+#[derive(Debug, Clone)]
+pub struct Cadence {
+    pub busy: Duration,
+    pub idle: Duration,
+    last: Option<Instant>,
+    busy_until: Option<Instant>,
+}
+
+impl Cadence {
+    pub fn new(busy: Duration, idle: Duration) -> Cadence {
+        Cadence {
+            busy,
+            idle,
+            last: None,
+            busy_until: None,
+        }
+    }
+
+    /// Observe on every round (the unit tests' agents).
+    pub fn every_round() -> Cadence {
+        Cadence::new(Duration::ZERO, Duration::ZERO)
+    }
+
+    fn due(&self, now: Instant) -> bool {
+        let every = if self.busy_until.is_some_and(|t| now < t) {
+            self.busy
+        } else {
+            self.idle
+        };
+        self.last.is_none_or(|l| now.duration_since(l) >= every)
+    }
+
+    fn changed(&mut self, now: Instant) {
+        self.busy_until = Some(now + BUSY_FOR);
+    }
 }
 
 /// The control loop's state over a datapath and a source.
@@ -100,6 +151,9 @@ pub struct Agent<D: Datapath, S: Source> {
     foreign: Option<ForeignSockets>,
     /// Policy entries the kernel enforced when the agent started (adopted).
     adopted_entries: usize,
+    cadence: Cadence,
+    /// Local pods without a cgroup, since when.
+    unmatched_since: BTreeMap<String, Instant>,
 }
 
 impl<D: Datapath, S: Source> Agent<D, S> {
@@ -127,7 +181,14 @@ impl<D: Datapath, S: Source> Agent<D, S> {
             last_check: Instant::now(),
             foreign: None,
             adopted_entries: 0,
+            cadence: Cadence::every_round(),
+            unmatched_since: BTreeMap::new(),
         }
+    }
+
+    /// How often the source is re-read between wakeups.
+    pub fn set_cadence(&mut self, cadence: Cadence) {
+        self.cadence = cadence;
     }
 
     /// The kernel enforced `entries` policy entries when the agent started
@@ -142,7 +203,7 @@ impl<D: Datapath, S: Source> Agent<D, S> {
     pub fn watch_foreign_sockets(&mut self, root: PathBuf) {
         self.foreign = Some(ForeignSockets {
             root,
-            round: 0,
+            last: None,
             seen: BTreeSet::new(),
         });
     }
@@ -159,9 +220,10 @@ impl<D: Datapath, S: Source> Agent<D, S> {
                 info!("{why}: stopping");
                 return Flow::Stop;
             }
-            Event::Tick | Event::SourceChanged => self.round(false),
+            Event::Tick => self.round(false, false),
+            Event::SourceChanged => self.round(false, true),
             Event::PolicyWritten(reply) => {
-                self.round(true);
+                self.round(true, false);
                 let settled = self
                     .shared
                     .status
@@ -175,20 +237,42 @@ impl<D: Datapath, S: Source> Agent<D, S> {
         Flow::Continue
     }
 
-    /// One round: self-check when due, policy files, the source, then plan
-    /// and apply when anything changed. `written`: the agent itself just
-    /// wrote the policy directory (read it without waiting for it to settle).
-    fn round(&mut self, written: bool) {
+    /// One round: self-check when due, policy files, the source when due
+    /// (see [`Cadence`]), then plan and apply when anything changed.
+    /// `written`: the agent itself just wrote the policy directory (read it
+    /// without waiting for it to settle); `woken`: the source said it changed.
+    fn round(&mut self, written: bool, woken: bool) {
+        let now = Instant::now();
         if self.last_check.elapsed() >= SELF_CHECK_EVERY {
-            self.last_check = Instant::now();
+            self.last_check = now;
             self.self_check();
         }
         self.policies
-            .refresh_files(Instant::now(), written, &self.shared.status);
+            .refresh_files(now, written, &self.shared.status);
         self.note_view(self.source.view_problem());
+        self.look_for_foreign_sockets(now);
         if self.policies.held_for_source {
             return;
         }
+        let policy_changed = self
+            .last_inputs
+            .as_ref()
+            .is_none_or(|(_, v)| *v != self.policies.version());
+        if woken {
+            self.cadence.changed(now);
+        }
+        // A local pod without a cgroup still in its grace is looked at again
+        // soon, so it is reported on time.
+        let unmatched_waiting = self
+            .unmatched_since
+            .values()
+            .any(|since| now.duration_since(*since) < UNMATCHED_GRACE);
+        let holding = !self.steady || self.planner.holding() || unmatched_waiting;
+        if !(woken || written || policy_changed || holding || self.cadence.due(now)) {
+            self.refresh_counters();
+            return;
+        }
+        self.cadence.last = Some(now);
         let input = match self.source.observe() {
             Observed::Ready(input) => input,
             Observed::Waiting(kinds) => {
@@ -204,7 +288,7 @@ impl<D: Datapath, S: Source> Agent<D, S> {
             }
         };
         self.policies.merge(&self.source, &self.shared.status);
-        self.look_for_foreign_sockets();
+        self.note_unmatched(&input.local_without_cgroup, now);
         // Planning is pure: the inputs of the last round again, after a
         // round whose plan changed nothing, give that plan again. Skipping
         // it keeps an idle agent with a large policy idle.
@@ -221,6 +305,7 @@ impl<D: Datapath, S: Source> Agent<D, S> {
             return;
         }
         if !same {
+            self.cadence.changed(now);
             self.last_inputs = Some((input.clone(), version));
         }
         let obs = self.planner.plan(input, &self.policies.set);
@@ -246,6 +331,32 @@ impl<D: Datapath, S: Source> Agent<D, S> {
             _ => {}
         }
         s.cluster_view_problem = problem;
+    }
+
+    /// Local pods without a cgroup for longer than [`UNMATCHED_GRACE`]
+    /// into the status (not ready while there are any), each said once.
+    fn note_unmatched(&mut self, pods: &[String], now: Instant) {
+        self.unmatched_since.retain(|k, _| pods.contains(k));
+        for p in pods {
+            self.unmatched_since.entry(p.clone()).or_insert(now);
+        }
+        let due: Vec<String> = self
+            .unmatched_since
+            .iter()
+            .filter(|(_, since)| now.duration_since(**since) >= UNMATCHED_GRACE)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let Ok(mut s) = self.shared.status.lock() else {
+            return;
+        };
+        if s.unmatched_local_pods == due {
+            return;
+        }
+        for p in due.iter().filter(|p| !s.unmatched_local_pods.contains(p)) {
+            warn!(pod = %crate::text::escape(p), "a pod on this node has no cgroup under the root: its traffic is not enforced (not ready)");
+        }
+        s.unmatched_local_pods = due;
+        s.update_ready();
     }
 
     /// Counters and map fill into the status.
@@ -397,14 +508,16 @@ impl<D: Datapath, S: Source> Agent<D, S> {
     /// Every few rounds: sockets the workloads use that were created
     /// outside the root (no hook judges them); each new one is logged, all
     /// are in the status.
-    fn look_for_foreign_sockets(&mut self) {
+    fn look_for_foreign_sockets(&mut self, now: Instant) {
         let (Some(f), Some(desired)) = (self.foreign.as_mut(), self.reconciler.applied()) else {
             return;
         };
-        f.round += 1;
-        if f.round % FOREIGN_SOCKET_ROUNDS != 1 {
+        if f.last
+            .is_some_and(|l| now.duration_since(l) < FOREIGN_SOCKETS_EVERY)
+        {
             return;
         }
+        f.last = Some(now);
         let processes: Vec<(String, u32)> = self
             .known
             .values()
@@ -825,6 +938,10 @@ async fn drive<D: Datapath, S: Source>(
     let mut agent = Agent::new(node.datapath, source, planner, policies, shared);
     agent.adopted(adopted);
     agent.watch_foreign_sockets(root);
+    agent.set_cadence(Cadence::new(
+        Duration::from_millis(config.rescan_interval_ms),
+        Duration::from_millis(config.idle_rescan_interval_ms),
+    ));
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut ticker = tokio::time::interval(Duration::from_millis(config.rescan_interval_ms));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

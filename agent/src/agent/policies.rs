@@ -170,6 +170,7 @@ impl Policies {
         self.version = Some(version);
         let had = std::mem::replace(&mut self.had_problems, !problems.is_empty());
         if let Ok(mut s) = status.lock() {
+            s.refused_policy_objects.clone_from(&problems);
             if !problems.is_empty() || had {
                 s.last_error = (!problems.is_empty()).then(|| problems.join("\n"));
             }

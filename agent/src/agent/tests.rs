@@ -12,10 +12,15 @@ struct Scripted {
     waiting: bool,
     policies: Vec<Policy>,
     epoch: u64,
+    /// How often the agent observed it.
+    observed: usize,
+    /// Policy objects it refused, with why.
+    refused: Vec<String>,
 }
 
 impl Source for Scripted {
     fn observe(&mut self) -> Observed {
+        self.observed += 1;
         if self.waiting {
             Observed::Waiting(vec!["pods"])
         } else {
@@ -28,7 +33,7 @@ impl Source for Scripted {
     }
 
     fn policies(&self) -> (Vec<Policy>, Vec<String>) {
-        (self.policies.clone(), Vec::new())
+        (self.policies.clone(), self.refused.clone())
     }
 
     async fn changed(&self) {
@@ -98,6 +103,45 @@ fn agent(
 
 fn status<D: Datapath, S: Source>(a: &Agent<D, S>) -> StatusReport {
     a.shared.status.lock().unwrap().clone()
+}
+
+/// A node at rest is not re-read on every tick: only when the source wakes
+/// the agent, a policy changes, or the idle interval passed; after a change
+/// it is re-read at the busy cadence for a while.
+#[test]
+fn a_node_at_rest_is_read_when_woken_not_on_every_tick() {
+    let (_dir, mut a) = agent_with_deny_all();
+    a.set_cadence(Cadence::new(Duration::ZERO, Duration::from_secs(3600)));
+    // Until the first state is in and steady, every round observes.
+    a.step(Event::Tick);
+    a.step(Event::Tick);
+    assert!(status(&a).ready);
+    // Within the busy window (the first inputs were a change) a tick reads.
+    let before = a.source.observed;
+    a.step(Event::Tick);
+    assert_eq!(a.source.observed, before + 1);
+    // Past the busy window, ticks read nothing; a wakeup reads at once.
+    a.cadence.busy_until = Some(Instant::now());
+    let before = a.source.observed;
+    a.source.inputs = inputs(&[(7, "web"), (8, "db")]);
+    for _ in 0..5 {
+        a.step(Event::Tick);
+    }
+    assert_eq!(a.source.observed, before, "ticks at rest read nothing");
+    assert_eq!(status(&a).workload_list.len(), 1);
+    a.step(Event::SourceChanged);
+    assert_eq!(a.source.observed, before + 1);
+    assert_eq!(
+        status(&a).workload_list.len(),
+        2,
+        "a wakeup is read at once"
+    );
+    // The idle interval passed: a tick reads again.
+    a.cadence.busy_until = Some(Instant::now());
+    a.cadence.last = Instant::now().checked_sub(Duration::from_secs(3601));
+    let before = a.source.observed;
+    a.step(Event::Tick);
+    assert_eq!(a.source.observed, before + 1);
 }
 
 #[test]
@@ -245,4 +289,57 @@ fn a_stop_event_stops_the_loop() {
     let mut a = agent(FakeDatapath::default(), Scripted::default(), None);
     assert_eq!(a.step(Event::Stop("SIGTERM")), Flow::Stop);
     assert_eq!(a.datapath.attempts, 0);
+}
+
+/// A pod on this node whose cgroup is not found is reported once its grace
+/// has passed, and the node is not ready until it is found (or gone).
+#[test]
+fn a_local_pod_without_a_cgroup_makes_the_node_not_ready_after_its_grace() {
+    let (_dir, mut a) = agent_with_deny_all();
+    a.source.inputs.local_without_cgroup = vec!["prod/lost".into()];
+    a.step(Event::Tick);
+    a.step(Event::Tick);
+    let s = status(&a);
+    assert!(
+        s.ready && s.unmatched_local_pods.is_empty(),
+        "in its grace: {s:?}"
+    );
+    // The grace passed.
+    a.unmatched_since
+        .insert("prod/lost".into(), Instant::now() - UNMATCHED_GRACE);
+    a.step(Event::Tick);
+    let s = status(&a);
+    assert_eq!(s.unmatched_local_pods, ["prod/lost"]);
+    assert!(!s.ready);
+    assert!(
+        s.not_ready_because()
+            .iter()
+            .any(|w| w.contains("prod/lost") && w.contains("cgroup")),
+        "{:?}",
+        s.not_ready_because()
+    );
+    // Its cgroup appeared.
+    a.source.inputs.local_without_cgroup.clear();
+    a.step(Event::SourceChanged);
+    let s = status(&a);
+    assert!(s.ready && s.unmatched_local_pods.is_empty(), "{s:?}");
+}
+
+/// A policy object the source refused is listed in the status with why;
+/// the node stays ready (the object is refused on every node alike, and a
+/// node taken out of service would not enforce it either).
+#[test]
+fn a_refused_policy_object_is_listed_in_the_status() {
+    let (_dir, mut a) = agent_with_deny_all();
+    a.step(Event::Tick);
+    a.source.refused = vec!["NetworkPolicy prod/typo: spec.podSelector: unknown field".into()];
+    a.source.epoch += 1;
+    a.step(Event::SourceChanged);
+    let s = status(&a);
+    assert_eq!(s.refused_policy_objects, a.source.refused);
+    assert!(s.ready, "{:?}", s.not_ready_because());
+    a.source.refused.clear();
+    a.source.epoch += 1;
+    a.step(Event::SourceChanged);
+    assert!(status(&a).refused_policy_objects.is_empty());
 }

@@ -70,29 +70,6 @@ pub struct KernelDatapath {
     adoption: super::Adoption,
 }
 
-/// Loads and attaches `lsm_cgroup/socket_create` to the root (kernel ≥ 6.0
-/// with the BPF LSM active). The error says why not.
-fn attach_socket_guard(ebpf: &mut Ebpf, root: &File, pins: Option<&Pins>) -> Result<(), String> {
-    let name = programs::SOCKET_CREATE;
-    let btf = aya::Btf::from_sys_fs().map_err(|e| format!("kernel BTF: {e}"))?;
-    let prog: &mut aya::programs::LsmCgroup = ebpf
-        .program_mut(name)
-        .ok_or_else(|| format!("program {name} missing from the object"))?
-        .try_into()
-        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
-    prog.load("socket_create", &btf)
-        .map_err(|e| format!("loading {name}: {e}"))?;
-    let id = prog
-        .attach(root)
-        .map_err(|e| format!("attaching {name}: {e}"))?;
-    if let Some(p) = pins {
-        let link = prog.take_link(id).map_err(|e| e.to_string())?;
-        let fd: aya::programs::links::FdLink = link.into();
-        fd.pin(p.link(name)).map_err(|e| e.to_string())?;
-    }
-    Ok(())
-}
-
 /// A compiled policy entry as the policy map's longest-prefix key in `slot`:
 /// the prefix covers slot, direction, protocol and both identities, then
 /// `port_bits` of the port.
@@ -164,6 +141,24 @@ fn service_value(b: &ServiceBackends) -> ServiceValue {
 
 fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
     move |source| DatapathError::Map { map, source }
+}
+
+/// A delete of `map` that found nothing to delete is done (the entry is
+/// gone either way); any other failure is an error, and the caller's mirror
+/// keeps the entry, so the next apply deletes it again.
+pub(super) fn removed(
+    result: Result<(), aya::maps::MapError>,
+    map: &'static str,
+) -> Result<(), DatapathError> {
+    match result {
+        Err(aya::maps::MapError::KeyNotFound | aya::maps::MapError::ElementNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        other => other.map_err(map_err(map)),
+    }
 }
 
 /// Map `name` of the object as the typed map `T` (read access).
@@ -580,20 +575,6 @@ impl KernelDatapath {
             path: cgroup_root.display().to_string(),
             source,
         })?;
-        // Packet sockets: refused through the BPF LSM where the kernel has it.
-        let mut attach_points = Vec::new();
-        let name = programs::SOCKET_CREATE;
-        let packet_sockets = if let Some(p) = pins.filter(|p| p.link(name).exists()) {
-            attach_points.push(format!(
-                "{name} on {} (adopted from {})",
-                cgroup_root.display(),
-                p.dir.display()
-            ));
-            Ok(())
-        } else {
-            attach_socket_guard(&mut ebpf, &root, pins)
-                .map(|()| attach_points.push(format!("{name} on {}", cgroup_root.display())))
-        };
         let mut datapath = KernelDatapath {
             ebpf,
             capacities: capacities.clone(),
@@ -608,7 +589,7 @@ impl KernelDatapath {
             services: BTreeMap::new(),
             options: 0,
             attach_points: Vec::new(),
-            posture: Posture::of(packet_sockets),
+            posture: Posture::of(Ok(())),
             root: cgroup_root.to_owned(),
             root_fd: root,
             root_ino,
@@ -645,7 +626,33 @@ impl KernelDatapath {
             };
             datapath.links.push(link);
         }
-        datapath.attach_points.append(&mut attach_points);
+        // Packet sockets: refused through the BPF LSM where the kernel has
+        // it; held and checked like the other links.
+        let name = programs::SOCKET_CREATE;
+        let packet_sockets = match datapath.adopt_link(name, guard::BPF_LSM_CGROUP) {
+            Some(link) => {
+                let from = pins
+                    .map(|p| p.dir.display().to_string())
+                    .unwrap_or_default();
+                datapath.attach_points.push(format!(
+                    "{name} on {} (adopted from {from})",
+                    cgroup_root.display()
+                ));
+                datapath.links.push(link);
+                Ok(())
+            }
+            None => match datapath.attach_fresh(name, guard::BPF_LSM_CGROUP) {
+                Ok(link) => {
+                    datapath
+                        .attach_points
+                        .push(format!("{name} on {}", cgroup_root.display()));
+                    datapath.links.push(link);
+                    Ok(())
+                }
+                Err(e) => Err(e.to_string()),
+            },
+        };
+        datapath.posture = Posture::of(packet_sockets);
         if let Some(p) = pins.filter(|p| !p.layout().exists()) {
             std::fs::create_dir(p.layout()).map_err(|source| DatapathError::Io {
                 what: "creating",
@@ -1096,14 +1103,26 @@ impl KernelDatapath {
                 cgroup_id: *cgroup_id,
                 addr: addr16(*ip),
             };
-            for entry in desired.own_addresses.difference(&self.own_addresses) {
-                own.insert(&key(entry), &1, 0)
+            // The mirror follows each write that succeeded, no further.
+            let new: Vec<(u64, IpAddr)> = desired
+                .own_addresses
+                .difference(&self.own_addresses)
+                .copied()
+                .collect();
+            for entry in new {
+                own.insert(&key(&entry), &1, 0)
                     .map_err(map_err(maps::SELF_ADDRESSES))?;
+                self.own_addresses.insert(entry);
             }
-            for entry in self.own_addresses.difference(&desired.own_addresses) {
-                let _ = own.remove(&key(entry));
+            let stale: Vec<(u64, IpAddr)> = self
+                .own_addresses
+                .difference(&desired.own_addresses)
+                .copied()
+                .collect();
+            for entry in stale {
+                removed(own.remove(&key(&entry)), maps::SELF_ADDRESSES)?;
+                self.own_addresses.remove(&entry);
             }
-            self.own_addresses = desired.own_addresses.clone();
         }
         let (ip_up, ip_del) =
             super::ipcache_diff(&self.ipcache, self.ipcache_written, &desired.ipcache);
@@ -1142,7 +1161,7 @@ impl KernelDatapath {
                 .copied()
                 .collect();
             for frontend in stale {
-                let _ = services.remove(&service_key(&frontend));
+                removed(services.remove(&service_key(&frontend)), maps::SERVICES)?;
                 self.services.remove(&frontend);
                 report.service_updates += 1;
             }
@@ -1157,8 +1176,7 @@ impl KernelDatapath {
                 self.cgroups.insert(*cg, *id);
             }
             for cg in &cg_del {
-                // Already gone from the kernel when the cgroup was removed is fine.
-                let _ = cgroups.remove(cg);
+                removed(cgroups.remove(cg), maps::CGROUP_IDENTITY)?;
                 self.cgroups.remove(cg);
             }
         }
@@ -1166,7 +1184,7 @@ impl KernelDatapath {
             let mut ipcache: LpmTrie<&mut MapData, [u8; 16], u32> =
                 typed_mut(&mut self.ebpf, maps::IPCACHE)?;
             for net in &ip_del {
-                let _ = ipcache.remove(&ip_key(net));
+                removed(ipcache.remove(&ip_key(net)), maps::IPCACHE)?;
                 self.ipcache.remove(net);
             }
         }

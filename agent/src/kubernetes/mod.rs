@@ -252,7 +252,12 @@ where
         loop {
             match stream.try_next().await {
                 Ok(Some(event)) => {
-                    contact.touch();
+                    // `Init` comes before the list request is made (every
+                    // retry after a failure starts with one): it says
+                    // nothing about the API server answering.
+                    if !matches!(event, watcher::Event::Init) {
+                        contact.touch();
+                    }
                     if matches!(event, watcher::Event::InitDone)
                         && !synced[index].swap(true, Ordering::SeqCst)
                     {
@@ -738,7 +743,10 @@ pub fn inputs(
         if pod.node.as_deref() == Some(node) {
             // A local pod whose cgroup is not there (yet, or any more): still
             // known by address, so its peers see its identity.
-            out.local_without_cgroup += 1;
+            if !pod.terminating {
+                out.local_without_cgroup
+                    .push(format!("{}/{}", pod.namespace, pod.name));
+            }
         }
         let ips = owned_ips(pod, &owners);
         if ips.is_empty() {

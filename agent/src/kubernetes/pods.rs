@@ -273,8 +273,15 @@ impl PodIndex {
             .on_node
             .iter()
             .filter_map(|k| self.pods.get(k))
-            .filter(|p| !p.host_network && !p.ips.is_empty() && !self.with_cgroup.contains(&p.uid))
-            .count();
+            .filter(|p| {
+                !p.host_network
+                    && !p.terminating
+                    && !p.ips.is_empty()
+                    && !self.with_cgroup.contains(&p.uid)
+            })
+            .map(|p| format!("{}/{}", p.namespace, p.name))
+            .collect();
+        out.local_without_cgroup.sort();
         out
     }
 }

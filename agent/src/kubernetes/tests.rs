@@ -139,7 +139,11 @@ fn local_cgroups_become_pods_host_network_is_host_unknown_is_held() {
             "prometheus-0"
         ]
     );
-    assert_eq!(got.local_without_cgroup, 1, "order-service is on node-a");
+    assert_eq!(
+        got.local_without_cgroup,
+        ["production/order-service-5f6b7c8d9e-k4m2n"],
+        "order-service is on node-a"
+    );
     assert_eq!(got.namespaces["monitoring"]["name"], "monitoring");
 
     let allow = inputs("node-a", &pods, &namespaces, &cgroups, UnknownPods::Allow);

@@ -684,26 +684,73 @@ fn proc_cpu_ticks(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// Figure 5: resident memory and CPU at idle (seed) and with the 10k policy,
-/// and start → enforcing (from the throughput rounds' agent starts).
+/// Cgroups made for figure 5's "many workloads" row, each with a sleeping
+/// process; the processes are killed and the cgroups removed on drop.
+struct BulkWorkloads {
+    dirs: Vec<PathBuf>,
+    children: Vec<std::process::Child>,
+}
+
+impl BulkWorkloads {
+    /// `n` workloads `bulk/wI` below `root` (the default rule names them).
+    fn make(root: &Path, n: usize) -> anyhow::Result<BulkWorkloads> {
+        let mut bulk = BulkWorkloads {
+            dirs: vec![root.join("bulk")],
+            children: Vec::new(),
+        };
+        std::fs::create_dir_all(root.join("bulk"))?;
+        for i in 0..n {
+            let dir = root.join(format!("bulk/w{i}"));
+            std::fs::create_dir_all(&dir)?;
+            bulk.dirs.push(dir.clone());
+            let child = Command::new("sleep").arg("900").spawn()?;
+            std::fs::write(dir.join("cgroup.procs"), child.id().to_string())?;
+            bulk.children.push(child);
+        }
+        Ok(bulk)
+    }
+}
+
+impl Drop for BulkWorkloads {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for d in self.dirs.iter().rev() {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
+/// Figure 5: resident memory and CPU at rest (seed; seed with 500 more
+/// workload cgroups; the 10k policy), and start → enforcing (from the
+/// throughput rounds' agent starts). CPU is counted once the agent has been
+/// left alone for longer than its busy cadence (10 s after a change).
 fn figure_agent(b: &Bench, starts_10k: Vec<f64>) -> anyhow::Result<Value> {
-    let mut out = json!({ "startToEnforcingMs10k": Summary::of(&starts_10k) });
-    for cfg in ["palisade-seed", "palisade-10k"] {
-        step(&format!("agent memory and CPU, {cfg}"));
+    const BULK: usize = 500;
+    let mut out =
+        json!({ "startToEnforcingMs10k": Summary::of(&starts_10k), "bulkWorkloads": BULK });
+    for (cfg, key) in [
+        ("palisade-seed", "seed"),
+        ("palisade-seed", "manyWorkloads"),
+        ("palisade-10k", "tenK"),
+    ] {
+        step(&format!("agent memory and CPU at rest, {key}"));
+        let _bulk = if key == "manyWorkloads" {
+            Some(BulkWorkloads::make(&b.world.cgroup_root, BULK)?)
+        } else {
+            None
+        };
         let (mut agent, took) = b.start_agent(cfg)?;
         let pid = agent.pid().context("agent pid")?;
-        std::thread::sleep(Duration::from_millis(500));
-        let window = if b.opts.quick { 1.0 } else { 3.0 };
+        std::thread::sleep(Duration::from_secs(11));
+        let window = if b.opts.quick { 10.0 } else { 30.0 };
         let t0 = proc_cpu_ticks(pid);
         std::thread::sleep(Duration::from_secs_f64(window));
         let ticks = proc_cpu_ticks(pid) - t0;
         // SAFETY: sysconf has no preconditions.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-        let key = if cfg == "palisade-seed" {
-            "seed"
-        } else {
-            "tenK"
-        };
         out[key] = json!({
             "rssMiB": proc_rss_mib(pid),
             "idleCpuPercent": ticks as f64 / hz / window * 100.0,

@@ -337,10 +337,21 @@ pub fn markdown(r: &Value) -> String {
     let _ = writeln!(md, "## 5. Agent\n");
     let _ = writeln!(
         md,
-        "| policy | RSS (MiB) | idle CPU (% of a core) | start → enforcing (ms) |"
+        "| policy | RSS (MiB) | CPU at rest (% of a core) | start → enforcing (ms) |"
     );
     let _ = writeln!(md, "|---|---|---|---|");
-    for (k, name) in [("seed", "seed"), ("tenK", "10k rules")] {
+    let many = format!(
+        "seed, {} more workload cgroups",
+        ag["bulkWorkloads"].as_u64().unwrap_or(0)
+    );
+    for (k, name) in [
+        ("seed", "seed"),
+        ("manyWorkloads", many.as_str()),
+        ("tenK", "10k rules"),
+    ] {
+        if ag[k].is_null() {
+            continue;
+        }
         let _ = writeln!(
             md,
             "| {name} | {:.1} | {:.2} | {:.0} |",

@@ -11,12 +11,17 @@ use std::{
 };
 
 use aya::{
-    maps::{HashMap, MapData, MapInfo},
+    maps::{HashMap, LpmTrie, MapData, MapInfo},
     programs::{CgroupSkb, CgroupSockAddr, Program},
 };
-use palisade_common::{EnforcedKey, EnforcedValue, maps, programs, state};
+use palisade_common::{
+    EnforcedKey, EnforcedValue, SelfKey, ServiceKey, ServiceValue, maps, programs, state,
+};
 
-use super::{KernelDatapath, map_err, typed};
+use super::{
+    KernelDatapath, addr16, ip_key, map_err, net_of, removed, service_key, service_value, typed,
+    typed_mut,
+};
 use crate::datapath::{DatapathError, Health, bpfsys};
 
 /// The programs that enforce, with their `bpf_attach_type`. They attach
@@ -30,6 +35,10 @@ pub(super) const ENFORCING: [(&str, u32); 6] = [
     (programs::INGRESS, 0),       // BPF_CGROUP_INET_INGRESS
     (programs::EGRESS_PACKET, 1), // BPF_CGROUP_INET_EGRESS
 ];
+
+/// `bpf_attach_type` of the packet-socket guard (`lsm_cgroup/socket_create`,
+/// kernel ≥ 6.0 with the BPF LSM active).
+pub(super) const BPF_LSM_CGROUP: u32 = 43;
 
 /// The maps that are pinned (and so can be swapped under a running agent).
 pub(super) const PINNED_MAPS: [&str; 10] = [
@@ -56,6 +65,42 @@ pub(super) struct HeldLink {
 
 /// Self-checks between two full comparisons of the policy table.
 const POLICY_TABLE_EVERY: u64 = 15;
+
+/// Self-checks between two full comparisons of the identity maps (cgroups,
+/// ipcache, own addresses, Services, options) once they are large: at
+/// 50,000 pods the ipcache alone is 100,000 entries to read. Below
+/// `SMALL_MAPS` entries they are compared at every check.
+const IDENTITY_MAPS_EVERY: u64 = 30;
+const SMALL_MAPS: usize = 4096;
+
+/// Brings the hash map `map` to `want`; returns how many entries differed.
+fn reconcile_hash<K, V>(
+    map: &mut HashMap<&mut MapData, K, V>,
+    want: &BTreeMap<K, V>,
+    name: &'static str,
+) -> Result<usize, DatapathError>
+where
+    K: aya::Pod + Ord,
+    V: aya::Pod + PartialEq,
+{
+    let mut found = BTreeMap::new();
+    for item in map.iter() {
+        let (k, v) = item.map_err(map_err(name))?;
+        found.insert(k, v);
+    }
+    let mut differed = 0;
+    for (k, v) in want {
+        if found.get(k) != Some(v) {
+            map.insert(k, v, 0).map_err(map_err(name))?;
+            differed += 1;
+        }
+    }
+    for k in found.keys().filter(|k| !want.contains_key(k)) {
+        removed(map.remove(k), name)?;
+        differed += 1;
+    }
+    Ok(differed)
+}
 
 fn io_err(what: &'static str, path: String) -> impl FnOnce(std::io::Error) -> DatapathError {
     move |source| DatapathError::Io { what, path, source }
@@ -178,6 +223,15 @@ impl KernelDatapath {
                 }
                 p.fd().map_err(prog_err)?.as_fd().try_clone_to_owned()
             }
+            Program::LsmCgroup(p) => {
+                let p: &mut aya::programs::LsmCgroup = p;
+                if p.fd().is_err() {
+                    let btf = aya::Btf::from_sys_fs()
+                        .map_err(|e| prog_err(aya::programs::ProgramError::Btf(e)))?;
+                    p.load("socket_create", &btf).map_err(prog_err)?;
+                }
+                p.fd().map_err(prog_err)?.as_fd().try_clone_to_owned()
+            }
             _ => return Err(prog_err(aya::programs::ProgramError::NotLoaded)),
         };
         fd.map_err(io_err("duplicating the descriptor of", name.into()))
@@ -242,7 +296,116 @@ impl KernelDatapath {
                 .problems
                 .push(format!("reading the active table: {e}"));
         }
+        let size = self.ipcache.len() + self.cgroups.len() + self.services.len();
+        if self.generation > 1
+            && (size < SMALL_MAPS || self.checks.is_multiple_of(IDENTITY_MAPS_EVERY))
+        {
+            self.verify_identity_maps(&mut health);
+        }
         health
+    }
+
+    /// The maps the programs look identities, own addresses, Services and
+    /// options up in, against what the agent wrote; rewritten where they
+    /// differ (a map written outside the agent, or an entry lost).
+    pub(super) fn verify_identity_maps(&mut self, health: &mut Health) {
+        let results = [
+            ("cgroup identity", self.reconcile_cgroups()),
+            ("ipcache", self.reconcile_ipcache()),
+            ("own address", self.reconcile_own_addresses()),
+            ("Service", self.reconcile_services()),
+            ("options", self.reconcile_options()),
+        ];
+        for (what, result) in results {
+            match result {
+                Ok(0) => {}
+                Ok(n) => {
+                    health.repaired.push(format!(
+                        "the {what} map was changed outside the agent ({n} entries differed): rewritten"
+                    ));
+                    self.count_repair("identity-maps");
+                }
+                Err(e) => health
+                    .problems
+                    .push(format!("checking the {what} map: {e}")),
+            }
+        }
+    }
+
+    fn reconcile_cgroups(&mut self) -> Result<usize, DatapathError> {
+        let mut map: HashMap<&mut MapData, u64, u32> =
+            typed_mut(&mut self.ebpf, maps::CGROUP_IDENTITY)?;
+        reconcile_hash(&mut map, &self.cgroups, maps::CGROUP_IDENTITY)
+    }
+
+    fn reconcile_own_addresses(&mut self) -> Result<usize, DatapathError> {
+        let want: BTreeMap<SelfKey, u8> = self
+            .own_addresses
+            .iter()
+            .map(|(cgroup_id, ip)| {
+                let key = SelfKey {
+                    cgroup_id: *cgroup_id,
+                    addr: addr16(*ip),
+                };
+                (key, 1)
+            })
+            .collect();
+        let mut map: HashMap<&mut MapData, SelfKey, u8> =
+            typed_mut(&mut self.ebpf, maps::SELF_ADDRESSES)?;
+        reconcile_hash(&mut map, &want, maps::SELF_ADDRESSES)
+    }
+
+    fn reconcile_services(&mut self) -> Result<usize, DatapathError> {
+        let want: BTreeMap<ServiceKey, ServiceValue> = self
+            .services
+            .iter()
+            .map(|(f, b)| (service_key(f), service_value(b)))
+            .collect();
+        let mut map: HashMap<&mut MapData, ServiceKey, ServiceValue> =
+            typed_mut(&mut self.ebpf, maps::SERVICES)?;
+        reconcile_hash(&mut map, &want, maps::SERVICES)
+    }
+
+    fn reconcile_ipcache(&mut self) -> Result<usize, DatapathError> {
+        let mut map: LpmTrie<&mut MapData, [u8; 16], u32> =
+            typed_mut(&mut self.ebpf, maps::IPCACHE)?;
+        let mut found = Vec::new();
+        for item in map.iter() {
+            found.push(item.map_err(map_err(maps::IPCACHE))?);
+        }
+        let mut differed = 0;
+        let mut right = std::collections::BTreeSet::new();
+        for (key, id) in found {
+            match net_of(key.prefix_len(), key.data()) {
+                Some(net) if self.ipcache.get(&net) == Some(&id) => {
+                    right.insert(net);
+                }
+                // A wrong identity is overwritten below.
+                Some(net) if self.ipcache.contains_key(&net) => {}
+                _ => {
+                    removed(map.remove(&key), maps::IPCACHE)?;
+                    differed += 1;
+                }
+            }
+        }
+        for (net, id) in &self.ipcache {
+            if !right.contains(net) {
+                map.insert(&ip_key(net), id, 0)
+                    .map_err(map_err(maps::IPCACHE))?;
+                differed += 1;
+            }
+        }
+        Ok(differed)
+    }
+
+    fn reconcile_options(&mut self) -> Result<usize, DatapathError> {
+        let st: aya::maps::Array<&MapData, u32> = typed(&self.ebpf, maps::STATE)?;
+        let options = st.get(&state::OPTIONS, 0).map_err(map_err(maps::STATE))?;
+        if options == self.options {
+            return Ok(0);
+        }
+        self.set_state(state::OPTIONS, self.options)?;
+        Ok(1)
     }
 
     /// Takes the recreated root as the root; `verify_links` then finds
