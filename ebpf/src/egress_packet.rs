@@ -21,8 +21,7 @@
 //! once (its connection was judged at connect(), its source fixed then).
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::__sk_buff,
-    helpers::generated::{bpf_get_socket_cookie, bpf_sk_fullsock, bpf_skb_cgroup_id},
+    helpers::generated::{bpf_get_socket_cookie, bpf_skb_cgroup_id},
     macros::cgroup_skb,
     programs::SkBuffContext,
 };
@@ -202,14 +201,7 @@ fn forged(cgroup_id: u64, packet: &Packet) -> bool {
 
 #[inline(always)]
 fn raw_socket(ctx: &SkBuffContext) -> bool {
-    let skb: *const __sk_buff = ctx.as_ptr().cast();
-    // SAFETY: reading the socket pointer of a valid context.
-    let sk = unsafe { (*skb).__bindgen_anon_2.sk };
-    if sk.is_null() {
-        return false;
-    }
-    // SAFETY: a socket pointer from the context is a valid helper argument.
-    let full = unsafe { bpf_sk_fullsock(sk) };
+    let full = packet::full_socket(ctx);
     if full.is_null() {
         return false;
     }

@@ -7,7 +7,9 @@
 //! packet of any other protocol (UDP, ICMP, UDP-Lite, …) from a peer this
 //! workload has not yet exchanged such traffic with under the current policy
 //! generation (UDP: this socket). Everything else belongs to a flow already
-//! judged. ICMP is judged by type and code (an echo reply to an admitted echo
+//! judged. A UDP datagram to a socket connected to its sender is that
+//! socket's reply: judged as the socket's egress, cached or not. ICMP is
+//! judged by type and code (an echo reply to an admitted echo
 //! is a reply); ICMP errors and neighbour discovery pass. An ICMP echo that
 //! the kernel answers itself reaches no socket, so no program of the
 //! workload's runs for it: it is judged at the sender's egress.
@@ -146,6 +148,20 @@ fn try_ingress(ctx: &SkBuffContext) -> Result<i32, i32> {
                 }
                 return Ok(verdict);
             }
+            // A reply to a UDP socket connected to this very sender: the
+            // flow our egress opened (its connect() was judged there), even
+            // when the cache forgot it or never held it (connected while
+            // both directions were open). Judged as that egress.
+            Known::Unknown
+                if packet.protocol == PROTO_UDP && connected_to(ctx, &packet.src, peer_side) =>
+            {
+                let first = as_first_judged(&flow, DIR_EGRESS, peer_side);
+                let verdict = judge_egress::<false>(&first);
+                if verdict == PASS {
+                    remember_flow(&flow, DIR_EGRESS, peer_side);
+                }
+                return Ok(verdict);
+            }
             _ => {}
         }
         if !ingress_enforced {
@@ -159,6 +175,63 @@ fn try_ingress(ctx: &SkBuffContext) -> Result<i32, i32> {
     }
     Ok(verdict)
 }
+
+/// The receiving socket is connected to `addr:port` (a connected UDP
+/// socket receives only from its peer, so the packet answers it).
+#[inline(always)]
+fn connected_to(ctx: &SkBuffContext, addr: &[u8; 16], port: u16) -> bool {
+    let full = packet::full_socket(ctx);
+    if full.is_null() {
+        return false;
+    }
+    // SAFETY: a full socket's peer fields are readable; `dst_port` is read
+    // as the 4-byte field every kernel accepts (network order in its first
+    // two bytes). Each field is loaded on its own: the verifier refuses
+    // arithmetic on a socket pointer, which copying an array would need.
+    let (raw_port, family) = unsafe {
+        (
+            core::ptr::read_volatile(core::ptr::addr_of!((*full).dst_port).cast::<u32>()),
+            core::ptr::read_volatile(core::ptr::addr_of!((*full).family)),
+        )
+    };
+    let peer_port = u16::from_be(raw_port as u16);
+    if peer_port == 0 || peer_port != port {
+        return false;
+    }
+    // Both address fields are loaded whatever the family (a select of
+    // values, never of pointers, which the verifier would refuse).
+    // SAFETY: as above, one 4-byte field at a time.
+    let (ip4, ip6) = unsafe {
+        (
+            core::ptr::read_volatile(core::ptr::addr_of!((*full).dst_ip4)),
+            [
+                core::ptr::read_volatile(core::ptr::addr_of!((*full).dst_ip6[0])),
+                core::ptr::read_volatile(core::ptr::addr_of!((*full).dst_ip6[1])),
+                core::ptr::read_volatile(core::ptr::addr_of!((*full).dst_ip6[2])),
+                core::ptr::read_volatile(core::ptr::addr_of!((*full).dst_ip6[3])),
+            ],
+        )
+    };
+    let words: [u32; 4] = if family == AF_INET {
+        let mapped = palisade_common::v4_mapped(ip4.to_ne_bytes());
+        [
+            u32::from_ne_bytes([mapped[0], mapped[1], mapped[2], mapped[3]]),
+            u32::from_ne_bytes([mapped[4], mapped[5], mapped[6], mapped[7]]),
+            u32::from_ne_bytes([mapped[8], mapped[9], mapped[10], mapped[11]]),
+            ip4,
+        ]
+    } else {
+        ip6
+    };
+    let mut same = true;
+    for (i, w) in words.iter().enumerate() {
+        let b = i * 4;
+        same &= *w == u32::from_ne_bytes([addr[b], addr[b + 1], addr[b + 2], addr[b + 3]]);
+    }
+    same
+}
+
+const AF_INET: u32 = 2;
 
 #[inline(always)]
 fn ingress_ifindex(ctx: &SkBuffContext) -> u32 {

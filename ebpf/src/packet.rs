@@ -1,7 +1,12 @@
 //! Parsing the IP header of a packet in a `cgroup_skb` program, shared by
 //! ingress and egress. Bounded: at most `MAX_IPV6_EXT_HEADERS` extension
 //! headers are walked; a packet with more cannot be parsed.
-use aya_ebpf::{EbpfContext as _, bindings::__sk_buff, programs::SkBuffContext};
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{__sk_buff, bpf_sock},
+    helpers::generated::bpf_sk_fullsock,
+    programs::SkBuffContext,
+};
 use network_types::{
     ip::{Ipv4Hdr, Ipv6Hdr},
     sctp::SctpHdr,
@@ -176,4 +181,18 @@ pub fn icmp_infrastructure(protocol: u8, type_code: u16) -> bool {
         PROTO_ICMPV6 => matches!(kind, 1..=4 | 130..=137 | 143),
         _ => false,
     }
+}
+
+/// The full socket the packet belongs to (null: none, or a request or
+/// time-wait socket).
+#[inline(always)]
+pub fn full_socket(ctx: &SkBuffContext) -> *mut bpf_sock {
+    let skb: *const __sk_buff = ctx.as_ptr().cast();
+    // SAFETY: reading the socket pointer of a valid context.
+    let sk = unsafe { (*skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return core::ptr::null_mut();
+    }
+    // SAFETY: a socket pointer from the context is a valid helper argument.
+    unsafe { bpf_sk_fullsock(sk) }
 }

@@ -589,3 +589,130 @@ fn a_change_that_denies_an_established_connection_stops_it() {
         .unwrap();
     assert!(agent.stop().unwrap());
 }
+
+/// The flow cache cannot be turned against others, and a connected UDP
+/// socket's replies always reach it. A client holds a connected UDP session
+/// to dns:53 (a ping every 20 ms, each answer awaited) opened while its
+/// ingress was open; then an ingress policy selects it (only its egress to
+/// dns:53 is allowed) — its answers go on (a reply to a socket connected to
+/// that very sender is judged as the socket's egress). Then another workload
+/// sends 100,000 datagrams to distinct ports of a third one through a flow
+/// cache of 4,096 entries, churning it 24 times over: the session loses
+/// nothing, before, during or after.
+#[test]
+fn a_flow_cache_flood_and_a_later_ingress_policy_never_drop_a_connected_udp_reply() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let (dir, policies) = temp_policy_dir();
+    let mut world = World::new().unwrap();
+    for (name, udp) in [
+        ("client", &[][..]),
+        ("dns", &[53][..]),
+        ("flooder", &[]),
+        ("sink", &[]),
+    ] {
+        world.add_pod(PodSpec::new("prod", name, &[], udp)).unwrap();
+    }
+    // dns admits the client; the flooder may send to the sink on any UDP
+    // port (so every datagram is a flow the cache remembers).
+    let base = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: dns, namespace: prod}\n\
+                spec:\n  podSelector: {matchLabels: {app: dns}}\n  policyTypes: [Ingress]\n  ingress:\n\
+                \x20   - from: [{podSelector: {matchLabels: {app: client}}}]\n      ports: [{protocol: UDP, port: 53}]\n\
+                ---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: flooder, namespace: prod}\n\
+                spec:\n  podSelector: {matchLabels: {app: flooder}}\n  policyTypes: [Egress]\n  egress:\n\
+                \x20   - to: [{podSelector: {matchLabels: {app: sink}}}]\n      ports: [{protocol: UDP, port: 1024, endPort: 65535}]\n";
+    write(&policies, "base.yaml", base);
+    let audit = dir.path().join("audit.jsonl");
+    let mut agent = Agent::start(
+        dir.path(),
+        &config_for(&world, &policies, &audit, "maps:\n  flows: 4096\n"),
+    )
+    .unwrap();
+    agent.wait_enforcing(&world).unwrap();
+    let (client, dns, flooder, sink) = (
+        world.pod("prod/client"),
+        world.pod("prod/dns"),
+        world.pod("prod/flooder"),
+        world.pod("prod/sink"),
+    );
+    let counts = dir.path().join("udp-session");
+    let _session = world
+        .spawn_testbed(
+            client,
+            &[
+                "udp-session",
+                &dns.ipv4.to_string(),
+                "53",
+                counts.to_str().unwrap(),
+            ],
+        )
+        .unwrap();
+    let session = || {
+        let text = std::fs::read_to_string(&counts).unwrap_or_default();
+        let mut it = text.split_whitespace().map(|n| n.parse().unwrap_or(0u64));
+        (it.next().unwrap_or(0), it.next().unwrap_or(0))
+    };
+    std::thread::sleep(Duration::from_millis(600));
+    let before = session();
+    assert!(before.0 > 5, "the session talks: {before:?}");
+
+    // An ingress policy now selects the client: nothing may reach it but
+    // the answers of the flow it opened.
+    let generation = agent.status().unwrap()["generation"].as_u64().unwrap();
+    write(
+        &policies,
+        "client.yaml",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: client, namespace: prod}\n\
+         spec:\n  podSelector: {matchLabels: {app: client}}\n  policyTypes: [Ingress, Egress]\n  egress:\n\
+         \x20   - to: [{podSelector: {matchLabels: {app: dns}}}]\n      ports: [{protocol: UDP, port: 53}]\n",
+    );
+    agent
+        .wait_status("the client's policy applied", Duration::from_secs(5), |v| {
+            v["generation"].as_u64() > Some(generation) && v["ready"] == true
+        })
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let selected = session();
+    assert!(
+        selected.0 >= before.0 + 30,
+        "answers go on under the new ingress policy: {before:?} → {selected:?}"
+    );
+    // The policy holds for anything else: the sink cannot reach the client.
+    assert_eq!(
+        world
+            .probe(
+                sink,
+                "udp",
+                client.ipv4.into(),
+                53,
+                Duration::from_millis(300)
+            )
+            .unwrap(),
+        "timeout",
+        "the client's ingress is enforced"
+    );
+
+    // The flood: 100,000 flows (IPv4 and IPv6) through 4,096 cache entries.
+    let mut sent = 0;
+    for addr in [sink.ipv4.to_string(), sink.ipv6.to_string()] {
+        let out = world
+            .testbed(flooder, &["udp-spray", &addr, "50000"])
+            .unwrap();
+        let words: Vec<&str> = out.split_whitespace().collect();
+        assert_eq!(words.get(3), Some(&"0"), "no datagram refused: {out}");
+        sent += words
+            .get(1)
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    assert_eq!(sent, 100_000, "every datagram left the flooder");
+    std::thread::sleep(Duration::from_millis(1500));
+    let after = session();
+    eprintln!(
+        "session answered/lost: {before:?} before, {selected:?} under the client's policy, {after:?} after 100,000 flooded flows"
+    );
+    assert_eq!(after.1, before.1, "no answer lost: {before:?} → {after:?}");
+    assert!(after.0 > selected.0 + 30, "{selected:?} → {after:?}");
+    assert!(agent.stop().unwrap());
+}

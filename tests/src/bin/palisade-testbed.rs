@@ -8,6 +8,8 @@
 //! kernel, as Palisade's egress hook does), `refused` (3), `timeout` (4),
 //! `error` (5). `palisade-testbed flood ADDR PORT COUNT` tries COUNT TCP
 //! connects back to back and prints how many failed with EPERM.
+//! `palisade-testbed udp-spray ADDR COUNT` sends COUNT datagrams from one
+//! socket to distinct ports of ADDR (1024 upwards) and prints `sent N eperm N`.
 //! `palisade-testbed udp-session ADDR PORT FILE` keeps one connected UDP
 //! socket talking to ADDR:PORT (a `ping` every 20 ms, each answer awaited
 //! up to 1 s) and keeps `answered lost` in FILE, until killed.
@@ -25,7 +27,7 @@ use std::{
 
 fn usage() -> ! {
     eprintln!(
-        "usage: palisade-testbed serve [--tcp P,P..] [--udp P,P..] [--count FILE] | probe tcp|udp ADDR PORT [--timeout-ms N] | flood ADDR PORT COUNT | udp-session ADDR PORT FILE | attack raw-udp|raw-udp-hdrincl|raw-syn|raw-tcp-data|raw-tcp-rst|lsrr|rthdr|broadcast|bound-udp|deep-ipv6-udp|packet-socket|ping|udplite ARGS [--nobody] | burst ADDR PORT MS [--timeout-ms N] | sink PORT FILE | stream ADDR PORT | foreign-socket CGROUP_PROCS | bench-serve [--tcp P] [--udp P] | bench-client crr|rr|udp ADDR PORT CLIENTS MS"
+        "usage: palisade-testbed serve [--tcp P,P..] [--udp P,P..] [--count FILE] | probe tcp|udp ADDR PORT [--timeout-ms N] | flood ADDR PORT COUNT | udp-spray ADDR COUNT | udp-session ADDR PORT FILE | attack raw-udp|raw-udp-hdrincl|raw-syn|raw-tcp-data|raw-tcp-rst|lsrr|rthdr|broadcast|bound-udp|deep-ipv6-udp|packet-socket|ping|udplite ARGS [--nobody] | burst ADDR PORT MS [--timeout-ms N] | sink PORT FILE | stream ADDR PORT | foreign-socket CGROUP_PROCS | bench-serve [--tcp P] [--udp P] | bench-client crr|rr|udp ADDR PORT CLIENTS MS"
     );
     std::process::exit(64);
 }
@@ -219,6 +221,29 @@ fn flood(args: &[String]) {
         }
     }
     println!("{eperm}");
+}
+
+/// One datagram to each of COUNT ports of ADDR, from one socket: as many
+/// flows as datagrams.
+fn udp_spray(args: &[String]) {
+    let [ip, count] = args else { usage() };
+    let ip: IpAddr = ip.parse().unwrap_or_else(|_| usage());
+    let count: u32 = count.parse().unwrap_or_else(|_| usage());
+    let bind = if ip.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+    let socket = UdpSocket::bind(bind).unwrap_or_else(|e| {
+        eprintln!("bind: {e}");
+        std::process::exit(5)
+    });
+    let (mut sent, mut eperm) = (0u32, 0u32);
+    for i in 0..count {
+        let port = 1024 + u16::try_from(i % 64_000).unwrap_or(0);
+        match socket.send_to(b"x", SocketAddr::new(ip, port)) {
+            Ok(_) => sent += 1,
+            Err(e) if matches!(classify(&e), Outcome::Eperm) => eperm += 1,
+            Err(_) => {}
+        }
+    }
+    println!("sent {sent} eperm {eperm}");
 }
 
 /// Benchmark server: one thread per connection answering every 8-byte
@@ -587,6 +612,7 @@ fn main() {
         Some("flood") => flood(&args[1..]),
         Some("probe") => probe(&args[1..]),
         Some("udp-session") => udp_session(&args[1..]),
+        Some("udp-spray") => udp_spray(&args[1..]),
         Some("attack") => attack(&args[1..]),
         Some("burst") => burst(&args[1..]),
         Some("sink") => sink(&args[1..]),
