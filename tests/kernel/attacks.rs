@@ -209,6 +209,15 @@ fn an_attacker_in_a_workload_reaches_nothing_that_policy_denies() {
         "outside the root"
     );
     let word = attack(&world, true, &["packet-socket"]);
+    // Where the BPF LSM is active (the kernel matrix's guests list it), the
+    // agent must have attached its guard.
+    let lsm = std::fs::read_to_string("/sys/kernel/security/lsm").unwrap_or_default();
+    if lsm.split(',').any(|m| m.trim() == "bpf") {
+        assert_eq!(
+            status["posture"]["packet_sockets_refused"], true,
+            "the BPF LSM is active ({lsm}): {status}"
+        );
+    }
     if status["posture"]["packet_sockets_refused"] == true {
         assert_eq!(word, "eperm", "packet socket refused");
     } else {

@@ -284,10 +284,12 @@ mount -t devtmpfs dev /dev
 mount -t tmpfs tmpfs /run
 mount -t cgroup2 none /sys/fs/cgroup
 mount -t bpf bpf /sys/fs/bpf
+mount -t securityfs none /sys/kernel/security 2>/dev/null
 ip link set lo up
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root CI={ci} PALISADE_BIN_DIR='{bins}' RUST_BACKTRACE=1
 cd '{root}'
 echo "PALISADE_VM_KERNEL=$(uname -r)"
+echo "PALISADE_VM_LSM=$(cat /sys/kernel/security/lsm 2>/dev/null)"
 '{binary}' --test-threads=1 {filter}
 echo "PALISADE_VM_EXIT=$?"
 echo o > /proc/sysrq-trigger
