@@ -657,11 +657,7 @@ fn a_flow_cache_flood_and_a_later_ingress_policy_never_drop_a_connected_udp_repl
             ],
         )
         .unwrap();
-    let session = || {
-        let text = std::fs::read_to_string(&counts).unwrap_or_default();
-        let mut it = text.split_whitespace().map(|n| n.parse().unwrap_or(0u64));
-        (it.next().unwrap_or(0), it.next().unwrap_or(0))
-    };
+    let session = || super::node::session(&counts);
     std::thread::sleep(Duration::from_millis(600));
     let before = session();
     assert!(before.0 > 5, "the session talks: {before:?}");

@@ -91,7 +91,7 @@ pub(super) fn until(
 }
 
 /// `answered lost` of a `udp-session`.
-fn session(file: &Path) -> (u64, u64) {
+pub(super) fn session(file: &Path) -> (u64, u64) {
     let text = std::fs::read_to_string(file).unwrap_or_default();
     let mut it = text.split_whitespace().map(|n| n.parse().unwrap_or(0));
     (it.next().unwrap_or(0), it.next().unwrap_or(0))

@@ -605,53 +605,13 @@ impl KernelDatapath {
         };
         datapath.record_map_ids();
         for (name, attach_type) in guard::ENFORCING {
-            let link = match datapath.adopt_link(name, attach_type) {
-                Some(link) => {
-                    let from = pins
-                        .map(|p| p.dir.display().to_string())
-                        .unwrap_or_default();
-                    datapath.attach_points.push(format!(
-                        "{name} on {} (adopted from {from})",
-                        cgroup_root.display()
-                    ));
-                    link
-                }
-                None => {
-                    let link = datapath.attach_fresh(name, attach_type)?;
-                    datapath
-                        .attach_points
-                        .push(format!("{name} on {}", cgroup_root.display()));
-                    link
-                }
-            };
-            datapath.links.push(link);
+            datapath.hold_link(name, attach_type)?;
         }
         // Packet sockets: refused through the BPF LSM where the kernel has
         // it; held and checked like the other links.
-        let name = programs::SOCKET_CREATE;
-        let packet_sockets = match datapath.adopt_link(name, guard::BPF_LSM_CGROUP) {
-            Some(link) => {
-                let from = pins
-                    .map(|p| p.dir.display().to_string())
-                    .unwrap_or_default();
-                datapath.attach_points.push(format!(
-                    "{name} on {} (adopted from {from})",
-                    cgroup_root.display()
-                ));
-                datapath.links.push(link);
-                Ok(())
-            }
-            None => match datapath.attach_fresh(name, guard::BPF_LSM_CGROUP) {
-                Ok(link) => {
-                    datapath
-                        .attach_points
-                        .push(format!("{name} on {}", cgroup_root.display()));
-                    datapath.links.push(link);
-                    Ok(())
-                }
-                Err(e) => Err(e.to_string()),
-            },
-        };
+        let packet_sockets = datapath
+            .hold_link(programs::SOCKET_CREATE, guard::BPF_LSM_CGROUP)
+            .map_err(|e| e.to_string());
         datapath.posture = Posture::of(packet_sockets);
         if let Some(p) = pins.filter(|p| !p.layout().exists()) {
             std::fs::create_dir(p.layout()).map_err(|source| DatapathError::Io {
@@ -664,6 +624,33 @@ impl KernelDatapath {
             datapath.observe()?;
         }
         Ok(datapath)
+    }
+
+    /// Holds the link of `name` on the root: the pinned one when it can be
+    /// adopted, else a new one; named in the attach points either way.
+    fn hold_link(&mut self, name: &'static str, attach_type: u32) -> Result<(), DatapathError> {
+        let link = match self.adopt_link(name, attach_type) {
+            Some(link) => {
+                let from = self
+                    .pins
+                    .as_ref()
+                    .map(|p| p.dir.display().to_string())
+                    .unwrap_or_default();
+                self.attach_points.push(format!(
+                    "{name} on {} (adopted from {from})",
+                    self.root.display()
+                ));
+                link
+            }
+            None => {
+                let link = self.attach_fresh(name, attach_type)?;
+                self.attach_points
+                    .push(format!("{name} on {}", self.root.display()));
+                link
+            }
+        };
+        self.links.push(link);
+        Ok(())
     }
 
     /// Reads what the (adopted) kernel maps hold, so the first apply is a
