@@ -721,3 +721,112 @@ fn a_flow_cache_flood_and_a_later_ingress_policy_never_drop_a_connected_udp_repl
     assert!(after.0 > selected.0 + 30, "{selected:?} → {after:?}");
     assert!(agent.stop().unwrap());
 }
+
+/// Runs `attack ping-reply DST` as nobody in the attacker's workload:
+/// `sent` when the echo's reply came back, `eperm`, or `timeout`.
+fn ping_reply(world: &World, dst: &str) -> String {
+    attack(world, true, &["ping-reply", dst, "--nobody"])
+}
+
+#[test]
+fn an_icmp_rule_lets_through_the_echo_it_names_and_nothing_more() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let (dir, policies) = temp_policy_dir();
+    let mut world = World::new().unwrap();
+    for name in ["attacker", "allowed", "victim"] {
+        world
+            .add_pod(PodSpec::new("prod", name, &[80], &[]))
+            .unwrap();
+    }
+    let (attacker, allowed, victim) = (
+        world.pod("prod/attacker"),
+        world.pod("prod/allowed"),
+        world.pod("prod/victim"),
+    );
+    palisade_tests::world::in_netns(
+        &attacker.netns,
+        &["sysctl", "-qw", "net.ipv4.ping_group_range=0 2147483647"],
+    )
+    .unwrap();
+    world.count_arrivals(victim).unwrap();
+    let (l4, l6) = (allowed.ipv4.to_string(), allowed.ipv6.to_string());
+    let (v4, v6) = (victim.ipv4.to_string(), victim.ipv6.to_string());
+    let audit = dir.path().join("audit.jsonl");
+    let config = config_for(&world, &policies, &audit, "");
+    let mut agent = Agent::start(dir.path(), &config).unwrap();
+    agent.wait_enforcing(&world).unwrap();
+
+    // Without policy every echo is answered: the test can fail.
+    for dst in [&l4, &l6, &v4, &v6] {
+        assert_eq!(ping_reply(&world, dst), "sent", "echo to {dst} answered");
+    }
+    let policy = |code: &str| {
+        format!(
+            "apiVersion: palisade.dev/v1alpha1\nkind: PalisadePolicy\nmetadata: {{name: attacker, namespace: prod}}\n\
+             spec:\n  selector: {{matchLabels: {{app: attacker}}}}\n  egress:\n\
+             \x20   - name: echo-to-allowed\n      to: [{{selector: {{matchLabels: {{app: allowed}}}}}}]\n\
+             \x20     ports: [{{protocol: ICMP, type: 8{code}}}, {{protocol: ICMPv6, type: 128{code}}}]\n"
+        )
+    };
+    write(&policies, "policy.yaml", &policy(""));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while ping_reply(&world, &v4) != "eperm" {
+        assert!(std::time::Instant::now() < deadline, "the policy applies");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let before = world.arrivals(victim).unwrap();
+    for dst in [&l4, &l6] {
+        assert_eq!(ping_reply(&world, dst), "sent", "the named echo to {dst}");
+    }
+    // Refused at the ping socket (IPv4), or dropped as it leaves (the
+    // IPv6 ping socket does not report the drop): never answered.
+    assert_eq!(ping_reply(&world, &v4), "eperm", "no rule names {v4}");
+    let word = ping_reply(&world, &v6);
+    assert!(
+        word == "eperm" || word == "timeout",
+        "no rule names {v6}: {word}"
+    );
+    // TCP is not ICMP: the rule opens no port.
+    assert_eq!(
+        world
+            .probe(attacker, "tcp", allowed.ipv4.into(), 80, T)
+            .unwrap(),
+        "eperm"
+    );
+    assert_eq!(
+        world.arrivals(victim).unwrap(),
+        before,
+        "the victim saw nothing"
+    );
+    let ev = agent
+        .wait_for_event(
+            |e| e["peer"]["ip"] == v6.as_str() && e["protocol"] == "ICMPv6",
+            Duration::from_secs(3),
+        )
+        .unwrap();
+    assert_eq!(ev["verdict"], "deny", "{ev}");
+    assert_eq!(ev["icmp"]["type"], 128, "{ev}");
+    assert_eq!(ev["icmp"]["code"], 0, "{ev}");
+
+    // A code narrows the rule: echo has code 0, so code 3 allows none.
+    write(&policies, "policy.yaml", &policy(", code: 3"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while ping_reply(&world, &l4) != "eperm" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the narrower rule applies"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_ne!(ping_reply(&world, &l6), "sent");
+    write(&policies, "policy.yaml", &policy(", code: 0"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while ping_reply(&world, &l4) != "sent" {
+        assert!(std::time::Instant::now() < deadline, "code 0 is echo");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(ping_reply(&world, &l6), "sent");
+    assert!(agent.stop().unwrap());
+}

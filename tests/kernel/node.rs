@@ -828,3 +828,72 @@ fn on_a_plain_host_loopback_is_the_workload_itself_or_the_host() {
     assert_eq!(web("::1"), "ok");
     assert!(agent.stop().unwrap());
 }
+
+/// Path-MTU discovery works under policy in both families: the node's
+/// route to the server carries an MTU of 1,280, so full-sized segments from
+/// the client are answered by the node with "fragmentation needed" /
+/// "packet too big"; those errors reach the client's kernel (no rule names
+/// them) and the connection goes on in smaller segments. Were they dropped,
+/// the connection would stall at its first full segment.
+#[test]
+fn path_mtu_discovery_works_under_policy() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let (dir, policies) = temp_policy_dir();
+    let mut world = World::new().unwrap();
+    world.make_node().unwrap();
+    for name in ["client", "server"] {
+        world.add_pod(PodSpec::new("prod", name, &[], &[])).unwrap();
+    }
+    let (client, server) = (world.pod("prod/client"), world.pod("prod/server"));
+    let hub = world.hub.clone();
+    for (family, addr) in [
+        ("-4", format!("{}/32", server.ipv4)),
+        ("-6", format!("{}/128", server.ipv6)),
+    ] {
+        palisade_tests::world::ip(&[
+            "-n", &hub, family, "route", "add", &addr, "dev", "br0", "mtu", "1280",
+        ])
+        .unwrap();
+    }
+    std::fs::write(
+        policies.join("policies.yaml"),
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: server, namespace: prod}\n\
+         spec:\n  podSelector: {matchLabels: {app: server}}\n  policyTypes: [Ingress, Egress]\n  ingress:\n\
+         \x20   - from: [{podSelector: {matchLabels: {app: client}}}]\n      ports: [{port: 7000}]\n---\n\
+         apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: client, namespace: prod}\n\
+         spec:\n  podSelector: {matchLabels: {app: client}}\n  policyTypes: [Ingress, Egress]\n  egress:\n\
+         \x20   - to: [{podSelector: {matchLabels: {app: server}}}]\n      ports: [{port: 7000}]\n",
+    )
+    .unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let config = palisade_tests::agent::config_for(&world, &policies, &audit, "");
+    let mut agent = Agent::start_in_netns(dir.path(), &config, &hub).unwrap();
+    agent.wait_enforcing(&world).expect("enforcing");
+    let bytes = dir.path().join("bytes");
+    let _sink = world
+        .spawn_testbed(server, &["sink", "7000", bytes.to_str().unwrap()])
+        .unwrap();
+    for to in [server.ipv4.to_string(), server.ipv6.to_string()] {
+        let from = super::counted(&bytes);
+        let stream = world
+            .spawn_testbed(client, &["stream", &to, "7000", "--chunk", "16384"])
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while super::counted(&bytes) < from + 1_000_000 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a megabyte to {to} across an MTU of 1,280: {} bytes arrived",
+                super::counted(&bytes) - from
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // The client learnt the path's MTU from the node's ICMP error.
+        let route =
+            palisade_tests::world::in_netns(&client.netns, &["ip", "route", "get", &to]).unwrap();
+        assert!(route.contains("mtu 1280"), "{to}: {route}");
+        drop(stream);
+    }
+    assert!(agent.stop().unwrap());
+}

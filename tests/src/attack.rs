@@ -173,7 +173,7 @@ pub fn raw_tcp(
 /// An ICMP echo request with a 240-byte payload over a ping socket
 /// (`SOCK_DGRAM`, `IPPROTO_ICMP`/`IPPROTO_ICMPV6`): no capability needed
 /// where `net.ipv4.ping_group_range` admits the caller's group.
-pub fn ping(dst: std::net::IpAddr) -> io::Result<()> {
+pub fn ping(dst: std::net::IpAddr) -> io::Result<OwnedFd> {
     let (domain, proto, kind) = match dst {
         std::net::IpAddr::V4(_) => (libc::AF_INET, libc::IPPROTO_ICMP, 8u8),
         std::net::IpAddr::V6(_) => (libc::AF_INET6, libc::IPPROTO_ICMPV6, 128u8),
@@ -182,7 +182,34 @@ pub fn ping(dst: std::net::IpAddr) -> io::Result<()> {
     // Type, code, checksum and identifier (the kernel fills both), sequence.
     let mut echo = vec![kind, 0, 0, 0, 0, 0, 0, 1];
     echo.extend([0x5a; 240]);
-    send_to(&fd, &echo, dst, 0)
+    send_to(&fd, &echo, dst, 0)?;
+    Ok(fd)
+}
+
+/// An ICMP echo as [`ping`], then its reply awaited for `wait`: `Ok` when
+/// the reply came, `TimedOut` when none did.
+pub fn ping_reply(dst: std::net::IpAddr, wait: std::time::Duration) -> io::Result<()> {
+    let fd = ping(dst)?;
+    let tv = libc::timeval {
+        tv_sec: wait.as_secs() as libc::time_t,
+        tv_usec: wait.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: a timeval is plain data, viewed as its bytes for the call.
+    let bytes = unsafe {
+        std::slice::from_raw_parts(
+            (&raw const tv).cast::<u8>(),
+            std::mem::size_of::<libc::timeval>(),
+        )
+    };
+    setsockopt(&fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, bytes)?;
+    let mut buf = [0u8; 512];
+    // SAFETY: `buf` is valid for its length.
+    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    match check(n as libc::c_int) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(io::ErrorKind::TimedOut.into()),
+        Err(e) => Err(e),
+    }
 }
 
 /// A UDP-Lite datagram from an ordinary socket (no capability needed).

@@ -56,7 +56,7 @@ pub struct Rule {
     /// Egress peers. Absent: any peer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to: Option<Vec<Peer>>,
-    /// Absent: every port of every protocol.
+    /// Absent: every port of TCP, UDP and SCTP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ports: Option<Vec<Port>>,
 }
@@ -80,17 +80,26 @@ pub struct Peer {
     pub except: Vec<String>,
 }
 
-/// A port, a named port, or a range (`port`..`endPort`), as in NetworkPolicy.
+/// A port, a named port, or a range (`port`..`endPort`), as in NetworkPolicy;
+/// or ICMP messages by `type` and `code`.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Port {
-    /// `TCP` (default), `UDP` or `SCTP`.
+    /// `TCP` (default), `UDP` or `SCTP`; `ICMP` or `ICMPv6` (PalisadePolicy
+    /// rules only) with `type` and `code` instead of a port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<IntOrString>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub end_port: Option<i32>,
+    /// ICMP/ICMPv6 only: the message type, 0–255 (echo request: 8 for ICMP,
+    /// 128 for ICMPv6). Absent: every type.
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub icmp_type: Option<i32>,
+    /// ICMP/ICMPv6 only, with `type`: the message code, 0–255. Absent: every code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<i32>,
 }
 
 /// Which workloads a PalisadePolicy protects and what may reach them or be reached.

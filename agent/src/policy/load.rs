@@ -671,10 +671,11 @@ impl Validator<'_> {
                     protocol: p.protocol.clone(),
                     port: p.port.clone(),
                     end_port: p.end_port,
+                    ..Default::default()
                 })
                 .collect()
         });
-        let (ports, named_ports) = self.ports(field, ports.as_deref());
+        let (ports, named_ports) = self.ports(field, ports.as_deref(), false);
         Rule {
             name,
             action: Action::Allow,
@@ -757,10 +758,12 @@ impl Validator<'_> {
         })
     }
 
+    /// `icmp`: the kind may name ICMP messages (PalisadePolicy).
     fn ports(
         &mut self,
         field: &str,
         ports: Option<&[api::Port]>,
+        icmp: bool,
     ) -> (Option<Vec<PortRange>>, Vec<(Protocol, String)>) {
         let mut named = Vec::new();
         let Some(ports) = ports.filter(|p| !p.is_empty()) else {
@@ -771,17 +774,41 @@ impl Validator<'_> {
             let f = format!("{field}.ports[{i}]");
             let protocol = match &p.protocol {
                 None => Protocol::Tcp,
-                Some(s) => match Protocol::from_api(s) {
+                Some(s) => match Protocol::from_api(s)
+                    .or_else(|| Protocol::icmp_from_api(s).filter(|_| icmp))
+                {
                     Some(p) => p,
                     None => {
+                        let also = if icmp { ", \"ICMP\", \"ICMPv6\"" } else { "" };
                         self.problem(
                             &format!("{f}.protocol"),
-                            format!("unsupported value {s:?}: supported values: \"TCP\", \"UDP\", \"SCTP\""),
+                            format!("unsupported value {s:?}: supported values: \"TCP\", \"UDP\", \"SCTP\"{also}"),
                         );
                         continue;
                     }
                 },
             };
+            if protocol.is_icmp() {
+                if let Some(range) = self.icmp_messages(&f, p) {
+                    out.push(range);
+                }
+                continue;
+            }
+            if p.icmp_type.is_some() || p.code.is_some() {
+                let which = if p.icmp_type.is_some() {
+                    "type"
+                } else {
+                    "code"
+                };
+                self.problem(
+                    &format!("{f}.{which}"),
+                    format!(
+                        "only with protocol ICMP or ICMPv6 (this port's protocol is {})",
+                        protocol.as_str()
+                    ),
+                );
+                continue;
+            }
             let first = match &p.port {
                 None => {
                     if p.end_port.is_some() {
@@ -843,6 +870,58 @@ impl Validator<'_> {
             });
         }
         (Some(out), named)
+    }
+
+    /// An ICMP rule's messages as a range of `type << 8 | code`: one type
+    /// (every code, or one), or every message.
+    fn icmp_messages(&mut self, f: &str, p: &api::Port) -> Option<PortRange> {
+        let protocol = Protocol::icmp_from_api(p.protocol.as_deref().unwrap_or_default())?;
+        let mut ok = true;
+        for (field, present) in [
+            ("port", p.port.is_some()),
+            ("endPort", p.end_port.is_some()),
+        ] {
+            if present {
+                self.problem(
+                    &format!("{f}.{field}"),
+                    format!(
+                        "{} has no ports: name messages with `type` and `code`",
+                        protocol.as_str()
+                    ),
+                );
+                ok = false;
+            }
+        }
+        let mut byte = |field: &str, v: Option<i32>| match v {
+            Some(n) if !(0..=255).contains(&n) => {
+                self.problem(
+                    &format!("{f}.{field}"),
+                    format!("{n} is out of range: must be between 0 and 255, inclusive"),
+                );
+                ok = false;
+                None
+            }
+            v => v.map(|n| n as u16),
+        };
+        let kind = byte("type", p.icmp_type);
+        let code = byte("code", p.code);
+        if code.is_some() && kind.is_none() {
+            self.problem(&format!("{f}.code"), "may not be specified without type");
+            ok = false;
+        }
+        if !ok {
+            return None;
+        }
+        let (first, last) = match (kind, code) {
+            (Some(t), Some(c)) => (t << 8 | c, t << 8 | c),
+            (Some(t), None) => (t << 8, t << 8 | 0xff),
+            _ => (0, u16::MAX),
+        };
+        Some(PortRange {
+            protocol,
+            first,
+            last,
+        })
     }
 
     fn palisade_policy(
@@ -932,7 +1011,7 @@ impl Validator<'_> {
                 .filter_map(|(i, p)| self.palisade_peer(&format!("{field}.{peers_field}[{i}]"), p))
                 .collect()
         });
-        let (ports, named_ports) = self.ports(&field, r.ports.as_deref());
+        let (ports, named_ports) = self.ports(&field, r.ports.as_deref(), true);
         Rule {
             name,
             action,

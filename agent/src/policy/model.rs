@@ -31,10 +31,22 @@ pub enum Protocol {
     Tcp,
     Udp,
     Sctp,
+    /// PalisadePolicy rules only; the "port" is `type << 8 | code`.
+    Icmp,
+    /// PalisadePolicy rules only; the "port" is `type << 8 | code`.
+    Icmpv6,
 }
 
 impl Protocol {
+    /// The protocols with ports: what NetworkPolicy names, and what a rule
+    /// without `ports` covers.
     pub const ALL: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
+    /// As a PalisadePolicy rule names ICMP: `ICMP` or `ICMPv6`.
+    pub fn icmp_from_api(s: &str) -> Option<Protocol> {
+        [Protocol::Icmp, Protocol::Icmpv6]
+            .into_iter()
+            .find(|p| p.as_str() == s)
+    }
     /// As the Kubernetes API spells it: exactly `TCP`, `UDP` or `SCTP`.
     pub fn from_api(s: &str) -> Option<Protocol> {
         Protocol::ALL.into_iter().find(|p| p.as_str() == s)
@@ -50,16 +62,26 @@ impl Protocol {
             Protocol::Tcp => palisade_common::PROTO_TCP,
             Protocol::Udp => palisade_common::PROTO_UDP,
             Protocol::Sctp => palisade_common::PROTO_SCTP,
+            Protocol::Icmp => palisade_common::PROTO_ICMP,
+            Protocol::Icmpv6 => palisade_common::PROTO_ICMPV6,
         }
     }
     pub fn from_number(n: u8) -> Option<Protocol> {
-        Protocol::ALL.into_iter().find(|p| p.number() == n)
+        [Protocol::Icmp, Protocol::Icmpv6]
+            .into_iter()
+            .chain(Protocol::ALL)
+            .find(|p| p.number() == n)
+    }
+    pub fn is_icmp(self) -> bool {
+        matches!(self, Protocol::Icmp | Protocol::Icmpv6)
     }
     pub fn as_str(self) -> &'static str {
         match self {
             Protocol::Tcp => "TCP",
             Protocol::Udp => "UDP",
             Protocol::Sctp => "SCTP",
+            Protocol::Icmp => "ICMP",
+            Protocol::Icmpv6 => "ICMPv6",
         }
     }
 }

@@ -565,6 +565,65 @@ fn every_example_policy_file_loads() {
     );
 }
 
+/// ICMP rules: a type with every code is one 8-bit prefix of `type << 8 |
+/// code`, a type and code one exact entry, no type every message; the
+/// user-space lookup (the kernel's model) answers by message.
+#[test]
+fn an_icmp_rule_names_messages_by_type_and_code() {
+    let (world, ids) = scenario_world();
+    let text = "apiVersion: palisade.dev/v1alpha1\nkind: PalisadePolicy\nmetadata: {name: p, namespace: production}\n\
+                spec:\n  selector: {matchLabels: {app: payment-service}}\n  egress:\n\
+                \x20   - to: [{selector: {matchLabels: {app: order-service}}}]\n\
+                \x20     ports: [{protocol: ICMP, type: 8}, {protocol: ICMPv6, type: 128, code: 0}, {protocol: TCP, port: 80}]\n\
+                \x20   - to: [{selector: {matchLabels: {app: logging}}}]\n      ports: [{protocol: ICMP}]\n";
+    let policies = parse_str("icmp.yaml", text).unwrap();
+    let compiled = compile(&policies, &world);
+    let (pay, order, logging) = (ids["payment-service"], ids["order-service"], ids["logging"]);
+    let egress = |proto: u8, peer: u32, kind: u16, code: u16| {
+        decide(&compiled, DIR_EGRESS, proto, pay, peer, kind << 8 | code).map(|d| d.verdict)
+    };
+    use palisade_common::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, verdict::ALLOW};
+    assert_eq!(egress(PROTO_ICMP, order, 8, 0), Some(ALLOW), "echo, code 0");
+    assert_eq!(
+        egress(PROTO_ICMP, order, 8, 9),
+        Some(ALLOW),
+        "echo, any code"
+    );
+    assert_ne!(
+        egress(PROTO_ICMP, order, 13, 0),
+        Some(ALLOW),
+        "timestamp is not echo"
+    );
+    assert_eq!(egress(PROTO_ICMPV6, order, 128, 0), Some(ALLOW));
+    assert_ne!(
+        egress(PROTO_ICMPV6, order, 128, 1),
+        Some(ALLOW),
+        "code 0 only"
+    );
+    assert_ne!(egress(PROTO_ICMPV6, order, 8, 0), Some(ALLOW), "per family");
+    assert_ne!(
+        egress(PROTO_ICMP, order, 0, 80),
+        Some(ALLOW),
+        "TCP 80 is not an ICMP message"
+    );
+    assert_eq!(egress(PROTO_TCP, order, 0, 80), Some(ALLOW));
+    assert_eq!(
+        egress(PROTO_ICMP, logging, 13, 0),
+        Some(ALLOW),
+        "every ICMP message"
+    );
+    assert_ne!(
+        egress(PROTO_ICMPV6, logging, 128, 0),
+        Some(ALLOW),
+        "but not ICMPv6"
+    );
+    assert_ne!(egress(PROTO_TCP, logging, 0, 80), Some(ALLOW), "nor TCP");
+    // NetworkPolicy cannot name ICMP (the API server refuses it).
+    let np = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: x, namespace: y}\n\
+              spec:\n  podSelector: {}\n  egress:\n  - ports: [{protocol: ICMP}]\n";
+    assert!(problems(np)[0].contains("supported values: \"TCP\", \"UDP\", \"SCTP\""));
+}
+
 #[test]
 fn a_full_port_range_costs_a_handful_of_entries() {
     let (world, id) = scenario_world();
@@ -779,6 +838,11 @@ fn bad_input_is_reported_with_file_line_and_field() {
         (pp("  ingress:\n    - name: r\n    - name: r\n"), "8:13", "spec.ingress[1].name: rule name \"r\" is used twice"),
         (pp("  egress:\n    - from: [{identity: a/b}]\n"), "7:", "spec.egress[0].from: egress rules name their peers in \"to\""),
         (np("  ingress:\n  - ports: [{port: HTTP_1}]\n"), "7:20", "\"HTTP_1\" is not a valid port name"),
+        (pp("  egress:\n    - ports: [{protocol: ICMP, port: 8}]\n"), "7:", "spec.egress[0].ports[0].port: ICMP has no ports: name messages with `type` and `code`"),
+        (pp("  egress:\n    - ports: [{protocol: ICMPv6, type: 256}]\n"), "7:", "spec.egress[0].ports[0].type: 256 is out of range: must be between 0 and 255"),
+        (pp("  egress:\n    - ports: [{protocol: ICMP, code: 0}]\n"), "7:", "spec.egress[0].ports[0].code: may not be specified without type"),
+        (pp("  egress:\n    - ports: [{protocol: UDP, port: 53, type: 8}]\n"), "7:", "spec.egress[0].ports[0].type: only with protocol ICMP or ICMPv6 (this port's protocol is UDP)"),
+        (pp("  egress:\n    - ports: [{protocol: icmp, type: 8}]\n"), "7:", "unsupported value \"icmp\": supported values: \"TCP\", \"UDP\", \"SCTP\", \"ICMP\", \"ICMPv6\""),
         (format!("{HEAD}---\n{HEAD}  policyTypes: [Sideways]\n"), "12:17", "spec.policyTypes[0]"),
         (format!("{HEAD}---\n{HEAD}"), "7:1", "NetworkPolicy y/x is defined twice (first at "),
     ];

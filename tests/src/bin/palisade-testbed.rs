@@ -27,7 +27,7 @@ use std::{
 
 fn usage() -> ! {
     eprintln!(
-        "usage: palisade-testbed serve [--tcp P,P..] [--udp P,P..] [--count FILE] | probe tcp|udp ADDR PORT [--timeout-ms N] | flood ADDR PORT COUNT | udp-spray ADDR COUNT | udp-session ADDR PORT FILE | attack raw-udp|raw-udp-hdrincl|raw-syn|raw-tcp-data|raw-tcp-rst|lsrr|rthdr|broadcast|bound-udp|deep-ipv6-udp|packet-socket|ping|udplite ARGS [--nobody] | burst ADDR PORT MS [--timeout-ms N] | sink PORT FILE | stream ADDR PORT | foreign-socket CGROUP_PROCS | bench-serve [--tcp P] [--udp P] | bench-client crr|rr|udp ADDR PORT CLIENTS MS"
+        "usage: palisade-testbed serve [--tcp P,P..] [--udp P,P..] [--count FILE] | probe tcp|udp ADDR PORT [--timeout-ms N] | flood ADDR PORT COUNT | udp-spray ADDR COUNT | udp-session ADDR PORT FILE | attack raw-udp|raw-udp-hdrincl|raw-syn|raw-tcp-data|raw-tcp-rst|lsrr|rthdr|broadcast|bound-udp|deep-ipv6-udp|packet-socket|ping|ping-reply|udplite ARGS [--nobody] | burst ADDR PORT MS [--timeout-ms N] | sink PORT FILE | stream ADDR PORT [--chunk BYTES] | foreign-socket CGROUP_PROCS | bench-serve [--tcp P] [--udp P] | bench-client crr|rr|udp ADDR PORT CLIENTS MS"
     );
     std::process::exit(64);
 }
@@ -482,13 +482,15 @@ fn attack(args: &[String]) {
             a::raw_tcp(v4(src), v4(dst), port(p), a::TCP_PSH_ACK, b"exfiltrated")
         }
         ["raw-tcp-rst", src, dst, p] => a::raw_tcp(v4(src), v4(dst), port(p), a::TCP_RST, b"x"),
-        ["ping", dst] => a::ping(ip(dst)),
+        ["ping", dst] => a::ping(ip(dst)).map(drop),
+        ["ping-reply", dst] => a::ping_reply(ip(dst), Duration::from_millis(800)),
         ["udplite", dst, p] => a::udplite(ip(dst), port(p)),
         _ => usage(),
     };
     let (word, code) = match result {
         Ok(()) => ("sent".to_owned(), 0),
         Err(e) if e.raw_os_error() == Some(libc::EPERM) => ("eperm".to_owned(), 2),
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => ("timeout".to_owned(), 3),
         Err(e) => (format!("error {e}"), 5),
     };
     println!("{word}");
@@ -552,9 +554,16 @@ fn sink(args: &[String]) {
     }
 }
 
-/// Connects to ADDR:PORT once, prints `ready`, then writes 64 bytes every
-/// 5 ms on that one connection until killed (a long-lived connection).
+/// Connects to ADDR:PORT once, prints `ready`, then writes 64 bytes (or
+/// `--chunk` bytes: full-sized segments) every 5 ms on that one connection
+/// until killed (a long-lived connection).
 fn stream(args: &[String]) {
+    let (args, chunk) = match args {
+        [rest @ .., flag, n] if flag == "--chunk" => {
+            (rest, n.parse::<usize>().unwrap_or_else(|_| usage()))
+        }
+        _ => (args, 64),
+    };
     let [addr, port] = args else { usage() };
     let addr = SocketAddr::new(
         addr.parse().unwrap_or_else(|_| usage()),
@@ -567,7 +576,7 @@ fn stream(args: &[String]) {
     println!("ready");
     let _ = std::io::stdout().flush();
     loop {
-        if conn.write_all(&[0x42; 64]).is_err() {
+        if conn.write_all(&vec![0x42; chunk]).is_err() {
             std::thread::sleep(Duration::from_millis(50));
         }
         std::thread::sleep(Duration::from_millis(5));
