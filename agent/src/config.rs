@@ -80,8 +80,8 @@ pub struct Config {
     /// peers like others.
     pub host_traffic: Option<HostTraffic>,
     /// A cgroup below the root that no rule has classified yet — created a
-    /// moment ago, or while the agent was stopped: `denyEgress` (default),
-    /// `denyAll` or `allow`. (Kubernetes mode: `kubernetes.unknownPods`.)
+    /// moment ago, or while the agent was stopped: `denyAll` (default),
+    /// `denyEgress` or `allow`. (Kubernetes mode: `kubernetes.unknownPods`.)
     #[serde(default)]
     pub unknown_workloads: crate::inventory::UnknownPods,
     /// How often the policy directory is looked at, and the cgroup tree
@@ -131,8 +131,8 @@ pub enum HostTraffic {
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct KubernetesConfig {
-    /// A pod cgroup whose pod is not known yet: `denyEgress` (default),
-    /// `denyAll` or `allow`.
+    /// A pod cgroup whose pod is not known yet: `denyAll` (default),
+    /// `denyEgress` or `allow`.
     #[serde(default)]
     pub unknown_pods: crate::inventory::UnknownPods,
 }
@@ -480,7 +480,7 @@ mod tests {
         );
         assert_eq!(
             config.kubernetes.unknown_pods,
-            crate::inventory::UnknownPods::DenyEgress
+            crate::inventory::UnknownPods::DenyAll
         );
         assert_eq!(
             config.http_address.map(|a| a.port()),

@@ -51,14 +51,15 @@ pub struct RemoteWorkload {
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub enum UnknownPods {
-    /// New outgoing connections fail (EPERM) until the pod is known; then
-    /// the pod's own policy applies. Incoming traffic is not held: nobody can
-    /// address a pod before its IP is published, and the pod's ingress
-    /// policy applies as soon as the pod is known. The default.
+    /// Both directions denied until the pod is known. The default: a pod
+    /// can be addressed before it is classified (its address reused, its
+    /// Pod object deleted while its containers run, the agent or the API
+    /// server away), and what is admitted then must not outlive it.
     #[default]
-    DenyEgress,
-    /// Both directions denied until the pod is known.
     DenyAll,
+    /// New outgoing connections fail (EPERM) until the pod is known;
+    /// incoming traffic is not held.
+    DenyEgress,
     /// Not held: unknown pods are unmanaged (allowed) until known.
     Allow,
 }

@@ -71,8 +71,8 @@ static AUDIT: RingBuf = RingBuf::with_byte_size(capacity::AUDIT_RING_BYTES, 0);
 
 /// The identity of a cgroup below the root. One the agent has not
 /// classified yet (created a moment ago, or while no agent ran) is held at
-/// `reserved:pending`, which the agent keeps fail-closed (egress denied by
-/// default): never more open than its eventual classification.
+/// `reserved:pending`, which the agent keeps fail-closed (both directions
+/// denied by default): never more open than its eventual classification.
 #[inline(always)]
 pub fn cgroup_identity(cgroup_id: u64) -> u32 {
     // SAFETY: the value is copied out at once.

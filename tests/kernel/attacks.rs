@@ -830,3 +830,120 @@ fn an_icmp_rule_lets_through_the_echo_it_names_and_nothing_more() {
     assert_eq!(ping_reply(&world, &l6), "sent");
     assert!(agent.stop().unwrap());
 }
+
+/// A workload not classified yet admits nothing: a client connects every
+/// millisecond to a pod's address from before the pod exists until 3 s
+/// after it is classified, and the pod's listener (up from its first
+/// instant) counts no connection — agent running, and agent stopped while
+/// the pod is made. Without policy the same burst connects (the control).
+#[test]
+fn a_workload_not_classified_yet_admits_nothing() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let (dir, policies) = temp_policy_dir();
+    let mut world = World::new().unwrap();
+    world
+        .add_pod(PodSpec::new("prod", "client", &[], &[]))
+        .unwrap();
+    let client = world.pod("prod/client");
+    let (client_cg, client_ns) = (client.cgroup.clone(), client.netns.clone());
+    let audit = dir.path().join("audit.jsonl");
+    let config = config_for(&world, &policies, &audit, "");
+    let mut agent = Agent::start(dir.path(), &config).unwrap();
+    agent.wait_enforcing(&world).unwrap();
+
+    // Bursts at the next pod's address for `ms` while `make` makes that pod
+    // (after 300 ms) and starts its counting listener; returns (connections
+    // the listener counted, the burst's ok count, when the pod was made).
+    let run = |world: &mut World,
+               agent: &mut Agent,
+               name: &str,
+               ms: u64,
+               make: &dyn Fn(&mut Agent)|
+     -> (u64, u64, std::time::Instant) {
+        let index = u8::try_from(world.pods.len() + 10).unwrap();
+        let addr = world.ipv4(index).to_string();
+        let (cg, ns) = (client_cg.clone(), client_ns.clone());
+        let burst = std::thread::spawn(move || {
+            palisade_tests::world::testbed_in(&cg, &ns, &["burst", &addr, "80", &ms.to_string()])
+                .unwrap()
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let made = std::time::Instant::now();
+        world
+            .add_pod(PodSpec::new("vault", name, &[], &[]))
+            .unwrap();
+        let pod = world.pod(&format!("vault/{name}"));
+        let count = dir.path().join(format!("count-{name}"));
+        let listener = world
+            .spawn_testbed(
+                pod,
+                &["serve", "--tcp", "80", "--count", count.to_str().unwrap()],
+            )
+            .unwrap();
+        make(agent);
+        let [ok, _, _] = burst_counts(&burst.join().unwrap());
+        drop(listener);
+        (super::counted(&count), ok, made)
+    };
+
+    // Without policy the technique delivers.
+    let (counted, ok, _) = run(&mut world, &mut agent, "open", 2000, &|_| {});
+    assert!(
+        counted > 0 && ok > 0,
+        "without policy: listener {counted}, burst ok {ok}"
+    );
+
+    // vault admits only app=friend.
+    let before = agent.status().unwrap()["generation"].as_u64().unwrap();
+    write(
+        &policies,
+        "vault.yaml",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: vault, namespace: vault}\n\
+         spec:\n  podSelector: {}\n  policyTypes: [Ingress]\n  ingress:\n\
+         \x20   - from: [{podSelector: {matchLabels: {app: friend}}}]\n",
+    );
+    agent
+        .wait_status("the policy applied", Duration::from_secs(5), |v| {
+            v["generation"].as_u64().unwrap_or(0) > before
+        })
+        .unwrap();
+
+    // Agent running: classified within the burst, which goes on 3 s more.
+    let (counted, ok, made) = run(&mut world, &mut agent, "late", 5000, &|agent| {
+        agent
+            .wait_workload("vault/late", None, Duration::from_secs(2))
+            .unwrap();
+    });
+    assert!(
+        made.elapsed() > Duration::from_secs(4),
+        "the burst outlived classification"
+    );
+    assert_eq!((counted, ok), (0, 0), "a pod made under a running agent");
+
+    // Agent stopped while the pod is made; started again, it classifies it.
+    agent.kill();
+    let (counted, ok, made) = run(&mut world, &mut agent, "orphan", 7000, &|agent| {
+        std::thread::sleep(Duration::from_millis(1000));
+        agent.spawn().unwrap();
+        agent
+            .wait_workload("vault/orphan", None, Duration::from_secs(3))
+            .unwrap();
+    });
+    assert!(
+        made.elapsed() > Duration::from_secs(6),
+        "the burst outlived classification"
+    );
+    assert_eq!((counted, ok), (0, 0), "a pod made while no agent ran");
+    // Refused while pending, in the kernel with no agent: audited as the
+    // config field that holds it.
+    let ev = agent
+        .wait_for_event(
+            |e| e["policy"] == "unknownWorkloads" && e["direction"] == "ingress",
+            Duration::from_secs(3),
+        )
+        .unwrap();
+    assert_eq!(ev["local"]["identityName"], "reserved:pending-pod", "{ev}");
+    assert!(agent.stop().unwrap());
+}

@@ -136,6 +136,8 @@ pub struct Planner {
     /// What a cgroup not classified yet may do (`kubernetes.unknownPods`,
     /// or `unknownWorkloads` on a plain host).
     unknown: UnknownPods,
+    /// The config field `unknown` came from, named in audit events.
+    pending_rule: &'static str,
     allocator: Allocator,
     /// Identities in the last plan, kept one more round after their last
     /// workload left so that no cgroup is ever looked up under an identity
@@ -202,6 +204,11 @@ impl Planner {
                 config.kubernetes.unknown_pods
             } else {
                 config.unknown_workloads
+            },
+            pending_rule: if kubernetes {
+                "kubernetes.unknownPods"
+            } else {
+                "unknownWorkloads"
             },
             config,
             allocator: Allocator::default(),
@@ -411,7 +418,7 @@ impl Planner {
             if let Some((ip, old)) = reused {
                 info!(workload = %format!("{}/{}", w.namespace, w.name), address = %ip, previous_identity = old,
                       hold_ms = ADDRESS_REUSE_HOLD.as_millis() as u64,
-                      "address reused from a pod of another identity: holding the new pod's egress until every node has seen the change");
+                      "address reused from a pod of another identity: holding the new pod (pending, kubernetes.unknownPods) until every node has seen the change");
                 self.reuse_holds
                     .insert(w.cgroup_id, now + ADDRESS_REUSE_HOLD);
             }
@@ -648,7 +655,7 @@ impl Planner {
             namespaces,
             addresses: self.addresses.clone(),
             pending_held: self.unknown.held_directions().to_vec(),
-            pending_rule: "kubernetes.unknownPods",
+            pending_rule: self.pending_rule,
         };
         let compiled = self.compiler.compile(&policies.policies, &world);
         let identities: Identities = world.identities.into_iter().map(|i| (i.id, i)).collect();
