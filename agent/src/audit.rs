@@ -273,9 +273,9 @@ pub fn record(ev: &AuditEvent, snap: &Snapshot, boot: Duration) -> AuditRecord {
         backends: svc
             .backends
             .iter()
-            .map(|(id, port)| AuditBackend {
-                identity: *id,
-                name: identity_name(*id),
+            .map(|(at, port)| AuditBackend {
+                identity: at.identity,
+                name: identity_name(at.identity),
                 port: *port,
             })
             .collect(),

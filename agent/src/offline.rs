@@ -10,7 +10,7 @@ use std::{
 };
 
 use ipnet::IpNet;
-use palisade_common::{DIR_EGRESS, DIR_INGRESS, identity as reserved, verdict};
+use palisade_common::{DIR_EGRESS, DIR_INGRESS, IpcacheValue, identity as reserved, verdict};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -156,7 +156,7 @@ pub struct Model {
     pub identities: BTreeMap<u32, IdentityInfo>,
     /// pod key → (identity, ip)
     pub pods: BTreeMap<String, (u32, IpAddr)>,
-    pub ipcache: Vec<(IpNet, u32)>,
+    pub ipcache: Vec<(IpNet, IpcacheValue)>,
 }
 
 impl Model {
@@ -196,7 +196,7 @@ impl Model {
             ..Inputs::default()
         };
         let plan = Planner::new(Config::default(), true).plan(inputs, policies);
-        let ipcache: Vec<(IpNet, u32)> = plan
+        let ipcache: Vec<(IpNet, IpcacheValue)> = plan
             .desired
             .ipcache
             .iter()
@@ -213,7 +213,7 @@ impl Model {
             ipcache,
         };
         for p in &world.pods {
-            let id = model.peer_identity(p.ip);
+            let id = model.peer_identity(p.ip).identity;
             model
                 .pods
                 .insert(format!("{}/{}", p.namespace, p.name), (id, p.ip));
@@ -221,13 +221,13 @@ impl Model {
         model
     }
 
-    /// The identity the kernel's ipcache would give `ip` (longest prefix).
-    pub fn peer_identity(&self, ip: IpAddr) -> u32 {
+    /// The entry the kernel's ipcache would give `ip` (longest prefix).
+    pub fn peer_identity(&self, ip: IpAddr) -> IpcacheValue {
         self.ipcache
             .iter()
             .filter(|(net, _)| net.contains(&ip))
             .max_by_key(|(net, _)| net.prefix_len())
-            .map_or(reserved::WORLD, |(_, id)| *id)
+            .map_or(IpcacheValue::of(reserved::WORLD), |(_, v)| *v)
     }
 
     fn describe(&self, direction: &str, d: Option<Decision>) -> (bool, String) {

@@ -14,11 +14,11 @@ use core::mem::size_of;
 /// Map names. The `_v1` suffix is the layout version of the key/value types.
 pub mod maps {
     pub const CGROUP_IDENTITY: &str = "PAL_CGROUP_V1";
-    pub const IPCACHE: &str = "PAL_IPCACHE_V1";
+    pub const IPCACHE: &str = "PAL_IPCACHE_V2";
     pub const POLICY: &str = "PAL_POLICY_V1";
     pub const ENFORCED: &str = "PAL_ENFORCED_V1";
     pub const FLOWS: &str = "PAL_FLOWS_V2";
-    pub const SERVICES: &str = "PAL_SERVICES_V1";
+    pub const SERVICES: &str = "PAL_SERVICES_V2";
     pub const SELF_ADDRESSES: &str = "PAL_SELF_V1";
     pub const STATE: &str = "PAL_STATE_V1";
     pub const COUNTERS: &str = "PAL_COUNTERS_V2";
@@ -275,6 +275,31 @@ pub mod flow_flags {
     pub const DENIED: u8 = 1;
 }
 
+/// Value of the ipcache: who an address is, and where it lies among the
+/// blocks policies name. A CIDR rule matches addresses, not identities: an
+/// address is judged by `identity` for rules that name workloads and
+/// identities, and by `cidr_identity` for rules that name blocks, so an
+/// identity with one address inside a block and another inside its
+/// `except` is allowed at the first only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Hash, PartialOrd, Ord)]
+pub struct IpcacheValue {
+    pub identity: u32,
+    /// The identity of the most specific block a policy names that holds
+    /// the address (`identity::ANY`, 0: none).
+    pub cidr_identity: u32,
+}
+
+impl IpcacheValue {
+    /// An identity inside no block a policy names.
+    pub const fn of(identity: u32) -> IpcacheValue {
+        IpcacheValue {
+            identity,
+            cidr_identity: identity::ANY,
+        }
+    }
+}
+
 /// Key of the Service map: a frontend (ClusterIP, external or load-balancer
 /// address, or a node address with a NodePort) as a client addresses it.
 #[repr(C)]
@@ -296,6 +321,8 @@ pub const MAX_SERVICE_BACKENDS: usize = 4;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Hash, PartialOrd, Ord)]
 pub struct ServiceBackend {
     pub identity: u32,
+    /// The backend address's block identity (see [`IpcacheValue`]).
+    pub cidr_identity: u32,
     /// Target port on the backend.
     pub port: u16,
     pub _pad: u16,
@@ -368,16 +395,19 @@ const _: () = assert!(size_of::<FlowValue>() == 8);
 const _: () = assert!(size_of::<SelfKey>() == 24);
 const _: () = assert!(size_of::<AuditEvent>() == 88);
 const _: () = assert!(size_of::<ServiceKey>() == 20);
-const _: () = assert!(size_of::<ServiceValue>() == 40);
+const _: () = assert!(size_of::<ServiceValue>() == 56);
+const _: () = assert!(size_of::<IpcacheValue>() == 8);
 const _: () = assert!(core::mem::offset_of!(PolicyKeyData, port_be) == 12);
 
-/// The verdict from the two policy lookups, shared by the kernel
+/// The verdict from the policy lookups, shared by the kernel
 /// (`ebpf/src/verdict.rs`) and user space's model of it (`policy::lookup`), so
-/// both apply one precedence. `exact` and `any` are (flags, rule id) of the
-/// longest-prefix matches with the exact peer and with `ANY` ((0, 0) when
-/// nothing matched); `enforcement_flags` is `EnforcedValue::flags`.
+/// both apply one precedence. `peer`, `block` and `any` are (flags, rule id)
+/// of the longest-prefix matches with the peer's identity, with the block
+/// identity of its address (`IpcacheValue::cidr_identity`) and with `ANY`
+/// ((0, 0) when nothing matched); `enforcement_flags` is
+/// `EnforcedValue::flags`.
 ///
-/// 1. an enforcing deny rule (`DENY`) in either ⇒ deny;
+/// 1. an enforcing deny rule (`DENY`) in any ⇒ deny;
 /// 2. an audit-mode deny rule with some allow ⇒ `would-deny` (passes);
 /// 3. an enforcing allow rule ⇒ allow;
 /// 4. every selecting policy in audit mode: an audit allow ⇒ allow,
@@ -386,9 +416,22 @@ const _: () = assert!(core::mem::offset_of!(PolicyKeyData, port_be) == 12);
 ///
 /// Returns (`verdict::*`, rule id).
 #[inline(always)]
-pub fn resolve(exact: (u32, u32), any: (u32, u32), enforcement_flags: u32) -> (u8, u32) {
-    let all = exact.0 | any.0;
-    let pick = |bit: u32| if exact.0 & bit != 0 { exact.1 } else { any.1 };
+pub fn resolve(
+    peer: (u32, u32),
+    block: (u32, u32),
+    any: (u32, u32),
+    enforcement_flags: u32,
+) -> (u8, u32) {
+    let all = peer.0 | block.0 | any.0;
+    let pick = |bit: u32| {
+        if peer.0 & bit != 0 {
+            peer.1
+        } else if block.0 & bit != 0 {
+            block.1
+        } else {
+            any.1
+        }
+    };
     let audit_only = enforcement_flags & flags::AUDIT_DENY != 0;
     if all & flags::DENY != 0 {
         (verdict::DENY, pick(flags::DENY))
@@ -448,4 +491,5 @@ mod pod {
     unsafe impl aya::Pod for super::AuditEvent {}
     unsafe impl aya::Pod for super::ServiceKey {}
     unsafe impl aya::Pod for super::ServiceValue {}
+    unsafe impl aya::Pod for super::IpcacheValue {}
 }

@@ -27,9 +27,11 @@ use palisade_common::{
 #[map(name = "PAL_CGROUP_V1")]
 static CGROUP_IDENTITY: HashMap<u64, u32> = HashMap::with_max_entries(capacity::CGROUP_IDENTITY, 0);
 
-/// IP prefix (IPv6, IPv4 mapped) → identity of the peer at that address.
-#[map(name = "PAL_IPCACHE_V1")]
-static IPCACHE: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(capacity::IPCACHE, 0);
+/// IP prefix (IPv6, IPv4 mapped) → identity of the peer at that address,
+/// and its block identity (`IpcacheValue`).
+#[map(name = "PAL_IPCACHE_V2")]
+static IPCACHE: LpmTrie<[u8; 16], palisade_common::IpcacheValue> =
+    LpmTrie::with_max_entries(capacity::IPCACHE, 0);
 
 /// (slot, direction, protocol, local, peer, port prefix) → rule flags.
 #[map(name = "PAL_POLICY_V1")]
@@ -53,7 +55,7 @@ static SELF_ADDRESSES: HashMap<SelfKey, u8> = HashMap::with_max_entries(capacity
 
 /// Service frontend (address, port, protocol) → its distinct backends:
 /// egress to a Service is judged as egress to what the node's DNAT makes of it.
-#[map(name = "PAL_SERVICES_V1")]
+#[map(name = "PAL_SERVICES_V2")]
 static SERVICES: HashMap<ServiceKey, ServiceValue> =
     HashMap::with_max_entries(capacity::SERVICES, 0);
 

@@ -24,9 +24,9 @@ use aya_ebpf::{
 };
 use palisade_common::{
     AuditEvent, DIR_EGRESS, DIR_INGRESS, EnforcedKey, EnforcedValue, FlowKey, FlowValue,
-    LOOPBACK_MARK, MAX_SERVICE_BACKENDS, POLICY_PREFIX_FULL, PolicyKeyData, SelfKey, ServiceKey,
-    ServiceValue, counter, flow_flags, identity, is_loopback, options, reason, resolve, state,
-    verdict as v,
+    IpcacheValue, LOOPBACK_MARK, MAX_SERVICE_BACKENDS, POLICY_PREFIX_FULL, PolicyKeyData, SelfKey,
+    ServiceKey, ServiceValue, counter, flow_flags, identity, is_loopback, options, reason, resolve,
+    state, verdict as v,
 };
 
 use crate::{AUDIT, COUNTERS, ENFORCED, FLOWS, IPCACHE, POLICY, SELF_ADDRESSES, SERVICES, STATE};
@@ -85,11 +85,15 @@ pub fn count(index: u32) {
     }
 }
 
+/// Who `addr` is, and the block identity rules naming blocks judge it by.
 #[inline(always)]
-pub fn peer_identity(addr: &[u8; 16]) -> u32 {
+pub fn peer_identity(addr: &[u8; 16]) -> IpcacheValue {
     match IPCACHE.get(&Key::new(128, *addr)) {
-        Some(id) => *id,
-        None => identity::WORLD,
+        Some(value) => *value,
+        None => IpcacheValue {
+            identity: identity::WORLD,
+            cidr_identity: identity::ANY,
+        },
     }
 }
 
@@ -145,16 +149,20 @@ fn lookup(slot: u8, flow: &Flow, peer: u32, port: u16) -> (u32, u32) {
     }
 }
 
-/// Judges `flow` as traffic with `peer` on `port` under `enforcement`.
+/// Judges `flow` as traffic with `peer` on `port` under `enforcement`:
+/// rules naming workloads by `peer.identity`, rules naming blocks by
+/// `peer.cidr_identity` (the address's place among the blocks).
 /// Traffic with the node itself passes first when the agent says so.
 #[inline(always)]
 fn decide_peer(
     slot: u8,
     flow: &Flow,
-    peer: u32,
+    peer_at: IpcacheValue,
     port: u16,
     enforcement: &EnforcedValue,
 ) -> Decision {
+    let peer = peer_at.identity;
+    let block = peer_at.cidr_identity;
     if peer == identity::HOST && read_state(state::OPTIONS) & options::HOST_ALWAYS_ALLOWED != 0 {
         return Decision {
             verdict: v::ALLOW,
@@ -165,8 +173,16 @@ fn decide_peer(
             reason: reason::POLICY,
         };
     }
+    // A block identity the peer's own identity already is (an address
+    // no workload holds) or none: no second lookup.
+    let by_block = if block == identity::ANY || block == peer {
+        (0, 0)
+    } else {
+        lookup(slot, flow, block, port)
+    };
     let (verdict, rule_id) = resolve(
         lookup(slot, flow, peer, port),
+        by_block,
         lookup(slot, flow, identity::ANY, port),
         enforcement.flags,
     );
@@ -231,7 +247,11 @@ fn decide_service(
         let Some(backend) = svc.backends.get(i) else {
             break;
         };
-        let d = decide_peer(slot, flow, backend.identity, backend.port, enforcement);
+        let at = IpcacheValue {
+            identity: backend.identity,
+            cidr_identity: backend.cidr_identity,
+        };
+        let d = decide_peer(slot, flow, at, backend.port, enforcement);
         if d.verdict == v::DENY {
             if !any_denied {
                 denied = d;

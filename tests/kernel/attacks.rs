@@ -947,3 +947,87 @@ fn a_workload_not_classified_yet_admits_nothing() {
     assert_eq!(ev["local"]["identityName"], "reserved:pending-pod", "{ev}");
     assert!(agent.stop().unwrap());
 }
+
+/// A CIDR rule matches addresses, not identities: an identity with one
+/// address inside the block and others outside it (its IPv6 address) or
+/// inside an `except` (a second address on its interface) is reachable at
+/// the first only. Without policy all three answer.
+#[test]
+fn an_identity_spanning_an_except_is_judged_per_address() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let (dir, policies) = temp_policy_dir();
+    let mut world = World::new().unwrap();
+    world
+        .add_pod(PodSpec::new("prod", "attacker", &[], &[]))
+        .unwrap();
+    world
+        .add_pod(PodSpec::new("prod", "victim", &[80], &[]))
+        .unwrap();
+    let (attacker, victim) = (world.pod("prod/attacker"), world.pod("prod/victim"));
+    let second = world.ipv4(200);
+    palisade_tests::world::ip(&[
+        "-n",
+        &victim.netns,
+        "addr",
+        "add",
+        &format!("{second}/24"),
+        "dev",
+        "eth0",
+    ])
+    .unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let config = config_for(&world, &policies, &audit, "");
+    let mut agent = Agent::start(dir.path(), &config).unwrap();
+    agent.wait_enforcing(&world).unwrap();
+    agent
+        .wait_workload(
+            "prod/victim",
+            Some(&second.to_string()),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    let addrs: [std::net::IpAddr; 3] = [victim.ipv4.into(), second.into(), victim.ipv6.into()];
+    for to in addrs {
+        assert_eq!(
+            world.probe(attacker, "tcp", to, 80, T).unwrap(),
+            "ok",
+            "{to} without policy"
+        );
+    }
+    let subnet = format!("{}/24", world.ipv4(0));
+    write(
+        &policies,
+        "policy.yaml",
+        &format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: attacker, namespace: prod}}\n\
+             spec:\n  podSelector: {{matchLabels: {{app: attacker}}}}\n  policyTypes: [Egress]\n  egress:\n\
+             \x20   - to: [{{ipBlock: {{cidr: {subnet}, except: [{second}/32]}}}}]\n      ports: [{{protocol: TCP, port: 80}}]\n"
+        ),
+    );
+    until(&world, "prod/attacker", "tcp", second.into(), 80, "eperm");
+    assert_eq!(
+        world
+            .probe(attacker, "tcp", victim.ipv4.into(), 80, T)
+            .unwrap(),
+        "ok",
+        "the address inside the block"
+    );
+    assert_eq!(
+        world
+            .probe(attacker, "tcp", victim.ipv6.into(), 80, T)
+            .unwrap(),
+        "eperm",
+        "the same workload's IPv6 address is outside the block"
+    );
+    let ev = agent
+        .wait_for_event(
+            |e| e["peer"]["ip"] == second.to_string().as_str(),
+            Duration::from_secs(3),
+        )
+        .unwrap();
+    assert_eq!(ev["verdict"], "deny", "{ev}");
+    assert_eq!(ev["peer"]["name"], "prod/victim", "{ev}");
+    assert!(agent.stop().unwrap());
+}

@@ -161,13 +161,21 @@ fn pins_removed_or_programs_detached_under_a_running_agent_are_repaired() {
 /// Points logging's address at order-service's identity in the pinned
 /// ipcache (what a second writer of the map, or a stale agent, would do).
 fn forge_ipcache(s: &super::Setup, identity: u32) {
-    let data = aya::maps::MapData::from_pin(pins_of(s).join("PAL_IPCACHE_V1")).unwrap();
-    let mut ipcache: aya::maps::LpmTrie<aya::maps::MapData, [u8; 16], u32> =
-        aya::maps::LpmTrie::try_from(aya::maps::Map::LpmTrie(data)).unwrap();
+    let data =
+        aya::maps::MapData::from_pin(pins_of(s).join(palisade_common::maps::IPCACHE)).unwrap();
+    let mut ipcache: aya::maps::LpmTrie<
+        aya::maps::MapData,
+        [u8; 16],
+        palisade_common::IpcacheValue,
+    > = aya::maps::LpmTrie::try_from(aya::maps::Map::LpmTrie(data)).unwrap();
     let logging = s.world.pod("production/logging");
     let net = ipnet::IpNet::from(std::net::IpAddr::from(logging.ipv4));
     ipcache
-        .insert(&palisade::datapath::kernel::ip_key(&net), &identity, 0)
+        .insert(
+            &palisade::datapath::kernel::ip_key(&net),
+            &palisade_common::IpcacheValue::of(identity),
+            0,
+        )
         .unwrap();
 }
 

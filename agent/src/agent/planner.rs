@@ -15,7 +15,7 @@ use std::{
 };
 
 use ipnet::IpNet;
-use palisade_common::identity as reserved;
+use palisade_common::{IpcacheValue, identity as reserved};
 use tracing::info;
 
 use crate::{
@@ -165,6 +165,8 @@ pub struct Planner {
     /// (`ipcache_base`), every claimed block's winner over them.
     ipcache: IpCache,
     ipcache_base: BTreeMap<IpNet, u32>,
+    /// `ipcache_base`'s blocks, for each entry's block identity.
+    blocks: Blocks,
     /// Blocks whose winner changed since the ipcache was last brought up to date.
     touched: Vec<IpNet>,
     /// Addresses whose identity lost them lately (gone, or taken by
@@ -225,6 +227,7 @@ impl Planner {
             layers: Default::default(),
             ipcache: IpCache::new(),
             ipcache_base: BTreeMap::new(),
+            blocks: Blocks::default(),
             touched: Vec::new(),
             departed: HashMap::new(),
             reuse_holds: BTreeMap::new(),
@@ -712,17 +715,80 @@ impl Planner {
         let touched = std::mem::take(&mut self.touched);
         let rebuilt = base != self.ipcache_base;
         if rebuilt {
+            let blocks = Blocks::new(&base);
             let mut whole = base.clone();
             whole.extend(self.addresses.iter().map(|(n, id)| (*n, *id)));
-            self.ipcache.replace(whole);
+            self.ipcache.replace(
+                whole
+                    .into_iter()
+                    .map(|(net, identity)| (net, blocks.entry(net, identity))),
+            );
             self.ipcache_base = base;
+            self.blocks = blocks;
         } else {
             for net in &touched {
                 let id = self.addresses.get(net).or_else(|| base.get(net).copied());
-                self.ipcache.set(*net, id);
+                self.ipcache
+                    .set(*net, id.map(|id| self.blocks.entry(*net, id)));
             }
         }
         (touched, rebuilt)
+    }
+}
+
+/// The blocks policies name, for the ipcache's block identities: the
+/// most specific one holding an address is what rules naming blocks judge
+/// it by, whoever holds the address (a CIDR rule matches addresses, not
+/// identities). Broadcast and multicast blocks hold no block identity
+/// unless a rule names exactly that block.
+#[derive(Clone, Debug, Default)]
+struct Blocks {
+    /// Block → its identity (`ANY` for the broadcast blocks).
+    by_block: BTreeMap<IpNet, u32>,
+    /// The prefix lengths present, longest first, per family (v4, v6).
+    lengths: [Vec<u8>; 2],
+}
+
+impl Blocks {
+    fn new(base: &BTreeMap<IpNet, u32>) -> Blocks {
+        let by_block: BTreeMap<IpNet, u32> = base
+            .iter()
+            .map(|(net, id)| {
+                let block = if *id == reserved::BROADCAST {
+                    reserved::ANY
+                } else {
+                    *id
+                };
+                (*net, block)
+            })
+            .collect();
+        let mut lengths = [Vec::new(), Vec::new()];
+        for net in by_block.keys() {
+            lengths[usize::from(!matches!(net, IpNet::V4(_)))].push(net.prefix_len());
+        }
+        for l in &mut lengths {
+            l.sort_unstable_by(|a, b| b.cmp(a));
+            l.dedup();
+        }
+        Blocks { by_block, lengths }
+    }
+
+    /// `net`'s ipcache entry: `identity`, and the identity of the most
+    /// specific named block holding all of `net`.
+    fn entry(&self, net: IpNet, identity: u32) -> IpcacheValue {
+        let family = usize::from(!matches!(net, IpNet::V4(_)));
+        let cidr_identity = self.lengths[family]
+            .iter()
+            .filter(|len| **len <= net.prefix_len())
+            .find_map(|len| {
+                let block = IpNet::new(net.addr(), *len).ok()?.trunc();
+                self.by_block.get(&block).copied()
+            })
+            .unwrap_or(reserved::ANY);
+        IpcacheValue {
+            identity,
+            cidr_identity,
+        }
     }
 }
 
@@ -972,11 +1038,11 @@ mod tests {
         obs: &Observation,
     ) -> (
         BTreeMap<Canon, (String, IdentityKind, BTreeMap<(Protocol, String), u16>)>,
-        BTreeMap<IpNet, Canon>,
+        BTreeMap<IpNet, (Canon, Canon)>,
         BTreeMap<u64, Canon>,
         BTreeMap<(u8, u8, Canon, Canon, u16, u8), (u32, Option<policy::compile::RuleRef>)>,
         BTreeMap<(u8, Canon), (Option<policy::compile::RuleRef>, u32)>,
-        BTreeMap<crate::datapath::ServiceFrontend, (String, u16, Vec<(Canon, u16)>)>,
+        BTreeMap<crate::datapath::ServiceFrontend, (String, u16, Vec<(Canon, Canon, u16)>)>,
         BTreeSet<(u64, IpAddr)>,
     ) {
         let canon = |id: u32| -> Canon {
@@ -996,7 +1062,7 @@ mod tests {
             obs.desired
                 .ipcache
                 .iter()
-                .map(|(n, id)| (*n, canon(*id)))
+                .map(|(n, v)| (*n, (canon(v.identity), canon(v.cidr_identity))))
                 .collect(),
             obs.desired
                 .cgroups
@@ -1039,10 +1105,10 @@ mod tests {
                         .info(b.service_id)
                         .cloned()
                         .unwrap_or_default();
-                    let mut backends: Vec<(Canon, u16)> = b
+                    let mut backends: Vec<(Canon, Canon, u16)> = b
                         .backends
                         .iter()
-                        .map(|(id, port)| (canon(*id), *port))
+                        .map(|(at, port)| (canon(at.identity), canon(at.cidr_identity), *port))
                         .collect();
                     backends.sort();
                     (*f, (info.name, info.port, backends))

@@ -11,7 +11,7 @@ use std::{
 };
 
 use ipnet::IpNet;
-use palisade_common::identity as reserved;
+use palisade_common::{IpcacheValue, identity as reserved};
 
 use crate::{
     datapath::{IpCache, ServiceBackends, ServiceFrontend, ServiceInfo, ServiceTable},
@@ -189,7 +189,7 @@ impl ServicePlan {
                     id
                 }
             };
-            let backends: BTreeSet<(u32, u16)> = svc
+            let backends: BTreeSet<(IpcacheValue, u16)> = svc
                 .endpoints
                 .iter()
                 .filter_map(|e| {
@@ -268,8 +268,10 @@ fn hairpin(
     }
 }
 
-/// The identity the ipcache gives `ip` (longest prefix), `reserved:world`
+/// The entry the ipcache gives `ip` (longest prefix), `reserved:world`
 /// if none.
-pub(super) fn identity_of(ipcache: &IpCache, ip: IpAddr) -> u32 {
-    ipcache.longest_match(ip).unwrap_or(reserved::WORLD)
+pub(super) fn identity_of(ipcache: &IpCache, ip: IpAddr) -> IpcacheValue {
+    ipcache
+        .longest_match(ip)
+        .unwrap_or(IpcacheValue::of(reserved::WORLD))
 }

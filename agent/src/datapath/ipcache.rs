@@ -8,6 +8,7 @@
 use std::{collections::VecDeque, sync::Arc};
 
 use ipnet::IpNet;
+use palisade_common::IpcacheValue;
 
 /// Changes remembered; a datapath further behind compares everything.
 const LOG: usize = 4096;
@@ -21,7 +22,7 @@ pub struct Stamp {
 
 #[derive(Clone, Debug, Default)]
 pub struct IpCache {
-    map: imbl::OrdMap<IpNet, u32>,
+    map: imbl::OrdMap<IpNet, IpcacheValue>,
     /// Blocks written with host bits set (`127.0.0.1/8`): the kernel's
     /// trie ignores them, a lookup by the truncated block would miss them.
     untruncated: imbl::OrdSet<IpNet>,
@@ -59,7 +60,7 @@ impl IpCache {
         self.stamp
     }
 
-    pub fn get(&self, net: &IpNet) -> Option<u32> {
+    pub fn get(&self, net: &IpNet) -> Option<IpcacheValue> {
         self.map.get(net).copied()
     }
 
@@ -71,13 +72,13 @@ impl IpCache {
         self.map.is_empty()
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (&IpNet, &u32)> {
+    pub fn iter(&self) -> impl Iterator<Item = (&IpNet, &IpcacheValue)> {
         self.map.iter()
     }
 
-    /// The identity of the longest block holding `ip`, as the kernel's
+    /// The entry of the longest block holding `ip`, as the kernel's
     /// LPM trie finds it: one lookup per prefix length.
-    pub fn longest_match(&self, ip: std::net::IpAddr) -> Option<u32> {
+    pub fn longest_match(&self, ip: std::net::IpAddr) -> Option<IpcacheValue> {
         let max = if ip.is_ipv4() { 32 } else { 128 };
         let odd = self
             .untruncated
@@ -98,8 +99,8 @@ impl IpCache {
         None
     }
 
-    /// Sets (`Some`) or removes (`None`) `net`'s identity.
-    pub fn set(&mut self, net: IpNet, id: Option<u32>) {
+    /// Sets (`Some`) or removes (`None`) `net`'s entry.
+    pub fn set(&mut self, net: IpNet, id: Option<IpcacheValue>) {
         let old = match id {
             Some(id) => self.map.insert(net, id),
             None => self.map.remove(&net),
@@ -125,7 +126,7 @@ impl IpCache {
     }
 
     /// Replaces everything: a datapath compares the whole table next.
-    pub fn replace(&mut self, entries: impl IntoIterator<Item = (IpNet, u32)>) {
+    pub fn replace(&mut self, entries: impl IntoIterator<Item = (IpNet, IpcacheValue)>) {
         self.map = entries.into_iter().collect();
         self.untruncated = self
             .map
@@ -164,10 +165,11 @@ impl IpCache {
 }
 
 impl FromIterator<(IpNet, u32)> for IpCache {
-    /// A table of no lineage (tests, fixed tables): always compared whole.
+    /// A table of no lineage (tests, fixed tables) of identities inside no
+    /// block: always compared whole.
     fn from_iter<I: IntoIterator<Item = (IpNet, u32)>>(iter: I) -> IpCache {
         let mut out = IpCache::default();
-        out.replace(iter);
+        out.replace(iter.into_iter().map(|(n, id)| (n, IpcacheValue::of(id))));
         out.stamp = Stamp::default();
         out
     }
@@ -181,17 +183,21 @@ mod tests {
         s.parse().unwrap()
     }
 
+    fn id(n: u32) -> Option<IpcacheValue> {
+        Some(IpcacheValue::of(n))
+    }
+
     #[test]
     fn changes_since_a_version_are_the_blocks_set_or_removed_after_it() {
         let mut t = IpCache::new();
-        t.set(net("10.0.0.1/32"), Some(300));
-        t.set(net("10.0.0.2/32"), Some(301));
+        t.set(net("10.0.0.1/32"), id(300));
+        t.set(net("10.0.0.2/32"), id(301));
         let seen = t.stamp();
         let copy = t.clone();
-        t.set(net("10.0.0.1/32"), Some(302));
+        t.set(net("10.0.0.1/32"), id(302));
         t.set(net("10.0.0.2/32"), None);
-        t.set(net("10.0.0.3/32"), Some(300));
-        t.set(net("10.0.0.3/32"), Some(300)); // no change, no version
+        t.set(net("10.0.0.3/32"), id(300));
+        t.set(net("10.0.0.3/32"), id(300)); // no change, no version
         assert_eq!(
             t.changes_since(seen),
             Some(vec![
@@ -202,14 +208,14 @@ mod tests {
         );
         assert_eq!(t.changes_since(t.stamp()), Some(vec![]));
         // The copy taken before is untouched, and unequal.
-        assert_eq!(copy.get(&net("10.0.0.1/32")), Some(300));
+        assert_eq!(copy.get(&net("10.0.0.1/32")), id(300));
         assert_ne!(copy, t);
         // Another table, or a table replaced whole: not known.
         assert_eq!(IpCache::new().changes_since(seen), None);
-        t.replace([(net("10.0.0.9/32"), 1)]);
+        t.replace([(net("10.0.0.9/32"), IpcacheValue::of(1))]);
         assert_eq!(t.changes_since(seen), None);
         let after = t.stamp();
-        t.set(net("10.0.0.8/32"), Some(2));
+        t.set(net("10.0.0.8/32"), id(2));
         assert_eq!(t.changes_since(after), Some(vec![net("10.0.0.8/32")]));
     }
 
@@ -221,15 +227,15 @@ mod tests {
         let mut rng = crate::testing::Seeded::new(7);
         let mut next = |n: u32| rng.below(n as usize) as u32;
         let mut t = IpCache::new();
-        let mut copy: BTreeMap<IpNet, u32> = BTreeMap::new();
+        let mut copy: BTreeMap<IpNet, IpcacheValue> = BTreeMap::new();
         let mut written = Stamp::default();
         for step in 0..2000 {
             for _ in 0..next(4) {
                 let n = IpNet::from(std::net::IpAddr::from([10, 0, 0, next(50) as u8]));
-                t.set(n, (next(3) > 0).then(|| next(5)));
+                t.set(n, (next(3) > 0).then(|| IpcacheValue::of(next(5))));
             }
             if step % 500 == 250 {
-                t.replace([(net("10.9.9.9/32"), 9)]);
+                t.replace([(net("10.9.9.9/32"), IpcacheValue::of(9))]);
             }
             // Sometimes the datapath does not write (a failed apply).
             if next(5) == 0 {
@@ -241,7 +247,7 @@ mod tests {
                 copy.remove(&n);
             }
             written = t.stamp();
-            let whole: BTreeMap<IpNet, u32> = t.iter().map(|(n, v)| (*n, *v)).collect();
+            let whole: BTreeMap<IpNet, IpcacheValue> = t.iter().map(|(n, v)| (*n, *v)).collect();
             assert_eq!(copy, whole, "step {step}");
         }
     }
@@ -249,15 +255,15 @@ mod tests {
     #[test]
     fn the_longest_match_finds_blocks_written_with_host_bits() {
         let mut t = IpCache::new();
-        t.set(net("127.0.0.1/8"), Some(1));
-        t.set(net("10.0.0.0/8"), Some(7));
-        t.set(net("10.1.0.0/16"), Some(8));
-        t.set(net("10.1.2.3/32"), Some(9));
+        t.set(net("127.0.0.1/8"), id(1));
+        t.set(net("10.0.0.0/8"), id(7));
+        t.set(net("10.1.0.0/16"), id(8));
+        t.set(net("10.1.2.3/32"), id(9));
         let at = |t: &IpCache, ip: &str| t.longest_match(ip.parse().unwrap());
-        assert_eq!(at(&t, "127.0.0.53"), Some(1));
-        assert_eq!(at(&t, "10.1.2.3"), Some(9));
-        assert_eq!(at(&t, "10.1.9.9"), Some(8));
-        assert_eq!(at(&t, "10.9.9.9"), Some(7));
+        assert_eq!(at(&t, "127.0.0.53"), id(1));
+        assert_eq!(at(&t, "10.1.2.3"), id(9));
+        assert_eq!(at(&t, "10.1.9.9"), id(8));
+        assert_eq!(at(&t, "10.9.9.9"), id(7));
         assert_eq!(at(&t, "192.0.2.1"), None);
         t.set(net("127.0.0.1/8"), None);
         assert_eq!(at(&t, "127.0.0.53"), None);
@@ -270,11 +276,11 @@ mod tests {
         for i in 0..LOG as u32 {
             t.set(
                 IpNet::from(std::net::IpAddr::from([10, 1, (i >> 8) as u8, i as u8])),
-                Some(i),
+                id(i),
             );
         }
         assert_eq!(t.changes_since(start).map(|c| c.len()), Some(LOG));
-        t.set(net("10.2.0.1/32"), Some(1));
+        t.set(net("10.2.0.1/32"), id(1));
         assert_eq!(t.changes_since(start), None, "the first change fell out");
     }
 }

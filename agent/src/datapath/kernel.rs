@@ -15,8 +15,8 @@ use aya::{
 };
 use ipnet::IpNet;
 use palisade_common::{
-    EnforcedKey, EnforcedValue, MAX_SERVICE_BACKENDS, PolicyKeyData, PolicyValue, SelfKey,
-    ServiceBackend, ServiceKey, ServiceValue, counter, maps, options, programs, state,
+    EnforcedKey, EnforcedValue, IpcacheValue, MAX_SERVICE_BACKENDS, PolicyKeyData, PolicyValue,
+    SelfKey, ServiceBackend, ServiceKey, ServiceValue, counter, maps, options, programs, state,
 };
 
 use super::{
@@ -45,7 +45,7 @@ pub struct KernelDatapath {
     generation: u32,
     slots: [SlotContents; 2],
     cgroups: BTreeMap<u64, u32>,
-    ipcache: BTreeMap<IpNet, u32>,
+    ipcache: BTreeMap<IpNet, IpcacheValue>,
     /// The version of the desired ipcache `ipcache` was last brought to.
     ipcache_written: super::Stamp,
     /// The policy table in force (as the planner handed it out).
@@ -126,9 +126,10 @@ fn service_value(b: &ServiceBackends) -> ServiceValue {
         count: u8::try_from(b.backends.len()).unwrap_or(u8::MAX),
         ..ServiceValue::default()
     };
-    for (slot, (identity, port)) in value.backends.iter_mut().zip(&b.backends) {
+    for (slot, (at, port)) in value.backends.iter_mut().zip(&b.backends) {
         *slot = ServiceBackend {
-            identity: *identity,
+            identity: at.identity,
+            cidr_identity: at.cidr_identity,
             port: *port,
             _pad: 0,
         };
@@ -682,7 +683,7 @@ impl KernelDatapath {
             let (k, v) = item.map_err(map_err(maps::CGROUP_IDENTITY))?;
             self.cgroups.insert(k, v);
         }
-        let ipcache: LpmTrie<&MapData, [u8; 16], u32> = typed(&self.ebpf, maps::IPCACHE)?;
+        let ipcache: LpmTrie<&MapData, [u8; 16], IpcacheValue> = typed(&self.ebpf, maps::IPCACHE)?;
         for item in ipcache.iter() {
             let (k, v) = item.map_err(map_err(maps::IPCACHE))?;
             if let Some(net) = net_of(k.prefix_len(), k.data()) {
@@ -706,7 +707,13 @@ impl KernelDatapath {
             let count = usize::from(v.count).min(MAX_SERVICE_BACKENDS);
             let backends = v.backends[..count]
                 .iter()
-                .map(|b| (b.identity, b.port))
+                .map(|b| {
+                    let at = IpcacheValue {
+                        identity: b.identity,
+                        cidr_identity: b.cidr_identity,
+                    };
+                    (at, b.port)
+                })
                 .collect();
             self.services.insert(
                 frontend,
@@ -1117,7 +1124,7 @@ impl KernelDatapath {
         report.ipcache_updates = ip_up.len() + ip_del.len();
         report.cgroup_updates = cg_up.len() + cg_del.len();
         {
-            let mut ipcache: LpmTrie<&mut MapData, [u8; 16], u32> =
+            let mut ipcache: LpmTrie<&mut MapData, [u8; 16], IpcacheValue> =
                 typed_mut(&mut self.ebpf, maps::IPCACHE)?;
             for (net, id) in &ip_up {
                 ipcache
@@ -1168,7 +1175,7 @@ impl KernelDatapath {
             }
         }
         {
-            let mut ipcache: LpmTrie<&mut MapData, [u8; 16], u32> =
+            let mut ipcache: LpmTrie<&mut MapData, [u8; 16], IpcacheValue> =
                 typed_mut(&mut self.ebpf, maps::IPCACHE)?;
             for net in &ip_del {
                 removed(ipcache.remove(&ip_key(net)), maps::IPCACHE)?;
@@ -1240,7 +1247,8 @@ impl Datapath for KernelDatapath {
 
     /// What the kernel maps held when the agent started (empty unless adopted).
     fn adopted_identities(&self) -> (BTreeMap<u64, u32>, BTreeMap<IpNet, u32>) {
-        (self.cgroups.clone(), self.ipcache.clone())
+        let ipcache = self.ipcache.iter().map(|(n, v)| (*n, v.identity)).collect();
+        (self.cgroups.clone(), ipcache)
     }
 
     /// Policy entries in the active table (adopted or written).

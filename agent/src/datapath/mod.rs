@@ -24,6 +24,7 @@ use std::{
 };
 
 use ipnet::IpNet;
+use palisade_common::IpcacheValue;
 
 pub use self::ipcache::{IpCache, Stamp};
 use crate::policy::{CompiledPolicy, model::Protocol};
@@ -60,7 +61,8 @@ pub struct ServiceFrontend {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServiceBackends {
     pub service_id: u32,
-    pub backends: Vec<(u32, u16)>,
+    /// (who the backend is and its block identity, target port).
+    pub backends: Vec<(IpcacheValue, u16)>,
 }
 
 /// One (Service, port), named in audit events by its id (index + 1).
@@ -69,7 +71,7 @@ pub struct ServiceInfo {
     pub name: String,
     pub port: u16,
     pub protocol: Protocol,
-    pub backends: Vec<(u32, u16)>,
+    pub backends: Vec<(IpcacheValue, u16)>,
 }
 
 /// A vacant id (its Service or port is gone; handed out again).
@@ -345,10 +347,10 @@ pub fn decode_audit_event(bytes: &[u8]) -> Option<palisade_common::AuditEvent> {
 /// `desired`: each block logged since `written` when the log reaches back
 /// that far, else each block either side holds.
 pub fn ipcache_diff(
-    current: &BTreeMap<IpNet, u32>,
+    current: &BTreeMap<IpNet, IpcacheValue>,
     written: ipcache::Stamp,
     desired: &IpCache,
-) -> (Vec<(IpNet, u32)>, Vec<IpNet>) {
+) -> (Vec<(IpNet, IpcacheValue)>, Vec<IpNet>) {
     let nets = desired.changes_since(written).unwrap_or_else(|| {
         let mut all: Vec<IpNet> = desired
             .iter()

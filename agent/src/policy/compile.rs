@@ -316,15 +316,16 @@ struct Contribution {
 /// (a one-rule change costs that policy's entries and the merge, not every
 /// selector and peer of every policy). A world change recomputes only what
 /// it can touch: an identity added, removed or relabelled, the policies that
-/// select it or name it as a peer; addresses coming and going (pods of
-/// existing identities), the policies with CIDR peers; a namespace's labels,
+/// select it or name it as a peer; addresses coming and going, nothing
+/// (rules naming blocks resolve to the blocks' identities; the ipcache
+/// places each address in its block); a namespace's labels,
 /// the set of CIDRs or more than `MAX_CHANGED_IDENTITIES` identities at
 /// once, everything.
 #[derive(Debug, Default)]
 pub struct Compiler {
-    /// Prints of what the parts were computed over: the namespaces and the
-    /// CIDR identities; the known addresses.
-    world: (u128, u128),
+    /// The print of what the parts were computed over besides identities:
+    /// the namespaces and the CIDR identities.
+    world: u128,
     /// The identities the parts were computed over, by id.
     identities: Identities,
     /// The last compile's policies and their parts, in order, each with the
@@ -445,24 +446,21 @@ impl Compiler {
             value(&mut h);
             h.digest128()
         };
-        let prints = (
-            print(&|h| {
-                use std::hash::Hash as _;
-                (&world.namespaces, cidrs).hash(h);
-            }),
-            world.addresses.print(),
-        );
+        // Rules naming blocks resolve to the blocks' identities only (the
+        // ipcache gives each address its block), so addresses coming and
+        // going change no policy's part.
+        let prints = print(&|h| {
+            use std::hash::Hash as _;
+            (&world.namespaces, cidrs).hash(h);
+        });
         let changed = changed_identities(&self.identities, world);
         // Past a few dozen changed identities, testing each policy against
         // each of them costs more than compiling everything again.
-        if prints.0 != self.world.0 || changed.len() > MAX_CHANGED_IDENTITIES {
+        if prints != self.world || changed.len() > MAX_CHANGED_IDENTITIES {
             self.cache.clear();
         } else {
-            let addresses_changed = prints.1 != self.world.1;
-            self.cache.retain(|(p, _, _)| {
-                !(addresses_changed && has_cidr_peers(p))
-                    && !changed.iter().any(|i| touches(p, i, world))
-            });
+            self.cache
+                .retain(|(p, _, _)| !changed.iter().any(|i| touches(p, i, world)));
         }
         if !changed.is_empty() {
             self.identities = world.identities.iter().map(|i| (i.id, i.clone())).collect();
@@ -518,12 +516,6 @@ fn changed_identities<'a>(old: &'a Identities, world: &'a World) -> Vec<&'a Iden
             .map(|(_, i)| &***i),
     );
     changed
-}
-
-/// Whether a rule of `policy` names a CIDR peer (whose identities include
-/// the known addresses inside it).
-fn has_cidr_peers(policy: &Policy) -> bool {
-    policy.peers().any(|p| matches!(p, Peer::Cidr { .. }))
 }
 
 /// The contributions in policy order as one compiled table, with the CIDR
@@ -860,13 +852,6 @@ fn resolve_peers(
                 out.extend(
                     cidr_ids
                         .iter()
-                        .filter(|(n, _)| inside(n))
-                        .map(|(_, id)| *id),
-                );
-                out.extend(
-                    world
-                        .addresses
-                        .inside(cidr)
                         .filter(|(n, _)| inside(n))
                         .map(|(_, id)| *id),
                 );

@@ -1,7 +1,7 @@
 //! A user-space model of the kernel's lookup (`ebpf/src/verdict.rs`) over the
 //! compiled tables: the same entries, the same precedence. Used by tests and
 //! by offline questions ("would A reach B, and why?").
-use palisade_common::identity;
+use palisade_common::{IpcacheValue, identity};
 
 use super::compile::{CompiledPolicy, EntryKey};
 
@@ -48,18 +48,27 @@ fn longest(
         .unwrap_or((0, 0))
 }
 
-/// `None`: the local identity is not selected in `direction`.
+/// `None`: the local identity is not selected in `direction`. `peer` is
+/// the peer address's ipcache entry: its identity, and its block identity
+/// for rules that name blocks.
 pub fn decide(
     c: &CompiledPolicy,
     direction: u8,
     protocol: u8,
     local: u32,
-    peer: u32,
+    peer: IpcacheValue,
     port: u16,
 ) -> Option<Decision> {
     let enforcement = c.enforced.get(&(direction, local))?;
+    let block = peer.cidr_identity;
+    let by_block = if block == identity::ANY || block == peer.identity {
+        (0, 0)
+    } else {
+        longest(c, direction, protocol, local, block, port)
+    };
     let (verdict, rule_id) = palisade_common::resolve(
-        longest(c, direction, protocol, local, peer, port),
+        longest(c, direction, protocol, local, peer.identity, port),
+        by_block,
         longest(c, direction, protocol, local, identity::ANY, port),
         enforcement.flags,
     );

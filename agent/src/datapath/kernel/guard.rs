@@ -15,7 +15,8 @@ use aya::{
     programs::{CgroupSkb, CgroupSockAddr, Program},
 };
 use palisade_common::{
-    EnforcedKey, EnforcedValue, SelfKey, ServiceKey, ServiceValue, maps, programs, state,
+    EnforcedKey, EnforcedValue, IpcacheValue, SelfKey, ServiceKey, ServiceValue, maps, programs,
+    state,
 };
 
 use super::{
@@ -367,7 +368,7 @@ impl KernelDatapath {
     }
 
     fn reconcile_ipcache(&mut self) -> Result<usize, DatapathError> {
-        let mut map: LpmTrie<&mut MapData, [u8; 16], u32> =
+        let mut map: LpmTrie<&mut MapData, [u8; 16], IpcacheValue> =
             typed_mut(&mut self.ebpf, maps::IPCACHE)?;
         let mut found = Vec::new();
         for item in map.iter() {
