@@ -2,19 +2,22 @@
 //!
 //! Lookup (the precedence itself is `palisade_common::resolve`, shared with
 //! user space's model in `agent/src/policy/lookup.rs`):
-//! 1. the local identity comes from the socket's cgroup; an unknown cgroup is
-//!    not managed and passes;
+//! 1. the local identity comes from the socket's cgroup (an unknown cgroup
+//!    is `reserved:pending`); the peer's identity and block identity from
+//!    the ipcache;
 //! 2. `ENFORCED[(slot, dir, local)]` absent ⇒ not selected in this direction ⇒ pass;
-//! 3. `POLICY` longest-prefix match with the exact peer identity, and again
-//!    with `ANY` as the peer; each match already carries the flags of every
-//!    less specific port prefix (the compiler merges them);
-//! 4. `resolve` turns the two matches into the verdict.
+//! 3. `POLICY` longest-prefix match with the exact peer identity, with the
+//!    peer address's block identity (rules naming CIDRs match addresses),
+//!    and with `ANY` as the peer; each match already carries the flags of
+//!    every less specific port prefix (the compiler merges them);
+//! 4. `resolve` turns the three matches into the verdict.
 //!
 //! Before the lookups: traffic with the node (`identity::HOST`) passes when
 //! `options::HOST_ALWAYS_ALLOWED` is set; loopback of a workload with its own
 //! network namespace is the workload itself. An egress destination that is a
 //! Service frontend (`SERVICES`) is judged as the connection to each distinct
-//! backend (identity, target port); backends that disagree refuse it whole.
+//! backend (identity, block identity, target port); backends that disagree
+//! refuse it whole.
 //! Datagram flows are remembered with the direction they were first judged
 //! in, and judged again that way after a table change.
 use aya_ebpf::{
@@ -173,16 +176,12 @@ fn decide_peer(
             reason: reason::POLICY,
         };
     }
-    // A block identity the peer's own identity already is (an address
-    // no workload holds) or none: no second lookup.
-    let by_block = if block == identity::ANY || block == peer {
-        (0, 0)
-    } else {
-        lookup(slot, flow, block, port)
-    };
+    // Looked up whatever the block (none: the `ANY` entries again; the
+    // peer's own identity: its entries again): fewer paths for the
+    // verifier than a test, and the same verdict.
     let (verdict, rule_id) = resolve(
         lookup(slot, flow, peer, port),
-        by_block,
+        lookup(slot, flow, block, port),
         lookup(slot, flow, identity::ANY, port),
         enforcement.flags,
     );

@@ -288,7 +288,10 @@ impl Agent {
 
     /// Waits until the agent enforces every pod of `world` with its addresses.
     pub fn wait_enforcing(&mut self, world: &World) -> anyhow::Result<()> {
-        self.wait_applied(Duration::from_secs(20))?;
+        // The kernel's verifier takes a while under software emulation
+        // (the kernel matrix's VMs): about 0.3 s on this host, tens of
+        // seconds there.
+        self.wait_applied(Duration::from_secs(90))?;
         for pod in &world.pods {
             if pod.spec.namespace == "-" {
                 continue;

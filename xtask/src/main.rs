@@ -140,7 +140,7 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
         /// Only these figures, comma-separated: throughput, programs, apply,
-        /// audit, agent, scale.
+        /// audit, agent, scale, cluster.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },

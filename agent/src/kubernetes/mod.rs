@@ -306,6 +306,45 @@ where
     (reader, task)
 }
 
+/// Keeps of a Pod only what [`pod_info`] reads — at 50,000 pods the rest
+/// (containers' images, env, probes and resources, volumes, conditions,
+/// tolerations, owner references) is most of the agent's memory.
+pub fn slim_pod(pod: &mut Pod) {
+    use k8s_openapi::api::core::v1::{Container, PodSpec, PodStatus};
+    let meta = &mut pod.metadata;
+    meta.managed_fields = None;
+    meta.annotations = None;
+    meta.owner_references = None;
+    meta.finalizers = None;
+    meta.generate_name = None;
+    if let Some(spec) = pod.spec.take() {
+        pod.spec = Some(PodSpec {
+            containers: spec
+                .containers
+                .into_iter()
+                .filter(|c| c.ports.as_ref().is_some_and(|p| !p.is_empty()))
+                .map(|c| Container {
+                    name: c.name,
+                    ports: c.ports,
+                    ..Container::default()
+                })
+                .collect(),
+            service_account_name: spec.service_account_name,
+            node_name: spec.node_name,
+            host_network: spec.host_network,
+            ..PodSpec::default()
+        });
+    }
+    if let Some(status) = pod.status.take() {
+        pod.status = Some(PodStatus {
+            phase: status.phase,
+            pod_ip: status.pod_ip,
+            pod_ips: status.pod_ips,
+            ..PodStatus::default()
+        });
+    }
+}
+
 fn strip_meta(meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
     meta.managed_fields = None;
     meta.annotations = None;
@@ -333,15 +372,7 @@ impl Cluster {
         let policy = || (errors.clone(), Some(policy_epoch.clone()), contact.clone());
         let (pods, t) = follow(
             Api::<Pod>::all(client.clone()),
-            |p| {
-                strip_meta(&mut p.metadata);
-                // Only what identity and the ipcache need is kept.
-                if let Some(status) = p.status.as_mut() {
-                    status.conditions = None;
-                    status.container_statuses = None;
-                    status.init_container_statuses = None;
-                }
-            },
+            slim_pod,
             0,
             s.clone(),
             c.clone(),

@@ -645,3 +645,22 @@ fn terminating_endpoints_still_serving_are_judged_when_none_is_ready() {
         ["10.244.1.5"]
     );
 }
+
+/// The watch keeps a slim Pod: what `pod_info` reads is unchanged by it,
+/// and most of the object is gone.
+#[test]
+fn a_slimmed_pod_reads_the_same_and_keeps_a_fraction_of_the_object() {
+    for full in fixture::<Pod>("pods.json") {
+        let mut slim = full.clone();
+        slim_pod(&mut slim);
+        assert_eq!(pod_info(&slim), pod_info(&full), "{}", full.name_any());
+        let size = |p: &Pod| serde_json::to_string(p).unwrap().len();
+        assert!(
+            size(&slim) * 2 < size(&full),
+            "{}: {} of {} bytes kept",
+            full.name_any(),
+            size(&slim),
+            size(&full)
+        );
+    }
+}

@@ -9,6 +9,7 @@
 //! (min–max). Then one phase per remaining figure. Everything lands in
 //! `target/bench/report.{md,json}` and `target/bench/ratios.png`.
 pub mod chart;
+pub mod cluster;
 pub mod noop;
 pub mod report;
 pub mod rules;
@@ -285,6 +286,9 @@ pub fn run(opts: Options) -> anyhow::Result<Value> {
     }
     if bench.opts.wants("scale") {
         report["scale"] = scale::figure(&bench.world.cgroup_root, bench.opts.quick)?;
+    }
+    if bench.opts.wants("cluster") {
+        report["cluster"] = cluster::figure(bench.opts.quick)?;
     }
     report["targets"] = report::targets(&report);
     report::write(&bench.opts.out_dir, &report)?;

@@ -170,6 +170,16 @@ pub fn targets(r: &Value) -> Value {
         .find(|row| row["pods"] == 50_000 && row["path"] == "changes")
         .map_or(f64::NAN, |row| num(&row["eventMs"]["median"]));
     at_most("one pod event, 50,000 pods (ms)", pod_event, 10.0, " ms");
+    let largest = r["cluster"]["sizes"]
+        .as_array()
+        .and_then(|rows| rows.last())
+        .filter(|row| row["pods"].as_u64().unwrap_or(0) >= 50_000);
+    at_most(
+        "agent RSS, its own watches at 50,000 pods (MiB)",
+        largest.map_or(f64::NAN, |row| num(&row["rssMiB"])),
+        128.0,
+        " MiB",
+    );
     let exact = r["audit"]["exact"].as_bool().unwrap_or(false);
     rows.push(json!({
         "what": "audit: emitted = delivered + lost",
@@ -395,6 +405,43 @@ pub fn markdown(r: &Value) -> String {
             "\nOne pod event at 50,000 pods / at 5,000: {:.2}; the whole-list path / changes at 5,000: {:.1}.\n",
             num(&sc["eventRatio50kTo5k"]),
             num(&sc["wholeListTo5kChanges"])
+        );
+    }
+    let cl = &r["cluster"];
+    if !cl.is_null() {
+        let _ = writeln!(md, "## 7. The agent's own watches in a large cluster\n");
+        let _ = writeln!(
+            md,
+            "The agent binary against an API server holding the pods on 200 other nodes (2,500 label sets over 100 namespaces, a ClusterIP Service and EndpointSlice per label set, 500 NetworkPolicies) plus the seed scenario's six pods on this node. Verdict flips are timed with real connections (logging → payment-service:443, probed every ~30 ms) from the API change; events are remote pods relabelled {} per second.\n",
+            cl["sizes"][0]["eventsPerSecond"]
+        );
+        let _ = writeln!(
+            md,
+            "| pods | start → ready (ms) | RSS (MiB) | peak RSS (MiB) | CPU at rest (%) | CPU under events (%) | relabel → verdict (ms, median / max) | NetworkPolicy added / deleted → verdict (ms, median) | relabel under events (ms, median / max) |"
+        );
+        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|");
+        for row in cl["sizes"].as_array().into_iter().flatten() {
+            let mm = |v: &Value| format!("{:.0} / {:.0}", num(&v["median"]), num(&v["max"]));
+            let _ = writeln!(
+                md,
+                "| {} | {:.0} | {:.0} | {:.0} | {:.2} | {:.1} | {} | {:.0} / {:.0} | {} |",
+                row["pods"],
+                num(&row["startToReadyMs"]),
+                num(&row["rssMiB"]),
+                num(&row["peakRssMiB"]),
+                num(&row["idleCpuPercent"]),
+                num(&row["eventCpuPercent"]),
+                mm(&row["relabelToVerdictMs"]),
+                num(&row["policyAddToVerdictMs"]["median"]),
+                num(&row["policyDeleteToVerdictMs"]["median"]),
+                mm(&row["relabelUnderEventsMs"]),
+            );
+        }
+        let _ = writeln!(
+            md,
+            "\nLargest / smallest: RSS {:.2}, start → ready {:.2}.\n",
+            num(&cl["largestOverSmallest"]["rssMiB"]),
+            num(&cl["largestOverSmallest"]["startToReadyMs"])
         );
     }
     let _ = writeln!(md, "## Targets\n");
