@@ -471,10 +471,22 @@ fn list(shared: &Shared, kind: Kind, params: &BTreeMap<String, String>) -> Value
         .store
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let all: Vec<Value> = st
-        .objects
-        .iter()
-        .filter(|((k, _, _), _)| *k == kind)
+    let start: usize = params
+        .get("continue")
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let limit: usize = params
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .filter(|l| *l > 0)
+        .unwrap_or(usize::MAX);
+    // Only the page's objects are copied: a list of 50,000 pods in pages
+    // of 500 must not copy every pod for every page.
+    let of_kind = || st.objects.iter().filter(|((k, _, _), _)| *k == kind);
+    let total = of_kind().count();
+    let page: Vec<Value> = of_kind()
+        .skip(start)
+        .take(limit)
         .map(|(_, o)| {
             let mut o = o.clone();
             if !kind.custom()
@@ -486,26 +498,17 @@ fn list(shared: &Shared, kind: Kind, params: &BTreeMap<String, String>) -> Value
             o
         })
         .collect();
-    let start: usize = params
-        .get("continue")
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let limit: usize = params
-        .get("limit")
-        .and_then(|l| l.parse().ok())
-        .filter(|l| *l > 0)
-        .unwrap_or(usize::MAX);
-    let end = start.saturating_add(limit).min(all.len());
+    let end = start.saturating_add(page.len());
     let mut metadata = json!({ "resourceVersion": st.revision.to_string() });
-    if end < all.len() {
+    if end < total {
         metadata["continue"] = end.to_string().into();
-        metadata["remainingItemCount"] = (all.len() - end).into();
+        metadata["remainingItemCount"] = (total - end).into();
     }
     json!({
         "kind": format!("{}List", kind.kind()),
         "apiVersion": kind.api_version(),
         "metadata": metadata,
-        "items": all.get(start..end).unwrap_or_default(),
+        "items": page,
     })
 }
 

@@ -16,7 +16,7 @@ use std::{
 use anyhow::Context as _;
 use serde_json::{Value, json};
 
-use super::{proc_cpu_ticks, proc_rss_mib, report::Summary, step};
+use super::{proc_cpu_ticks, proc_rss_mib, proc_status_mib, report::Summary, step};
 use crate::{
     agent::Agent,
     kubeapi::{FakeApiServer, Kind, pod_object, pod_template},
@@ -125,7 +125,7 @@ fn one_size(pods: usize, quick: bool) -> anyhow::Result<Value> {
     let mut world = World::new()?;
     let mut local = Vec::new();
     for (i, mut spec) in scenario::pods().into_iter().enumerate() {
-        let uid = format!("{i:08x}-5a1d-4e2f-9b3c-00000000bench");
+        let uid = format!("{i:08x}-5a1d-4e2f-9b3c-{:012x}", 0xbe7c + i);
         spec.cgroup = Some(format!(
             "kubepods.slice/kubepods-pod{}.slice/cri-containerd-{:064x}.scope",
             uid.replace('-', "_"),
@@ -275,7 +275,7 @@ fn one_size(pods: usize, quick: bool) -> anyhow::Result<Value> {
         let _ = feeder.join();
         result
     })?;
-    let peak = proc_peak_rss_mib(pid);
+    let peak = proc_status_mib(pid, "VmHWM:");
     agent.stop()?;
     Ok(json!({
         "pods": pods + scenario::pods().len(),
@@ -293,15 +293,4 @@ fn one_size(pods: usize, quick: bool) -> anyhow::Result<Value> {
         "policyDeleteToVerdictMs": Summary::of(&np_delete),
         "relabelUnderEventsMs": Summary::of(&relabel_busy),
     }))
-}
-
-fn proc_peak_rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kib| kib / 1024.0)
 }

@@ -667,11 +667,16 @@ fn figure_audit(b: &Bench) -> anyhow::Result<Value> {
 }
 
 fn proc_rss_mib(pid: u32) -> f64 {
+    proc_status_mib(pid, "VmRSS:")
+}
+
+/// A memory line of `/proc/PID/status` (`VmRSS:`, `VmHWM:`) in MiB.
+fn proc_status_mib(pid: u32, key: &str) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .find_map(|l| l.strip_prefix(key))
                 .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
         })
         .map_or(0.0, |kib| kib / 1024.0)
