@@ -1031,3 +1031,136 @@ fn an_identity_spanning_an_except_is_judged_per_address() {
     assert_eq!(ev["peer"]["name"], "prod/victim", "{ev}");
     assert!(agent.stop().unwrap());
 }
+
+/// Whether this kernel can make an SCTP socket at all.
+fn kernel_has_sctp() -> bool {
+    // SAFETY: a plain syscall; the descriptor is closed at once.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 132) };
+    if fd >= 0 {
+        // SAFETY: our own descriptor.
+        unsafe { libc::close(fd) };
+    }
+    fd >= 0
+}
+
+/// SCTP, counted at the listener: dropped as it leaves where the sender's
+/// egress allows no SCTP (its INIT: the kernel runs no connect hook for
+/// SCTP), dropped at the receiver where the receiver's ingress denies the
+/// sender. Without policy both families
+/// associate. The host CI runs on has no SCTP in its kernel; the kernel
+/// matrix's guests (Debian 6.1 and 6.12) have it and run this test.
+#[test]
+fn sctp_is_judged_at_connect_and_at_the_receiver() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    if !kernel_has_sctp() {
+        assert!(
+            std::env::var_os("PALISADE_VM").is_none(),
+            "the kernel matrix's guests have SCTP"
+        );
+        eprintln!(
+            "this kernel has no SCTP: nothing to send it with; the kernel matrix runs this test"
+        );
+        return;
+    }
+    let (dir, policies) = temp_policy_dir();
+    let mut world = World::new().unwrap();
+    for name in ["client", "server", "friend"] {
+        world.add_pod(PodSpec::new("prod", name, &[], &[])).unwrap();
+    }
+    let (client, server, friend) = (
+        world.pod("prod/client"),
+        world.pod("prod/server"),
+        world.pod("prod/friend"),
+    );
+    let count = dir.path().join("associations");
+    let _listener = world
+        .spawn_testbed(
+            server,
+            &[
+                "serve",
+                "--sctp",
+                "7000",
+                "--count",
+                count.to_str().unwrap(),
+            ],
+        )
+        .unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let config = config_for(&world, &policies, &audit, "");
+    let mut agent = Agent::start(dir.path(), &config).unwrap();
+    agent.wait_enforcing(&world).unwrap();
+    let (v4, v6): (std::net::IpAddr, std::net::IpAddr) = (server.ipv4.into(), server.ipv6.into());
+    for to in [v4, v6] {
+        assert_eq!(
+            world.probe(client, "sctp", to, 7000, T).unwrap(),
+            "ok",
+            "{to} without policy"
+        );
+    }
+    assert_eq!(super::counted(&count), 2, "the listener counted both");
+
+    let set = |agent: &mut Agent, text: &str| {
+        let before = agent.status().unwrap()["generation"].as_u64().unwrap();
+        write(&policies, "policy.yaml", text);
+        agent
+            .wait_status("the change applied", Duration::from_secs(5), |v| {
+                v["generation"].as_u64().unwrap_or(0) > before
+            })
+            .unwrap();
+    };
+    let client_egress = |proto: &str| {
+        format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: client, namespace: prod}}\n\
+             spec:\n  podSelector: {{matchLabels: {{app: client}}}}\n  policyTypes: [Egress]\n  egress:\n\
+             \x20   - to: [{{podSelector: {{matchLabels: {{app: server}}}}}}]\n      ports: [{{protocol: {proto}, port: 7000}}]\n"
+        )
+    };
+    // 1. The client's egress names TCP only: the INIT is dropped as it
+    //    leaves (the kernel runs no connect hook for SCTP's connect()).
+    set(&mut agent, &client_egress("TCP"));
+    for to in [v4, v6] {
+        let word = world.probe(client, "sctp", to, 7000, T).unwrap();
+        assert!(word == "eperm" || word == "timeout", "{to}: {word}");
+    }
+    assert_eq!(
+        super::counted(&count),
+        2,
+        "nothing more reached the listener"
+    );
+    let ev = agent
+        .wait_for_event(
+            |e| e["protocol"] == "SCTP" && e["port"] == 7000,
+            Duration::from_secs(3),
+        )
+        .unwrap();
+    assert_eq!(ev["verdict"], "deny", "{ev}");
+    // 2. The client may send SCTP, the server admits only its friend: the
+    //    INIT is dropped at the receiver.
+    set(
+        &mut agent,
+        &format!(
+            "{}---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: server, namespace: prod}}\n\
+             spec:\n  podSelector: {{matchLabels: {{app: server}}}}\n  policyTypes: [Ingress]\n  ingress:\n\
+             \x20   - from: [{{podSelector: {{matchLabels: {{app: friend}}}}}}]\n      ports: [{{protocol: SCTP, port: 7000}}]\n",
+            client_egress("SCTP")
+        ),
+    );
+    for to in [v4, v6] {
+        let word = world.probe(client, "sctp", to, 7000, T).unwrap();
+        assert!(word == "timeout" || word == "refused", "{to}: {word}");
+    }
+    assert_eq!(
+        super::counted(&count),
+        2,
+        "the denied client associated nothing"
+    );
+    assert_eq!(
+        world.probe(friend, "sctp", v4, 7000, T).unwrap(),
+        "ok",
+        "the friend may"
+    );
+    assert_eq!(super::counted(&count), 3);
+    assert!(agent.stop().unwrap());
+}

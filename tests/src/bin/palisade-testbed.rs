@@ -27,7 +27,7 @@ use std::{
 
 fn usage() -> ! {
     eprintln!(
-        "usage: palisade-testbed serve [--tcp P,P..] [--udp P,P..] [--count FILE] | probe tcp|udp ADDR PORT [--timeout-ms N] | flood ADDR PORT COUNT | udp-spray ADDR COUNT | udp-session ADDR PORT FILE | attack raw-udp|raw-udp-hdrincl|raw-syn|raw-tcp-data|raw-tcp-rst|lsrr|rthdr|broadcast|bound-udp|deep-ipv6-udp|packet-socket|ping|ping-reply|udplite ARGS [--nobody] | burst ADDR PORT MS [--timeout-ms N] | sink PORT FILE | stream ADDR PORT [--chunk BYTES] | foreign-socket CGROUP_PROCS | bench-serve [--tcp P] [--udp P] | bench-client crr|rr|udp ADDR PORT CLIENTS MS"
+        "usage: palisade-testbed serve [--tcp P,P..] [--udp P,P..] [--sctp P,P..] [--count FILE] | probe tcp|udp|sctp ADDR PORT [--timeout-ms N] | flood ADDR PORT COUNT | udp-spray ADDR COUNT | udp-session ADDR PORT FILE | attack raw-udp|raw-udp-hdrincl|raw-syn|raw-tcp-data|raw-tcp-rst|lsrr|rthdr|broadcast|bound-udp|deep-ipv6-udp|packet-socket|ping|ping-reply|udplite ARGS [--nobody] | burst ADDR PORT MS [--timeout-ms N] | sink PORT FILE | stream ADDR PORT [--chunk BYTES] | foreign-socket CGROUP_PROCS | bench-serve [--tcp P] [--udp P] | bench-client crr|rr|udp ADDR PORT CLIENTS MS"
     );
     std::process::exit(64);
 }
@@ -63,11 +63,13 @@ impl Arrivals {
 fn serve(args: &[String]) {
     let mut tcp = Vec::new();
     let mut udp = Vec::new();
+    let mut sctp = Vec::new();
     let mut file = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--tcp" => tcp = ports(it.next().unwrap_or_else(|| usage())),
+            "--sctp" => sctp = ports(it.next().unwrap_or_else(|| usage())),
             "--udp" => udp = ports(it.next().unwrap_or_else(|| usage())),
             "--count" => file = Some(it.next().unwrap_or_else(|| usage()).clone()),
             _ => usage(),
@@ -79,12 +81,22 @@ fn serve(args: &[String]) {
         write: std::sync::Mutex::new(()),
     });
     let mut threads = Vec::new();
-    for port in tcp {
+    let listeners = tcp.into_iter().map(|port| {
         // `[::]` accepts IPv4 too (v4-mapped), so one socket serves both families.
         let listener = TcpListener::bind(("::", port)).unwrap_or_else(|e| {
             eprintln!("bind tcp {port}: {e}");
             std::process::exit(1)
         });
+        (port, listener)
+    });
+    let sctp_listeners = sctp.into_iter().map(|port| {
+        let listener = sctp_listen(port).unwrap_or_else(|e| {
+            eprintln!("listen sctp {port}: {e}");
+            std::process::exit(1)
+        });
+        (port, listener)
+    });
+    for (_, listener) in listeners.chain(sctp_listeners) {
         let arrivals = arrivals.clone();
         threads.push(std::thread::spawn(move || {
             for mut stream in listener.incoming().flatten() {
@@ -137,7 +149,115 @@ fn classify(e: &std::io::Error) -> Outcome {
 }
 
 fn probe_tcp(addr: SocketAddr, timeout: Duration) -> Outcome {
-    let mut stream = match TcpStream::connect_timeout(&addr, timeout) {
+    probe_stream(TcpStream::connect_timeout(&addr, timeout), timeout)
+}
+
+/// The TCP probe's exchange over an SCTP association (a one-to-one SCTP
+/// socket reads and writes like a TCP stream).
+fn probe_sctp(addr: SocketAddr, timeout: Duration) -> Outcome {
+    probe_stream(sctp_connect(addr, timeout), timeout)
+}
+
+const IPPROTO_SCTP: libc::c_int = 132;
+
+fn sctp_listen(port: u16) -> std::io::Result<TcpListener> {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: plain syscalls on a descriptor this function owns.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET6, libc::SOCK_STREAM, IPPROTO_SCTP);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let listener = TcpListener::from_raw_fd(fd);
+        let off: libc::c_int = 0;
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            (&raw const off).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+        let mut addr: libc::sockaddr_in6 = std::mem::zeroed();
+        addr.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+        addr.sin6_port = port.to_be();
+        if libc::bind(
+            fd,
+            (&raw const addr).cast(),
+            std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+        ) < 0
+            || libc::listen(fd, 128) < 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(listener)
+    }
+}
+
+/// An SCTP association to `addr` within `timeout`, as a stream.
+fn sctp_connect(addr: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _};
+    let (domain, storage, len) = sockaddr(addr);
+    // SAFETY: plain syscalls on a descriptor this function owns.
+    unsafe {
+        let fd = libc::socket(
+            domain,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK,
+            IPPROTO_SCTP,
+        );
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stream = TcpStream::from_raw_fd(fd);
+        if libc::connect(fd, (&raw const storage).cast(), len) < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINPROGRESS) {
+                return Err(e);
+            }
+            let mut pfd = libc::pollfd {
+                fd: stream.as_raw_fd(),
+                events: libc::POLLOUT,
+                revents: 0,
+            };
+            if libc::poll(&mut pfd, 1, timeout.as_millis() as libc::c_int) == 0 {
+                return Err(ErrorKind::TimedOut.into());
+            }
+            if let Some(e) = stream.take_error()? {
+                return Err(e);
+            }
+        }
+        stream.set_nonblocking(false)?;
+        Ok(stream)
+    }
+}
+
+fn sockaddr(addr: SocketAddr) -> (libc::c_int, libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: an all-zero sockaddr_storage is valid; the family's view is
+    // written within its size.
+    unsafe {
+        let mut storage: libc::sockaddr_storage = std::mem::zeroed();
+        match addr {
+            SocketAddr::V4(a) => {
+                let sin = (&raw mut storage).cast::<libc::sockaddr_in>();
+                (*sin).sin_family = libc::AF_INET as libc::sa_family_t;
+                (*sin).sin_port = a.port().to_be();
+                (*sin).sin_addr.s_addr = u32::from(*a.ip()).to_be();
+                let len = std::mem::size_of::<libc::sockaddr_in>();
+                (libc::AF_INET, storage, len as libc::socklen_t)
+            }
+            SocketAddr::V6(a) => {
+                let sin6 = (&raw mut storage).cast::<libc::sockaddr_in6>();
+                (*sin6).sin6_family = libc::AF_INET6 as libc::sa_family_t;
+                (*sin6).sin6_port = a.port().to_be();
+                (*sin6).sin6_addr.s6_addr = a.ip().octets();
+                let len = std::mem::size_of::<libc::sockaddr_in6>();
+                (libc::AF_INET6, storage, len as libc::socklen_t)
+            }
+        }
+    }
+}
+
+fn probe_stream(stream: std::io::Result<TcpStream>, timeout: Duration) -> Outcome {
+    let mut stream = match stream {
         Ok(s) => s,
         Err(e) => return classify(&e),
     };
@@ -192,6 +312,7 @@ fn probe(args: &[String]) {
     let outcome = match proto.as_str() {
         "tcp" => probe_tcp(addr, timeout),
         "udp" => probe_udp(addr, timeout),
+        "sctp" => probe_sctp(addr, timeout),
         _ => usage(),
     };
     let (word, code) = match outcome {
