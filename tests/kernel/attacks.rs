@@ -18,6 +18,18 @@ fn write(dir: &Path, name: &str, text: &str) {
     std::fs::write(dir.join(name), text).unwrap();
 }
 
+/// Writes policy file `name` and waits until the agent has applied a new
+/// generation (the change is in the kernel).
+fn write_applied(agent: &mut Agent, dir: &Path, name: &str, text: &str) {
+    let before = agent.status().unwrap()["generation"].as_u64().unwrap();
+    write(dir, name, text);
+    agent
+        .wait_status("the change applied", Duration::from_secs(5), |v| {
+            v["generation"].as_u64().unwrap_or(0) > before
+        })
+        .unwrap();
+}
+
 /// Runs `palisade-testbed attack ARGS` in the attacker's network namespace
 /// and cgroup (`managed`), or in a cgroup outside the agent's root (the
 /// control: the same technique where Palisade does not enforce); returns
@@ -515,8 +527,8 @@ fn a_change_that_denies_an_established_connection_stops_it() {
         )
     };
     let set = |agent: &mut Agent, server_from: &str, client_to: &str| {
-        let before = agent.status().unwrap()["generation"].as_u64().unwrap();
-        write(
+        write_applied(
+            agent,
             &policies,
             "policy.yaml",
             &format!(
@@ -525,11 +537,6 @@ fn a_change_that_denies_an_established_connection_stops_it() {
                 client_policy(client_to)
             ),
         );
-        agent
-            .wait_status("the change applied", Duration::from_secs(5), |v| {
-                v["generation"].as_u64().unwrap_or(0) > before
-            })
-            .unwrap();
     };
     let grows = |from: u64, what: &str| {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -896,19 +903,14 @@ fn a_workload_not_classified_yet_admits_nothing() {
     );
 
     // vault admits only app=friend.
-    let before = agent.status().unwrap()["generation"].as_u64().unwrap();
-    write(
+    write_applied(
+        &mut agent,
         &policies,
         "vault.yaml",
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: vault, namespace: vault}\n\
          spec:\n  podSelector: {}\n  policyTypes: [Ingress]\n  ingress:\n\
          \x20   - from: [{podSelector: {matchLabels: {app: friend}}}]\n",
     );
-    agent
-        .wait_status("the policy applied", Duration::from_secs(5), |v| {
-            v["generation"].as_u64().unwrap_or(0) > before
-        })
-        .unwrap();
 
     // Agent running: classified within the burst, which goes on 3 s more.
     let (counted, ok, made) = run(&mut world, &mut agent, "late", 5000, &|agent| {
@@ -1101,15 +1103,7 @@ fn sctp_is_judged_at_connect_and_at_the_receiver() {
     }
     assert_eq!(super::counted(&count), 2, "the listener counted both");
 
-    let set = |agent: &mut Agent, text: &str| {
-        let before = agent.status().unwrap()["generation"].as_u64().unwrap();
-        write(&policies, "policy.yaml", text);
-        agent
-            .wait_status("the change applied", Duration::from_secs(5), |v| {
-                v["generation"].as_u64().unwrap_or(0) > before
-            })
-            .unwrap();
-    };
+    let set = |agent: &mut Agent, text: &str| write_applied(agent, &policies, "policy.yaml", text);
     let client_egress = |proto: &str| {
         format!(
             "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: client, namespace: prod}}\n\

@@ -227,14 +227,20 @@ fn one_size(pods: usize, quick: bool) -> anyhow::Result<Value> {
         .context("logging's object")?
         .clone();
     let rounds = if quick { 2 } else { 5 };
-    let (mut relabel, mut np_add, mut np_delete) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..rounds {
+    // logging relabelled as order-service (allowed): the time to the flip;
+    // then back (denied again).
+    let relabel_round = || -> anyhow::Result<f64> {
         let mut as_order = logging_obj.clone();
         as_order["metadata"]["labels"]["app"] = json!("order-service");
         api.apply(Kind::Pods, as_order);
-        relabel.push(flip("ok")?);
+        let took = flip("ok")?;
         api.apply(Kind::Pods, logging_obj.clone());
         flip("timeout")?;
+        Ok(took)
+    };
+    let (mut relabel, mut np_add, mut np_delete) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        relabel.push(relabel_round()?);
         api.apply(
             Kind::NetworkPolicies,
             json!({
@@ -262,12 +268,7 @@ fn one_size(pods: usize, quick: bool) -> anyhow::Result<Value> {
         });
         let result = (|| {
             for _ in 0..rounds {
-                let mut as_order = logging_obj.clone();
-                as_order["metadata"]["labels"]["app"] = json!("order-service");
-                api.apply(Kind::Pods, as_order);
-                relabel_busy.push(flip("ok")?);
-                api.apply(Kind::Pods, logging_obj.clone());
-                flip("timeout")?;
+                relabel_busy.push(relabel_round()?);
             }
             Ok(())
         })();
